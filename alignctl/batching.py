@@ -1,0 +1,99 @@
+"""Deterministic, resumable batch order with length grouping, and padding into tensors.
+
+`BatchStream` yields lists of row indices. Its order depends only on (seed, epoch), and its state is
+two integers, so a resumed run draws exactly the batches the interrupted one would have drawn. The
+stream yields *global* batches (batch_size x world_size rows) and hands each rank its own slice, so
+2 processes x B rows see the same rows as 1 process x 2B.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+# Rows are sorted by length within windows of this many batches (TRL's group_by_length idea):
+# batches hold rows of similar length (little padding) while the epoch order stays random.
+LENGTH_GROUP_BATCHES = 64
+
+
+class BatchStream:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        global_size = self.batch_size * self.world_size
+        if self.group_by_length:
+            window = global_size * LENGTH_GROUP_BATCHES
+            order = [
+                i
+                for start in range(0, len(order), window)
+                for i in sorted(order[start : start + window], key=lambda j: -self.lengths[j])
+            ]
+        # Drop a ragged last batch so every step sees the same number of rows; a dataset smaller
+        # than one global batch still gives one (short) batch.
+        usable = max(len(order) // global_size, 1) * global_size
+        batches = [order[i : i + global_size] for i in range(0, min(usable, len(order)), global_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    @property
+    def fractional_epoch(self) -> float:
+        return self.epoch + self.position / len(self._batches)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = self._epoch_batches(self.epoch)
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Stack lists of ids into a (B, T) tensor padded with `value` to the longest."""
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if side == "right":
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        else:
+            out[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def collate_lm(rows: Sequence[dict], pad_id: int, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels for causal-LM rows, right-padded."""
+    ids = [r["input_ids"] for r in rows]
+    input_ids = pad(ids, pad_id)
+    attention_mask = pad([[1] * len(s) for s in ids], 0)
+    labels = pad([r["labels"] for r in rows], ignore_index)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,103 @@
+"""Atomic checkpoints: a plain Hugging Face directory plus the trainer state needed to resume.
+
+Layout inside a run directory::
+
+    checkpoints/step-000200/   model or adapter (safetensors) + tokenizer + trainer_state.pt + alignctl.json
+    checkpoint -> checkpoints/step-000200   (symlink to the newest complete checkpoint)
+
+A checkpoint is written to a hidden temporary directory, flushed to disk, then renamed into place;
+the `checkpoint` link is swapped with an atomic rename. A crash at any moment leaves the previous
+checkpoint intact and linked. `transformers`/`peft` load `checkpoint/` without alignctl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray; store it as plain lists so torch.load(weights_only=True) reads it.
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoints/step-N atomically, point `checkpoint` at it, prune old ones; return its path."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    (tmp / "alignctl.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. the end of a run that just saved)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    link_tmp = run_dir / f".checkpoint-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(Path("checkpoints") / final.name)
+    os.replace(link_tmp, run_dir / "checkpoint")
+    _fsync_tree(folder)
+    for old in sorted(folder.glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    link = run_dir / "checkpoint"
+    if link.exists():
+        return link.resolve()
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / TRAINER_STATE).exists())
+    return complete[-1] if complete else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    # weights_only=True: a checkpoint is data, never code.
+    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)

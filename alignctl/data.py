@@ -1,0 +1,137 @@
+"""Load datasets and check that they have the columns a stage needs.
+
+Sources (`data.path`): the built-in task (``builtin:<task>``), a single .jsonl/.json/.parquet/.csv
+file, a directory written by ``datasets.save_to_disk``, a directory of data files, or a hub id.
+Formats follow TRL: standard (``text``; ``prompt``/``completion``; ``prompt``/``chosen``/``rejected``;
+``prompt``/``completion``/``label``) and conversational (``messages``, or the same columns holding
+lists of ``{"role", "content"}`` messages). Every problem is a `DataError` naming file, row and column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from alignctl.config import DataConfig
+from alignctl.errors import DataError
+from alignctl.tasks import arithmetic
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# Which columns each stage format accepts, as alternatives (the first match wins).
+FORMATS: dict[str, list[tuple[str, ...]]] = {
+    "sft": [("prompt", "completion"), ("messages",), ("text",)],
+    "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    "feedback": [("prompt", "completion", "label")],
+    "prompt": [("prompt",)],
+}
+# The built-in task's file for each format's training data.
+BUILTIN_TRAIN_SPLITS = {"sft": "sft", "preference": "preference", "feedback": "feedback", "prompt": "rl"}
+BUILTIN_EVAL_SPLITS = {"sft": "eval", "preference": "eval_preference", "feedback": "eval_preference", "prompt": "eval"}
+BUILTIN_TASKS = {"arithmetic": arithmetic}
+
+
+def builtin_task(path: str):
+    """The task module for ``builtin:<name>``, or None for any other path."""
+    if not path.startswith("builtin:"):
+        return None
+    name = path.split(":", 1)[1]
+    if name not in BUILTIN_TASKS:
+        raise DataError(f"data.path: unknown built-in task {name!r}; valid: {', '.join(BUILTIN_TASKS)}")
+    return BUILTIN_TASKS[name]
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path}:{number}: malformed JSON ({err.msg})"
+    return None
+
+
+def _load_file(path: Path) -> Dataset:
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors in several types; find the line ourselves
+        if path.suffix == ".jsonl" and (bad := _first_bad_json_line(path)):
+            raise DataError(bad) from None
+        raise DataError(f"{path}: cannot be read as {builder} ({str(err).splitlines()[0]})") from None
+
+
+def _pick_split(loaded: DatasetDict, split: str, where: str) -> Dataset:
+    if split not in loaded:
+        raise DataError(f"{where}: no split {split!r}; available: {', '.join(loaded)}")
+    return loaded[split]
+
+
+def load_split(data: DataConfig, fmt: str, split: str) -> Dataset:
+    """Load one split of `data` for a stage whose rows have format `fmt` (see FORMATS)."""
+    task = builtin_task(data.path)
+    if task is not None:
+        name = BUILTIN_TRAIN_SPLITS[fmt] if split == data.train_split else BUILTIN_EVAL_SPLITS[fmt]
+        dataset = Dataset.from_json(str(task.split_path(name)))
+        where = f"{data.path} ({name})"
+    else:
+        path = Path(data.path).expanduser()
+        if path.is_file():
+            if split != data.train_split:
+                raise DataError(f"data.eval_split={split!r}: a single file has only one split; set data.eval_split=null")
+            dataset, where = _load_file(path), str(path)
+        elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            dataset = _pick_split(loaded, split, str(path)) if isinstance(loaded, DatasetDict) else loaded
+            where = str(path)
+        elif path.is_dir():
+            dataset, where = _load_dir_or_hub(str(path), data.config_name, split), str(path)
+        elif path.suffix in FILE_BUILDERS or data.path.startswith((".", "/", "~")):
+            raise DataError(f"data.path: file or directory {data.path!r} does not exist")
+        else:
+            dataset, where = _load_dir_or_hub(data.path, data.config_name, split), data.path
+    check_columns(dataset, fmt, where)
+    return dataset
+
+
+def _load_dir_or_hub(path: str, config_name: str | None, split: str) -> Dataset:
+    try:
+        loaded = datasets.load_dataset(path, config_name)
+    except Exception as err:  # offline, missing, private: all end the run the same way
+        raise DataError(f"data.path: cannot load dataset {path!r} ({str(err).splitlines()[0]})") from None
+    return _pick_split(loaded, split, path)
+
+
+def check_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
+    """The matching column set of `fmt`; raise a DataError naming what is missing or empty."""
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the split is empty")
+    for columns in FORMATS[fmt]:
+        if all(c in dataset.column_names for c in columns):
+            _check_values(dataset, columns, where)
+            return columns
+    wanted = " or ".join("/".join(cols) for cols in FORMATS[fmt])
+    raise DataError(f"{where}: needs columns {wanted}; found {', '.join(dataset.column_names)}")
+
+
+def _check_values(dataset: Dataset, columns: tuple[str, ...], where: str) -> None:
+    for row_number, row in enumerate(dataset.select_columns(list(columns))):
+        for column in columns:
+            value = row[column]
+            if column == "label":
+                ok = isinstance(value, bool) or value in (0, 1)
+                expected = "a boolean"
+            elif isinstance(value, list):  # conversational: a list of {"role", "content"} messages
+                ok = all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value)
+                expected = "a string or a list of {role, content} messages"
+            else:
+                ok = isinstance(value, str)
+                expected = "a string or a list of {role, content} messages"
+            if not ok:
+                raise DataError(f"{where}: row {row_number}, column {column!r}: expected {expected}, got {value!r:.60}")

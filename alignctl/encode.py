@@ -1,0 +1,117 @@
+"""Turn dataset rows into token ids and loss masks, for standard and conversational rows.
+
+Prompts and completions are tokenised separately and concatenated, so the prompt tokens seen in
+training are exactly those a generation call starts from. Conversational rows go through the
+tokenizer's chat template; the completion is what the template adds after the generation prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from alignctl.errors import DataError
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+
+Messages = list[dict]
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool) -> str:
+    if tokenizer.chat_template is None:
+        raise DataError(
+            "conversational data needs a chat template, and this tokenizer has none; "
+            "use a chat/instruct model or standard (string) columns"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
+    """Token ids a generation call starts from (chat prompts end with the assistant header)."""
+    if isinstance(prompt, str):
+        return _ids(tokenizer, prompt, special=True)
+    return _ids(tokenizer, _template(tokenizer, prompt, generation_prompt=True))
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, completion: str | Messages) -> list[int]:
+    """Token ids of a completion that follows `prompt`, ending with EOS."""
+    if isinstance(completion, str):
+        return _with_eos(tokenizer, _ids(tokenizer, completion))
+    head = _template(tokenizer, prompt if isinstance(prompt, list) else [], generation_prompt=True)
+    full = _template(tokenizer, (prompt if isinstance(prompt, list) else []) + completion, generation_prompt=False)
+    if not full.startswith(head):
+        raise DataError("the chat template renders the prompt differently once a completion follows it")
+    return _with_eos(tokenizer, _ids(tokenizer, full[len(head) :]))
+
+
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[list[int], list[bool]]:
+    """A whole conversation; the mask marks assistant turns (the tokens that carry the loss)."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _template(tokenizer, messages[:i], generation_prompt=True)
+        turn = _template(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (head.startswith(rendered) and turn.startswith(head)):
+            raise DataError("the chat template is not prefix-consistent across turns; cannot mask assistant turns")
+        for text, train in ((head[len(rendered) :], False), (turn[len(head) :], True)):
+            piece = _ids(tokenizer, text)
+            ids += piece
+            trainable += [train] * len(piece)
+        rendered = turn
+    tail = _ids(tokenizer, _template(tokenizer, messages, generation_prompt=False)[len(rendered) :])
+    return ids + tail, trainable + [False] * len(tail)
+
+
+def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str) -> list[int] | None:
+    """Apply data.overlong to a prompt that leaves no room for a completion token (None: drop the row)."""
+    if len(prompt_ids) < max_length:
+        return prompt_ids
+    if overlong == "drop":
+        return None
+    if overlong == "truncate":
+        return prompt_ids[-(max_length - 1) :]  # keep the end of the prompt, nearest the answer
+    raise DataError(
+        f"{where}: the prompt is {len(prompt_ids)} tokens and recipe.max_length is {max_length}; "
+        "raise recipe.max_length or set data.overlong=drop or data.overlong=truncate"
+    )
+
+
+def sft_example(
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict,
+    columns: Sequence[str],
+    max_length: int,
+    completion_only: bool,
+    overlong: str,
+    where: str,
+) -> dict | None:
+    """input_ids and labels for one SFT row (None when data.overlong=drop removes it)."""
+    if tuple(columns) == ("prompt", "completion"):
+        prompt_ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), max_length, overlong, where)
+        if prompt_ids is None:
+            return None
+        completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])
+        ids = (prompt_ids + completion_ids)[:max_length]
+        trainable = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+    elif tuple(columns) == ("messages",):
+        ids, trainable = encode_messages(tokenizer, row["messages"])
+        ids, trainable = ids[:max_length], trainable[:max_length]
+    else:  # ("text",): plain language modelling on every token
+        ids = _with_eos(tokenizer, _ids(tokenizer, row["text"], special=True))[:max_length]
+        trainable = [True] * len(ids)
+    if not completion_only:
+        trainable = [True] * len(ids)
+    labels = [token if train else IGNORE for token, train in zip(ids, trainable)]
+    return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,95 @@
+"""The one optimisation loop, shared by every stage.
+
+A stage hands it `next_batch` (returns one micro-batch: a dict of tensors plus ``num_items``, the
+count its loss is normalised by, and ``num_tokens``, the non-padding tokens it carries) and `step_fn`
+(micro-batch, items in the whole step -> (loss share, metric shares)). Shares add up: summing them
+over the micro-batches of a step gives the full-batch mean, so B x accumulation A equals a batch of
+A*B exactly, whatever the padding. Evaluation and saving are callbacks on a step cadence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignctl.config import TrainConfig
+from alignctl.metrics import MetricsLogger
+
+Batch = dict[str, Any]
+StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopContext:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    logger: MetricsLogger
+    evaluate: Callable[[int], dict[str, float]]
+    save: Callable[[int], None]
+    autocast: str | None = None
+    device_type: str = "cpu"
+
+
+def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
+    if ctx.autocast is None:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if ctx.autocast == "bf16" else torch.float16
+    return torch.autocast(ctx.device_type, dtype=dtype)
+
+
+def train_loop(
+    ctx: LoopContext, recipe: TrainConfig, next_batch: Callable[[], Batch], step_fn: StepFn, start_step: int = 0
+) -> dict[str, float]:
+    """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    for step in range(start_step + 1, recipe.max_steps + 1):
+        started = time.perf_counter()
+        ctx.model.train()
+        micro_batches = [next_batch() for _ in range(recipe.grad_accum)]
+        # Normalise by the items of the whole step, not per micro-batch (see module docstring).
+        num_items = sum(int(mb["num_items"]) for mb in micro_batches)
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            with _autocast(ctx):
+                loss, metrics = step_fn(batch, num_items)
+            loss.backward()
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+        if not math.isfinite(totals["loss"]):
+            raise NonFiniteLoss(f"step {step}: the loss is {totals['loss']}")
+        # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
+        last = {
+            **totals,
+            "grad_norm": float(grad_norm),
+            "learning_rate": ctx.scheduler.get_last_lr()[0],
+            "tokens_per_second": tokens / seconds,
+            "step_seconds": seconds,
+        }
+        ctx.logger.log({"step": step, **last})
+        ctx.logger.advance(step)
+        final = step == recipe.max_steps
+        if final or (recipe.eval_every and step % recipe.eval_every == 0):
+            eval_metrics = ctx.evaluate(step)
+            ctx.logger.log({"step": step, **eval_metrics})
+            last.update(eval_metrics)
+        if final or (recipe.save_every and step % recipe.save_every == 0):
+            ctx.save(step)
+    return last

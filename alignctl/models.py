@@ -1,0 +1,130 @@
+"""Build or load the models a stage needs: the tiny local model, any causal LM, run checkpoints.
+
+`model=tiny` writes a small Llama-family model and its character tokenizer to a cache directory once
+(keyed by a hash of its shape and init seed) and then loads it like any Hugging Face directory, so
+the same loading code serves the tiny model, hub ids, local directories and alignctl run dirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from alignctl.config import HardwareConfig, ModelConfig, TinyModelConfig
+from alignctl.errors import ModelLoadError
+from alignctl.tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNCTL_CACHE", Path.home() / ".cache" / "alignctl"))
+
+
+def build_tiny(tiny: TinyModelConfig) -> Path:
+    """Write the tiny model + tokenizer once to the cache and return the directory."""
+    spec = json.dumps(dataclasses.asdict(tiny), sort_keys=True)
+    out = cache_dir() / "models" / f"tiny-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return out
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(tiny.init_seed)
+    model = LlamaForCausalLM(config)
+    # Write to a private temporary directory and rename: a concurrent run never sees half a model.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first; its copy is identical
+        if not (out / "config.json").exists():
+            raise
+    return out
+
+
+def resolve_checkpoint(path: str) -> str:
+    """An alignctl run dir stands for its checkpoint/; anything else is passed through."""
+    run_checkpoint = Path(path) / "checkpoint"
+    if (Path(path) / "lineage.json").exists():
+        if not run_checkpoint.exists():
+            raise ModelLoadError(f"run directory {path} has no checkpoint/ yet (did the run finish?)")
+        return str(run_checkpoint)
+    return path
+
+
+def model_path(model: ModelConfig, policy_run: str | None = None) -> str:
+    if policy_run:
+        return resolve_checkpoint(policy_run)
+    if model.name_or_path:
+        return resolve_checkpoint(model.name_or_path)
+    assert model.tiny is not None  # validated: source == "tiny" has a tiny section
+    return str(build_tiny(model.tiny))
+
+
+def device_of(hardware: HardwareConfig) -> torch.device:
+    if hardware.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
+    return torch.device(hardware.device)
+
+
+def load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=model.trust_remote_code, revision=model.revision
+    )
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; EOS is safe because padding is always masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> torch.nn.Module:
+    """Load a causal LM from safetensors (trust_remote_code only if asked), on the configured device."""
+    kwargs = dict(
+        dtype=DTYPES[hardware.dtype],
+        trust_remote_code=model.trust_remote_code,
+        revision=model.revision,
+        use_safetensors=None,  # prefer safetensors; .bin files are read with weights_only=True by transformers
+    )
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    try:
+        if (Path(path) / "adapter_config.json").exists():
+            # A LoRA run's checkpoint: fold the adapter into its base so the next stage starts from
+            # the trained weights (and may put an adapter of its own on top).
+            lm = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(
+                f"{path} ships its own modelling code; set model.trust_remote_code=true if you trust it"
+            ) from None
+        raise
+    except OSError as err:
+        raise ModelLoadError(f"cannot load a model from {path!r}: {str(err).splitlines()[0]}") from None
+    if hardware.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    return lm.to(device_of(hardware))

@@ -1,0 +1,105 @@
+"""The run directory: the unit of lineage.
+
+Every run writes ``config.yaml`` (the resolved config) and ``lineage.json``: stage, status, config
+hash, git sha, package versions, data fingerprint, parents (earlier runs it started from) and final
+metrics. Pipelines compare config hashes and parents to decide whether a stage must run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
+# Keys that change what is displayed, not what is trained: left out of the config hash.
+UNHASHED = ("logger", "hydra")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_sha() -> str | None:
+    """The commit of the alignctl source tree, with '-dirty' when it has local changes (None outside git)."""
+    here = Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Writes config.yaml and keeps lineage.json up to date for one run."""
+
+    def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str], data_fingerprint: str | None):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+        (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        self.lineage: dict[str, Any] = {
+            "stage": stage,
+            "status": "running",
+            "run_dir": str(path.resolve()),
+            "config_hash": config_hash(cfg),
+            "parents": {role: _parent(Path(p)) for role, p in parents.items()},
+            "data_fingerprint": data_fingerprint,
+            "git_sha": git_sha(),
+            "versions": versions(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "final_metrics": {},
+        }
+        self._write()
+
+    def _write(self) -> None:
+        write_json_atomic(self.path / "lineage.json", self.lineage)
+
+    def finish(self, metrics: dict[str, float]) -> None:
+        self.lineage.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=metrics)
+        self._write()
+
+    def fail(self, reason: str) -> None:
+        self.lineage.update(status="failed", error=reason)
+        self._write()
+
+
+def _parent(path: Path) -> dict[str, Any]:
+    lineage_file = path / "lineage.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.exists() else {}
+    return {"run_dir": str(path.resolve()), "stage": lineage.get("stage"), "config_hash": lineage.get("config_hash")}
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,157 @@
+"""SFT: supervised fine-tuning with cross-entropy on the response tokens.
+
+Trains: a causal LM (full weights with adapter=none, a LoRA adapter with adapter=lora).
+Needs: rows in a TRL SFT format: prompt/completion, messages, or text (standard or conversational).
+Starts from: ``model`` (tiny, a hub id, a local dir) or ``inputs.policy=<run dir>``.
+Writes: ``checkpoint/`` (a Hugging Face model or peft adapter dir, with tokenizer), metrics.jsonl,
+eval.json, lineage.json, config.yaml.
+Evaluates: loss on the eval split and, on a built-in task, greedy exact-match accuracy.
+Assumes: prompts fit in recipe.max_length (see data.overlong); completions are cut to fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+
+from alignctl import data as data_lib
+from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.batching import BatchStream, collate_lm
+from alignctl.config import RunConfig, SFTConfig
+from alignctl.encode import IGNORE, sft_example
+from alignctl.evaluate import exact_match
+from alignctl.losses import sft_loss
+from alignctl.loop import LoopContext, train_loop
+from alignctl.metrics import MetricsLogger, console, summary_table
+from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.registry import register_stage
+from alignctl.rundir import RunDir
+from alignctl.training import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_writer,
+    configure_torch,
+    seed_everything,
+)
+
+
+def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
+    """Tokenise rows into input_ids/labels; returns the encoded split and how many rows were dropped."""
+    columns = data_lib.check_columns(dataset, "sft", where)
+
+    def encode(row: dict, index: int) -> dict:
+        example = sft_example(
+            tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}"
+        )
+        return {"input_ids": [], "labels": [], "keep": False} if example is None else {**example, "keep": True}
+
+    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc, desc="tokenising")
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
+    if len(kept) == 0:
+        raise data_lib.DataError(f"{where}: no row fits recipe.max_length={recipe.max_length}")
+    if recipe.packing:
+        kept = pack(kept, recipe.max_length)
+    return kept, len(encoded) - len(kept)
+
+
+def pack(dataset: Dataset, block: int) -> Dataset:
+    """Concatenate examples and cut the stream into blocks of `block` tokens (attention spans examples)."""
+    ids = [t for row in dataset["input_ids"] for t in row]
+    labels = [t for row in dataset["labels"] for t in row]
+    starts = range(0, len(ids) - block + 1, block)
+    return Dataset.from_dict({"input_ids": [ids[s : s + block] for s in starts], "labels": [labels[s : s + block] for s in starts]})
+
+
+def to_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
+    batch = collate_lm([{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])], pad_id)
+    # Labels are shifted inside the loss: the first token of a row is never a target.
+    num_items = int((batch["labels"][:, 1:] != IGNORE).sum())
+    num_tokens = int(batch["attention_mask"].sum())
+    return {**{k: v.to(device) for k, v in batch.items()}, "num_items": num_items, "num_tokens": num_tokens}
+
+
+@register_stage("sft")
+def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
+    recipe: SFTConfig = cfg.recipe
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    device = device_of(cfg.hardware)
+    task = data_lib.builtin_task(cfg.data.path)
+
+    # Data first: a bad dataset should fail before any model is loaded.
+    train_raw = data_lib.load_split(cfg.data, "sft", cfg.data.train_split)
+    eval_raw = data_lib.load_split(cfg.data, "sft", cfg.data.eval_split) if cfg.data.eval_split else None
+    if eval_raw is not None and cfg.data.eval_limit:
+        eval_raw = eval_raw.select(range(min(cfg.data.eval_limit, len(eval_raw))))
+
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    train_set, dropped = encode_split(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
+    eval_set = encode_split(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]")[0] if eval_raw else None
+
+    model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware), cfg.adapter)
+    trainable, total = parameter_counts(model)
+    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    run = RunDir(run_dir, raw, "sft", parents, data_fingerprint=train_raw._fingerprint)
+
+    stream = BatchStream([len(x) for x in train_set["input_ids"]], recipe.batch_size, cfg.seed, group_by_length=not recipe.packing)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    logger.note(
+        f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "
+        f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), run dir {run_dir}"
+    )
+
+    def next_batch() -> dict:
+        return to_batch(train_set[next(stream)], tokenizer.pad_token_id, device)
+
+    def step_fn(batch: dict, num_items: int):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sft_loss(logits, batch["labels"], num_items)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        if eval_set is None:
+            return {}
+        model.eval()
+        loss_sum, items = 0.0, 0
+        for start in range(0, len(eval_set), recipe.eval_batch_size):
+            batch = to_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum += float(sft_loss(logits, batch["labels"], 1)[0])
+            items += batch["num_items"]
+        result = {"eval_loss": loss_sum / items}
+        if task is not None:
+            rows = eval_raw.to_list()
+            result["eval_exact_match"], _ = exact_match(
+                model, tokenizer, rows, task.verify, recipe.eval_max_new_tokens, recipe.eval_batch_size
+            )
+        logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    save = checkpoint_writer(
+        run_dir, model, tokenizer, optimizer, scheduler,
+        extra_state=lambda: {"data": stream.state_dict()},
+        meta={"stage": "sft", "config_hash": run.lineage["config_hash"]},
+        keep_last=recipe.keep_last,
+    )
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
+    try:
+        final = train_loop(ctx, recipe, next_batch, step_fn)
+    except BaseException as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logger.close()
+    final["epoch"] = stream.fractional_epoch
+    eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
+    (run_dir / "eval.json").write_text(json.dumps({"step": recipe.max_steps, **eval_metrics}, indent=2) + "\n")
+    run.finish(final)
+    console.print(summary_table("sft finished", {k: final[k] for k in ("loss", "mean_token_accuracy", "epoch", *eval_metrics) if k in final}))
+    console.print(f"run directory: {run_dir}\ncheckpoint: {run_dir / 'checkpoint'}")
+    return final
