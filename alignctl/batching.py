@@ -41,6 +41,10 @@ class BatchStream:
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         global_size = self.batch_size * self.world_size
+        # Drop a ragged tail so every step sees the same number of rows; a dataset smaller than one
+        # global batch still gives one (short) batch. Dropped before grouping, so the dropped rows are
+        # random ones, not always the shortest rows of the last window.
+        order = order[: max(len(order) // global_size, 1) * global_size]
         if self.group_by_length:
             window = global_size * LENGTH_GROUP_BATCHES
             order = [
@@ -48,10 +52,7 @@ class BatchStream:
                 for start in range(0, len(order), window)
                 for i in sorted(order[start : start + window], key=lambda j: -self.lengths[j])
             ]
-        # Drop a ragged last batch so every step sees the same number of rows; a dataset smaller
-        # than one global batch still gives one (short) batch.
-        usable = max(len(order) // global_size, 1) * global_size
-        batches = [order[i : i + global_size] for i in range(0, min(usable, len(order)), global_size)]
+        batches = [order[i : i + global_size] for i in range(0, len(order), global_size)]
         rng.shuffle(batches)
         return batches
 

@@ -20,6 +20,8 @@ from alignctl.errors import DataError
 from alignctl.tasks import arithmetic
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# CSV has no types and pandas would read an answer such as "42" as a number: text columns stay text.
+TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected")
 
 # Which columns each stage format accepts, as alternatives (the first match wins).
 FORMATS: dict[str, list[tuple[str, ...]]] = {
@@ -59,8 +61,9 @@ def _load_file(path: Path) -> Dataset:
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    options = {"converters": {column: str for column in TEXT_COLUMNS}} if builder == "csv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # datasets wraps parser errors in several types; find the line ourselves
         if path.suffix == ".jsonl" and (bad := _first_bad_json_line(path)):
             raise DataError(bad) from None
@@ -73,29 +76,46 @@ def _pick_split(loaded: DatasetDict, split: str, where: str) -> Dataset:
     return loaded[split]
 
 
+def _unpair(pairs: Dataset) -> Dataset:
+    """Preference pairs as unpaired feedback: chosen is labelled True, rejected False (as TRL does)."""
+    return Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in pairs for k in ("chosen", "rejected")]
+    )
+
+
+def _one_split(split: str, data: DataConfig, where: str) -> None:
+    if split != data.train_split:
+        raise DataError(f"data.eval_split={split!r}: {where} has only one split; set data.eval_split=null")
+
+
 def load_split(data: DataConfig, fmt: str, split: str) -> Dataset:
     """Load one split of `data` for a stage whose rows have format `fmt` (see FORMATS)."""
     task = builtin_task(data.path)
     if task is not None:
         name = BUILTIN_TRAIN_SPLITS[fmt] if split == data.train_split else BUILTIN_EVAL_SPLITS[fmt]
         dataset = Dataset.from_json(str(task.split_path(name)))
+        if fmt == "feedback" and name == "eval_preference":  # no held-out feedback split ships
+            dataset = _unpair(dataset)
         where = f"{data.path} ({name})"
     else:
         path = Path(data.path).expanduser()
+        where = str(path)
         if path.is_file():
-            if split != data.train_split:
-                raise DataError(f"data.eval_split={split!r}: a single file has only one split; set data.eval_split=null")
-            dataset, where = _load_file(path), str(path)
+            _one_split(split, data, f"the file {path}")
+            dataset = _load_file(path)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             loaded = datasets.load_from_disk(str(path))
-            dataset = _pick_split(loaded, split, str(path)) if isinstance(loaded, DatasetDict) else loaded
-            where = str(path)
+            if isinstance(loaded, DatasetDict):
+                dataset = _pick_split(loaded, split, where)
+            else:  # a single saved Dataset: without this check the eval split would be the train rows
+                _one_split(split, data, f"the saved Dataset {path}")
+                dataset = loaded
         elif path.is_dir():
-            dataset, where = _load_dir_or_hub(str(path), data.config_name, split), str(path)
+            dataset = _load_dir_or_hub(str(path), data.config_name, split)
         elif path.suffix in FILE_BUILDERS or data.path.startswith((".", "/", "~")):
             raise DataError(f"data.path: file or directory {data.path!r} does not exist")
         else:
-            dataset, where = _load_dir_or_hub(data.path, data.config_name, split), data.path
+            dataset = _load_dir_or_hub(data.path, data.config_name, split)
     check_columns(dataset, fmt, where)
     return dataset
 
@@ -120,18 +140,23 @@ def check_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
     raise DataError(f"{where}: needs columns {wanted}; found {', '.join(dataset.column_names)}")
 
 
+def _is_conversation(value) -> bool:
+    """A list of {"role", "content"} messages (datasets fills a key missing from one message with None)."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
 def _check_values(dataset: Dataset, columns: tuple[str, ...], where: str) -> None:
     for row_number, row in enumerate(dataset.select_columns(list(columns))):
         for column in columns:
             value = row[column]
             if column == "label":
-                ok = isinstance(value, bool) or value in (0, 1)
-                expected = "a boolean"
-            elif isinstance(value, list):  # conversational: a list of {"role", "content"} messages
-                ok = all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value)
-                expected = "a string or a list of {role, content} messages"
+                ok, expected = isinstance(value, bool) or value in (0, 1), "a boolean"
+            elif column == "messages":  # a string here would later be read character by character
+                ok, expected = _is_conversation(value), "a list of {role, content} messages"
             else:
-                ok = isinstance(value, str)
+                ok = isinstance(value, str) or _is_conversation(value)
                 expected = "a string or a list of {role, content} messages"
             if not ok:
                 raise DataError(f"{where}: row {row_number}, column {column!r}: expected {expected}, got {value!r:.60}")

@@ -50,14 +50,17 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages
     full = _template(tokenizer, (prompt if isinstance(prompt, list) else []) + completion, generation_prompt=False)
     if not full.startswith(head):
         raise DataError("the chat template renders the prompt differently once a completion follows it")
-    return _with_eos(tokenizer, _ids(tokenizer, full[len(head) :]))
+    ids = _ids(tokenizer, full[len(head) :])
+    # A template whose end of turn is EOS may follow it with more text ("<|im_end|>\n"): the turn is
+    # already closed, and a second EOS would teach the model a spurious token.
+    return ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id]
 
 
 def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[list[int], list[bool]]:
     """A whole conversation; the mask marks assistant turns (the tokens that carry the loss)."""
     ids: list[int] = []
     trainable: list[bool] = []
-    rendered = ""
+    rendered, piece = "", []  # piece ends up holding the last assistant turn's ids
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -71,7 +74,12 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
             trainable += [train] * len(piece)
         rendered = turn
     tail = _ids(tokenizer, _template(tokenizer, messages, generation_prompt=False)[len(rendered) :])
-    return ids + tail, trainable + [False] * len(tail)
+    ids, trainable = ids + tail, trainable + [False] * len(tail)
+    # Like a completion (encode_completion), a conversation that ends with a reply ends with EOS:
+    # generation stops only at EOS, so a template whose turns end otherwise must still teach it.
+    if messages and messages[-1]["role"] == "assistant" and tokenizer.eos_token_id not in piece:
+        ids, trainable = ids + [tokenizer.eos_token_id], trainable + [True]
+    return ids, trainable
 
 
 def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str) -> list[int] | None:
@@ -80,8 +88,8 @@ def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str
         return prompt_ids
     if overlong == "drop":
         return None
-    if overlong == "truncate":
-        return prompt_ids[-(max_length - 1) :]  # keep the end of the prompt, nearest the answer
+    if overlong == "truncate":  # keep the end of the prompt, nearest the answer
+        return prompt_ids[len(prompt_ids) - (max_length - 1) :]  # not [-(max_length - 1):]: -0 keeps all
     raise DataError(
         f"{where}: the prompt is {len(prompt_ids)} tokens and recipe.max_length is {max_length}; "
         "raise recipe.max_length or set data.overlong=drop or data.overlong=truncate"
@@ -113,5 +121,5 @@ def sft_example(
         trainable = [True] * len(ids)
     if not completion_only:
         trainable = [True] * len(ids)
-    labels = [token if train else IGNORE for token, train in zip(ids, trainable)]
+    labels = [token if train else IGNORE for token, train in zip(ids, trainable, strict=True)]
     return {"input_ids": ids, "labels": labels}

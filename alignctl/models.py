@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from alignctl.config import HardwareConfig, ModelConfig, TinyModelConfig
 from alignctl.errors import ModelLoadError

@@ -24,8 +24,8 @@ from alignctl.batching import BatchStream, collate_lm
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, sft_example
 from alignctl.evaluate import exact_match
-from alignctl.losses import sft_loss
 from alignctl.loop import LoopContext, train_loop
+from alignctl.losses import sft_loss
 from alignctl.metrics import MetricsLogger, console, summary_table
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
@@ -67,7 +67,7 @@ def pack(dataset: Dataset, block: int) -> Dataset:
 
 
 def to_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
-    batch = collate_lm([{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])], pad_id)
+    batch = collate_lm([{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])], pad_id)
     # Labels are shifted inside the loss: the first token of a row is never a target.
     num_items = int((batch["labels"][:, 1:] != IGNORE).sum())
     num_tokens = int(batch["attention_mask"].sum())

@@ -1,6 +1,6 @@
 """The built-in task: add two whole numbers below 1000.
 
-A prompt is ``"347+589="`` and the exact answer is ``"936"``. The task is verifiable (exact match),
+A prompt is ``"347+089="`` and the exact answer is ``"0436"`` (fixed width). The task is verifiable (exact match),
 cheap enough to learn on two CPU cores in minutes, and has a difficulty knob that later stages can
 exploit: the supervised demonstrations come from a *sloppy teacher* who, on problems where a carry
 ripples through two columns, often forgets the second carry. SFT faithfully learns that mistake;
@@ -40,7 +40,13 @@ SLOPPY_RATE = 0.7
 
 
 def format_prompt(a: int, b: int) -> str:
-    return f"{a}+{b}="
+    # Fixed width (operands padded to 3 digits, answers to 4) puts each column at a fixed position,
+    # which a small model learns in minutes; variable-width sums take several times longer.
+    return f"{a:03d}+{b:03d}="
+
+
+def format_answer(total: int) -> str:
+    return f"{total:04d}"
 
 
 def parse_prompt(prompt: str) -> tuple[int, int]:
@@ -75,21 +81,19 @@ def add_forgetting_rippled_carries(a: int, b: int) -> int:
 
 
 def plausible_wrong_answer(a: int, b: int, rng: random.Random) -> int:
-    """A wrong sum of the kind a learner makes: a dropped carry, a digit off by one, or swapped digits."""
+    """A wrong sum of the kind a learner makes: a dropped carry (most likely when one ripples) or
+    one digit off by one."""
     right = a + b
     candidates = []
     if has_rippling_carry(a, b):
         candidates += [add_forgetting_rippled_carries(a, b)] * 3
-    digits = str(right)
+    digits = format_answer(right)
     for i in range(len(digits)):
         for delta in (-1, 1):
             d = int(digits[i]) + delta
-            if 0 <= d <= 9 and not (i == 0 and d == 0 and len(digits) > 1):
+            if 0 <= d <= 9:
                 candidates.append(int(digits[:i] + str(d) + digits[i + 1 :]))
-    if len(digits) > 1 and digits[0] != digits[-1]:
-        candidates.append(int(digits[::-1]))
-    candidates = [c for c in candidates if c != right]
-    return rng.choice(candidates)
+    return rng.choice([c for c in candidates if c != right])
 
 
 def verify(completion: str, answer: str) -> bool:
@@ -116,17 +120,17 @@ def generate_splits(seed: int = 0) -> dict[str, list[dict]]:
         rows = []
         for _ in range(size):
             a, b = next(problems)
-            prompt, answer = format_prompt(a, b), str(a + b)
+            prompt, answer = format_prompt(a, b), format_answer(a + b)
             if name == "sft":
                 sloppy = has_rippling_carry(a, b) and rng.random() < SLOPPY_RATE
                 shown = add_forgetting_rippled_carries(a, b) if sloppy else a + b
-                rows.append({"prompt": prompt, "completion": str(shown)})
+                rows.append({"prompt": prompt, "completion": format_answer(shown)})
             elif name in ("preference", "eval_preference"):
                 wrong = plausible_wrong_answer(a, b, rng)
-                rows.append({"prompt": prompt, "chosen": answer, "rejected": str(wrong)})
+                rows.append({"prompt": prompt, "chosen": answer, "rejected": format_answer(wrong)})
             elif name == "feedback":
                 good = rng.random() < 0.5
-                shown = answer if good else str(plausible_wrong_answer(a, b, rng))
+                shown = answer if good else format_answer(plausible_wrong_answer(a, b, rng))
                 rows.append({"prompt": prompt, "completion": shown, "label": good})
             else:  # rl, eval
                 row = {"prompt": prompt, "answer": answer}

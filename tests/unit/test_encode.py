@@ -1,0 +1,141 @@
+import pytest
+
+from alignctl.encode import IGNORE, encode_completion, encode_messages, fit_prompt, sft_example
+from alignctl.errors import DataError
+
+PC = ("prompt", "completion")
+USER = {"role": "user", "content": "1+1="}
+REPLY = {"role": "assistant", "content": "2"}
+HI_YO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+def example(tok, row, columns=PC, max_length=64, completion_only=True, overlong="error"):
+    return sft_example(tok, row, columns, max_length, completion_only, overlong, "data.jsonl: row 3")
+
+
+def text_of(tok, ids) -> str:
+    return tok.decode(ids)
+
+
+def trained_runs(tok, ex) -> list[str]:
+    """The decoded runs of consecutive tokens that carry a loss."""
+    runs, current = [], []
+    for label in ex["labels"] + [IGNORE]:
+        if label != IGNORE:
+            current.append(label)
+        elif current:
+            runs.append(text_of(tok, current))
+            current = []
+    return runs
+
+
+def test_prompt_completion_masks_exactly_the_prompt_and_ends_with_eos(tok):
+    ex = example(tok, {"prompt": "12+34=", "completion": "46"})
+    assert text_of(tok, ex["input_ids"]) == "12+34=46</s>"
+    assert ex["input_ids"][-1] == tok.eos_token_id
+    assert ex["labels"] == [IGNORE] * len("12+34=") + ex["input_ids"][6:]  # one char is one token
+
+
+def test_completion_only_false_trains_every_token(tok):
+    ex = example(tok, {"prompt": "12+34=", "completion": "46"}, completion_only=False)
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_text_rows_train_every_token_and_end_with_eos(tok):
+    ex = example(tok, {"text": "hi there"}, columns=("text",))
+    assert text_of(tok, ex["input_ids"]) == "hi there</s>"
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_conversational_prompt_completion_goes_through_the_chat_template(tok):
+    ex = example(tok, {"prompt": [USER], "completion": [REPLY]})
+    assert text_of(tok, ex["input_ids"]) == "<|user|>1+1=<|end|><|assistant|>2<|end|></s>"
+    assert trained_runs(tok, ex) == ["2<|end|></s>"]
+    assert ex["labels"][: len(ex["labels"]) - 3] == [IGNORE] * (len(ex["labels"]) - 3)
+
+
+def test_messages_train_only_the_assistant_turn_of_a_two_turn_conversation(tok):
+    ex = example(tok, {"messages": HI_YO}, columns=("messages",))
+    assert text_of(tok, ex["input_ids"]) == "<|user|>hi<|end|><|assistant|>yo<|end|></s>"
+    assert trained_runs(tok, ex) == ["yo<|end|></s>"]
+
+
+def test_messages_train_every_assistant_turn_and_nothing_else(tok):
+    messages = [
+        {"role": "system", "content": "add"},
+        {"role": "user", "content": "1+1="},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2="},
+        {"role": "assistant", "content": "4"},
+    ]
+    ex = example(tok, {"messages": messages}, columns=("messages",))
+    assert text_of(tok, ex["input_ids"]) == (
+        "<|system|>add<|end|><|user|>1+1=<|end|><|assistant|>2<|end|><|user|>2+2=<|end|><|assistant|>4<|end|></s>"
+    )
+    assert trained_runs(tok, ex) == ["2<|end|>", "4<|end|></s>"]
+
+
+def test_messages_ending_with_a_user_turn_get_no_eos(tok):
+    ids, trainable = encode_messages(tok, [USER, REPLY, {"role": "user", "content": "ok"}])
+    assert text_of(tok, ids) == "<|user|>1+1=<|end|><|assistant|>2<|end|><|user|>ok<|end|>"
+    assert sum(trainable) == len(["2", "<|end|>"])
+
+
+def test_a_template_that_ends_turns_with_eos_gets_no_second_eos(tok):
+    # Like Qwen's "<|im_end|>\n": the end-of-turn token is EOS and text follows it.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    assert text_of(tok, encode_completion(tok, [USER], [REPLY])) == "2</s>\n"
+    ids, trainable = encode_messages(tok, [USER, REPLY])
+    assert text_of(tok, [i for i, t in zip(ids, trainable, strict=True) if t]) == "2</s>\n"
+
+
+def test_conversational_data_without_a_chat_template_is_a_data_error(tok):
+    tok.chat_template = None
+    with pytest.raises(DataError, match="chat template"):
+        example(tok, {"messages": [USER, REPLY]}, columns=("messages",))
+    with pytest.raises(DataError, match="chat template"):
+        example(tok, {"prompt": [USER], "completion": [REPLY]})
+
+
+def test_long_completions_are_cut_to_max_length(tok):
+    ex = example(tok, {"prompt": "12+34=", "completion": "4600000"}, max_length=8)
+    assert text_of(tok, ex["input_ids"]) == "12+34=46"
+    assert ex["labels"] == [IGNORE] * 6 + ex["input_ids"][6:]
+
+
+def test_messages_are_cut_to_max_length(tok):
+    ex = example(tok, {"messages": HI_YO}, columns=("messages",), max_length=5)
+    assert text_of(tok, ex["input_ids"]) == "<|user|>hi<|end|><|assistant|>"
+    assert set(ex["labels"]) == {IGNORE}
+
+
+def test_overlong_prompt_error_names_the_row_and_the_fixes(tok):
+    with pytest.raises(DataError) as err:
+        example(tok, {"prompt": "12+34=", "completion": "46"}, max_length=6)
+    message = str(err.value)
+    assert message.startswith("data.jsonl: row 3: the prompt is 6 tokens and recipe.max_length is 6")
+    for fix in ("raise recipe.max_length", "data.overlong=drop", "data.overlong=truncate"):
+        assert fix in message
+    assert "\n" not in message
+
+
+def test_a_prompt_one_shorter_than_max_length_fits(tok):
+    ex = example(tok, {"prompt": "12+34=", "completion": "46"}, max_length=7)
+    assert text_of(tok, ex["input_ids"]) == "12+34=4"
+
+
+def test_overlong_drop_returns_none(tok):
+    assert example(tok, {"prompt": "12+34=", "completion": "46"}, max_length=6, overlong="drop") is None
+
+
+def test_overlong_truncate_keeps_the_end_of_the_prompt(tok):
+    ex = example(tok, {"prompt": "12+34=", "completion": "46"}, max_length=4, overlong="truncate")
+    assert text_of(tok, ex["input_ids"]) == "34=4"
+    assert ex["labels"] == [IGNORE] * 3 + [tok.convert_tokens_to_ids("4")]
+
+
+def test_truncate_to_max_length_one_leaves_an_empty_prompt():
+    assert fit_prompt([5, 6, 7], max_length=1, overlong="truncate", where="w") == []
