@@ -79,6 +79,13 @@ class BatchStream:
         self._batches = self._epoch_batches(self.epoch)
 
 
+def split_micro(indices: list[int], parts: int) -> list[list[int]]:
+    """Cut one step's rows into `parts` micro-batches. The stream draws whole steps, so batch B with
+    accumulation A sees exactly the rows of batch A*B (and in the same micro-batch order each time)."""
+    size = -(-len(indices) // parts)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
 def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
     """Stack lists of ids into a (B, T) tensor padded with `value` to the longest."""
     longest = max(len(s) for s in sequences)

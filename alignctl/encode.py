@@ -115,7 +115,13 @@ def sft_example(
         trainable = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
     elif tuple(columns) == ("messages",):
         ids, trainable = encode_messages(tokenizer, row["messages"])
-        ids, trainable = ids[:max_length], trainable[:max_length]
+        # Everything before the first assistant turn plays the prompt's part for data.overlong.
+        head = trainable.index(True) if True in trainable else len(ids)
+        kept_head = fit_prompt(ids[:head], max_length, overlong, where)
+        if kept_head is None:
+            return None
+        cut = head - len(kept_head)
+        ids, trainable = ids[cut:][:max_length], trainable[cut:][:max_length]
     else:  # ("text",): plain language modelling on every token
         ids = _with_eos(tokenizer, _ids(tokenizer, row["text"], special=True))[:max_length]
         trainable = [True] * len(ids)

@@ -1,7 +1,8 @@
 """The one optimisation loop, shared by every stage.
 
-A stage hands it `next_batch` (returns one micro-batch: a dict of tensors plus ``num_items``, the
-count its loss is normalised by, and ``num_tokens``, the non-padding tokens it carries) and `step_fn`
+A stage hands it `next_step` (returns the micro-batches of one optimiser step, each a dict of tensors
+plus ``num_items``, the count its loss is normalised by, and ``num_tokens``, the non-padding tokens it
+carries; see batching.split_micro) and `step_fn`
 (micro-batch, items in the whole step -> (loss share, metric shares)). Shares add up: summing them
 over the micro-batches of a step gives the full-batch mean, so B x accumulation A equals a batch of
 A*B exactly, whatever the padding. Evaluation and saving are callbacks on a step cadence.
@@ -39,6 +40,7 @@ class LoopContext:
     save: Callable[[int], None]
     autocast: str | None = None
     device_type: str = "cpu"
+    tokens_seen: int = 0  # non-padding tokens through the model so far (TRL's num_tokens)
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -49,15 +51,17 @@ def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
 
 
 def train_loop(
-    ctx: LoopContext, recipe: TrainConfig, next_batch: Callable[[], Batch], step_fn: StepFn, start_step: int = 0
+    ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], list[Batch]], step_fn: StepFn, start_step: int = 0
 ) -> dict[str, float]:
     """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
+    if start_step == 0 and (baseline := ctx.evaluate(0)):  # the untrained model, so every run shows what training changed
+        ctx.logger.log({"step": 0, **baseline})
     for step in range(start_step + 1, recipe.max_steps + 1):
         started = time.perf_counter()
         ctx.model.train()
-        micro_batches = [next_batch() for _ in range(recipe.grad_accum)]
+        micro_batches = next_step()
         # Normalise by the items of the whole step, not per micro-batch (see module docstring).
         num_items = sum(int(mb["num_items"]) for mb in micro_batches)
         totals: dict[str, float] = {}
@@ -71,15 +75,18 @@ def train_loop(
             raise NonFiniteLoss(f"step {step}: the loss is {totals['loss']}")
         # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
+        lr = ctx.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
         ctx.optimizer.step()
         ctx.scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
+        ctx.tokens_seen += tokens
         last = {
             **totals,
             "grad_norm": float(grad_norm),
-            "learning_rate": ctx.scheduler.get_last_lr()[0],
+            "learning_rate": lr,
+            "num_tokens": ctx.tokens_seen,
             "tokens_per_second": tokens / seconds,
             "step_seconds": seconds,
         }
@@ -88,8 +95,9 @@ def train_loop(
         final = step == recipe.max_steps
         if final or (recipe.eval_every and step % recipe.eval_every == 0):
             eval_metrics = ctx.evaluate(step)
-            ctx.logger.log({"step": step, **eval_metrics})
-            last.update(eval_metrics)
+            if eval_metrics:
+                ctx.logger.log({"step": step, **eval_metrics})
+                last.update(eval_metrics)
         if final or (recipe.save_every and step % recipe.save_every == 0):
             ctx.save(step)
     return last

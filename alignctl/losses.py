@@ -28,7 +28,7 @@ def sft_loss(
         num_items: labelled tokens in the whole step (all micro-batches and processes).
 
     Returns:
-        The loss share and metrics shares: ``mean_token_accuracy`` and ``num_tokens``.
+        The loss share and metrics shares: ``mean_token_accuracy`` and ``num_loss_tokens``.
     """
     # Shift so that logits at t are scored against the token at t + 1.
     logits, labels = logits[:, :-1], labels[:, 1:]
@@ -38,5 +38,5 @@ def sft_loss(
         correct = ((logits.argmax(-1) == labels) & mask).sum()
     return token_loss / num_items, {
         "mean_token_accuracy": correct.float() / num_items,
-        "num_tokens": mask.sum().float(),
+        "num_loss_tokens": mask.sum().float(),
     }

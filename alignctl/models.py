@@ -70,6 +70,9 @@ def build_tiny(tiny: TinyModelConfig) -> Path:
 
 def resolve_checkpoint(path: str) -> str:
     """An alignctl run dir stands for its checkpoint/; anything else is passed through."""
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise ModelLoadError(f"model path {path!r} does not exist (give a local directory, a run directory or a hub id)")
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
     run_checkpoint = Path(path) / "checkpoint"
     if (Path(path) / "lineage.json").exists():
         if not run_checkpoint.exists():
@@ -96,9 +99,13 @@ def device_of(hardware: HardwareConfig) -> torch.device:
 
 
 def load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=model.trust_remote_code, revision=model.revision
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "trust_remote_code" in reason:
+            reason = "it ships its own code; set model.trust_remote_code=true if you trust it"
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {reason}") from None
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; EOS is safe because padding is always masked.
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,6 +5,7 @@ Plain functions, no base class: each stage calls what it needs and stays readabl
 
 from __future__ import annotations
 
+import importlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from transformers import get_scheduler
 
 from alignctl.checkpoint import rng_state, save_checkpoint
 from alignctl.config import HardwareConfig, TrainConfig
+from alignctl.errors import ConfigError
+from alignctl.metrics import console, summary_table
+from alignctl.rundir import RunDir, write_json_atomic
 
 
 def seed_everything(seed: int) -> None:
@@ -40,11 +43,17 @@ def build_optimizer(model: torch.nn.Module, recipe: TrainConfig) -> torch.optim.
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": recipe.weight_decay},
         {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    kwargs = {k: v for k, v in recipe.optimizer.items() if k != "_target_"}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    optimizer_class = get_class(recipe.optimizer["_target_"])
-    return optimizer_class([g for g in groups if g["params"]], lr=recipe.lr, **kwargs)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.optimizer.items() if k != "_target_"}
+    target = recipe.optimizer["_target_"]
+    module, _, name = target.rpartition(".")
+    try:
+        optimizer_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError("recipe.optimizer._target_", f"cannot import {target!r}; e.g. torch.optim.AdamW") from None
+    try:
+        return optimizer_class([g for g in groups if g["params"]], lr=recipe.lr, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("recipe.optimizer", f"{target} rejected its arguments: {err}") from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainConfig) -> Any:
@@ -79,3 +88,13 @@ def checkpoint_writer(
         save_checkpoint(run_dir, step, model, tokenizer, state, meta, keep_last)
 
     return save
+
+
+def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str, ...]) -> None:
+    """Write eval.json, mark the run finished in lineage.json and print the summary table."""
+    eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
+    write_json_atomic(run.path / "eval.json", {"step": step, **eval_metrics})
+    run.finish(final)
+    stage = run.lineage["stage"]
+    console.print(summary_table(f"{stage} finished", {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
+    console.print(f"run directory: {run.path}\ncheckpoint: {run.path / 'checkpoint'}")

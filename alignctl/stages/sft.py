@@ -11,7 +11,6 @@ Assumes: prompts fit in recipe.max_length (see data.overlong); completions are c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,13 +19,13 @@ from omegaconf import DictConfig
 
 from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, collate_lm
+from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, sft_example
 from alignctl.evaluate import exact_match
 from alignctl.loop import LoopContext, train_loop
 from alignctl.losses import sft_loss
-from alignctl.metrics import MetricsLogger, console, summary_table
+from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
 from alignctl.rundir import RunDir
@@ -35,6 +34,7 @@ from alignctl.training import (
     build_scheduler,
     checkpoint_writer,
     configure_torch,
+    finish_run,
     seed_everything,
 )
 
@@ -95,20 +95,21 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware), cfg.adapter)
     trainable, total = parameter_counts(model)
-    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
-    run = RunDir(run_dir, raw, "sft", parents, data_fingerprint=train_raw._fingerprint)
-
-    stream = BatchStream([len(x) for x in train_set["input_ids"]], recipe.batch_size, cfg.seed, group_by_length=not recipe.packing)
+    step_rows = recipe.batch_size * recipe.grad_accum
+    stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
+    # Everything that can fail on bad input has run: only now does the run directory claim a run.
+    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    run = RunDir(run_dir, raw, "sft", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
         f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "
         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), run dir {run_dir}"
     )
 
-    def next_batch() -> dict:
-        return to_batch(train_set[next(stream)], tokenizer.pad_token_id, device)
+    def next_step() -> list[dict]:
+        return [to_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
 
     def step_fn(batch: dict, num_items: int):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -142,16 +143,12 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
     try:
-        final = train_loop(ctx, recipe, next_batch, step_fn)
+        final = train_loop(ctx, recipe, next_step, step_fn)
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
     finally:
         logger.close()
     final["epoch"] = stream.fractional_epoch
-    eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
-    (run_dir / "eval.json").write_text(json.dumps({"step": recipe.max_steps, **eval_metrics}, indent=2) + "\n")
-    run.finish(final)
-    console.print(summary_table("sft finished", {k: final[k] for k in ("loss", "mean_token_accuracy", "epoch", *eval_metrics) if k in final}))
-    console.print(f"run directory: {run_dir}\ncheckpoint: {run_dir / 'checkpoint'}")
+    finish_run(run, recipe.max_steps, final, shown=("loss", "mean_token_accuracy", "epoch"))
     return final

@@ -107,9 +107,19 @@ def test_long_completions_are_cut_to_max_length(tok):
 
 
 def test_messages_are_cut_to_max_length(tok):
-    ex = example(tok, {"messages": HI_YO}, columns=("messages",), max_length=5)
-    assert text_of(tok, ex["input_ids"]) == "<|user|>hi<|end|><|assistant|>"
-    assert set(ex["labels"]) == {IGNORE}
+    ex = example(tok, {"messages": HI_YO}, columns=("messages",), max_length=6)
+    assert text_of(tok, ex["input_ids"]) == "<|user|>hi<|end|><|assistant|>y"
+    assert trained_runs(tok, ex) == ["y"]
+
+
+def test_messages_whose_first_turns_fill_max_length_follow_data_overlong(tok):
+    """The turns before the first assistant reply play the prompt's part (5 tokens here)."""
+    with pytest.raises(DataError, match="row 3: the prompt is 5 tokens"):
+        example(tok, {"messages": HI_YO}, columns=("messages",), max_length=5)
+    assert example(tok, {"messages": HI_YO}, columns=("messages",), max_length=5, overlong="drop") is None
+    kept = example(tok, {"messages": HI_YO}, columns=("messages",), max_length=5, overlong="truncate")
+    assert text_of(tok, kept["input_ids"]) == "hi<|end|><|assistant|>y"
+    assert trained_runs(tok, kept) == ["y"]
 
 
 def test_overlong_prompt_error_names_the_row_and_the_fixes(tok):

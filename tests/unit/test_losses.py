@@ -33,7 +33,7 @@ def test_hand_worked_loss_scores_logits_at_t_against_label_t_plus_1(worked):
     loss, metrics = sft_loss(logits, labels, num_items=2)
     assert loss.item() == pytest.approx(1.5 * LN2, rel=1e-6)
     assert metrics["mean_token_accuracy"].item() == pytest.approx(0.5)
-    assert metrics["num_tokens"].item() == 2
+    assert metrics["num_loss_tokens"].item() == 2
 
 
 def test_ignored_positions_carry_no_loss_and_no_gradient(worked):
@@ -56,7 +56,7 @@ def test_all_ignored_micro_batch_gives_zero_not_nan():
     loss, metrics = sft_loss(torch.randn(1, 3, 5), torch.full((1, 3), IGNORE), num_items=4)
     assert loss.item() == 0.0
     assert metrics["mean_token_accuracy"].item() == 0.0
-    assert metrics["num_tokens"].item() == 0
+    assert metrics["num_loss_tokens"].item() == 0
 
 
 def _right_pad(logits: torch.Tensor, labels: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +82,9 @@ def test_micro_batch_shares_sum_to_the_full_batch_mean_despite_different_padding
     full = sft_loss(torch.cat([logits_a, padded_logits_b]), torch.cat([labels_a, padded_labels_b]), num_items)
 
     torch.testing.assert_close(share_a[0] + share_b[0], full[0])
-    for key in ("mean_token_accuracy", "num_tokens"):
+    for key in ("mean_token_accuracy", "num_loss_tokens"):
         torch.testing.assert_close(share_a[1][key] + share_b[1][key], full[1][key])
-    assert full[1]["num_tokens"].item() == num_items
+    assert full[1]["num_loss_tokens"].item() == num_items
     # The full-batch loss is the plain mean over the 7 targets.
     targets = [(logits_a[0, t - 1], labels_a[0, t]) for t in range(2, 6)]
     targets += [(logits_b[0, 0], 5), (logits_b[1, 0], 2), (logits_b[1, 1], 6)]
@@ -99,4 +99,4 @@ def test_accuracy_share_counts_argmax_hits_over_num_items():
     labels = torch.tensor([[IGNORE, 1, 2, 2]])
     _, metrics = sft_loss(logits, labels, num_items=6)
     assert metrics["mean_token_accuracy"].item() == pytest.approx(2 / 6)
-    assert metrics["num_tokens"].item() == 3
+    assert metrics["num_loss_tokens"].item() == 3
