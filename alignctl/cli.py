@@ -15,8 +15,8 @@ from alignctl.errors import UserError
 
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
 def _train(cfg: DictConfig) -> dict:
-    from alignctl.config import validate
     from alignctl.registry import get_stage
+    from alignctl.validation import validate
 
     hydra_app.quiet_libraries()
     try:

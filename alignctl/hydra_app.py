@@ -23,8 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from alignctl.config import unknown_key_message, validate
 from alignctl.errors import ConfigError
+from alignctl.validation import unknown_key_message, validate
 
 SUBCOMMANDS = {"train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]"}
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl import config as schema
-from alignctl import hydra_app
+from alignctl import hydra_app, validation
 
 # What a valid config needs beyond the group option itself (options with required `???` values).
 REQUIRED_EXTRAS = {
@@ -45,7 +45,7 @@ def test_groups_and_options_exist():
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_option_composes_and_validates(group, option):
     cfg = hydra_app.compose_config([f"{group}={option}", *REQUIRED_EXTRAS.get((group, option), [])])
-    run = schema.validate(cfg)
+    run = validation.validate(cfg)
     section = getattr(run, group)
     assert isinstance(section, schema_for(group, cfg[group]))
 
@@ -132,7 +132,7 @@ def lookup(obj, dotted: str):
 @pytest.mark.parametrize("override, path, expected", OVERRIDES, ids=[o for o, _, _ in OVERRIDES])
 def test_documented_override_validates(override, path, expected):
     extra = ["adapter=lora"] if override.startswith("adapter.") else []
-    run = schema.validate(hydra_app.compose_config([*extra, override]))
+    run = validation.validate(hydra_app.compose_config([*extra, override]))
     value = lookup(run, path)
     assert value == expected and type(value) is type(expected)
 
