@@ -24,6 +24,22 @@ class Scheduler(str, Enum):
     constant = "constant"
 
 
+class Reference(str, Enum):
+    auto = "auto"  # adapter_disabled when an adapter trains, else a frozen copy (none for simpo)
+    separate = "separate"  # a frozen copy of the starting policy
+    adapter_disabled = "adapter_disabled"  # the policy with its adapter switched off: no second model
+    precomputed = "precomputed"  # one pass before training, cached on disk, reference freed
+    none = "none"  # reference-free: reference log-probs are zero
+
+
+class DPOLossType(str, Enum):
+    sigmoid = "sigmoid"
+    robust = "robust"
+    hinge = "hinge"
+    ipo = "ipo"
+    simpo = "simpo"
+
+
 class Overlong(str, Enum):
     error = "error"
     drop = "drop"
@@ -213,7 +229,34 @@ class SFTConfig(TrainConfig):
     packing: bool  # concatenate examples into max_length blocks instead of padding
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class RewardConfig(TrainConfig):
+    center_rewards_coefficient: float  # c in c * (r+ + r-)^2, keeps rewards centred (0: off)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    beta: float  # strength of the KL anchor to the reference
+    loss_type: DPOLossType
+    label_smoothing: float  # probability that a preference label is wrong (conservative DPO, robust)
+    simpo_gamma: float  # SimPO's target margin
+    nll_weight: float  # weight of an NLL term on the chosen response (RPO); 0: off
+    reference: Reference
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _check(self.nll_weight >= 0, "nll_weight", f"must be >= 0, got {self.nll_weight}")
+        if self.loss_type == DPOLossType.simpo:
+            _check(self.reference in (Reference.auto, Reference.none), "reference", "simpo is reference-free: use auto or none")
+
+
+RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 # --------------------------------------------------------------------------------------- whole

@@ -160,3 +160,20 @@ def _check_values(dataset: Dataset, columns: tuple[str, ...], where: str) -> Non
                 expected = "a string or a list of {role, content} messages"
             if not ok:
                 raise DataError(f"{where}: row {row_number}, column {column!r}: expected {expected}, got {value!r:.60}")
+
+
+def load_eval_split(data: DataConfig, fmt: str) -> Dataset | None:
+    """The eval split for `fmt` (first data.eval_limit rows), or None when data.eval_split is null."""
+    if not data.eval_split:
+        return None
+    dataset = load_split(data, fmt, data.eval_split)
+    return dataset.select(range(min(data.eval_limit, len(dataset)))) if data.eval_limit else dataset
+
+
+def task_eval_rows(data: DataConfig) -> list[dict] | None:
+    """Held-out prompt/answer rows of a built-in task (first data.eval_limit), or None for other data."""
+    task = builtin_task(data.path)
+    if task is None or not data.eval_split:
+        return None
+    rows = Dataset.from_json(str(task.split_path("eval"))).to_list()
+    return rows[: data.eval_limit] if data.eval_limit else rows

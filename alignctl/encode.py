@@ -129,3 +129,27 @@ def sft_example(
         trainable = [True] * len(ids)
     labels = [token if train else IGNORE for token, train in zip(ids, trainable, strict=True)]
     return {"input_ids": ids, "labels": labels}
+
+
+def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length: int, overlong: str, where: str) -> dict | None:
+    """prompt_ids, chosen_ids, rejected_ids for one preference row (None when data.overlong=drop removes it).
+
+    Rows without a prompt column must be conversational: the prompt is the turns before the last
+    message, which chosen and rejected must share (TRL's implicit-prompt format).
+    """
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen[:-1] == rejected[:-1]):
+            raise DataError(f"{where}: without a prompt column, chosen and rejected must be conversations sharing every turn but the last")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are identical, so the pair says nothing")
+    prompt_ids = fit_prompt(encode_prompt(tokenizer, prompt), max_length, overlong, where)
+    if prompt_ids is None:
+        return None
+    room = max_length - len(prompt_ids)
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": encode_completion(tokenizer, prompt, chosen)[:room],
+        "rejected_ids": encode_completion(tokenizer, prompt, rejected)[:room],
+    }

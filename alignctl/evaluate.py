@@ -52,3 +52,13 @@ def exact_match(
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
     correct = sum(verify(c, r["answer"]) for c, r in zip(completions, rows))
     return correct / max(len(rows), 1), completions
+
+
+def task_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data_path: str, rows: list[dict] | None, max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    """{"eval_exact_match": ...} on a built-in task's held-out rows; {} for other data."""
+    from alignctl.data import builtin_task
+
+    if not rows:
+        return {}
+    accuracy, _ = exact_match(model, tokenizer, rows, builtin_task(data_path).verify, max_new_tokens, batch_size)
+    return {"eval_exact_match": accuracy}

@@ -22,7 +22,7 @@ from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, sft_example
-from alignctl.evaluate import exact_match
+from alignctl.evaluate import task_accuracy
 from alignctl.loop import LoopContext, train_loop
 from alignctl.losses import sft_loss
 from alignctl.metrics import MetricsLogger
@@ -80,13 +80,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     configure_torch(cfg.hardware)
     seed_everything(cfg.seed)
     device = device_of(cfg.hardware)
-    task = data_lib.builtin_task(cfg.data.path)
 
     # Data first: a bad dataset should fail before any model is loaded.
     train_raw = data_lib.load_split(cfg.data, "sft", cfg.data.train_split)
-    eval_raw = data_lib.load_split(cfg.data, "sft", cfg.data.eval_split) if cfg.data.eval_split else None
-    if eval_raw is not None and cfg.data.eval_limit:
-        eval_raw = eval_raw.select(range(min(cfg.data.eval_limit, len(eval_raw))))
+    eval_raw = data_lib.load_eval_split(cfg.data, "sft")
+    task_rows = data_lib.task_eval_rows(cfg.data)
 
     path = model_path(cfg.model, cfg.inputs.get("policy"))
     tokenizer = load_tokenizer(path, cfg.model)
@@ -127,11 +125,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             loss_sum += float(sft_loss(logits, batch["labels"], 1)[0])
             items += batch["num_items"]
         result = {"eval_loss": loss_sum / items}
-        if task is not None:
-            rows = eval_raw.to_list()
-            result["eval_exact_match"], _ = exact_match(
-                model, tokenizer, rows, task.verify, recipe.eval_max_new_tokens, recipe.eval_batch_size
-            )
+        result |= task_accuracy(model, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 

@@ -1,0 +1,195 @@
+"""DPO and its family: learn from preference pairs without a reward model or sampling.
+
+Trains: a causal LM (full weights, or a LoRA adapter) with recipe.loss_type = sigmoid (DPO),
+robust, hinge, ipo or simpo, optional label smoothing and an NLL term on the chosen response.
+Needs: prompt/chosen/rejected rows (standard or conversational; or chosen/rejected conversations
+with a shared prompt). Starts from: ``inputs.policy=<SFT run dir>`` or ``model``.
+Reference: ``recipe.reference`` (auto, separate, adapter_disabled, precomputed, none; see
+alignctl/reference.py); it is the starting policy.
+Writes: checkpoint/, metrics.jsonl (TRL's rewards/* and logps/* names), eval.json, lineage.json.
+Evaluates: the same metrics on the eval pairs and, on a built-in task, greedy exact-match accuracy.
+Efficiency: chosen and rejected go through the model in one forward; only response positions
+reach the vocabulary projection (alignctl/ops.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+
+from alignctl import data as data_lib
+from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.batching import BatchStream, split_micro
+from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
+from alignctl.encode import preference_example
+from alignctl.errors import DataError
+from alignctl.evaluate import task_accuracy
+from alignctl.loop import LoopContext, train_loop
+from alignctl.losses import dpo_loss
+from alignctl.metrics import MetricsLogger
+from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.ops import left_padded_batch, response_logps
+from alignctl.reference import adapter_off, cache_key, cached_logps, model_identity, resolve_mode
+from alignctl.registry import register_stage
+from alignctl.rundir import RunDir
+from alignctl.training import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_writer,
+    configure_torch,
+    finish_run,
+    seed_everything,
+)
+
+LENGTH_NORMALISED = (DPOLossType.ipo, DPOLossType.simpo)  # these compare per-token log-probs (as TRL does)
+
+
+def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig, where: str) -> Dataset:
+    def encode(row: dict, index: int) -> dict:
+        example = preference_example(tokenizer, row, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
+        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "keep": False} if example is None else {**example, "keep": True}
+
+    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc)
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
+    if len(kept) == 0:
+        raise DataError(f"{where}: no pair fits recipe.max_length={recipe.max_length}")
+    return kept
+
+
+def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
+    """Chosen rows then rejected rows, in one left-padded batch (one forward for both)."""
+    prompts = rows["prompt_ids"] * 2
+    batch = left_padded_batch(prompts, rows["chosen_ids"] + rows["rejected_ids"], pad_id)
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "ref_logps" in rows:  # precomputed reference: (B, 2) chosen, rejected
+        out["ref_logps"] = torch.tensor(rows["ref_logps"], device=device).T.reshape(-1)
+    return {**out, "num_items": len(rows["prompt_ids"]), "num_tokens": int(batch["attention_mask"].sum())}
+
+
+@register_stage("dpo")
+def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
+    recipe: DPOConfig = cfg.recipe
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    device = device_of(cfg.hardware)
+    mode = resolve_mode(recipe.reference, cfg.adapter.kind, recipe.loss_type == DPOLossType.simpo)
+
+    train_raw = data_lib.load_split(cfg.data, "preference", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "preference")
+    task_rows = data_lib.task_eval_rows(cfg.data)
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    train_set = encode_pairs(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
+    eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
+
+    policy = load_causal_lm(path, cfg.model, cfg.hardware)
+    reference = None
+    if mode in (Reference.separate, Reference.precomputed):
+        reference = load_causal_lm(path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+
+    def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        summed, lengths = response_logps(model, batch)
+        return summed / lengths if recipe.loss_type in LENGTH_NORMALISED else summed
+
+    def precompute(dataset: Dataset, split: str) -> Dataset:
+        @torch.no_grad()
+        def score() -> torch.Tensor:
+            out = []
+            for start in range(0, len(dataset), recipe.eval_batch_size):
+                batch = pair_batch(dataset[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
+                out.append(logps(reference, batch).view(2, -1).T.cpu())
+            return torch.cat(out)
+
+        key = cache_key(model=model_identity(path), data=dataset._fingerprint, split=split, max_length=recipe.max_length,
+                        normalised=recipe.loss_type in LENGTH_NORMALISED)
+        values, hit = cached_logps(key, score)
+        print(f"reference log-probs for {split}: {'reused from cache' if hit else 'computed and cached'} ({key})")
+        return dataset.add_column("ref_logps", values.tolist())
+
+    if mode == Reference.precomputed:
+        train_set = precompute(train_set, "train")
+        eval_set = precompute(eval_set, "eval") if eval_set is not None else None
+        reference = None  # freed: training holds one model
+
+    policy = apply_adapter(policy, cfg.adapter)
+    trainable, total = parameter_counts(policy)
+    step_rows = recipe.batch_size * recipe.grad_accum
+    stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
+    optimizer = build_optimizer(policy, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    run = RunDir(run_dir, raw, "dpo", parents, data_fingerprint=train_raw._fingerprint)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
+                f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+
+    def reference_logps(batch: dict) -> torch.Tensor:
+        if mode == Reference.none:
+            return torch.zeros(batch["input_ids"].size(0), device=device)
+        if mode == Reference.precomputed:
+            return batch["ref_logps"]
+        if mode == Reference.adapter_disabled:
+            with adapter_off(policy):
+                return logps(policy, batch)
+        with torch.no_grad():
+            return logps(reference, batch)
+
+    def pair_metrics(batch: dict, num_items: int, prefix: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy_logps, lengths = response_logps(policy, batch)
+        pairs = batch["num_items"]
+        normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
+        ref = reference_logps(batch)
+        losses, rewards = dpo_loss(normalised[:pairs], normalised[pairs:], ref[:pairs], ref[pairs:], recipe.beta,
+                                   recipe.loss_type.value, recipe.label_smoothing, recipe.simpo_gamma)
+        loss = losses.sum()
+        metrics = {}
+        if recipe.nll_weight:
+            nll = -(policy_logps[:pairs] / lengths[:pairs]).sum()  # per-token NLL of the chosen responses
+            loss = loss + recipe.nll_weight * nll
+            metrics["nll_loss"] = nll.detach() / num_items
+        chosen, rejected = rewards["chosen_rewards"], rewards["rejected_rewards"]
+        metrics |= {
+            "rewards/chosen": chosen.sum() / num_items,
+            "rewards/rejected": rejected.sum() / num_items,
+            "rewards/accuracies": (chosen > rejected).float().sum() / num_items,
+            "rewards/margins": (chosen - rejected).sum() / num_items,
+            "logps/chosen": policy_logps[:pairs].detach().sum() / num_items,
+            "logps/rejected": policy_logps[pairs:].detach().sum() / num_items,
+        }
+        return loss / num_items, {prefix + k: v for k, v in metrics.items()}
+
+    def next_step() -> list[dict]:
+        return [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        policy.eval()
+        result: dict[str, float] = {}
+        if eval_set is not None:
+            for start in range(0, len(eval_set), recipe.eval_batch_size):
+                batch = pair_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
+                loss, metrics = pair_metrics(batch, len(eval_set), prefix="eval_")
+                for key, value in {"eval_loss": loss, **metrics}.items():
+                    result[key] = result.get(key, 0.0) + float(value)
+        result |= task_accuracy(policy, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
+        logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k in SHOWN_EVAL))
+        return result
+
+    save = checkpoint_writer(run_dir, policy, tokenizer, optimizer, scheduler, extra_state=lambda: {"data": stream.state_dict()},
+                             meta={"stage": "dpo", "config_hash": run.lineage["config_hash"]}, keep_last=recipe.keep_last)
+    ctx = LoopContext(policy, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
+    try:
+        final = train_loop(ctx, recipe, next_step, pair_metrics)
+    except BaseException as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logger.close()
+    finish_run(run, recipe.max_steps, final, shown=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
+    return final
+
+
+SHOWN_EVAL = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")
