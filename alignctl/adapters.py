@@ -17,8 +17,11 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
-def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig) -> torch.nn.Module:
-    """Wrap `model` with the configured adapter (or return it unchanged for adapter=none)."""
+def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with the configured adapter (or return it unchanged for adapter=none).
+
+    task_type SEQ_CLS (reward and value models) also trains the new scalar head in full.
+    """
     if adapter.kind == "none":
         return model
     targets = adapter.target_modules
@@ -32,7 +35,7 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig)
                 f"its linear layers are {', '.join(present)} (or use all-linear)"
             )
     config = peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
+        task_type=peft.TaskType[task_type],
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from peft import AutoPeftModelForCausalLM
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -141,3 +142,28 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> t
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
     return lm.to(device_of(hardware))
+
+
+def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, pad_token_id: int) -> torch.nn.Module:
+    """A one-label sequence classifier: a reward model, or a new one whose backbone comes from a causal LM.
+
+    From a causal LM (or a LoRA run's checkpoint), the backbone weights are kept and a fresh scalar
+    head is added, so a reward model initialised from an SFT run starts out knowing the task.
+    """
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists() and json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
+        scorer = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[hardware.dtype]).merge_and_unload()
+    elif adapter.exists():
+        causal = load_causal_lm(path, model, hardware)
+        scorer = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=DTYPES[hardware.dtype])
+        scorer.base_model.load_state_dict(causal.base_model.state_dict())
+    else:
+        try:
+            scorer = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=DTYPES[hardware.dtype], trust_remote_code=model.trust_remote_code, revision=model.revision
+            )
+        except OSError as err:
+            raise ModelLoadError(f"cannot load a reward model from {path!r}: {str(err).splitlines()[0]}") from None
+    # The classifier pools the last non-padding token, which it finds through the pad id.
+    scorer.config.pad_token_id = pad_token_id
+    return scorer.to(device_of(hardware))
