@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,10 @@ def save_checkpoint(
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / TRAINER_STATE)
-    (tmp / "alignctl.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+    # A fresh id per save: caches keyed on a model's weights (precomputed reference log-probs) must not
+    # mistake a run retrained in place, with the same config and step, for the old one.
+    identity = {"step": step, "save_id": uuid.uuid4().hex, **meta}
+    (tmp / "alignctl.json").write_text(json.dumps(identity, indent=2, default=str))
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. the end of a run that just saved)
         shutil.rmtree(final)

@@ -256,7 +256,22 @@ class DPOConfig(TrainConfig):
             _check(self.reference in (Reference.auto, Reference.none), "reference", "simpo is reference-free: use auto or none")
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+@dataclass
+class KTOConfig(TrainConfig):
+    beta: float
+    desirable_weight: float  # lambda_D: weight of desirable examples
+    undesirable_weight: float  # lambda_U: weight of undesirable examples
+    reference: Reference
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(self.desirable_weight > 0, "desirable_weight", f"must be > 0, got {self.desirable_weight}")
+        _check(self.undesirable_weight > 0, "undesirable_weight", f"must be > 0, got {self.undesirable_weight}")
+        _check(self.reference != Reference.none, "reference", "KTO needs a reference: auto, separate, adapter_disabled or precomputed")
+
+
+RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig}
 
 
 # --------------------------------------------------------------------------------------- whole

@@ -128,3 +128,38 @@ def reward_model_loss(
     if center_coefficient:
         losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
     return losses
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example KTO losses from unpaired binary feedback (Ethayarajh et al. 2024, eq. 8).
+
+    With r = log pi(y|x) - log pi_ref(y|x) and the reference point z = max(0, KL estimate):
+    desirable examples cost lambda_D (1 - sigma(beta (r - z))), undesirable ones
+    lambda_U (1 - sigma(beta (z - r))). z is estimated from mismatched prompt/completion pairs and
+    carries no gradient.
+
+    Args:
+        policy_logps, ref_logps: (B,) sequence log-probs.
+        desirable: (B,) bool labels.
+        kl: scalar KL estimate (detached; clamped at 0 here).
+        beta, desirable_weight, undesirable_weight: as in the paper.
+
+    Returns:
+        (B,) losses and {"rewards": (B,) beta * r}.
+    """
+    ratio = policy_logps - ref_logps
+    z = kl.detach().clamp(min=0)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
+    )
+    return losses, {"rewards": beta * ratio.detach()}

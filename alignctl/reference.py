@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 
 from alignctl.config import Reference
 from alignctl.errors import ConfigError
@@ -48,7 +49,8 @@ def model_identity(path: str) -> dict:
     if meta.exists():
         return {"alignctl": json.loads(meta.read_text())}
     if root.is_dir():
-        return {f.name: (f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(root.glob("*.safetensors"))} | {"path": str(root.resolve())}
+        weights = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))
+        return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in weights} | {"path": str(root.resolve())}
     return {"hub_id": path}
 
 
@@ -67,3 +69,50 @@ def cached_logps(key: str, compute: Callable[[], torch.Tensor]) -> tuple[torch.T
     torch.save(values, tmp)
     tmp.replace(path)  # atomic: a concurrent or interrupted run never reads half a file
     return values, False
+
+
+def reference_logps(
+    mode: Reference,
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    batch: dict,
+    logps: Callable[[torch.nn.Module, dict], torch.Tensor],
+) -> torch.Tensor:
+    """log pi_ref of the batch's responses (no gradient), whichever way the reference is held.
+
+    `logps(model, batch)` computes the stage's log-probs; a precomputed batch carries ``ref_logps``.
+    """
+    if mode == Reference.none:
+        return torch.zeros(batch["input_ids"].size(0), device=batch["input_ids"].device)
+    if mode == Reference.precomputed:
+        return batch["ref_logps"]
+    if mode == Reference.adapter_disabled:
+        with adapter_off(policy):
+            return logps(policy, batch)
+    with torch.no_grad():
+        return logps(reference, batch)
+
+
+def precompute(
+    dataset: Dataset,
+    reference: torch.nn.Module,
+    make_batch: Callable[[dict], dict],
+    logps: Callable[[torch.nn.Module, dict], torch.Tensor],
+    batch_size: int,
+    key: str,
+    label: str,
+) -> Dataset:
+    """Add a ``ref_logps`` column: for each row, the reference log-probs of the two responses its
+    batch carries (chosen/rejected for DPO, completion/mismatched completion for KTO), cached on disk."""
+
+    @torch.no_grad()
+    def score() -> torch.Tensor:
+        out = []
+        for start in range(0, len(dataset), batch_size):
+            batch = make_batch(dataset[start : start + batch_size])
+            out.append(logps(reference, batch).view(2, -1).T.cpu())  # (rows, 2)
+        return torch.cat(out)
+
+    values, hit = cached_logps(key, score)
+    print(f"reference log-probs for {label}: {'reused from cache' if hit else 'computed and cached'} ({key})")
+    return dataset.add_column("ref_logps", values.tolist())

@@ -25,9 +25,11 @@ from alignctl.config import (
     ADAPTER_SCHEMAS,
     RECIPE_SCHEMAS,
     DataConfig,
+    DPOLossType,
     HardwareConfig,
     LoggerConfig,
     ModelConfig,
+    Reference,
     RunConfig,
     TopLevelConfig,
 )
@@ -198,7 +200,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     sections = {key: _resolved(cfg, key) for key in ("recipe", "model", "adapter", "data", "hardware", "logger")}
     inputs = _resolved(cfg, "inputs") if "inputs" in cfg else None
     top = _typed("", TopLevelConfig, OmegaConf.create({"seed": _resolved(cfg, "seed"), "inputs": inputs or {}}))
-    return RunConfig(
+    run = RunConfig(
         recipe=_typed("recipe", _pick("recipe", "stage", sections["recipe"], RECIPE_SCHEMAS), sections["recipe"]),
         model=_typed("model", ModelConfig, sections["model"]),
         adapter=_typed("adapter", _pick("adapter", "kind", sections["adapter"], ADAPTER_SCHEMAS), sections["adapter"]),
@@ -208,3 +210,14 @@ def validate(cfg: DictConfig) -> RunConfig:
         seed=top.seed,
         inputs=top.inputs,
     )
+    _check_across_groups(run)
+    return run
+
+
+def _check_across_groups(run: RunConfig) -> None:
+    """Settings that are each valid alone but not together."""
+    reference = getattr(run.recipe, "reference", None)
+    if reference == Reference.adapter_disabled and run.adapter.kind == "none":
+        raise ConfigError("recipe.reference", "adapter_disabled needs an adapter (adapter=lora); use separate or precomputed")
+    if getattr(run.recipe, "label_smoothing", 0) and run.recipe.loss_type in (DPOLossType.hinge, DPOLossType.ipo):
+        raise ConfigError("recipe.label_smoothing", f"has no effect with loss_type={run.recipe.loss_type.value}; use sigmoid, robust or simpo")

@@ -32,7 +32,7 @@ from alignctl.losses import dpo_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
-from alignctl.reference import adapter_off, cache_key, cached_logps, model_identity, resolve_mode
+from alignctl.reference import cache_key, model_identity, precompute, reference_logps, resolve_mode
 from alignctl.registry import register_stage
 from alignctl.rundir import RunDir
 from alignctl.training import (
@@ -94,24 +94,15 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         summed, lengths = response_logps(model, batch)
         return summed / lengths if recipe.loss_type in LENGTH_NORMALISED else summed
 
-    def precompute(dataset: Dataset, split: str) -> Dataset:
-        @torch.no_grad()
-        def score() -> torch.Tensor:
-            out = []
-            for start in range(0, len(dataset), recipe.eval_batch_size):
-                batch = pair_batch(dataset[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
-                out.append(logps(reference, batch).view(2, -1).T.cpu())
-            return torch.cat(out)
-
-        key = cache_key(model=model_identity(path), data=dataset._fingerprint, split=split, max_length=recipe.max_length,
-                        normalised=recipe.loss_type in LENGTH_NORMALISED)
-        values, hit = cached_logps(key, score)
-        print(f"reference log-probs for {split}: {'reused from cache' if hit else 'computed and cached'} ({key})")
-        return dataset.add_column("ref_logps", values.tolist())
+    def with_reference(dataset: Dataset, split: str) -> Dataset:
+        key = cache_key(stage="dpo", model=model_identity(path), data=dataset._fingerprint, split=split,
+                        max_length=recipe.max_length, normalised=recipe.loss_type in LENGTH_NORMALISED)
+        return precompute(dataset, reference, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), logps,
+                          recipe.eval_batch_size, key, split)
 
     if mode == Reference.precomputed:
-        train_set = precompute(train_set, "train")
-        eval_set = precompute(eval_set, "eval") if eval_set is not None else None
+        train_set = with_reference(train_set, "train")
+        eval_set = with_reference(eval_set, "eval") if eval_set is not None else None
         reference = None  # freed: training holds one model
 
     policy = apply_adapter(policy, cfg.adapter)
@@ -126,22 +117,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
-    def reference_logps(batch: dict) -> torch.Tensor:
-        if mode == Reference.none:
-            return torch.zeros(batch["input_ids"].size(0), device=device)
-        if mode == Reference.precomputed:
-            return batch["ref_logps"]
-        if mode == Reference.adapter_disabled:
-            with adapter_off(policy):
-                return logps(policy, batch)
-        with torch.no_grad():
-            return logps(reference, batch)
-
     def pair_metrics(batch: dict, num_items: int, prefix: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_logps, lengths = response_logps(policy, batch)
         pairs = batch["num_items"]
         normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
-        ref = reference_logps(batch)
+        ref = reference_logps(mode, policy, reference, batch, logps)
         losses, rewards = dpo_loss(normalised[:pairs], normalised[pairs:], ref[:pairs], ref[pairs:], recipe.beta,
                                    recipe.loss_type.value, recipe.label_smoothing, recipe.simpo_gamma)
         loss = losses.sum()

@@ -1,0 +1,180 @@
+"""KTO: align from unpaired binary feedback (a completion is good or bad), no pairs needed.
+
+Trains: a causal LM (full weights or a LoRA adapter) with the KTO loss (alignctl.losses.kto_loss).
+Needs: prompt/completion/label rows (label true = desirable), standard or conversational.
+Starts from: ``inputs.policy=<SFT run dir>`` or ``model``. Reference: ``recipe.reference`` (auto,
+separate, adapter_disabled, precomputed), the starting policy.
+KL reference point: each row's prompt is also scored with the completion of the next row in the
+dataset (a fixed mismatched pair, so it can be precomputed); the batch mean of
+log pi - log pi_ref over those pairs, clamped at 0 and without gradient, is z in the loss.
+Writes: checkpoint/, metrics.jsonl (TRL's KTO names: rewards/chosen_sum, count/chosen, kl, ...),
+eval.json, lineage.json. Evaluates: mean rewards of desirable and undesirable eval rows, their
+margin and, on a built-in task, greedy exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+
+from alignctl import data as data_lib
+from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.batching import BatchStream, split_micro
+from alignctl.config import KTOConfig, Reference, RunConfig
+from alignctl.encode import encode_completion, encode_prompt, fit_prompt
+from alignctl.errors import DataError
+from alignctl.evaluate import task_accuracy
+from alignctl.loop import LoopContext, train_loop
+from alignctl.losses import kto_loss
+from alignctl.metrics import MetricsLogger
+from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.ops import left_padded_batch, response_logps
+from alignctl.reference import cache_key, model_identity, precompute, reference_logps, resolve_mode
+from alignctl.registry import register_stage
+from alignctl.rundir import RunDir
+from alignctl.training import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_writer,
+    configure_torch,
+    finish_run,
+    seed_everything,
+)
+
+
+def encode_feedback(dataset: Dataset, tokenizer, recipe: KTOConfig, cfg: RunConfig, where: str) -> Dataset:
+    def encode(row: dict, index: int) -> dict:
+        prompt_ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
+        if prompt_ids is None:
+            return {"prompt_ids": [], "completion_ids": [], "label": False, "keep": False}
+        completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])[: recipe.max_length - len(prompt_ids)]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"]), "keep": True}
+
+    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc)
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
+    if len(kept) < 2:
+        raise DataError(f"{where}: KTO needs at least 2 rows that fit recipe.max_length={recipe.max_length}")
+    # The mismatched completion of row i is row i+1's: prompt and completion are unrelated, which is
+    # what the KL reference point needs.
+    shifted = kept["completion_ids"][1:] + kept["completion_ids"][:1]
+    return kept.add_column("mismatched_ids", shifted)
+
+
+def feedback_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
+    """Rows with their own completions, then the same prompts with mismatched completions."""
+    completions = rows["completion_ids"] + rows["mismatched_ids"]
+    batch = left_padded_batch(rows["prompt_ids"] * 2, completions, pad_id)
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "ref_logps" in rows:
+        out["ref_logps"] = torch.tensor(rows["ref_logps"], device=device).T.reshape(-1)
+    out["desirable"] = torch.tensor(rows["label"], dtype=torch.bool, device=device)
+    rows_count = len(rows["prompt_ids"])
+    return {**out, "num_items": rows_count, "num_tokens": int(batch["attention_mask"][:rows_count].sum())}
+
+
+@register_stage("kto")
+def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
+    recipe: KTOConfig = cfg.recipe
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    device = device_of(cfg.hardware)
+    mode = resolve_mode(recipe.reference, cfg.adapter.kind, reference_free_loss=False)
+
+    train_raw = data_lib.load_split(cfg.data, "feedback", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "feedback")
+    task_rows = data_lib.task_eval_rows(cfg.data)
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    train_set = encode_feedback(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
+    eval_set = encode_feedback(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
+
+    policy = load_causal_lm(path, cfg.model, cfg.hardware)
+    reference = None
+    if mode in (Reference.separate, Reference.precomputed):
+        reference = load_causal_lm(path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+
+    def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return response_logps(model, batch)[0]
+
+    def with_reference(dataset: Dataset, split: str) -> Dataset:
+        key = cache_key(stage="kto", model=model_identity(path), data=dataset._fingerprint, split=split, max_length=recipe.max_length)
+        return precompute(dataset, reference, lambda rows: feedback_batch(rows, tokenizer.pad_token_id, device), logps,
+                          recipe.eval_batch_size, key, split)
+
+    if mode == Reference.precomputed:
+        train_set = with_reference(train_set, "train")
+        eval_set = with_reference(eval_set, "eval") if eval_set is not None else None
+        reference = None  # freed: training holds one model
+
+    policy = apply_adapter(policy, cfg.adapter)
+    trainable, total = parameter_counts(policy)
+    stream = BatchStream([len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"])],
+                         recipe.batch_size * recipe.grad_accum, cfg.seed)
+    optimizer = build_optimizer(policy, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    run = RunDir(run_dir, raw, "kto", parents, data_fingerprint=train_raw._fingerprint)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    desirable_share = sum(train_set["label"]) / len(train_set)
+    logger.note(f"kto: {len(train_set)} rows ({100 * desirable_share:.0f}% desirable), beta {recipe.beta}, reference {mode.value}, "
+                f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+
+    def feedback_loss(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rows = batch["num_items"]
+        own = {k: v[:rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "response_mask")}
+        mismatched = {k: v[rows:] for k, v in batch.items() if k in own}
+        policy_logps = logps(policy, own)
+        ref = reference_logps(mode, policy, reference, batch, logps)
+        with torch.no_grad():
+            kl = (logps(policy, mismatched) - ref[rows:]).mean()
+        desirable = batch["desirable"]
+        losses, out = kto_loss(policy_logps, ref[:rows], desirable, kl, recipe.beta, recipe.desirable_weight, recipe.undesirable_weight)
+        rewards, good, bad = out["rewards"], desirable.float(), (~desirable).float()
+        # Sums and counts, as TRL logs them: means per class are sum / count over a whole step.
+        return losses.sum() / num_items, {
+            "kl": kl.detach() * rows / num_items,
+            "rewards/chosen_sum": (rewards * good).sum(),
+            "rewards/rejected_sum": (rewards * bad).sum(),
+            "logps/chosen_sum": (policy_logps.detach() * good).sum(),
+            "logps/rejected_sum": (policy_logps.detach() * bad).sum(),
+            "count/chosen": good.sum(),
+            "count/rejected": bad.sum(),
+        }
+
+    def next_step() -> list[dict]:
+        return [feedback_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        policy.eval()
+        result: dict[str, float] = {}
+        if eval_set is not None:
+            totals: dict[str, float] = {}
+            for start in range(0, len(eval_set), recipe.eval_batch_size):
+                batch = feedback_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
+                loss, metrics = feedback_loss(batch, len(eval_set))
+                for key, value in {"loss": loss, **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            chosen = totals["rewards/chosen_sum"] / max(totals["count/chosen"], 1)
+            rejected = totals["rewards/rejected_sum"] / max(totals["count/rejected"], 1)
+            result = {"eval_loss": totals["loss"], "eval_kl": totals["kl"], "eval_rewards/chosen": chosen,
+                      "eval_rewards/rejected": rejected, "eval_rewards/margins": chosen - rejected}
+        result |= task_accuracy(policy, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
+        logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    save = checkpoint_writer(run_dir, policy, tokenizer, optimizer, scheduler, extra_state=lambda: {"data": stream.state_dict()},
+                             meta={"stage": "kto", "config_hash": run.lineage["config_hash"]}, keep_last=recipe.keep_last)
+    ctx = LoopContext(policy, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
+    try:
+        final = train_loop(ctx, recipe, next_step, feedback_loss)
+    except BaseException as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logger.close()
+    finish_run(run, recipe.max_steps, final, shown=("loss", "kl"))
+    return final
