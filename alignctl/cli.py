@@ -26,7 +26,7 @@ def _train(cfg: DictConfig) -> dict:
         hydra_app.fail(str(err))
 
 
-COMMANDS = {"train": _train}
+COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)
 
 
 def main() -> None:

@@ -199,7 +199,7 @@ class TrainConfig:
     eval_max_new_tokens: int
 
     def __post_init__(self) -> None:
-        _check(self.max_steps > 0, "max_steps", f"must be a positive integer, got {self.max_steps}")
+        _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: evaluate the starting model only), got {self.max_steps}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.batch_size > 0, "batch_size", f"must be a positive integer, got {self.batch_size}")
         _check(self.grad_accum > 0, "grad_accum", f"must be a positive integer, got {self.grad_accum}")

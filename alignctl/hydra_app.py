@@ -23,10 +23,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from alignctl.errors import ConfigError
+from alignctl.errors import ConfigError, UserError
 from alignctl.validation import unknown_key_message, validate
 
-SUBCOMMANDS = {"train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]"}
+SUBCOMMANDS = {
+    "train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]",
+    "eval": "evaluate a run's checkpoint, no training: alignctl eval run=<run dir> [key=value ...]",
+}
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}
@@ -131,6 +134,14 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
         close = difflib.get_close_matches(command, list(SUBCOMMANDS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         fail(f"unknown command {command!r}; {hint}valid: {', '.join(SUBCOMMANDS)} (see alignctl --help)")
+    if command == "eval":
+        from alignctl.evalcmd import eval_args
+
+        try:
+            rest = eval_args(rest)
+        except UserError as err:
+            fail(str(err))
+        command = "train"
     flags, overrides, multirun = split_args(rest)
     names = {f.split("=", 1)[0] for f in flags}
     modes = [group[0] for group in EXCLUSIVE_FLAGS if set(group) & names]

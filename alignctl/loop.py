@@ -58,6 +58,7 @@ def train_loop(
     last: dict[str, float] = {}
     if start_step == 0 and (baseline := ctx.evaluate(0)):  # the untrained model, so every run shows what training changed
         ctx.logger.log({"step": 0, **baseline})
+        last.update(baseline)  # all there is when max_steps=0 (alignctl eval)
     for step in range(start_step + 1, recipe.max_steps + 1):
         started = time.perf_counter()
         ctx.model.train()

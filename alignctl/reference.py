@@ -25,14 +25,26 @@ from alignctl.errors import ConfigError
 from alignctl.models import cache_dir
 
 
-def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool) -> Reference:
+def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool, own_reference: bool = False) -> Reference:
+    """The concrete mode for `auto`, and a check of the explicit ones.
+
+    `own_reference` is true when inputs.reference names a model other than the starting policy.
+    """
     if mode == Reference.auto:
         if reference_free_loss:
             return Reference.none
-        return Reference.adapter_disabled if adapter_kind != "none" else Reference.separate
+        return Reference.adapter_disabled if adapter_kind != "none" and not own_reference else Reference.separate
     if mode == Reference.adapter_disabled and adapter_kind == "none":
         raise ConfigError("recipe.reference", "adapter_disabled needs an adapter (adapter=lora); use separate or precomputed")
+    if mode == Reference.adapter_disabled and own_reference:
+        raise ConfigError("recipe.reference", "adapter_disabled uses the starting policy as reference; with inputs.reference use separate or precomputed")
     return mode
+
+
+def check_same_tokenizer(policy_tokenizer, reference_tokenizer, reference_path: str) -> None:
+    """A reference scores the policy's token ids: both must tokenise identically."""
+    if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise ConfigError("inputs.reference", f"{reference_path} has a different tokenizer from the policy; use a reference of the same model family")
 
 
 @contextlib.contextmanager

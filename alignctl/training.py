@@ -95,6 +95,6 @@ def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str
     eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
     write_json_atomic(run.path / "eval.json", {"step": step, **eval_metrics})
     run.finish(final)
-    stage = run.lineage["stage"]
-    console.print(summary_table(f"{stage} finished", {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
-    console.print(f"run directory: {run.path}\ncheckpoint: {run.path / 'checkpoint'}")
+    title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}"
+    console.print(summary_table(title, {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
+    console.print(f"run directory: {run.path}" + (f"\ncheckpoint: {run.path / 'checkpoint'}" if step else ""))

@@ -32,7 +32,14 @@ from alignctl.losses import dpo_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
-from alignctl.reference import cache_key, model_identity, precompute, reference_logps, resolve_mode
+from alignctl.reference import (
+    cache_key,
+    check_same_tokenizer,
+    model_identity,
+    precompute,
+    reference_logps,
+    resolve_mode,
+)
 from alignctl.registry import register_stage
 from alignctl.rundir import RunDir
 from alignctl.training import (
@@ -75,7 +82,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     configure_torch(cfg.hardware)
     seed_everything(cfg.seed)
     device = device_of(cfg.hardware)
-    mode = resolve_mode(recipe.reference, cfg.adapter.kind, recipe.loss_type == DPOLossType.simpo)
+    mode = resolve_mode(recipe.reference, cfg.adapter.kind, recipe.loss_type == DPOLossType.simpo, own_reference=bool(cfg.inputs.get("reference")))
 
     train_raw = data_lib.load_split(cfg.data, "preference", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "preference")
@@ -88,14 +95,16 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = load_causal_lm(path, cfg.model, cfg.hardware)
     reference = None
     if mode in (Reference.separate, Reference.precomputed):
-        reference = load_causal_lm(path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+        reference_path = model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy"))
+        check_same_tokenizer(tokenizer, load_tokenizer(reference_path, cfg.model), reference_path)
+        reference = load_causal_lm(reference_path, cfg.model, cfg.hardware).eval().requires_grad_(False)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         summed, lengths = response_logps(model, batch)
         return summed / lengths if recipe.loss_type in LENGTH_NORMALISED else summed
 
     def with_reference(dataset: Dataset, split: str) -> Dataset:
-        key = cache_key(stage="dpo", model=model_identity(path), data=dataset._fingerprint, split=split,
+        key = cache_key(stage="dpo", model=model_identity(reference_path), data=dataset._fingerprint, split=split,
                         max_length=recipe.max_length, normalised=recipe.loss_type in LENGTH_NORMALISED)
         return precompute(dataset, reference, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), logps,
                           recipe.eval_batch_size, key, split)
@@ -111,7 +120,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    parents = {role: cfg.inputs[role] for role in ("policy", "reference") if cfg.inputs.get(role)}
     run = RunDir(run_dir, raw, "dpo", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "

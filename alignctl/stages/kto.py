@@ -32,7 +32,14 @@ from alignctl.losses import kto_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
-from alignctl.reference import cache_key, model_identity, precompute, reference_logps, resolve_mode
+from alignctl.reference import (
+    cache_key,
+    check_same_tokenizer,
+    model_identity,
+    precompute,
+    reference_logps,
+    resolve_mode,
+)
 from alignctl.registry import register_stage
 from alignctl.rundir import RunDir
 from alignctl.training import (
@@ -81,7 +88,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     configure_torch(cfg.hardware)
     seed_everything(cfg.seed)
     device = device_of(cfg.hardware)
-    mode = resolve_mode(recipe.reference, cfg.adapter.kind, reference_free_loss=False)
+    mode = resolve_mode(recipe.reference, cfg.adapter.kind, reference_free_loss=False, own_reference=bool(cfg.inputs.get("reference")))
 
     train_raw = data_lib.load_split(cfg.data, "feedback", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "feedback")
@@ -94,13 +101,15 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = load_causal_lm(path, cfg.model, cfg.hardware)
     reference = None
     if mode in (Reference.separate, Reference.precomputed):
-        reference = load_causal_lm(path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+        reference_path = model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy"))
+        check_same_tokenizer(tokenizer, load_tokenizer(reference_path, cfg.model), reference_path)
+        reference = load_causal_lm(reference_path, cfg.model, cfg.hardware).eval().requires_grad_(False)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_logps(model, batch)[0]
 
     def with_reference(dataset: Dataset, split: str) -> Dataset:
-        key = cache_key(stage="kto", model=model_identity(path), data=dataset._fingerprint, split=split, max_length=recipe.max_length)
+        key = cache_key(stage="kto", model=model_identity(reference_path), data=dataset._fingerprint, split=split, max_length=recipe.max_length)
         return precompute(dataset, reference, lambda rows: feedback_batch(rows, tokenizer.pad_token_id, device), logps,
                           recipe.eval_batch_size, key, split)
 
@@ -115,7 +124,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    parents = {role: cfg.inputs[role] for role in ("policy", "reference") if cfg.inputs.get(role)}
     run = RunDir(run_dir, raw, "kto", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     desirable_share = sum(train_set["label"]) / len(train_set)
