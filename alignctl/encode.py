@@ -153,3 +153,19 @@ def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length
         "chosen_ids": encode_completion(tokenizer, prompt, chosen)[:room],
         "rejected_ids": encode_completion(tokenizer, prompt, rejected)[:room],
     }
+
+
+def encode_rows(dataset, encode, empty: dict, num_proc: int | None, where: str, max_length: int, minimum: int = 1):
+    """Map `encode(row, index) -> dict | None` over a datasets.Dataset, dropping the rows it returns
+    None for (data.overlong=drop). `empty` gives the columns a dropped row holds until it is filtered.
+    Raises a DataError when fewer than `minimum` rows remain."""
+
+    def wrapped(row: dict, index: int) -> dict:
+        example = encode(row, index)
+        return {**empty, "keep": False} if example is None else {**example, "keep": True}
+
+    encoded = dataset.map(wrapped, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc)
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
+    if len(kept) < minimum:
+        raise DataError(f"{where}: {len(kept)} rows fit recipe.max_length={max_length}; at least {minimum} needed")
+    return kept

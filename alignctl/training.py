@@ -98,3 +98,52 @@ def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str
     title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}"
     console.print(summary_table(title, {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
     console.print(f"run directory: {run.path}" + (f"\ncheckpoint: {run.path / 'checkpoint'}" if step else ""))
+
+
+def sum_over_batches(dataset: Any, batch_size: int, make_batch: Callable[[dict], dict], step_fn: Callable, prefix: str = "eval_") -> dict[str, float]:
+    """Run a stage's step function over a whole eval set without gradients and add up its shares
+    (normalised by the set's size, they sum to the set's means). The loss is reported as `<prefix>loss`."""
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            loss, metrics = step_fn(make_batch(dataset[start : start + batch_size]), len(dataset))
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[prefix + key] = totals.get(prefix + key, 0.0) + float(value)
+    return totals
+
+
+def train_and_finish(
+    run: RunDir,
+    recipe: TrainConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    logger: Any,
+    stream: Any,
+    evaluate: Callable[[int], dict[str, float]],
+    next_step: Callable[[], list[dict]],
+    step_fn: Callable,
+    hardware: HardwareConfig,
+    shown: tuple[str, ...],
+) -> dict[str, float]:
+    """Run the shared loop with checkpointing, record failure or success in lineage.json, print the summary."""
+    from alignctl.loop import (  # the loop imports metrics; keep this module's import light
+        LoopContext,
+        train_loop,
+    )
+
+    meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
+    save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, lambda: {"data": stream.state_dict()}, meta, recipe.keep_last)
+    device_type = next(model.parameters()).device.type
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, hardware.autocast, device_type)
+    try:
+        final = train_loop(ctx, recipe, next_step, step_fn)
+    except BaseException as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logger.close()
+    final["epoch"] = stream.fractional_epoch
+    finish_run(run, recipe.max_steps, final, shown)
+    return final

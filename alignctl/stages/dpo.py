@@ -24,10 +24,8 @@ from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, split_micro
 from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
-from alignctl.encode import preference_example
-from alignctl.errors import DataError
+from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
-from alignctl.loop import LoopContext, train_loop
 from alignctl.losses import dpo_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
@@ -45,25 +43,20 @@ from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
     build_scheduler,
-    checkpoint_writer,
     configure_torch,
-    finish_run,
     seed_everything,
+    sum_over_batches,
+    train_and_finish,
 )
 
 LENGTH_NORMALISED = (DPOLossType.ipo, DPOLossType.simpo)  # these compare per-token log-probs (as TRL does)
 
 
 def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig, where: str) -> Dataset:
-    def encode(row: dict, index: int) -> dict:
-        example = preference_example(tokenizer, row, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
-        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "keep": False} if example is None else {**example, "keep": True}
+    def encode(row: dict, index: int) -> dict | None:
+        return preference_example(tokenizer, row, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
 
-    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc)
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
-    if len(kept) == 0:
-        raise DataError(f"{where}: no pair fits recipe.max_length={recipe.max_length}")
-    return kept
+    return encode_rows(dataset, encode, {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, cfg.data.num_proc, where, recipe.max_length)
 
 
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
@@ -126,7 +119,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
-    def pair_metrics(batch: dict, num_items: int, prefix: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def pair_metrics(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_logps, lengths = response_logps(policy, batch)
         pairs = batch["num_items"]
         normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
@@ -148,7 +141,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "logps/chosen": policy_logps[:pairs].detach().sum() / num_items,
             "logps/rejected": policy_logps[pairs:].detach().sum() / num_items,
         }
-        return loss / num_items, {prefix + k: v for k, v in metrics.items()}
+        return loss / num_items, metrics
 
     def next_step() -> list[dict]:
         return [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
@@ -158,27 +151,13 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         policy.eval()
         result: dict[str, float] = {}
         if eval_set is not None:
-            for start in range(0, len(eval_set), recipe.eval_batch_size):
-                batch = pair_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
-                loss, metrics = pair_metrics(batch, len(eval_set), prefix="eval_")
-                for key, value in {"eval_loss": loss, **metrics}.items():
-                    result[key] = result.get(key, 0.0) + float(value)
+            result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), pair_metrics)
         result |= task_accuracy(policy, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k in SHOWN_EVAL))
         return result
 
-    save = checkpoint_writer(run_dir, policy, tokenizer, optimizer, scheduler, extra_state=lambda: {"data": stream.state_dict()},
-                             meta={"stage": "dpo", "config_hash": run.lineage["config_hash"]}, keep_last=recipe.keep_last)
-    ctx = LoopContext(policy, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
-    try:
-        final = train_loop(ctx, recipe, next_step, pair_metrics)
-    except BaseException as err:
-        run.fail(f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        logger.close()
-    finish_run(run, recipe.max_steps, final, shown=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
-    return final
+    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, pair_metrics,
+                            cfg.hardware, shown=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
 
 
 SHOWN_EVAL = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")

@@ -24,10 +24,8 @@ from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, split_micro
 from alignctl.config import KTOConfig, Reference, RunConfig
-from alignctl.encode import encode_completion, encode_prompt, fit_prompt
-from alignctl.errors import DataError
+from alignctl.encode import encode_completion, encode_prompt, encode_rows, fit_prompt
 from alignctl.evaluate import task_accuracy
-from alignctl.loop import LoopContext, train_loop
 from alignctl.losses import kto_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
@@ -45,25 +43,23 @@ from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
     build_scheduler,
-    checkpoint_writer,
     configure_torch,
-    finish_run,
     seed_everything,
+    sum_over_batches,
+    train_and_finish,
 )
 
 
 def encode_feedback(dataset: Dataset, tokenizer, recipe: KTOConfig, cfg: RunConfig, where: str) -> Dataset:
-    def encode(row: dict, index: int) -> dict:
+    def encode(row: dict, index: int) -> dict | None:
         prompt_ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
         if prompt_ids is None:
-            return {"prompt_ids": [], "completion_ids": [], "label": False, "keep": False}
+            return None
         completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])[: recipe.max_length - len(prompt_ids)]
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"]), "keep": True}
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"])}
 
-    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc)
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
-    if len(kept) < 2:
-        raise DataError(f"{where}: KTO needs at least 2 rows that fit recipe.max_length={recipe.max_length}")
+    empty = {"prompt_ids": [], "completion_ids": [], "label": False}
+    kept = encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length, minimum=2)  # a mismatched pair needs two rows
     # The mismatched completion of row i is row i+1's: prompt and completion are unrelated, which is
     # what the KL reference point needs.
     shifted = kept["completion_ids"][1:] + kept["completion_ids"][:1]
@@ -161,12 +157,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         policy.eval()
         result: dict[str, float] = {}
         if eval_set is not None:
-            totals: dict[str, float] = {}
-            for start in range(0, len(eval_set), recipe.eval_batch_size):
-                batch = feedback_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
-                loss, metrics = feedback_loss(batch, len(eval_set))
-                for key, value in {"loss": loss, **metrics}.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+            totals = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: feedback_batch(rows, tokenizer.pad_token_id, device),
+                                      feedback_loss, prefix="")
             chosen = totals["rewards/chosen_sum"] / max(totals["count/chosen"], 1)
             rejected = totals["rewards/rejected_sum"] / max(totals["count/rejected"], 1)
             result = {"eval_loss": totals["loss"], "eval_kl": totals["kl"], "eval_rewards/chosen": chosen,
@@ -175,15 +167,5 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    save = checkpoint_writer(run_dir, policy, tokenizer, optimizer, scheduler, extra_state=lambda: {"data": stream.state_dict()},
-                             meta={"stage": "kto", "config_hash": run.lineage["config_hash"]}, keep_last=recipe.keep_last)
-    ctx = LoopContext(policy, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
-    try:
-        final = train_loop(ctx, recipe, next_step, feedback_loss)
-    except BaseException as err:
-        run.fail(f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        logger.close()
-    finish_run(run, recipe.max_steps, final, shown=("loss", "kl"))
-    return final
+    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, feedback_loss,
+                            cfg.hardware, shown=("loss", "kl"))

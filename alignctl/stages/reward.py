@@ -22,9 +22,7 @@ from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, pad, split_micro
 from alignctl.config import RewardConfig, RunConfig
-from alignctl.encode import preference_example
-from alignctl.errors import DataError
-from alignctl.loop import LoopContext, train_loop
+from alignctl.encode import encode_rows, preference_example
 from alignctl.losses import reward_model_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_reward_model, load_tokenizer, model_path
@@ -33,29 +31,25 @@ from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
     build_scheduler,
-    checkpoint_writer,
     configure_torch,
-    finish_run,
     seed_everything,
+    sum_over_batches,
+    train_and_finish,
 )
 
 
 def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConfig, where: str) -> Dataset:
     has_margin = "margin" in dataset.column_names
 
-    def encode(row: dict, index: int) -> dict:
+    def encode(row: dict, index: int) -> dict | None:
         example = preference_example(tokenizer, row, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
         if example is None:
-            return {"chosen": [], "rejected": [], "margin": 0.0, "keep": False}
+            return None
         prompt = example["prompt_ids"]
         margin = float(row["margin"]) if has_margin else 0.0
-        return {"chosen": prompt + example["chosen_ids"], "rejected": prompt + example["rejected_ids"], "margin": margin, "keep": True}
+        return {"chosen": prompt + example["chosen_ids"], "rejected": prompt + example["rejected_ids"], "margin": margin}
 
-    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc)
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
-    if len(kept) == 0:
-        raise DataError(f"{where}: no pair fits recipe.max_length={recipe.max_length}")
-    return kept
+    return encode_rows(dataset, encode, {"chosen": [], "rejected": [], "margin": 0.0}, cfg.data.num_proc, where, recipe.max_length)
 
 
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
@@ -99,7 +93,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
-    def score_pairs(batch: dict, num_items: int, prefix: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score_pairs(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
         pairs = batch["num_items"]
         chosen, rejected = scores[:pairs], scores[pairs:]
@@ -111,7 +105,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "rewards/chosen": chosen.detach().sum() / num_items,
             "rewards/rejected": rejected.detach().sum() / num_items,
         }
-        return losses.sum() / num_items, {prefix + k: v for k, v in metrics.items()}
+        return losses.sum() / num_items, metrics
 
     def next_step() -> list[dict]:
         return [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
@@ -121,24 +115,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         if eval_set is None:
             return {}
         model.eval()
-        result: dict[str, float] = {}
-        for start in range(0, len(eval_set), recipe.eval_batch_size):
-            batch = pair_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
-            loss, metrics = score_pairs(batch, len(eval_set), prefix="eval_")
-            for key, value in {"eval_loss": loss, **metrics}.items():
-                result[key] = result.get(key, 0.0) + float(value)
+        result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), score_pairs)
         logger.note(f"step {step}: " + "  ".join(f"{k}={result[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin")))
         return result
 
-    save = checkpoint_writer(run_dir, model, tokenizer, optimizer, scheduler, extra_state=lambda: {"data": stream.state_dict()},
-                             meta={"stage": "reward", "config_hash": run.lineage["config_hash"]}, keep_last=recipe.keep_last)
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
-    try:
-        final = train_loop(ctx, recipe, next_step, score_pairs)
-    except BaseException as err:
-        run.fail(f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        logger.close()
-    finish_run(run, recipe.max_steps, final, shown=("loss", "accuracy", "margin"))
-    return final
+    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, score_pairs,
+                            cfg.hardware, shown=("loss", "accuracy", "margin"))

@@ -21,9 +21,8 @@ from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
-from alignctl.encode import IGNORE, sft_example
+from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.evaluate import task_accuracy
-from alignctl.loop import LoopContext, train_loop
 from alignctl.losses import sft_loss
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
@@ -32,10 +31,9 @@ from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
     build_scheduler,
-    checkpoint_writer,
     configure_torch,
-    finish_run,
     seed_everything,
+    train_and_finish,
 )
 
 
@@ -43,19 +41,12 @@ def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig,
     """Tokenise rows into input_ids/labels; returns the encoded split and how many rows were dropped."""
     columns = data_lib.check_columns(dataset, "sft", where)
 
-    def encode(row: dict, index: int) -> dict:
-        example = sft_example(
-            tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}"
-        )
-        return {"input_ids": [], "labels": [], "keep": False} if example is None else {**example, "keep": True}
+    def encode(row: dict, index: int) -> dict | None:
+        return sft_example(tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}")
 
-    encoded = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, num_proc=cfg.data.num_proc, desc="tokenising")
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
-    if len(kept) == 0:
-        raise data_lib.DataError(f"{where}: no row fits recipe.max_length={recipe.max_length}")
-    if recipe.packing:
-        kept = pack(kept, recipe.max_length)
-    return kept, len(encoded) - len(kept)
+    kept = encode_rows(dataset, encode, {"input_ids": [], "labels": []}, cfg.data.num_proc, where, recipe.max_length)
+    dropped = len(dataset) - len(kept)
+    return (pack(kept, recipe.max_length) if recipe.packing else kept), dropped
 
 
 def pack(dataset: Dataset, block: int) -> Dataset:
@@ -129,20 +120,5 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    save = checkpoint_writer(
-        run_dir, model, tokenizer, optimizer, scheduler,
-        extra_state=lambda: {"data": stream.state_dict()},
-        meta={"stage": "sft", "config_hash": run.lineage["config_hash"]},
-        keep_last=recipe.keep_last,
-    )
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, cfg.hardware.autocast, device.type)
-    try:
-        final = train_loop(ctx, recipe, next_step, step_fn)
-    except BaseException as err:
-        run.fail(f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        logger.close()
-    final["epoch"] = stream.fractional_epoch
-    finish_run(run, recipe.max_steps, final, shown=("loss", "mean_token_accuracy", "epoch"))
-    return final
+    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
+                            cfg.hardware, shown=("loss", "mean_token_accuracy", "epoch"))
