@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from alignctl.config import Reference
+from alignctl.config import Reference, RunConfig
 from alignctl.errors import ConfigError
-from alignctl.models import cache_dir
+from alignctl.models import cache_dir, load_causal_lm, load_tokenizer, model_path
 
 
 def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool, own_reference: bool = False) -> Reference:
@@ -128,3 +128,15 @@ def precompute(
     values, hit = cached_logps(key, score)
     print(f"reference log-probs for {label}: {'reused from cache' if hit else 'computed and cached'} ({key})")
     return dataset.add_column("ref_logps", values.tolist())
+
+
+def load_policy_and_reference(cfg: RunConfig, mode: Reference, tokenizer, policy_path: str) -> tuple[torch.nn.Module, torch.nn.Module | None, str]:
+    """The starting policy, the reference model when the mode holds one, and the reference's path
+    (inputs.reference, else the starting policy's) for cache keys."""
+    policy = load_causal_lm(policy_path, cfg.model, cfg.hardware)
+    reference_path = model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy"))
+    reference = None
+    if mode in (Reference.separate, Reference.precomputed):
+        check_same_tokenizer(tokenizer, load_tokenizer(reference_path, cfg.model), reference_path)
+        reference = load_causal_lm(reference_path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+    return policy, reference, reference_path

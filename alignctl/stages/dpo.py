@@ -28,11 +28,11 @@ from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
 from alignctl.metrics import MetricsLogger
-from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.models import device_of, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
 from alignctl.reference import (
     cache_key,
-    check_same_tokenizer,
+    load_policy_and_reference,
     model_identity,
     precompute,
     reference_logps,
@@ -85,12 +85,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set = encode_pairs(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
-    policy = load_causal_lm(path, cfg.model, cfg.hardware)
-    reference = None
-    if mode in (Reference.separate, Reference.precomputed):
-        reference_path = model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy"))
-        check_same_tokenizer(tokenizer, load_tokenizer(reference_path, cfg.model), reference_path)
-        reference = load_causal_lm(reference_path, cfg.model, cfg.hardware).eval().requires_grad_(False)
+    policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         summed, lengths = response_logps(model, batch)
