@@ -41,7 +41,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.log_every = log_every
         self.last: dict[str, Any] = {}
-        self._file = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        # A run that starts over in an existing directory replaces its metrics; a resumed one appends.
+        self._file = (run_dir / "metrics.jsonl").open("a" if start_step else "w") if enabled else None
         self._tb = None
         if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked
