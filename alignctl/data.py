@@ -128,16 +128,22 @@ def _load_dir_or_hub(path: str, config_name: str | None, split: str) -> Dataset:
     return _pick_split(loaded, split, path)
 
 
-def check_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
-    """The matching column set of `fmt`; raise a DataError naming what is missing or empty."""
-    if len(dataset) == 0:
-        raise DataError(f"{where}: the split is empty")
+def format_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
+    """The first column set of `fmt` the dataset has (no row is read); a DataError when none matches."""
     for columns in FORMATS[fmt]:
         if all(c in dataset.column_names for c in columns):
-            _check_values(dataset, columns, where)
             return columns
     wanted = " or ".join("/".join(cols) for cols in FORMATS[fmt])
     raise DataError(f"{where}: needs columns {wanted}; found {', '.join(dataset.column_names)}")
+
+
+def check_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
+    """The matching column set of `fmt`, after checking every row's values; a DataError names what is wrong."""
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the split is empty")
+    columns = format_columns(dataset, fmt, where)
+    _check_values(dataset, columns, where)
+    return columns
 
 
 def _is_conversation(value) -> bool:

@@ -39,7 +39,7 @@ from alignctl.training import (
 
 def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
     """Tokenise rows into input_ids/labels; returns the encoded split and how many rows were dropped."""
-    columns = data_lib.check_columns(dataset, "sft", where)
+    columns = data_lib.format_columns(dataset, "sft", where)  # load_split already checked the values
 
     def encode(row: dict, index: int) -> dict | None:
         return sft_example(tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from stage_runs import StageRun
 
 PARALLEL = max(1, min(2, os.cpu_count() or 1))
 LN2 = math.log(2)
@@ -192,27 +193,7 @@ def write_datasets(root: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ runs
 @dataclass
-class Run:
-    name: str
-    dir: Path
-    result: object  # conftest.CliResult
-
-    @property
-    def flat_output(self) -> str:
-        """Console output with whitespace collapsed: rich wraps long lines at 80 columns."""
-        return " ".join(self.result.output.split())
-
-    def assert_finished(self) -> None:
-        assert self.result.returncode == 0, self.result.describe()
-        assert "Traceback" not in self.result.output, self.result.describe()
-        lineage = json.loads((self.dir / "lineage.json").read_text())
-        assert lineage["status"] == "finished", lineage
-
-    def records(self) -> list[dict]:
-        return read_jsonl(self.dir / "metrics.jsonl")
-
-    def train_records(self) -> list[dict]:
-        return [r for r in self.records() if "loss" in r]
+class Run(StageRun):
 
     def eval_records(self) -> list[dict]:
         return [r for r in self.records() if "eval_loss" in r]

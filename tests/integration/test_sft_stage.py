@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from stage_runs import StageRun
 
 # Runs in flight at once: one per core (each run uses one torch thread, OMP_NUM_THREADS=1).
 PARALLEL = max(1, min(2, os.cpu_count() or 1))
@@ -144,27 +145,7 @@ def write_datasets(root: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ runs
 @dataclass
-class Run:
-    name: str
-    dir: Path
-    result: object  # conftest.CliResult
-
-    @property
-    def flat_output(self) -> str:
-        """Console output with whitespace collapsed: rich wraps long lines at 80 columns."""
-        return " ".join(self.result.output.split())
-
-    def assert_finished(self) -> None:
-        assert self.result.returncode == 0, self.result.describe()
-        assert "Traceback" not in self.result.output, self.result.describe()
-        lineage = json.loads((self.dir / "lineage.json").read_text())
-        assert lineage["status"] == "finished", lineage
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-    def train_records(self) -> list[dict]:
-        return [r for r in self.records() if "loss" in r]
+class Run(StageRun):
 
     def losses(self) -> list[float]:
         return [r["loss"] for r in self.train_records()]
