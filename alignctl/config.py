@@ -40,6 +40,18 @@ class DPOLossType(str, Enum):
     simpo = "simpo"
 
 
+class Advantage(str, Enum):
+    grpo = "grpo"  # (r - group mean) / (group std + eps)
+    dr_grpo = "dr_grpo"  # r - group mean (no std scaling)
+    rloo = "rloo"  # r - mean of the other K - 1 completions
+    reinforce = "reinforce"  # r - batch mean
+
+
+class LossAggregation(str, Enum):
+    token = "token"  # every completion token of the step weighs the same (DAPO)
+    sequence = "sequence"  # mean over each completion, then over completions (original GRPO)
+
+
 class Overlong(str, Enum):
     error = "error"
     drop = "drop"
@@ -271,7 +283,92 @@ class KTOConfig(TrainConfig):
         _check(self.reference != Reference.none, "reference", "KTO needs a reference: auto, separate, adapter_disabled or precomputed")
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig}
+@dataclass
+class OnlineRLConfig(TrainConfig):
+    """What PPO and GRPO share: sampling, rewards and the reference. `batch_size` counts completions."""
+
+    max_new_tokens: int  # completion tokens sampled per prompt (max_length bounds prompt + completion)
+    temperature: float
+    top_p: float
+    top_k: int  # 0: off
+    steps_per_generation: int  # optimiser steps fed by one pass over a rollout batch
+    beta: float  # KL coefficient to the reference (0: no reference is loaded at all)
+    reference: Reference
+    reward_funcs: list[Any]  # dotted paths, or {_target_: path, weight: w, **kwargs} mappings
+    reward_weights: list[float] | None  # one per reward function (null: each entry's weight, else 1)
+    reward_model_weight: float  # weight of inputs.reward's score, when a reward model is given
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.max_new_tokens > 0, "max_new_tokens", f"must be a positive integer, got {self.max_new_tokens}")
+        _check(self.max_new_tokens < self.max_length, "max_new_tokens", f"must leave room for the prompt in max_length ({self.max_length})")
+        _check(self.temperature > 0, "temperature", f"must be > 0 (sampling), got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        _check(self.steps_per_generation > 0, "steps_per_generation", f"must be a positive integer, got {self.steps_per_generation}")
+        _check(self.beta >= 0, "beta", f"must be >= 0 (0: no KL term, no reference), got {self.beta}")
+        _check(self.reward_model_weight >= 0, "reward_model_weight", f"must be >= 0, got {self.reward_model_weight}")
+        _check(self.reference != Reference.precomputed, "reference", "precomputed needs a fixed dataset; online RL samples new completions: use auto, separate or adapter_disabled")
+        if self.reward_weights is not None:
+            _check(len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+                   f"has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs")
+
+
+@dataclass
+class GRPOConfig(OnlineRLConfig):
+    num_generations: int  # K completions per prompt, the group of the group baseline
+    num_iterations: int  # mu: optimisation passes over each rollout batch
+    epsilon: float  # clip range of the ratio
+    epsilon_high: float | None  # separate upper clip (DAPO's clip-higher); null: epsilon
+    advantage: Advantage
+    loss_aggregation: LossAggregation
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.num_generations >= 2, "num_generations", f"must be at least 2 (a group needs a baseline), got {self.num_generations}")
+        _check(self.num_iterations > 0, "num_iterations", f"must be a positive integer, got {self.num_iterations}")
+        _check(self.epsilon > 0, "epsilon", f"must be > 0, got {self.epsilon}")
+        if self.epsilon_high is not None:
+            _check(self.epsilon_high >= self.epsilon, "epsilon_high", f"must be >= epsilon ({self.epsilon}), got {self.epsilon_high}")
+        step = self.batch_size * self.grad_accum
+        _check(step % self.num_generations == 0, "batch_size",
+               f"batch_size x grad_accum ({step}) must be a multiple of num_generations ({self.num_generations}): whole groups per step")
+
+
+@dataclass
+class PPOConfig(OnlineRLConfig):
+    num_ppo_epochs: int  # passes over each rollout batch
+    cliprange: float  # clip range of the policy ratio
+    cliprange_value: float  # clip range of the value update
+    vf_coef: float  # weight of the value loss
+    gamma: float  # discount
+    lam: float  # GAE lambda
+    kl_target: float | None  # adaptive KL controller target (null: fixed beta)
+    kl_horizon: int  # adaptive controller horizon, in completions
+    missing_eos_penalty: float | None  # subtracted from the score of a completion that never ends
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.num_ppo_epochs > 0, "num_ppo_epochs", f"must be a positive integer, got {self.num_ppo_epochs}")
+        _check(self.cliprange > 0, "cliprange", f"must be > 0, got {self.cliprange}")
+        _check(self.cliprange_value > 0, "cliprange_value", f"must be > 0, got {self.cliprange_value}")
+        _check(self.vf_coef > 0, "vf_coef", f"must be > 0, got {self.vf_coef}")
+        _check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        if self.kl_target is not None:
+            _check(self.kl_target > 0, "kl_target", f"must be > 0 or null (fixed beta), got {self.kl_target}")
+            _check(self.beta > 0, "beta", "the adaptive KL controller needs a starting beta > 0")
+        _check(self.kl_horizon > 0, "kl_horizon", f"must be a positive integer, got {self.kl_horizon}")
+
+
+RECIPE_SCHEMAS: dict[str, type] = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
+}
 
 
 # --------------------------------------------------------------------------------------- whole

@@ -163,3 +163,157 @@ def kto_loss(
         undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
     )
     return losses, {"rewards": beta * ratio.detach()}
+
+
+# ------------------------------------------------------------------------------------ online RL
+# Per-token tensors below are (B, T) with a 0/1 `mask` marking completion tokens; the masked
+# positions may hold anything (they are multiplied out).
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL").
+
+    With d = log pi_ref - log pi at the sampled token: ``k1`` = -d (unbiased, can be negative),
+    ``k2`` = d^2 / 2 (biased, low variance), ``k3`` = exp(d) - d - 1 (unbiased and always >= 0;
+    what GRPO uses, DeepSeekMath eq. 4).
+    """
+    d = ref_logps - logps
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: k1, k2, k3")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo", eps: float = 1e-4) -> torch.Tensor:
+    """Advantages of N = prompts x K completions, K consecutive completions per prompt.
+
+    - ``grpo`` (DeepSeekMath, Shao et al. 2024, eq. 3 outcome supervision): (r - mean_group) / (std_group + eps).
+    - ``dr_grpo`` (Liu et al. 2025, "Understanding R1-Zero-like training"): r - mean_group; dividing
+      by the std over-weights prompts that are almost always right or almost always wrong.
+    - ``rloo`` (Ahmadian et al. 2024): r minus the mean of the *other* K - 1 completions.
+    - ``reinforce``: plain REINFORCE with one baseline, the mean reward of the whole batch.
+
+    Args:
+        rewards: (N,) one scalar per completion; N must be a multiple of `group_size`.
+
+    Returns:
+        (N,) advantages, without gradient.
+    """
+    rewards = rewards.detach().float()
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    if estimator == "grpo":
+        std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        return ((groups - mean) / (std + eps)).view(-1)
+    if estimator == "dr_grpo":
+        return (groups - mean).view(-1)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 completions per prompt")
+        others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).view(-1)
+    if estimator == "reinforce":
+        return rewards - rewards.mean()
+    raise ValueError(f"unknown advantage estimator {estimator!r}; valid: grpo, dr_grpo, rloo, reinforce")
+
+
+def clipped_surrogate(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A), rho = pi / pi_old
+    (Schulman et al. 2017, eq. 7; a separate upper bound eps_high as in DAPO, Yu et al. 2025).
+
+    Args:
+        logps, old_logps: (B, T) log-probs of the sampled tokens now and at sampling time.
+        advantages: (B, T), or (B,) for one advantage per sequence.
+
+    Returns:
+        (B, T) losses and (B, T) bool: where the clipped term was the one taken (the clip fraction).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = torch.exp(logps - old_logps)
+    upper = 1 + (epsilon if epsilon_high is None else epsilon_high)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon, upper) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, level: str, num_items: int | torch.Tensor) -> torch.Tensor:
+    """A micro-batch's share of the step mean of a per-token quantity.
+
+    ``token`` (DAPO): every token of the step weighs the same; `num_items` = completion tokens in the step.
+    ``sequence`` (the original GRPO): mean over each completion's tokens, then over completions;
+    `num_items` = completions in the step.
+    """
+    mask = mask.to(per_token.dtype)
+    if level == "token":
+        return (per_token * mask).sum() / num_items
+    if level == "sequence":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_items
+    raise ValueError(f"unknown loss aggregation {level!r}; valid: token, sequence")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the masked positions only (mean kept when shift_mean is false)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over each completion's tokens.
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V(s_t).
+    The value after a completion's last token is 0 (the episode ends), whichever side it is padded on.
+
+    Args:
+        rewards, values, mask: (B, T).
+
+    Returns:
+        (B, T) advantages and returns, without gradient (zero where mask is 0).
+    """
+    rewards, values, mask = rewards.detach(), values.detach(), mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        following = mask[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(running)
+        next_value = values[:, t + 1] * following if t + 1 < values.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running * following
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2) (the PPO2 value loss) and where clipping bit."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    plain_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(plain_error, clipped_error), (clipped_error > plain_error).detach()
+
+
+def score_to_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """PPO's per-token rewards (Ziegler et al. 2019; InstructGPT eq. 2): -beta KL_t at every token and
+    the sequence score added at each completion's last token.
+
+    Args:
+        scores: (B,) sequence rewards; kl: (B, T) per-token KL estimates; mask: (B, T).
+    """
+    mask = mask.to(kl.dtype)
+    rewards = -kl_coef * kl.detach() * mask
+    # Index of the last completion token of each row, whichever side the row is padded on.
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    last = (positions * mask).argmax(-1)
+    return rewards.scatter_add(1, last.unsqueeze(-1), scores.detach().to(kl.dtype).unsqueeze(-1))

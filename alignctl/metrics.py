@@ -25,7 +25,7 @@ from rich.table import Table
 
 console = Console(stderr=False, highlight=False)
 # Shown on the progress bar, in this order, when present.
-PROGRESS_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "kl", "learning_rate", "tokens_per_second")
+PROGRESS_KEYS = ("loss", "reward", "objective/scores", "objective/kl", "rewards/accuracies", "rewards/margins", "accuracy", "learning_rate", "tokens_per_second")
 
 
 def _fmt(value: Any) -> str:

@@ -42,14 +42,20 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each row's response under `model`, and the response lengths.
+def response_token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of each row's response under `model`, over the last W positions.
 
     Args:
         batch: from `left_padded_batch` (on the model's device).
+        temperature: logits are divided by it first, so that log-probs match the sampling
+            distribution of a rollout drawn at that temperature.
+        with_entropy: also return the entropy of the next-token distribution at each position.
 
     Returns:
-        (B,) sum of log p(response token), (B,) number of response tokens.
+        (B, W) log p(token), zero outside the response; (B, W) response mask (W = longest response);
+        (B, W) entropies or None.
     """
     mask = batch["response_mask"]
     width = int(mask.sum(-1).max())
@@ -62,7 +68,42 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     ).logits
     # Logits at position t score the token at t + 1: the first kept position predicts the first
     # response token of the longest row; the last kept position predicts nothing.
+    logits = logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = batch["input_ids"][:, -width:]
-    keep = mask[:, -width:].to(logits.dtype)
-    per_token = token_logps(logits[:, :-1], targets) * keep
+    keep = mask[:, -width:].to(torch.float32)
+    per_token = token_logps(logits, targets) * keep
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1) * keep
+    return per_token, keep, entropy
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's response under `model`, and the response lengths: (B,), (B,)."""
+    per_token, keep, _ = response_token_logps(model, batch)
     return per_token.sum(-1), keep.sum(-1)
+
+
+def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token values V(s_t) of a scalar-head model (a sequence classifier, peft-wrapped or not).
+
+    The state before response token t is the prefix ending at position t - 1, so values are read
+    where the logits that predict the token are: the W positions before the last one.
+
+    Returns:
+        (B, W) float32 values, aligned with `response_token_logps` (W = longest response).
+    """
+    # The classifier's own forward pools one position; run its backbone and head on every position.
+    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    width = int(batch["response_mask"].sum(-1).max())
+    hidden = getattr(base, base.base_model_prefix)(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()

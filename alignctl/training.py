@@ -126,15 +126,18 @@ def train_and_finish(
     step_fn: Callable,
     hardware: HardwareConfig,
     shown: tuple[str, ...],
+    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Run the shared loop with checkpointing, record failure or success in lineage.json, print the summary."""
+    """Run the shared loop with checkpointing, record failure or success in lineage.json, print the summary.
+
+    `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL coefficient)."""
     from alignctl.loop import (  # the loop imports metrics; keep this module's import light
         LoopContext,
         train_loop,
     )
 
     meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
-    save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, lambda: {"data": stream.state_dict()}, meta, recipe.keep_last)
+    save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, lambda: {"data": stream.state_dict(), **(extra_state() if extra_state else {})}, meta, recipe.keep_last)
     device_type = next(model.parameters()).device.type
     ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, hardware.autocast, device_type)
     try:

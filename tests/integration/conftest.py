@@ -92,3 +92,17 @@ def alignctl(tmp_path) -> Callable[..., CliResult]:
         return run_process([sys.executable, "-m", "alignctl", *args], cwd=cwd or tmp_path, timeout=timeout)
 
     return run
+
+
+SFT_STEPS = 600  # the recipe default
+
+
+@pytest.fixture(scope="session")
+def learned_sft_run(tmp_path_factory) -> tuple[Path, CliResult]:
+    """One default SFT run on the built-in task (about a minute), shared by the tests that need a
+    policy that already half-knows the task: the SFT learning test and the RL stages built on it."""
+    run_dir = tmp_path_factory.mktemp("learned") / "sft"
+    args = ["train", "recipe=sft", f"recipe.max_steps={SFT_STEPS}", "recipe.eval_every=0", "data.eval_limit=500", f"hydra.run.dir={run_dir}"]
+    # This run is about learning, not about sharing the CPU: let torch use both cores.
+    result = run_process([sys.executable, "-m", "alignctl", *args], cwd=run_dir.parent, env={"OMP_NUM_THREADS": "2"})
+    return run_dir, result

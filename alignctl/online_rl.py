@@ -1,0 +1,111 @@
+"""What the online RL stages (grpo, ppo) share around the rollout: prompts, reward sources, rollout
+statistics, evaluation by greedy decoding, and the table of sample completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from datasets import Dataset
+from rich.table import Table
+
+from alignctl import data as data_lib
+from alignctl.config import OnlineRLConfig, RunConfig
+from alignctl.encode import encode_prompt, encode_rows, fit_prompt
+from alignctl.errors import DataError
+from alignctl.evaluate import generate
+from alignctl.models import load_reward_model, load_tokenizer, model_path
+from alignctl.reference import check_same_tokenizer
+from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
+from alignctl.rollout import Completions
+
+PROMPT_COLUMNS = ("prompt", "prompt_ids")
+
+
+def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: RunConfig, where: str, prompts_per_rollout: int) -> Dataset:
+    """Add ``prompt_ids``, keeping every column (reward functions receive them); a DataError when
+    fewer prompts than one rollout needs remain."""
+    budget = recipe.max_length - recipe.max_new_tokens
+
+    def encode(row: dict, index: int) -> dict | None:
+        ids = encode_prompt(tokenizer, row["prompt"])
+        if len(ids) > budget and cfg.data.overlong.value == "error":
+            raise DataError(
+                f"{where}: row {index}: the prompt is {len(ids)} tokens, and recipe.max_length ({recipe.max_length}) minus "
+                f"recipe.max_new_tokens ({recipe.max_new_tokens}) leaves {budget}; raise recipe.max_length or set data.overlong=drop or truncate"
+            )
+        ids = fit_prompt(ids, budget + 1, cfg.data.overlong.value, where)
+        return None if ids is None else {**row, "prompt_ids": ids}
+
+    empty = {name: None for name in dataset.column_names} | {"prompt_ids": []}
+    return encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length, minimum=prompts_per_rollout)
+
+
+def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, device: torch.device) -> tuple[list[RewardSource], str | None]:
+    """The configured reward functions, plus the reward model of inputs.reward; and that model's path."""
+    sources = function_sources(list(recipe.reward_funcs), list(recipe.reward_weights) if recipe.reward_weights is not None else None)
+    reward_path = None
+    if cfg.inputs.get("reward"):
+        reward_path = model_path(cfg.model, cfg.inputs["reward"])
+        tokenizer = load_tokenizer(reward_path, cfg.model)
+        check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
+        scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
+        sources.append(model_source(scorer, tokenizer, recipe.max_length + 1, recipe.eval_batch_size, recipe.reward_model_weight))
+    if not sources:
+        raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
+    return sources, reward_path
+
+
+def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
+    """A batch's extra columns (not prompt or prompt ids), each value repeated for the K completions of its prompt."""
+    return {name: [v for v in values for _ in range(times)] for name, values in rows.items() if name not in PROMPT_COLUMNS}
+
+
+def score(sources: Sequence[RewardSource], prompts: list, texts: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    started = time.perf_counter()
+    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    return total, per_source, time.perf_counter() - started
+
+
+def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], completions: Completions, group_size: int) -> dict[str, float]:
+    """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio."""
+    lengths = torch.tensor([len(c) for c in completions.completion_ids], dtype=torch.float32)
+    metrics = {
+        "reward": float(total.mean()),
+        "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "completions/mean_length": float(lengths.mean()),
+        "completions/clipped_ratio": sum(completions.truncated) / len(completions.truncated),
+    }
+    if group_size > 1:
+        metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
+    metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
+    return metrics
+
+
+def evaluate_greedy(
+    policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig
+) -> dict[str, float]:
+    """Greedy completions of the eval prompts: eval_reward (weighted sum), each source's mean and,
+    on a built-in task, eval_exact_match."""
+    if not eval_rows:
+        return {}
+    prompts = [row["prompt"] for row in eval_rows]
+    texts = generate(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
+    columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
+    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
+    task = data_lib.builtin_task(cfg.data.path)
+    if task is not None:
+        result["eval_exact_match"] = sum(task.verify(t, row["answer"]) for t, row in zip(texts, eval_rows)) / len(eval_rows)
+    return result
+
+
+def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Tensor, count: int = 6) -> Table:
+    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold")
+    table.add_column("prompt")
+    table.add_column("completion")
+    table.add_column("reward", justify="right")
+    for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
+        table.add_row(str(prompt)[-60:], repr(text)[:60], f"{reward:.3f}")
+    return table

@@ -1,0 +1,151 @@
+"""Rewards for online RL: a trained reward model and plain Python functions, combined with weights.
+
+A reward function is any callable named by dotted path in ``recipe.reward_funcs`` (the only way
+user code enters a run). It is called as TRL calls its reward functions::
+
+    fn(prompts=[...], completions=[...], **columns) -> list[float]   # one number per completion
+
+where ``columns`` holds the dataset's other columns (``answer`` for the built-in task), one value
+per completion. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
+Hydra builds a partial with the extra keyword arguments, so one function serves several settings.
+The built-ins below cover the built-in task: the verifier, a format check and a length penalty.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignctl.errors import UserError
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardError(UserError):
+    """A reward function that cannot be loaded or that returned something unusable."""
+
+
+# ------------------------------------------------------------------------------------ built-ins
+def task_verifier(prompts: Sequence, completions: Sequence[str], answer: Sequence[str], **_: Any) -> list[float]:
+    """1.0 when the completion's first line is exactly the row's ``answer``, else 0.0."""
+    from alignctl.tasks.arithmetic import verify
+
+    return [float(verify(c, a)) for c, a in zip(completions, answer)]
+
+
+def format_check(prompts: Sequence, completions: Sequence[str], pattern: str = r"\d+", **_: Any) -> list[float]:
+    """1.0 when the whole completion is one line matching `pattern` (default: digits only), else 0.0."""
+    compiled = re.compile(pattern)
+    return [float(compiled.fullmatch(c.strip()) is not None and "\n" not in c.strip()) for c in completions]
+
+
+def length_penalty(prompts: Sequence, completions: Sequence[str], max_chars: int = 8, **_: Any) -> list[float]:
+    """-(characters beyond max_chars) / max_chars: 0 for short enough completions, more negative as they ramble."""
+    return [-max(0, len(c) - max_chars) / max_chars for c in completions]
+
+
+# -------------------------------------------------------------------------------------- sources
+@dataclass
+class RewardSource:
+    name: str
+    weight: float
+    score: Callable[[list, list[str], dict[str, list]], torch.Tensor]  # prompts, completions, columns -> (N,)
+
+
+def _import(dotted: str, where: str) -> Callable:
+    module_name, _, attribute = dotted.replace(":", ".").rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise RewardError(f"{where}: cannot import {dotted!r} ({type(err).__name__}: {err}); give module.function, e.g. alignctl.rewards.task_verifier") from None
+    if not callable(function):
+        raise RewardError(f"{where}: {dotted!r} is not callable")
+    return function
+
+
+def _build(entry: Any, where: str) -> tuple[str, Callable, float | None]:
+    """(name, callable, weight or None) from a dotted path or a {_target_, weight, **kwargs} mapping."""
+    if isinstance(entry, str):
+        return entry, _import(entry, where), None
+    if isinstance(entry, dict) and isinstance(entry.get("_target_"), str):
+        options = {k: v for k, v in entry.items() if k not in ("_target_", "weight")}
+        function = _import(entry["_target_"], where)
+        if options:
+            from hydra.utils import instantiate
+
+            function = instantiate({"_target_": entry["_target_"], **options}, _partial_=True)
+        return entry["_target_"], function, entry.get("weight")
+    raise RewardError(f"{where}: expected a dotted path or {{_target_: path, weight: w, ...}}, got {entry!r}")
+
+
+def _checked(name: str, function: RewardFn) -> Callable[[list, list[str], dict[str, list]], torch.Tensor]:
+    def score(prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+        try:
+            values = function(prompts=prompts, completions=completions, **columns)
+        except Exception as err:  # user code: any failure is reported with the function's name
+            raise RewardError(f"reward function {name} raised {type(err).__name__}: {err}") from None
+        if isinstance(values, Iterable) and not isinstance(values, str | bytes):
+            values = list(values)
+        if not isinstance(values, list) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, list) else repr(values)[:60]
+            raise RewardError(f"reward function {name} must return one number per completion ({len(completions)}), got {got}")
+        for value in values:  # bools count as 0/1
+            if not isinstance(value, numbers.Real | np.bool_) or not math.isfinite(value):
+                raise RewardError(f"reward function {name} returned {value!r}; every reward must be a finite number")
+        return torch.tensor([float(v) for v in values])
+
+    return score
+
+
+def function_sources(entries: Sequence[Any], weights: Sequence[float] | None) -> list[RewardSource]:
+    """Reward sources from recipe.reward_funcs (and recipe.reward_weights, which must match in length)."""
+    if weights is not None and len(weights) != len(entries):
+        raise RewardError(f"recipe.reward_weights has {len(weights)} values for {len(entries)} reward functions")
+    sources: list[RewardSource] = []
+    for i, entry in enumerate(entries):
+        path, function, weight = _build(entry, f"recipe.reward_funcs[{i}]")
+        weight = weights[i] if weights is not None else (1.0 if weight is None else float(weight))
+        # Metrics are named by the function; one function used twice (two settings), or two
+        # modules' functions of the same name, get a numbered name each so none overwrites another.
+        name, taken = path.rsplit(".", 1)[-1], {s.name for s in sources}
+        if name in taken:
+            name = next(f"{name}_{n}" for n in range(2, len(entries) + 2) if f"{name}_{n}" not in taken)
+        sources.append(RewardSource(name, float(weight), _checked(path, function)))
+    return sources
+
+
+def model_source(scorer: torch.nn.Module, tokenizer, max_length: int, batch_size: int, weight: float) -> RewardSource:
+    """A reward model (from recipe=reward) as a source: it reads prompt + completion + EOS, the way it was trained."""
+    from alignctl.batching import pad
+    from alignctl.encode import encode_completion, encode_prompt
+
+    device = next(scorer.parameters()).device
+
+    @torch.no_grad()
+    def score(prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+        scorer.eval()
+        sequences = [(encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, c))[-max_length:] for p, c in zip(prompts, completions)]
+        out = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            input_ids = pad(chunk, tokenizer.pad_token_id).to(device)
+            attention_mask = pad([[1] * len(s) for s in chunk], 0).to(device)
+            out.append(scorer(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float().cpu())
+        return torch.cat(out)
+
+    return RewardSource("reward_model", weight, score)
+
+
+def combined_rewards(sources: Sequence[RewardSource], prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of every source's rewards (N,), and each source's own rewards by name."""
+    per_source = {source.name: source.score(prompts, completions, columns) for source in sources}
+    total = sum(source.weight * per_source[source.name] for source in sources)
+    return total, per_source

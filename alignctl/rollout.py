@@ -1,0 +1,135 @@
+"""Rollouts for online RL, shared by PPO and GRPO: sample completions, then turn them into training batches.
+
+Sampling goes through ``model.generate`` (KV cache, temperature / top-p / top-k, stop at EOS) on
+left-padded prompts; the K completions of a prompt come out next to each other in one call
+(``num_return_sequences``), which is what group baselines need. A completion keeps its EOS (ending
+is an action the policy takes) and loses everything after it; one that never ends is *truncated*.
+
+Per-token quantities of a rollout (log-probs at sampling time, reference log-probs, values) are
+computed once, without gradient, in chunks, and kept per completion as 1-D tensors. A minibatch is
+then any subset of completions: `training_batch` left-pads them again, so each row's completion
+ends at the last position and the per-token tensors line up with ``ops.response_token_logps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignctl.batching import pad
+from alignctl.ops import left_padded_batch
+
+
+@dataclass
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int  # 0: off
+    max_new_tokens: int
+
+
+@dataclass
+class Completions:
+    prompt_ids: list[list[int]]  # one per completion (a prompt's K completions repeat its ids)
+    completion_ids: list[list[int]]  # each ends with EOS unless truncated
+    truncated: list[bool]  # no EOS within max_new_tokens
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[list[int]],
+    num_generations: int,
+    sampling: Sampling,
+    pad_id: int,
+    eos_id: int,
+) -> Completions:
+    """`num_generations` sampled completions per prompt, the K of a prompt consecutive."""
+    model.eval()
+    device = next(model.parameters()).device
+    input_ids = pad(prompt_ids, pad_id, side="left").to(device)
+    attention_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,  # passed even when 0: a model's generation_config may set its own default
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=num_generations,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        use_cache=True,
+    )
+    completion_ids, truncated = [], []
+    for tokens in output[:, input_ids.size(1) :].tolist():
+        if eos_id in tokens:
+            completion_ids.append(tokens[: tokens.index(eos_id) + 1])
+            truncated.append(False)
+        else:
+            completion_ids.append(tokens)
+            truncated.append(True)
+    repeated_prompts = [list(p) for p in prompt_ids for _ in range(num_generations)]
+    return Completions(repeated_prompts, completion_ids, truncated)
+
+
+def right_aligned(values: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack 1-D per-completion tensors into (B, width), each ending at the last column (zeros before)."""
+    out = torch.zeros(len(values), width, dtype=values[0].dtype if values else torch.float32)
+    for row, value in enumerate(values):
+        if len(value):
+            out[row, -len(value) :] = value
+    return out
+
+
+def training_batch(completions: Completions, indices: Sequence[int], pad_id: int, device: torch.device, per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor]) -> dict:
+    """A left-padded batch of the chosen completions with their stored quantities.
+
+    `per_token` values become (B, W) tensors aligned with the response mask's last W columns;
+    `per_sequence` values are indexed to (B,).
+    """
+    prompts = [completions.prompt_ids[i] for i in indices]
+    responses = [completions.completion_ids[i] for i in indices]
+    batch = {k: v.to(device) for k, v in left_padded_batch(prompts, responses, pad_id).items()}
+    width = max(len(r) for r in responses)
+    for name, values in per_token.items():
+        batch[name] = right_aligned([values[i] for i in indices], width).to(device)
+    for name, values in per_sequence.items():
+        batch[name] = values[list(indices)].to(device)
+    batch["num_tokens"] = int(batch["attention_mask"].sum())
+    return batch
+
+
+@torch.no_grad()
+def per_token_values(
+    compute: Callable[[dict], torch.Tensor], completions: Completions, pad_id: int, device: torch.device, batch_size: int
+) -> list[torch.Tensor]:
+    """`compute(batch) -> (B, W)` over the whole rollout in chunks, split back into one 1-D tensor per completion."""
+    out: list[torch.Tensor] = []
+    total = len(completions.completion_ids)
+    for start in range(0, total, batch_size):
+        indices = range(start, min(start + batch_size, total))
+        values = compute(training_batch(completions, indices, pad_id, device, {}, {})).float().cpu()
+        for row, i in enumerate(indices):
+            length = len(completions.completion_ids[i])
+            out.append(values[row, values.size(1) - length :].clone())
+    return out
+
+
+def plan_steps(num_completions: int, steps_per_generation: int, grad_accum: int, passes: int, generator: torch.Generator) -> list[list[list[int]]]:
+    """The optimiser steps one rollout feeds: `passes` shuffled passes over its completions, each cut
+    into `steps_per_generation` steps of `grad_accum` micro-batches (lists of completion indices)."""
+    if num_completions % (steps_per_generation * grad_accum):
+        raise ValueError(f"{num_completions} completions do not split into {steps_per_generation} steps x {grad_accum} micro-batches")
+    steps = []
+    for _ in range(passes):
+        order = torch.randperm(num_completions, generator=generator).tolist()
+        per_step = num_completions // steps_per_generation
+        for s in range(steps_per_generation):
+            chunk = order[s * per_step : (s + 1) * per_step]
+            per_micro = len(chunk) // grad_accum
+            steps.append([chunk[m * per_micro : (m + 1) * per_micro] for m in range(grad_accum)])
+    return steps

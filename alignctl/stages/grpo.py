@@ -1,0 +1,154 @@
+"""GRPO: group-relative policy optimisation, online RL without a value model.
+
+Trains: a causal LM (full weights, or a LoRA adapter).
+Needs: prompt rows (standard or conversational) plus whatever columns the reward functions read
+(the built-in task's ``rl`` split: prompt/answer). Rewards: ``recipe.reward_funcs`` and/or a reward
+model (``inputs.reward=<reward run dir>``), combined with weights.
+Starts from: ``inputs.policy=<SFT run dir>`` or ``model``.
+Reference: only when ``recipe.beta`` > 0 (``recipe.reference``, see alignctl/reference.py).
+Each rollout: P prompts x K completions sampled with a KV cache (alignctl/rollout.py), scored,
+advantages from the group of each prompt (``recipe.advantage``), then ``num_iterations`` passes
+of ``steps_per_generation`` optimiser steps of the clipped surrogate + beta KL(k3) per token.
+Writes: checkpoint/, metrics.jsonl (reward, reward_std, rewards/<fn>/mean, objective/kl,
+objective/entropy, policy/clipfrac, completions/*, time/*), eval.json, lineage.json.
+Evaluates: greedy completions of the eval prompts (eval_reward, and eval_exact_match on a built-in task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl import data as data_lib
+from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.batching import BatchStream
+from alignctl.config import GRPOConfig, Reference, RunConfig
+from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
+from alignctl.metrics import MetricsLogger
+from alignctl.models import device_of, load_tokenizer, model_path
+from alignctl.online_rl import (
+    encode_prompts,
+    evaluate_greedy,
+    repeat_columns,
+    reward_sources,
+    rollout_metrics,
+    samples_table,
+    score,
+)
+from alignctl.ops import response_token_logps
+from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
+from alignctl.registry import register_stage
+from alignctl.rollout import Sampling, per_token_values, plan_steps, sample, training_batch
+from alignctl.rundir import RunDir
+from alignctl.training import (
+    build_optimizer,
+    build_scheduler,
+    configure_torch,
+    seed_everything,
+    train_and_finish,
+)
+
+
+@register_stage("grpo")
+def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
+    recipe: GRPOConfig = cfg.recipe
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    device = device_of(cfg.hardware)
+    # beta = 0: no KL term, so no reference model is loaded at all, whatever recipe.reference says.
+    mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
+
+    train_raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    K = recipe.num_generations
+    completions_per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
+    train_set = encode_prompts(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", completions_per_rollout // K)
+    eval_rows = eval_raw.to_list() if eval_raw is not None else None
+    sources, _ = reward_sources(cfg, recipe, tokenizer, device)
+
+    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
+    policy = apply_adapter(policy, cfg.adapter)
+    trainable, total = parameter_counts(policy)
+    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False)
+    optimizer = build_optimizer(policy, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    parents = {role: cfg.inputs[role] for role in ("policy", "reward", "reference") if cfg.inputs.get(role)}
+    run = RunDir(run_dir, raw, "grpo", parents, data_fingerprint=train_raw._fingerprint)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    logger.note(
+        f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "
+        f"{recipe.advantage.value} advantages, beta {recipe.beta} (reference {mode.value}), rewards "
+        + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
+        + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
+    )
+    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens)
+    pending: deque[list[dict]] = deque()  # the optimiser steps left from the current rollout
+    rollouts = 0
+
+    def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return response_token_logps(model, batch, recipe.temperature)[0]
+
+    def new_rollout() -> None:
+        nonlocal rollouts
+        rows = train_set[next(stream)]
+        started = time.perf_counter()
+        completions = sample(policy, rows["prompt_ids"], K, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        generation_seconds = time.perf_counter() - started
+        texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+        prompts = [p for p in rows["prompt"] for _ in range(K)]
+        rewards, per_source, scoring_seconds = score(sources, prompts, texts, repeat_columns(rows, K))
+        per_token, per_sequence = {}, {"advantages": group_advantages(rewards, K, recipe.advantage.value)}
+        started = time.perf_counter()
+        if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
+            policy.eval()
+            per_token["old_logps"] = per_token_values(lambda b: token_logps(policy, b), completions, tokenizer.pad_token_id, device, recipe.batch_size)
+        if recipe.beta > 0:
+            per_token["ref_logps"] = per_token_values(lambda b: reference_logps(mode, policy, reference, b, token_logps), completions,
+                                                      tokenizer.pad_token_id, device, recipe.batch_size)
+        stats = rollout_metrics(rewards, per_source, completions, K)
+        times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "time/reference": time.perf_counter() - started}
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rollouts)
+        for n, step in enumerate(plan_steps(len(texts), recipe.steps_per_generation, recipe.grad_accum, recipe.num_iterations, generator)):
+            micro = [training_batch(completions, indices, tokenizer.pad_token_id, device, per_token, per_sequence) for indices in step]
+            micro[0]["rollout_metrics"] = stats | (times if n == 0 else {})
+            pending.append(micro)
+        rollouts += 1
+        if cfg.logger.samples_every and (rollouts - 1) % cfg.logger.samples_every == 0:
+            logger.note(samples_table(rollouts, prompts, texts, rewards))
+
+    def next_step() -> list[dict]:
+        if not pending:
+            new_rollout()
+        micro = pending.popleft()
+        for batch in micro:  # token-level aggregation normalises by the step's completion tokens
+            batch["num_items"] = int(batch["response_mask"].sum()) if recipe.loss_aggregation.value == "token" else batch["input_ids"].size(0)
+        return micro
+
+    def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        per_token, clipped = clipped_surrogate(logps, old, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
+        level = recipe.loss_aggregation.value
+        metrics = {"objective/entropy": aggregate(entropy, mask, level, num_items), "policy/clipfrac": aggregate(clipped.float(), mask, level, num_items)}
+        if recipe.beta > 0:
+            kl = kl_penalty(logps, batch["ref_logps"], "k3")
+            per_token = per_token + recipe.beta * kl
+            metrics["objective/kl"] = aggregate(kl.detach(), mask, level, num_items)
+        metrics |= {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+        return aggregate(per_token, mask, level, num_items), metrics
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
+        if result:
+            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
+                            cfg.hardware, shown=("loss", "reward", "objective/kl", "completions/mean_length"))

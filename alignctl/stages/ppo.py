@@ -1,0 +1,215 @@
+"""PPO: the RLHF third step, a policy and a value model optimised on sampled completions.
+
+Trains: a causal LM policy and a scalar-head value model (full weights, or a LoRA adapter on each).
+Needs: prompt rows (the built-in task's ``rl`` split) and a reward: a reward model
+(``inputs.reward=<reward run dir>``) and/or ``recipe.reward_funcs``.
+Starts from: ``inputs.policy=<SFT run dir>`` or ``model``; the value model from ``inputs.init``,
+else the reward model (as InstructGPT does), else the policy's backbone with a fresh head.
+Reference: the starting policy (``recipe.reference``), loaded only when ``recipe.beta`` > 0.
+Each rollout: one completion per prompt, scored once at its end; per-token rewards
+-beta (log pi - log pi_ref) plus the score on the last token (adaptive beta with ``recipe.kl_target``);
+GAE advantages (whitened) and returns from the value model; then ``num_ppo_epochs`` passes of
+``steps_per_generation`` optimiser steps of the clipped surrogate + vf_coef x clipped value loss.
+Writes: checkpoint/ (the policy, a plain causal LM; the value model in checkpoint/value_model/),
+metrics.jsonl (TRL's objective/*, policy/*, loss/*, val/* names), eval.json, lineage.json.
+Evaluates: greedy completions of the eval prompts (eval_reward, and eval_exact_match on a built-in task).
+Adapters: with LoRA, policy and value each get their own adapter over their own frozen base (a
+shared base needs the value model to start from the policy and is not done yet).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl import data as data_lib
+from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.batching import BatchStream
+from alignctl.config import PPOConfig, Reference, RunConfig
+from alignctl.losses import (
+    aggregate,
+    clipped_surrogate,
+    clipped_value_loss,
+    gae,
+    masked_whiten,
+    score_to_token_rewards,
+)
+from alignctl.metrics import MetricsLogger
+from alignctl.models import device_of, load_reward_model, load_tokenizer, model_path
+from alignctl.online_rl import (
+    encode_prompts,
+    evaluate_greedy,
+    repeat_columns,
+    reward_sources,
+    rollout_metrics,
+    samples_table,
+    score,
+)
+from alignctl.ops import response_token_logps, response_values
+from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
+from alignctl.registry import register_stage
+from alignctl.rollout import Sampling, per_token_values, plan_steps, right_aligned, sample, training_batch
+from alignctl.rundir import RunDir
+from alignctl.training import (
+    build_optimizer,
+    build_scheduler,
+    configure_torch,
+    seed_everything,
+    train_and_finish,
+)
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Both trained models as one module, so the shared loop clips, steps and switches modes over both.
+    It saves as the policy (a plain Hugging Face directory) with the value model in value_model/."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def save_pretrained(self, directory: Path, **kwargs) -> None:
+        self.policy.save_pretrained(directory, **kwargs)
+        self.value.save_pretrained(Path(directory) / "value_model", **kwargs)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, eq. 2: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, completions: int) -> None:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + error * completions / self.horizon
+
+
+@register_stage("ppo")
+def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
+    recipe: PPOConfig = cfg.recipe
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    device = device_of(cfg.hardware)
+    mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
+
+    train_raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
+    train_set = encode_prompts(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", per_rollout)
+    eval_rows = eval_raw.to_list() if eval_raw is not None else None
+    sources, reward_path = reward_sources(cfg, recipe, tokenizer, device)
+
+    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
+    policy = apply_adapter(policy, cfg.adapter)
+    value_path = model_path(cfg.model, cfg.inputs.get("init")) if cfg.inputs.get("init") else (reward_path or path)
+    value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id), cfg.adapter, "SEQ_CLS")
+    both = PolicyAndValue(policy, value)
+    trainable, total = parameter_counts(both)
+    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
+    optimizer = build_optimizer(both, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    parents = {role: cfg.inputs[role] for role in ("policy", "reward", "init", "reference") if cfg.inputs.get(role)}
+    run = RunDir(run_dir, raw, "ppo", parents, data_fingerprint=train_raw._fingerprint)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    logger.note(
+        f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"
+        f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model from {value_path}, rewards "
+        + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
+        + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
+    )
+    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens)
+    kl_control = AdaptiveKLController(recipe.beta, recipe.kl_target, recipe.kl_horizon)
+    pending: deque[list[dict]] = deque()
+    rollouts = 0
+
+    def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return response_token_logps(model, batch, recipe.temperature)[0]
+
+    def new_rollout() -> None:
+        nonlocal rollouts
+        rows = train_set[next(stream)]
+        started = time.perf_counter()
+        completions = sample(policy, rows["prompt_ids"], 1, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        generation_seconds = time.perf_counter() - started
+        texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+        scores, per_source, scoring_seconds = score(sources, rows["prompt"], texts, repeat_columns(rows, 1))
+        if recipe.missing_eos_penalty:
+            scores = scores - recipe.missing_eos_penalty * torch.tensor(completions.truncated, dtype=torch.float32)
+        started = time.perf_counter()
+        both.eval()
+        pad_id, size = tokenizer.pad_token_id, recipe.batch_size
+        old_logps = per_token_values(lambda b: token_logps(policy, b), completions, pad_id, device, size)
+        old_values = per_token_values(lambda b: response_values(value, b), completions, pad_id, device, size)
+        ref_logps = old_logps if mode == Reference.none else per_token_values(
+            lambda b: reference_logps(mode, policy, reference, b, token_logps), completions, pad_id, device, size)
+        width = max(len(c) for c in completions.completion_ids)
+        mask = right_aligned([torch.ones(len(c)) for c in completions.completion_ids], width)
+        kl = (right_aligned(old_logps, width) - right_aligned(ref_logps, width)) * mask  # k1 per token, as PPO-RLHF uses
+        token_rewards = score_to_token_rewards(scores, kl, mask, kl_control.beta)
+        advantages, returns = gae(token_rewards, right_aligned(old_values, width), mask, recipe.gamma, recipe.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+        lengths = [len(c) for c in completions.completion_ids]
+        per_token = {
+            "old_logps": old_logps,
+            "old_values": old_values,
+            "advantages": [advantages[i, width - n :] for i, n in enumerate(lengths)],
+            "returns": [returns[i, width - n :] for i, n in enumerate(lengths)],
+        }
+        sequence_kl = kl.sum(-1)
+        stats = rollout_metrics(scores, per_source, completions, 1) | {
+            "objective/kl": float(sequence_kl.mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/non_score_reward": float((-kl_control.beta * sequence_kl).mean()),
+            "objective/rlhf_reward": float((scores - kl_control.beta * sequence_kl).mean()),
+            "beta": kl_control.beta,
+        }
+        times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "time/values": time.perf_counter() - started}
+        kl_control.update(float(sequence_kl.mean()), len(texts))
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rollouts)
+        for n, step in enumerate(plan_steps(len(texts), recipe.steps_per_generation, recipe.grad_accum, recipe.num_ppo_epochs, generator)):
+            micro = [training_batch(completions, indices, pad_id, device, per_token, {}) for indices in step]
+            micro[0]["rollout_metrics"] = stats | (times if n == 0 else {})
+            for batch in micro:
+                batch["num_items"] = int(batch["response_mask"].sum())
+            pending.append(micro)
+        rollouts += 1
+        if cfg.logger.samples_every and (rollouts - 1) % cfg.logger.samples_every == 0:
+            logger.note(samples_table(rollouts, rows["prompt"], texts, scores))
+
+    def next_step() -> list[dict]:
+        if not pending:
+            new_rollout()
+        return pending.popleft()
+
+    def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
+        values = response_values(value, batch)
+        policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)
+        value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], recipe.cliprange_value)
+        metrics = {
+            "loss/policy": aggregate(policy_loss.detach(), mask, "token", num_items),
+            "loss/value": aggregate(value_loss.detach(), mask, "token", num_items),
+            "policy/clipfrac": aggregate(clipped.float(), mask, "token", num_items),
+            "val/clipfrac": aggregate(value_clipped.float(), mask, "token", num_items),
+            "policy/approxkl": aggregate(0.5 * (logps.detach() - batch["old_logps"]) ** 2, mask, "token", num_items),
+            "objective/entropy": aggregate(entropy, mask, "token", num_items),
+        }
+        metrics |= {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+        return aggregate(policy_loss + recipe.vf_coef * value_loss, mask, "token", num_items), metrics
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
+        if result:
+            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    return train_and_finish(run, recipe, both, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
+                            cfg.hardware, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
+                            extra_state=lambda: {"beta": kl_control.beta, "rollouts": rollouts})

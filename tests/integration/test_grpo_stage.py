@@ -1,0 +1,139 @@
+"""recipe=grpo through the real CLI: sampled groups, group-relative advantages, reward functions.
+
+The learning test starts from the shared SFT run (conftest.learned_sft_run, ~65 % exact match) and
+must raise held-out greedy accuracy with the task verifier as the only reward.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+from stage_runs import StageRun
+
+USER_REWARDS = '''
+def scaled_target(prompts, completions, target, scale=1.0, **_):
+    assert len(prompts) == len(completions) == len(target)
+    return [scale * float(t) for t in target]
+
+def raises(prompts, completions, **_):
+    raise RuntimeError("boom")
+
+def too_short(prompts, completions, **_):
+    return [1.0]
+
+def not_a_number(prompts, completions, **_):
+    return ["good"] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def learned(learned_sft_run, run_cmd, tmp_path_factory):
+    sft_dir, sft_result = learned_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    run_dir = tmp_path_factory.mktemp("grpo") / "learn"
+    args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", "recipe.max_steps=30", "recipe.eval_every=0",
+            "data.eval_limit=400", "logger.samples_every=10", f"hydra.run.dir={run_dir}"]
+    result = run_cmd([sys.executable, "-m", "alignctl", *args], cwd=run_dir.parent)
+    return StageRun("learn", run_dir, result), sft_dir
+
+
+def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
+    run, sft_dir = learned
+    run.assert_finished()
+    evals = [r for r in run.records() if "eval_exact_match" in r]
+    before, after = evals[0], evals[-1]
+    assert (before["step"], after["step"]) == (0, 30)
+    assert after["eval_exact_match"] >= before["eval_exact_match"] + 0.05, evals
+    assert json.loads((run.dir / "eval.json").read_text())["eval_exact_match"] == after["eval_exact_match"]
+    lineage = json.loads((run.dir / "lineage.json").read_text())
+    assert lineage["stage"] == "grpo" and lineage["parents"]["policy"]["stage"] == "sft"
+    assert "samples at step 1" in run.flat_output  # logger.samples_every shows a table of completions
+
+
+def test_grpo_logs_rollout_metrics_with_trl_names(learned):
+    run, _ = learned
+    train = run.train_records()
+    assert [r["step"] for r in train] == list(range(1, 31))
+    for record in train:
+        assert 0 <= record["reward"] <= 1 and record["reward"] == record["rewards/task_verifier/mean"]
+        assert record["completions/mean_length"] > 0 and 0 <= record["frac_reward_zero_std"] <= 1
+        assert record["time/generation"] > 0 and record["objective/entropy"] > 0
+        assert "objective/kl" not in record  # beta = 0: no KL term and no reference model
+    mean_reward = sum(r["reward"] for r in train[-10:]) / 10
+    assert mean_reward > sum(r["reward"] for r in train[:10]) / 10, "sampled reward should rise as well"
+
+
+def test_grpo_checkpoint_generates_in_plain_transformers(learned, run_cmd):
+    run, _ = learned
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(run.dir / "checkpoint")!r}
+        model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        out = model.generate(**tok(["123+456="], return_tensors="pt"), max_new_tokens=5, do_sample=False)
+        print(tok.decode(out[0], skip_special_tokens=True))
+        assert "alignctl" not in sys.modules
+    """)
+    result = run_cmd([sys.executable, "-c", script])
+    assert result.returncode == 0 and "123+456=" in result.stdout, result.describe()
+
+
+def test_grpo_with_lora_kl_and_several_passes_per_rollout(alignctl, tmp_path):
+    run_dir = tmp_path / "lora"
+    result = alignctl("train", "recipe=grpo", "adapter=lora", "recipe.beta=0.1", "recipe.num_iterations=2",
+                      "recipe.steps_per_generation=2", "recipe.batch_size=16", "recipe.num_generations=4",
+                      "recipe.max_steps=6", "recipe.lr=1e-2",
+                      # An untrained model never gets an answer right: reward length instead, which varies.
+                      "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 2}]", "recipe.eval_every=0", "data.eval_limit=16", f"hydra.run.dir={run_dir}")
+    run = StageRun("lora", run_dir, result)
+    run.assert_finished()
+    assert "reference adapter_disabled" in run.flat_output
+    train = run.train_records()
+    # One rollout feeds 2 passes x 2 steps: generation time is spent on steps 1 and 5 only.
+    assert [r["time/generation"] > 0 for r in train if "time/generation" in r] == [True, True]
+    assert [r["step"] for r in train if "time/generation" in r] == [1, 5]
+    # A fresh LoRA adapter (B = 0) is the reference exactly, so the first step's KL is zero; training moves it.
+    assert train[0]["objective/kl"] == 0.0
+    assert max(r["objective/kl"] for r in train) > 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "checkpoint" / "adapter_model.safetensors"))
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
+
+
+def test_user_reward_function_gets_columns_kwargs_and_weight(alignctl, tmp_path):
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i:03d}+001=", "target": 0.5}) + "\n" for i in range(40)))
+    run_dir = tmp_path / "custom"
+    result = alignctl("train", "recipe=grpo", "data=hf", f"data.path={data}", "data.eval_split=null",
+                      "recipe.reward_funcs=[{_target_: user_rewards.scaled_target, weight: 2.0, scale: 3.0}]",
+                      "recipe.max_steps=2", "recipe.batch_size=16", "recipe.num_generations=4", f"hydra.run.dir={run_dir}")
+    run = StageRun("custom", run_dir, result)
+    run.assert_finished()
+    for record in run.train_records():
+        assert record["rewards/scaled_target/mean"] == pytest.approx(1.5)  # scale x target
+        assert record["reward"] == pytest.approx(3.0)  # weight x that
+        assert record["frac_reward_zero_std"] == 1.0  # every completion earned the same
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("user_rewards.raises", "reward function user_rewards.raises raised RuntimeError: boom"),
+        ("user_rewards.too_short", "reward function user_rewards.too_short must return one number per completion"),
+        ("user_rewards.not_a_number", "reward function user_rewards.not_a_number returned 'good'"),
+        ("user_rewards.missing", "cannot import 'user_rewards.missing'"),
+    ],
+)
+def test_bad_reward_function_is_one_line(alignctl, tmp_path, function, message):
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    result = alignctl("train", "recipe=grpo", f"recipe.reward_funcs=[{function}]", "recipe.max_steps=1", "recipe.batch_size=16",
+                      "recipe.num_generations=4", "data.eval_limit=4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in result.output
+    assert len(result.stderr_lines()) == 1 and message in result.stderr, result.describe()

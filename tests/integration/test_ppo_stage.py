@@ -1,0 +1,114 @@
+"""recipe=ppo through the real CLI: policy + value model, reward model or verifier, KL penalty, GAE.
+
+Mechanics run on a reward model trained a few steps from the shared SFT run; the learning test uses
+the task verifier as the reward (cheap and exact) and must raise held-out greedy accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+from stage_runs import StageRun
+
+
+def _train(run_cmd, run_dir, *overrides):
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    result = run_cmd([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    return StageRun(run_dir.name, run_dir, result)
+
+
+@pytest.fixture(scope="module")
+def runs(learned_sft_run, run_cmd, tmp_path_factory):
+    sft_dir, sft_result = learned_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    root = tmp_path_factory.mktemp("ppo")
+    reward = _train(run_cmd, root / "reward", "recipe=reward", f"inputs.init={sft_dir}", "recipe.max_steps=20", "recipe.batch_size=32",
+                    "recipe.eval_every=0", "data.eval_limit=32")
+    reward.assert_finished()
+    small = ["recipe.batch_size=16", "recipe.eval_every=0", "data.eval_limit=32"]
+    out = {
+        "rlhf": _train(run_cmd, root / "rlhf", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
+                       "recipe.max_steps=4", "recipe.steps_per_generation=2", "recipe.num_ppo_epochs=2", *small),
+        "adaptive": _train(run_cmd, root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
+                           "recipe.max_steps=3", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
+                           "recipe.lr=1e-3", *small),
+        "learn": _train(run_cmd, root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
+                        "recipe.max_steps=30", "recipe.eval_every=0", "data.eval_limit=400"),
+    }
+    return out, reward
+
+
+def test_ppo_with_the_verifier_raises_held_out_exact_match(runs):
+    run = runs[0]["learn"]
+    run.assert_finished()
+    evals = [r for r in run.records() if "eval_exact_match" in r]
+    assert (evals[0]["step"], evals[-1]["step"]) == (0, 30)
+    assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.05, evals
+
+
+def test_ppo_from_a_reward_model_logs_trl_metrics_and_records_lineage(runs):
+    out, reward = runs
+    run = out["rlhf"]
+    run.assert_finished()
+    train = run.train_records()
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # One rollout feeds 2 epochs x 2 minibatch steps: steps 1-4 share it, sampled once.
+    assert [("time/generation" in r) for r in train] == [True, False, False, False]
+    for record in train:
+        for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/clipfrac",
+                    "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac", "rewards/reward_model/mean"):
+            assert key in record, (key, record)
+    # The policy is the reference when the first rollout is sampled, so its KL is exactly zero; the first
+    # optimiser step sees ratio 1 everywhere (nothing to clip), and the second epoch has moved away.
+    assert train[0]["objective/kl"] == 0.0 and train[0]["policy/approxkl"] == 0.0 and train[0]["policy/clipfrac"] == 0.0
+    assert train[-1]["policy/approxkl"] > 0
+    lineage = json.loads((run.dir / "lineage.json").read_text())
+    assert set(lineage["parents"]) == {"policy", "reward"} and lineage["parents"]["reward"]["stage"] == "reward"
+    assert "value model from " + str(reward.dir / "checkpoint") in run.flat_output  # InstructGPT: value starts as the RM
+
+
+def test_ppo_checkpoint_is_a_plain_policy_with_the_value_model_beside_it(runs, run_cmd):
+    run = runs[0]["rlhf"]
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        path = {str(run.dir / "checkpoint")!r}
+        policy, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        out = policy.generate(**tok(["123+456="], return_tensors="pt"), max_new_tokens=5, do_sample=False)
+        value = AutoModelForSequenceClassification.from_pretrained(path + "/value_model")
+        assert value.config.num_labels == 1 and torch.isfinite(value(**tok(["123+456=0579</s>"], return_tensors="pt")).logits).all()
+        assert "alignctl" not in sys.modules
+        print(tok.decode(out[0], skip_special_tokens=True))
+    """)
+    result = run_cmd([sys.executable, "-c", script])
+    assert result.returncode == 0 and "123+456=" in result.stdout, result.describe()
+
+
+def test_the_value_model_trains_away_from_the_reward_model(runs):
+    from safetensors.torch import load_file
+
+    out, reward = runs
+    before = load_file(str(reward.dir / "checkpoint" / "model.safetensors"))
+    after = load_file(str(out["rlhf"].dir / "checkpoint" / "value_model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_adaptive_kl_controller_moves_beta(runs):
+    run = runs[0]["adaptive"]
+    run.assert_finished()
+    betas = [r["beta"] for r in run.train_records()]  # the beta each rollout was scored with
+    assert betas[0] == 0.05
+    # Rollout 1 is sampled from the reference itself (KL 0, below target): beta falls by the largest
+    # step, 1 - 0.2 x 16 / 100; once training has moved the policy past the tiny target, it rises.
+    assert betas[1] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100))
+    assert betas[2] > betas[1], betas
+
+
+def test_ppo_without_any_reward_is_one_line(alignctl, tmp_path):
+    result = alignctl("train", "recipe=ppo", "recipe.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.describe()
+    assert result.stderr_lines() == ["alignctl: error: no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>"]
