@@ -17,10 +17,12 @@ $(BIN)/alignctl: pyproject.toml
 
 install: $(BIN)/alignctl
 
-# SFT on the built-in task, then DPO from it; each prints held-out exact-match accuracy before and after.
+# Every stage on the built-in task (recipes/tour.yaml: SFT, then DPO, reward -> PPO and GRPO from it),
+# ending with a table of held-out exact match after each stage; then the plots in runs/demo/report/.
+# A second `make demo` skips the finished stages.
 demo: install
-	$(BIN)/alignctl train recipe=sft hydra.run.dir=runs/demo/sft
-	$(BIN)/alignctl train recipe=dpo inputs.policy=runs/demo/sft hydra.run.dir=runs/demo/dpo
+	$(BIN)/alignctl pipeline tour pipeline.dir=runs/demo
+	$(BIN)/alignctl report runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

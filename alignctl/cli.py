@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def _train(cfg: DictConfig) -> dict:
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)
+PLAIN = {"pipeline": "alignctl.pipeline:pipeline_command", "runs": "alignctl.report:runs_command", "report": "alignctl.report:report_command"}
 
 
 def main() -> None:
@@ -34,6 +36,13 @@ def main() -> None:
     if checked is None:
         return
     command, rest = checked
+    if command in PLAIN:  # not Hydra apps: they take their own arguments
+        module, _, function = PLAIN[command].partition(":")
+        try:
+            getattr(importlib.import_module(module), function)(rest)
+        except UserError as err:
+            hydra_app.fail(str(err))
+        return
     sys.argv = [f"alignctl {command}", *rest]
     COMMANDS[command]()
 

@@ -29,7 +29,12 @@ from alignctl.validation import unknown_key_message, validate
 SUBCOMMANDS = {
     "train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]",
     "eval": "evaluate a run's checkpoint, no training: alignctl eval run=<run dir> [key=value ...]",
+    "pipeline": "run a pipeline recipe: alignctl pipeline rlhf|dpo|grpo|<file.yaml> [key=value] [stage.key=value] [-m]",
+    "runs": "list runs with stage, parents, status and headline metric: alignctl runs [DIR]",
+    "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
 }
+# Commands that are not Hydra applications: they take their own arguments.
+PLAIN_COMMANDS = ("pipeline", "runs", "report")
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}
@@ -65,6 +70,7 @@ def fail(message: str) -> NoReturn:
     """Print one line and exit with code 2 (bad input), without a traceback."""
     print(f"alignctl: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2)
+
 
 
 def usage() -> str:
@@ -134,6 +140,8 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
         close = difflib.get_close_matches(command, list(SUBCOMMANDS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         fail(f"unknown command {command!r}; {hint}valid: {', '.join(SUBCOMMANDS)} (see alignctl --help)")
+    if command in PLAIN_COMMANDS:
+        return command, rest
     if command == "eval":
         from alignctl.evalcmd import eval_args
 
@@ -359,9 +367,12 @@ def _check_sweep_targets(overrides: list[str]) -> None:
             fail(f"{override}: Hydra's own settings cannot be swept; sweep job keys (recipe.lr=1e-4,3e-4) instead")
 
 
-def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = None, config_dir: str | None = None) -> None:
-    """Compose and validate every job of the command; exit 2 on the first problem."""
+def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = None, config_dir: str | None = None, label: str | None = None) -> None:
+    """Compose and validate every job of the command; exit 2 on the first problem (prefixed with `label`)."""
     name = config_name or DEFAULT_CONFIG
+    def report(message: str) -> NoReturn:  # fail(), naming where the job comes from
+        fail(f"{label}: {message}" if label else message)
+
     with _hydra(config_dir) as hydra:
         try:
             primary = _compose(hydra, name, overrides, multirun=True)
@@ -371,7 +382,7 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             params = OmegaConf.select(primary, "hydra.sweeper.params", default=None) if basic else None
             params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
         except Exception as err:  # noqa: BLE001 - every composition failure is a bad command line
-            fail(explain(err, overrides, hydra, name))
+            report(explain(err, overrides, hydra, name))
         if multirun:
             _check_sweep_targets(overrides)
         try:
@@ -379,8 +390,8 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             jobs = expand_sweep(overrides, multirun and basic, hydra, params)
         except HydraException as err:
             if "does not support sweep type" in str(err):
-                fail(f"{' '.join(overrides)}: the basic sweeper only sweeps over a,b,c lists, range() and choice()")
-            fail(explain(err, overrides, hydra, name) if isinstance(err, OverrideParseException) else str(err).splitlines()[0])
+                report(f"{' '.join(overrides)}: the basic sweeper only sweeps over a,b,c lists, range() and choice()")
+            report(explain(err, overrides, hydra, name) if isinstance(err, OverrideParseException) else str(err).splitlines()[0])
         if multirun and not basic:
             jobs = [[o for o in overrides if not OverridesParser.create().parse_override(o).is_sweep_override()]]
         for num, job in enumerate(jobs):
@@ -389,6 +400,6 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
                 _set_hydra_config(cfg, num if multirun else None)
                 validate(cfg)
             except ConfigError as err:
-                fail(str(err))
+                report(str(err))
             except Exception as err:  # noqa: BLE001
-                fail(explain(err, job, hydra, name))
+                report(explain(err, job, hydra, name))

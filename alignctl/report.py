@@ -1,0 +1,185 @@
+"""Look at finished work: `alignctl runs [DIR]` (a table of runs) and `alignctl report DIR`
+(PNG curves per stage and the held-out accuracy after each stage, printed and written to report.md).
+
+Everything here reads run directories only (lineage.json, metrics.jsonl, eval.json): no model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from alignctl.errors import UserError
+
+# Curves drawn for a stage, when its metrics.jsonl has them (train lines, then eval lines).
+CURVES = ("loss", "reward", "objective/kl", "rewards/margins", "accuracy", "eval_exact_match", "eval_accuracy", "eval_reward")
+# The one number that says how good a stage's model is, by what its eval measured.
+HEADLINE = ("eval_exact_match", "eval_accuracy")
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    metrics_file = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.exists() else []
+    eval_file = run_dir / "eval.json"
+    final = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+    return {"dir": run_dir, "lineage": lineage, "records": records, "eval": final}
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under `root` (its own, if it is one), oldest first; links to runs are not followed twice."""
+    if not root.exists():
+        raise UserError(f"{root}: no such directory")
+    found = {p.parent.resolve() for p in root.rglob("lineage.json") if "eval" not in p.parent.parent.name}
+    return sorted(found, key=lambda p: json.loads((p / "lineage.json").read_text()).get("started_at", ""))
+
+
+def _fmt(value: Any) -> str:
+    return f"{100 * value:.1f} %" if isinstance(value, float) else "-"
+
+
+def _headline(run: dict[str, Any]) -> tuple[str, float | None, float | None]:
+    """(metric name, value at step 0, final value) of the stage's headline eval metric."""
+    evals = [r for r in run["records"] if any(k in r for k in HEADLINE)]
+    for key in HEADLINE:
+        if key in run["eval"]:
+            first = next((r[key] for r in evals if r.get("step") == 0 and key in r), None)
+            return key, first, run["eval"][key]
+    return "", None, None
+
+
+def accuracy_rows(stages: list[tuple[str, Path, bool]]) -> list[tuple[str, str, str, str, str]]:
+    """(stage, metric, before, after, run) per stage, led by the model the first stage started from."""
+    rows = []
+    for index, (name, run_dir, cached) in enumerate(stages):
+        run = read_run(run_dir)
+        metric, before, after = _headline(run)
+        if index == 0 and metric == "eval_exact_match":
+            rows.append(("(starting model)", metric.removeprefix("eval_"), "", _fmt(before), ""))
+        label = f"{name} ({run['lineage']['stage']}{', cached' if cached else ''})"
+        rows.append((label, metric.removeprefix("eval_"), _fmt(before), _fmt(after), run_dir.name))
+    return rows
+
+
+def accuracy_table(title: str, stages: list[tuple[str, Path, bool]]) -> Table:
+    """Held-out accuracy after each stage, starting from the model the first stage started from."""
+    table = Table(title=f"pipeline {title}: held-out accuracy after each stage", header_style="bold")
+    for column in ("stage", "metric", "before", "after", "run"):
+        table.add_column(column, justify="right" if column in ("before", "after") else "left")
+    for row in accuracy_rows(stages):
+        table.add_row(*row)
+    return table
+
+
+def runs_table(root: Path) -> Table:
+    table = Table(title=f"runs under {root}", header_style="bold")
+    for column in ("run", "stage", "status", "parents", "headline", "steps"):
+        table.add_column(column)
+    for run_dir in find_runs(root):
+        run = read_run(run_dir)
+        lineage = run["lineage"]
+        parents = ", ".join(f"{role}: {Path(p['run_dir']).name}" for role, p in lineage.get("parents", {}).items()) or "-"
+        metric, _, after = _headline(run)
+        steps = run["eval"].get("step", "-")
+        status = {"finished": "[green]finished[/]", "failed": "[red]failed[/]"}.get(lineage.get("status"), lineage.get("status", "?"))
+        try:
+            name = str(run_dir.relative_to(root.resolve()))
+        except ValueError:
+            name = str(run_dir)
+        table.add_row(name, lineage.get("stage", "?"), status, parents, f"{metric.removeprefix('eval_')} {_fmt(after)}" if metric else "-", str(steps))
+    return table
+
+
+def plot_run(run: dict[str, Any], out: Path) -> Path | None:
+    """One PNG with a panel per curve the run logged; None when it logged none."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    present = [key for key in CURVES if any(key in r for r in run["records"])]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        points = [(r["step"], r[key]) for r in run["records"] if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key.startswith("eval_") else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run['lineage']['stage']}: {run['dir'].name}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(rows: list[tuple[str, float]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.2))
+    bars = ax.bar([r[0] for r in rows], [100 * r[1] for r in rows], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.1f %%")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_report(root: Path) -> tuple[Table, list[Path]]:
+    """Plots and report.md for the latest run of each stage of a pipeline directory (or every run under DIR)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("alignctl report draws with matplotlib: pip install 'alignctl[report]'") from None
+    links = sorted((p for p in root.iterdir() if p.is_symlink() and (p / "lineage.json").exists()), key=lambda p: read_run(p.resolve())["lineage"].get("started_at", "")) if root.is_dir() else []
+    stages = [(link.name, link.resolve(), False) for link in links] or [(p.name, p, False) for p in find_runs(root)]
+    if not stages:
+        raise UserError(f"{root}: no alignctl runs found (no lineage.json)")
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    files = [f for name, run_dir, _ in stages if (f := plot_run(read_run(run_dir), out / f"{name}.png"))]
+    accuracy = []
+    for name, run_dir, _ in stages:
+        metric, before, after = _headline(read_run(run_dir))
+        if metric == "eval_exact_match":
+            if not accuracy and before is not None:
+                accuracy.append(("start", before))
+            accuracy.append((name, after))
+    if accuracy:
+        files.append(plot_accuracy(accuracy, out / "accuracy.png"))
+    table = accuracy_table(root.name, stages)
+    lines = ["| stage | metric | before | after | run |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in accuracy_rows(stages)]
+    lines += ["", *(f"![{f.stem}]({f.name})" for f in files)]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return table, files
+
+
+def runs_command(args: list[str]) -> None:
+    """`alignctl runs [DIR]`."""
+    from alignctl.metrics import console
+
+    if len(args) > 1:
+        raise UserError("runs takes at most one directory: alignctl runs [DIR]")
+    console.print(runs_table(Path(args[0] if args else "runs")))
+
+
+def report_command(args: list[str]) -> None:
+    """`alignctl report DIR`."""
+    from alignctl.metrics import console
+
+    if len(args) != 1:
+        raise UserError("report needs one directory: alignctl report runs/pipelines/<name> (or any directory of runs)")
+    table, files = write_report(Path(args[0]))
+    console.print(table)
+    for file in files:
+        console.print(f"wrote {file}")
