@@ -17,11 +17,12 @@ $(BIN)/alignctl: pyproject.toml
 
 install: $(BIN)/alignctl
 
-# Every stage on the built-in task (recipes/tour.yaml: SFT, then DPO, reward -> PPO and GRPO from it),
-# ending with a table of held-out exact match after each stage; then the plots in runs/demo/report/.
-# A second `make demo` skips the finished stages.
+# Every stage on the built-in task: recipes/tour.yaml (SFT, then DPO, reward -> PPO and GRPO from it)
+# and recipes/iterative_dpo.yaml (which reuses the same SFT run), then a table of held-out exact match
+# after each stage and the plots in runs/demo/report/. A second `make demo` skips finished stages.
 demo: install
 	$(BIN)/alignctl pipeline tour pipeline.dir=runs/demo
+	$(BIN)/alignctl pipeline iterative_dpo pipeline.dir=runs/demo
 	$(BIN)/alignctl report runs/demo
 
 test: install

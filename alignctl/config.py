@@ -147,9 +147,12 @@ class DataConfig:
     overlong: Overlong  # a prompt that alone fills max_length: error (default), drop it, or cut it from the left
     num_proc: int | None
     eval_limit: int | None  # use only the first N eval rows (None: all)
+    eval_task: str | None  # a built-in task whose held-out prompts measure exact match (None: data.path's own)
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "path", "is required (builtin:arithmetic, a hub id, a directory or a data file)")
+        if self.eval_task is not None:
+            _check(self.eval_task.startswith("builtin:"), "eval_task", f"must name a built-in task (builtin:arithmetic) or be null, got {self.eval_task!r}")
         if self.eval_limit is not None:
             _check(self.eval_limit > 0, "eval_limit", f"must be a positive integer or null, got {self.eval_limit}")
         if self.num_proc is not None:
@@ -244,10 +247,14 @@ class SFTConfig(TrainConfig):
 @dataclass
 class RewardConfig(TrainConfig):
     center_rewards_coefficient: float  # c in c * (r+ + r-)^2, keeps rewards centred (0: off)
+    extra_layers: int  # fresh decoder layers stacked on the initial backbone, starting as the identity
+    lm_loss_coef: float  # weight of next-token loss on chosen responses, read below the extra layers (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
+        _check(self.extra_layers >= 0, "extra_layers", f"must be >= 0, got {self.extra_layers}")
+        _check(self.lm_loss_coef >= 0, "lm_loss_coef", f"must be >= 0 (0: off), got {self.lm_loss_coef}")
 
 
 @dataclass
@@ -361,6 +368,39 @@ class PPOConfig(OnlineRLConfig):
         _check(self.kl_horizon > 0, "kl_horizon", f"must be a positive integer, got {self.kl_horizon}")
 
 
+@dataclass
+class PairsConfig:
+    """recipe=pairs: sample K completions per prompt from a policy, rank them with the rewards, and
+    write (prompt, best, worst) preference pairs for the next DPO round. Trains nothing."""
+
+    stage: str
+    num_prompts: int  # prompts drawn (seeded) from the prompt split
+    num_generations: int  # K completions per prompt
+    batch_size: int  # prompts per generation call
+    max_length: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    reward_funcs: list[Any]
+    reward_weights: list[float] | None
+    reward_model_weight: float
+    eval_batch_size: int  # completions per reward-model forward
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts > 0, "num_prompts", f"must be a positive integer, got {self.num_prompts}")
+        _check(self.num_generations >= 2, "num_generations", f"must be at least 2 (a pair needs two completions), got {self.num_generations}")
+        _check(self.batch_size > 0, "batch_size", f"must be a positive integer, got {self.batch_size}")
+        _check(0 < self.max_new_tokens < self.max_length, "max_new_tokens", f"must be positive and leave room for the prompt in max_length ({self.max_length})")
+        _check(self.temperature > 0, "temperature", f"must be > 0 (sampling), got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        _check(self.eval_batch_size > 0, "eval_batch_size", f"must be a positive integer, got {self.eval_batch_size}")
+        if self.reward_weights is not None:
+            _check(len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+                   f"has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs")
+
+
 RECIPE_SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
@@ -368,6 +408,7 @@ RECIPE_SCHEMAS: dict[str, type] = {
     "kto": KTOConfig,
     "grpo": GRPOConfig,
     "ppo": PPOConfig,
+    "pairs": PairsConfig,
 }
 
 

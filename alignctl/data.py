@@ -176,10 +176,18 @@ def load_eval_split(data: DataConfig, fmt: str) -> Dataset | None:
     return dataset.select(range(min(data.eval_limit, len(dataset)))) if data.eval_limit else dataset
 
 
+def eval_task_path(data: DataConfig) -> str | None:
+    """The built-in task that measures held-out exact match: data.eval_task, else data.path when it is one."""
+    if data.eval_task:
+        return data.eval_task
+    return data.path if data.path.startswith("builtin:") else None
+
+
 def task_eval_rows(data: DataConfig) -> list[dict] | None:
-    """Held-out prompt/answer rows of a built-in task (first data.eval_limit), or None for other data."""
-    task = builtin_task(data.path)
-    if task is None or not data.eval_split:
+    """Held-out prompt/answer rows of the eval task (first data.eval_limit), or None when there is none."""
+    path = eval_task_path(data)
+    if path is None or not (data.eval_task or data.eval_split):
         return None
+    task = builtin_task(path)
     rows = Dataset.from_json(str(task.split_path("eval"))).to_list()
     return rows[: data.eval_limit] if data.eval_limit else rows

@@ -54,11 +54,11 @@ def exact_match(
     return correct / max(len(rows), 1), completions
 
 
-def task_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data_path: str, rows: list[dict] | None, max_new_tokens: int, batch_size: int) -> dict[str, float]:
+def task_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task_path: str | None, rows: list[dict] | None, max_new_tokens: int, batch_size: int) -> dict[str, float]:
     """{"eval_exact_match": ...} on a built-in task's held-out rows; {} for other data."""
     from alignctl.data import builtin_task
 
     if not rows:
         return {}
-    accuracy, _ = exact_match(model, tokenizer, rows, builtin_task(data_path).verify, max_new_tokens, batch_size)
+    accuracy, _ = exact_match(model, tokenizer, rows, builtin_task(task_path).verify, max_new_tokens, batch_size)
     return {"eval_exact_match": accuracy}

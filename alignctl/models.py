@@ -167,3 +167,32 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
     # The classifier pools the last non-padding token, which it finds through the pad id.
     scorer.config.pad_token_id = pad_token_id
     return scorer.to(device_of(hardware))
+
+
+def add_decoder_layers(model: torch.nn.Module, count: int) -> None:
+    """Stack `count` new decoder layers on top of a (Llama-style) backbone, in place.
+
+    Each new layer's output projections (attention o_proj, MLP down_proj) start at zero, so it adds
+    nothing to the residual stream and the model computes exactly what it did before; training then
+    grows them. The saved config counts the layers, so the result loads like any model of its class.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ModelLoadError(f"recipe.extra_layers: {type(model).__name__} has no list of decoder layers at .{model.base_model_prefix}.layers; use extra_layers=0")
+    template, config = layers[0], model.config
+    reference = next(template.parameters())
+    for _ in range(count):
+        layer = type(template)(config, len(layers)).to(dtype=reference.dtype, device=reference.device)
+        outputs = [m for name, m in layer.named_modules() if name.endswith(("o_proj", "down_proj")) and isinstance(m, torch.nn.Linear)]
+        if len(outputs) != 2:
+            raise ModelLoadError(f"recipe.extra_layers: {type(template).__name__} is not a Llama-style layer (o_proj, down_proj); use extra_layers=0")
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=getattr(config, "initializer_range", 0.02))
+        for module in outputs:
+            torch.nn.init.zeros_(module.weight)
+        layers.append(layer)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types) + [config.layer_types[-1]] * count

@@ -95,7 +95,8 @@ def evaluate_greedy(
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
     total, per_source = combined_rewards(sources, prompts, texts, columns)
     result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
-    task = data_lib.builtin_task(cfg.data.path)
+    task_path = data_lib.eval_task_path(cfg.data)
+    task = data_lib.builtin_task(task_path) if task_path else None
     if task is not None:
         result["eval_exact_match"] = sum(task.verify(t, row["answer"]) for t, row in zip(texts, eval_rows)) / len(eval_rows)
     return result

@@ -160,7 +160,7 @@ def _finished(run_dir: Path) -> bool:
     import json
 
     lineage = run_dir / "lineage.json"
-    return lineage.exists() and json.loads(lineage.read_text()).get("status") == "finished" and (run_dir / "checkpoint").exists()
+    return lineage.exists() and json.loads(lineage.read_text()).get("status") == "finished"
 
 
 def _point_latest(root: Path, name: str, run_dir: Path) -> None:

@@ -11,6 +11,7 @@ import difflib
 import types
 import typing
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -211,7 +212,16 @@ def validate(cfg: DictConfig) -> RunConfig:
         inputs=top.inputs,
     )
     _check_across_groups(run)
+    if run.inputs.get("data"):
+        run.data = _generated_data(run.data, run.inputs["data"])
     return run
+
+
+def _generated_data(data: DataConfig, producer: str) -> DataConfig:
+    """inputs.data=<run dir>: train on the data.jsonl that run generated (e.g. a pairs run), while the
+    built-in task of data.path, if it is one, still measures held-out exact match."""
+    task = data.eval_task or (data.path if data.path.startswith("builtin:") else None)
+    return dataclasses.replace(data, path=str(Path(producer).expanduser() / "data.jsonl"), eval_split=None, eval_task=task)
 
 
 def _check_across_groups(run: RunConfig) -> None:
@@ -219,5 +229,7 @@ def _check_across_groups(run: RunConfig) -> None:
     reference = getattr(run.recipe, "reference", None)
     if reference == Reference.adapter_disabled and run.adapter.kind == "none":
         raise ConfigError("recipe.reference", "adapter_disabled needs an adapter (adapter=lora); use separate or precomputed")
+    if getattr(run.recipe, "extra_layers", 0) and run.adapter.kind != "none":
+        raise ConfigError("recipe.extra_layers", "needs adapter=none: an adapter checkpoint keeps only the adapter, and its base model has no extra layers; set recipe.extra_layers=0 to train an adapter")
     if getattr(run.recipe, "label_smoothing", 0) and run.recipe.loss_type in (DPOLossType.hinge, DPOLossType.ipo):
         raise ConfigError("recipe.label_smoothing", f"has no effect with loss_type={run.recipe.loss_type.value}; use sigmoid, robust or simpo")

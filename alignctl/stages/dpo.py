@@ -108,7 +108,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: cfg.inputs[role] for role in ("policy", "reference") if cfg.inputs.get(role)}
+    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
     run = RunDir(run_dir, raw, "dpo", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
@@ -147,7 +147,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         result: dict[str, float] = {}
         if eval_set is not None:
             result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), pair_metrics)
-        result |= task_accuracy(policy, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
+        result |= task_accuracy(policy, tokenizer, data_lib.eval_task_path(cfg.data), task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k in SHOWN_EVAL))
         return result
 

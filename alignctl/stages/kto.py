@@ -115,7 +115,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: cfg.inputs[role] for role in ("policy", "reference") if cfg.inputs.get(role)}
+    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
     run = RunDir(run_dir, raw, "kto", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     desirable_share = sum(train_set["label"]) / len(train_set)
@@ -158,7 +158,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             rejected = totals["rewards/rejected_sum"] / max(totals["count/rejected"], 1)
             result = {"eval_loss": totals["loss"], "eval_kl": totals["kl"], "eval_rewards/chosen": chosen,
                       "eval_rewards/rejected": rejected, "eval_rewards/margins": chosen - rejected}
-        result |= task_accuracy(policy, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
+        result |= task_accuracy(policy, tokenizer, data_lib.eval_task_path(cfg.data), task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 

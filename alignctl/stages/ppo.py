@@ -114,7 +114,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
     optimizer = build_optimizer(both, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: cfg.inputs[role] for role in ("policy", "reward", "init", "reference") if cfg.inputs.get(role)}
+    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
     run = RunDir(run_dir, raw, "ppo", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(

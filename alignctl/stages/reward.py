@@ -12,20 +12,30 @@ from the tokens that end a sequence, or the score is read one token earlier, con
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
+from transformers import AutoConfig
 
 from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, pad, split_micro
 from alignctl.config import RewardConfig, RunConfig
-from alignctl.encode import encode_rows, preference_example
-from alignctl.losses import reward_model_loss
+from alignctl.encode import IGNORE, encode_rows, preference_example
+from alignctl.errors import ConfigError
+from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.metrics import MetricsLogger
-from alignctl.models import device_of, load_reward_model, load_tokenizer, model_path
+from alignctl.models import (
+    add_decoder_layers,
+    device_of,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    model_path,
+)
 from alignctl.registry import register_stage
 from alignctl.rundir import RunDir
 from alignctl.training import (
@@ -47,9 +57,10 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConf
             return None
         prompt = example["prompt_ids"]
         margin = float(row["margin"]) if has_margin else 0.0
-        return {"chosen": prompt + example["chosen_ids"], "rejected": prompt + example["rejected_ids"], "margin": margin}
+        return {"chosen": prompt + example["chosen_ids"], "rejected": prompt + example["rejected_ids"], "margin": margin, "prompt_len": len(prompt)}
 
-    return encode_rows(dataset, encode, {"chosen": [], "rejected": [], "margin": 0.0}, cfg.data.num_proc, where, recipe.max_length)
+    empty = {"chosen": [], "rejected": [], "margin": 0.0, "prompt_len": 0}
+    return encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length)
 
 
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
@@ -57,13 +68,42 @@ def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict
     sequences = rows["chosen"] + rows["rejected"]
     input_ids = pad(sequences, pad_id)
     attention_mask = pad([[1] * len(s) for s in sequences], 0)
+    width = input_ids.size(1)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
         "margin": torch.tensor(rows["margin"], dtype=torch.float32, device=device),
         "num_items": len(rows["chosen"]),
         "num_tokens": int(attention_mask.sum()),
+        # Next-token targets of the chosen responses (prompt and padding ignored), for recipe.lm_loss_coef.
+        "lm_labels": torch.tensor([[IGNORE] * n + ids[n:] + [IGNORE] * (width - len(ids)) for ids, n in zip(rows["chosen"], rows["prompt_len"])], device=device),
     }
+
+
+def lm_head_weight(model: torch.nn.Module, path: str, cfg: RunConfig) -> torch.Tensor:
+    """The language-model head the auxiliary loss scores with: the input embeddings when tied (they
+    train with the body, as in the initial model), else a frozen copy of the initial model's head."""
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists():  # a LoRA run's checkpoint: its task type says what the base was trained as
+        architectures = ["ForCausalLM"] if json.loads(adapter.read_text()).get("task_type") == "CAUSAL_LM" else ["a sequence classifier adapter"]
+    else:
+        architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ConfigError("recipe.lm_loss_coef", f"needs an init with a language-model head (a causal LM or an SFT run); {path} is {', '.join(architectures) or 'not one'}: set recipe.lm_loss_coef=0")
+    if getattr(model.config, "tie_word_embeddings", False):
+        return model.get_input_embeddings().weight
+    head = load_causal_lm(path, cfg.model, cfg.hardware).get_output_embeddings().weight.detach()
+    return head.to(next(model.parameters()).device)
+
+
+def top_of_initial_body(model: torch.nn.Module, hidden_states: tuple[torch.Tensor, ...], extra_layers: int) -> torch.Tensor:
+    """Final-normed hidden states as the initial backbone computed them, below any extra layers.
+
+    hidden_states[-1] is already normed by the model; earlier entries are raw layer outputs."""
+    if extra_layers == 0:
+        return hidden_states[-1]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix).norm(hidden_states[-1 - extra_layers])
 
 
 @register_stage("reward")
@@ -81,20 +121,26 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set = encode_pairs(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
-    model = apply_adapter(load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id), cfg.adapter, "SEQ_CLS")
+    model = load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id)
+    if recipe.extra_layers:
+        add_decoder_layers(model, recipe.extra_layers)
+    model = apply_adapter(model, cfg.adapter, "SEQ_CLS")
+    lm_weight = lm_head_weight(model, path, cfg) if recipe.lm_loss_coef else None
     trainable, total = parameter_counts(model)
     stream = BatchStream([max(len(c), len(r)) for c, r in zip(train_set["chosen"], train_set["rejected"])],
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {"init": cfg.inputs["init"]} if cfg.inputs.get("init") else {}
+    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
     run = RunDir(run_dir, raw, "reward", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
     def score_pairs(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+        with_lm = lm_weight is not None and "step_lm_tokens" in batch  # training steps only, not eval
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=with_lm)
+        scores = out.logits.squeeze(-1).float()
         pairs = batch["num_items"]
         chosen, rejected = scores[:pairs], scores[pairs:]
         losses = reward_model_loss(chosen, rejected, batch["margin"] if use_margin else None, recipe.center_rewards_coefficient)
@@ -105,10 +151,20 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "rewards/chosen": chosen.detach().sum() / num_items,
             "rewards/rejected": rejected.detach().sum() / num_items,
         }
-        return losses.sum() / num_items, metrics
+        loss = losses.sum() / num_items
+        if with_lm:
+            # Keep the initial model's next-token predictions alive where the extra layers read them:
+            # without this, the scalar head alone never learns exact checks (see README, reward model).
+            hidden = top_of_initial_body(model, out.hidden_states, recipe.extra_layers)[:pairs]
+            lm_loss = sft_loss(torch.nn.functional.linear(hidden, lm_weight), batch["lm_labels"], batch["step_lm_tokens"])[0]
+            loss = loss + recipe.lm_loss_coef * lm_loss
+            metrics["lm_loss"] = lm_loss.detach()
+        return loss, metrics
 
     def next_step() -> list[dict]:
-        return [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+        micro = [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+        lm_tokens = sum(int((mb["lm_labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+        return [mb | {"step_lm_tokens": lm_tokens} for mb in micro]
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:

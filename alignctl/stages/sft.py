@@ -89,7 +89,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
     # Everything that can fail on bad input has run: only now does the run directory claim a run.
-    parents = {"policy": cfg.inputs["policy"]} if cfg.inputs.get("policy") else {}
+    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
     run = RunDir(run_dir, raw, "sft", parents, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             loss_sum += float(sft_loss(logits, batch["labels"], 1)[0])
             items += batch["num_items"]
         result = {"eval_loss": loss_sum / items}
-        result |= task_accuracy(model, tokenizer, cfg.data.path, task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
+        result |= task_accuracy(model, tokenizer, data_lib.eval_task_path(cfg.data), task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 

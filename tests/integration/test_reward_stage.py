@@ -53,7 +53,7 @@ def test_reward_model_from_sft_trains_and_loads_as_a_classifier(alignctl, run_cm
 
 
 def test_reward_model_with_lora_trains_the_head_in_full(alignctl, tmp_path):
-    _train(alignctl, tmp_path / "rm", "recipe=reward", "adapter=lora", "recipe.max_steps=3", "recipe.eval_every=0")
+    _train(alignctl, tmp_path / "rm", "recipe=reward", "adapter=lora", "recipe.extra_layers=0", "recipe.max_steps=3", "recipe.eval_every=0")
     checkpoint = tmp_path / "rm" / "checkpoint"
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS"
@@ -62,3 +62,39 @@ def test_reward_model_with_lora_trains_the_head_in_full(alignctl, tmp_path):
     names = load_file(str(checkpoint / "adapter_model.safetensors")).keys()
     assert any("score" in name for name in names), names  # the new head is saved, not left random
     assert any("lora_A" in name for name in names)
+
+
+def test_extra_layers_and_lm_loss_train_and_save_a_plain_deeper_classifier(alignctl, run_cmd, tmp_path, sft_run):
+    # sft_run was trained by the first test of this module (same fixture directory).
+    lines = _train(alignctl, tmp_path / "rm", "recipe=reward", f"inputs.init={sft_run}", "recipe.extra_layers=2",
+                   "recipe.lm_loss_coef=1.0", "recipe.max_steps=3", "recipe.eval_every=0")
+    train = [line for line in lines if "loss" in line]
+    assert all(math.isfinite(line["lm_loss"]) and line["lm_loss"] > 0 for line in train)
+    # The (briefly) trained SFT head scores the chosen answers: its next-token loss starts below uniform (ln 104 = 4.6).
+    assert train[0]["lm_loss"] < 4.0
+    config = json.loads((tmp_path / "rm" / "checkpoint" / "config.json").read_text())
+    assert config["num_hidden_layers"] == json.loads((sft_run / "checkpoint" / "config.json").read_text())["num_hidden_layers"] + 2
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        path = {str(tmp_path / "rm" / "checkpoint")!r}
+        model, tok = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert len(model.model.layers) == model.config.num_hidden_layers
+        print(float(model(**tok(["123+456=0579</s>"], return_tensors="pt")).logits))
+    """)
+    result = run_cmd([sys.executable, "-c", script])
+    assert result.returncode == 0, result.describe()
+
+
+def test_lm_loss_needs_an_init_with_a_language_model_head(alignctl, tmp_path):
+    first = tmp_path / "rm"
+    _train(alignctl, first, "recipe=reward", "recipe.extra_layers=0", "recipe.lm_loss_coef=0", "recipe.max_steps=1", "recipe.eval_every=0")
+    result = alignctl("train", "recipe=reward", f"inputs.init={first}", "recipe.max_steps=1", f"hydra.run.dir={tmp_path / 'again'}")
+    assert result.returncode == 2, result.describe()
+    assert "recipe.lm_loss_coef: needs an init with a language-model head" in result.stderr
+    assert len(result.stderr_lines()) == 1
+
+
+def test_extra_layers_refuse_an_adapter(alignctl, tmp_path):
+    result = alignctl("train", "recipe=reward", "adapter=lora", "recipe.extra_layers=2", f"hydra.run.dir={tmp_path / 'rm'}")
+    assert result.returncode == 2 and "recipe.extra_layers: needs adapter=none" in result.stderr, result.describe()

@@ -1,0 +1,61 @@
+"""recipe=pairs (on-policy pairs ranked by the verifier) and a DPO stage that trains on them (inputs.data)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from stage_runs import StageRun
+
+from alignctl.tasks.arithmetic import format_answer, parse_prompt, verify
+
+
+@pytest.fixture(scope="module")
+def runs(learned_sft_run, run_cmd, tmp_path_factory):
+    sft_dir, sft_result = learned_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    root = tmp_path_factory.mktemp("pairs")
+
+    def train(name, *overrides):
+        result = run_cmd([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={root / name}"], cwd=root)
+        return StageRun(name, root / name, result)
+
+    pairs = train("pairs", "recipe=pairs", f"inputs.policy={sft_dir}", "recipe.num_prompts=200", "recipe.num_generations=4")
+    dpo = train("dpo", "recipe=dpo", f"inputs.policy={sft_dir}", f"inputs.data={root / 'pairs'}", "recipe.max_steps=3",
+                "recipe.batch_size=8", "recipe.eval_every=0", "data.eval_limit=16")
+    return pairs, dpo
+
+
+def test_pairs_are_right_against_wrong_answers_sampled_from_the_policy(runs):
+    pairs, _ = runs
+    pairs.assert_finished()
+    rows = [json.loads(line) for line in (pairs.dir / "data.jsonl").read_text().splitlines()]
+    stats = json.loads((pairs.dir / "eval.json").read_text())
+    assert stats["pairs"] == len(rows) and stats["prompts"] == 200
+    # A ~65 % policy sampled 4 times: many prompts are all right (no pair), many give a right and a wrong answer.
+    assert 20 <= len(rows) < 200, stats
+    assert 0.3 < stats["sampled_reward"] < 0.95, stats
+    for row in rows:
+        answer = format_answer(sum(parse_prompt(row["prompt"])))
+        assert verify(row["chosen"], answer) and not verify(row["rejected"], answer), row
+        assert row["margin"] == 1.0
+    assert json.loads((pairs.dir / "lineage.json").read_text())["parents"]["policy"]["stage"] == "sft"
+
+
+def test_dpo_trains_on_generated_pairs_and_still_measures_the_task(runs):
+    pairs, dpo = runs
+    dpo.assert_finished()
+    lineage = json.loads((dpo.dir / "lineage.json").read_text())
+    assert lineage["parents"]["data"]["run_dir"] == str(pairs.dir.resolve())
+    assert lineage["parents"]["data"]["stage"] == "pairs"
+    assert "eval_exact_match" in json.loads((dpo.dir / "eval.json").read_text())  # the built-in task still evaluates
+    assert [r["step"] for r in dpo.train_records()] == [1, 2, 3]
+
+
+def test_pairs_without_a_policy_that_ever_differs_is_one_line(alignctl, tmp_path):
+    # A constant reward ranks nothing: every prompt's completions tie.
+    result = alignctl("train", "recipe=pairs", "recipe.num_prompts=8", "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 100}]",
+                      f"hydra.run.dir={tmp_path / 'p'}")
+    assert result.returncode == 2, result.describe()
+    assert "nothing to prefer" in result.stderr and len(result.stderr_lines()) == 1
