@@ -4,7 +4,9 @@ statistics, evaluation by greedy decoding, and the table of sample completions."
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -18,7 +20,7 @@ from alignctl.evaluate import generate
 from alignctl.models import load_reward_model, load_tokenizer, model_path
 from alignctl.reference import check_same_tokenizer
 from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
-from alignctl.rollout import Completions
+from alignctl.rollout import Completions, Sampling, plan_steps, sample, training_batch
 
 PROMPT_COLUMNS = ("prompt", "prompt_ids")
 
@@ -110,3 +112,73 @@ def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Ten
     for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
         table.add_row(str(prompt)[-60:], repr(text)[:60], f"{reward:.3f}")
     return table
+
+
+@dataclass
+class ScoredRollout:
+    rows: dict[str, list]  # the prompts' dataset rows
+    prompts: list  # one per completion
+    texts: list[str]  # decoded completions
+    completions: Completions
+    rewards: torch.Tensor  # (N,) weighted sum of the sources
+    per_source: dict[str, torch.Tensor]
+    times: dict[str, float]
+
+
+def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, sources: Sequence[RewardSource]) -> ScoredRollout:
+    """Sample `group` completions per prompt of `rows` and score them; times the two phases."""
+    started = time.perf_counter()
+    completions = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    generation_seconds = time.perf_counter() - started
+    texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+    prompts = [p for p in rows["prompt"] for _ in range(group)]
+    rewards, per_source, scoring_seconds = score(sources, prompts, texts, repeat_columns(rows, group))
+    return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
+
+
+def queue_steps(
+    pending: deque, rollout: ScoredRollout, number: int, seed: int, recipe: OnlineRLConfig, passes: int,
+    per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor], stats: dict[str, float], device: torch.device, pad_id: int,
+    items: Callable[[dict], int],
+) -> None:
+    """Append the optimiser steps rollout `number` feeds to `pending`: `passes` shuffled passes of
+    `steps_per_generation` steps. `items(batch)` counts what the stage's loss is a mean over (tokens
+    or completions). Every step carries the rollout's statistics; the first also its times."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
+    steps = plan_steps(len(rollout.texts), recipe.steps_per_generation, recipe.grad_accum, passes, generator)
+    for n, step in enumerate(steps):
+        micro = [training_batch(rollout.completions, indices, pad_id, device, per_token, per_sequence) for indices in step]
+        for batch in micro:
+            batch["num_items"] = items(batch)
+        micro[0]["rollout_metrics"] = stats | (rollout.times if n == 0 else {})
+        pending.append(micro)
+
+
+def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:
+    """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values)."""
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+
+
+def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig,
+                     recipe: OnlineRLConfig, logger) -> Callable[[int], dict[str, float]]:
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
+        if result:
+            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    return evaluate
+
+
+def maybe_show_samples(logger, every: int, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
+    if every and (number - 1) % every == 0:
+        logger.note(samples_table(number, rollout.prompts, rollout.texts, rewards))
+
+
+def completion_tokens(batch: dict) -> int:
+    return int(batch["response_mask"].sum())
+
+
+def completion_count(batch: dict) -> int:
+    return int(batch["input_ids"].size(0))

@@ -133,8 +133,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "rewards/rejected": rejected.sum() / num_items,
             "rewards/accuracies": (chosen > rejected).float().sum() / num_items,
             "rewards/margins": (chosen - rejected).sum() / num_items,
-            "logps/chosen": policy_logps[:pairs].detach().sum() / num_items,
-            "logps/rejected": policy_logps[pairs:].detach().sum() / num_items,
+            # The log-probs the loss compares: per token for ipo and simpo (as TRL logs them), summed otherwise.
+            "logps/chosen": normalised[:pairs].detach().sum() / num_items,
+            "logps/rejected": normalised[pairs:].detach().sum() / num_items,
         }
         return loss / num_items, metrics
 

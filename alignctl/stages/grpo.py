@@ -31,18 +31,21 @@ from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_p
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_tokenizer, model_path
 from alignctl.online_rl import (
+    completion_count,
+    completion_tokens,
     encode_prompts,
-    evaluate_greedy,
-    repeat_columns,
+    greedy_evaluator,
+    maybe_show_samples,
+    queue_steps,
     reward_sources,
+    rollout_metric_shares,
     rollout_metrics,
-    samples_table,
-    score,
+    sample_and_score,
 )
 from alignctl.ops import response_token_logps
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
-from alignctl.rollout import Sampling, per_token_values, plan_steps, sample, training_batch
+from alignctl.rollout import Sampling, per_token_values
 from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
@@ -96,39 +99,27 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def new_rollout() -> None:
         nonlocal rollouts
-        rows = train_set[next(stream)]
-        started = time.perf_counter()
-        completions = sample(policy, rows["prompt_ids"], K, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        generation_seconds = time.perf_counter() - started
-        texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        prompts = [p for p in rows["prompt"] for _ in range(K)]
-        rewards, per_source, scoring_seconds = score(sources, prompts, texts, repeat_columns(rows, K))
-        per_token, per_sequence = {}, {"advantages": group_advantages(rewards, K, recipe.advantage.value)}
+        rollouts += 1
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources)
+        per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
             policy.eval()
-            per_token["old_logps"] = per_token_values(lambda b: token_logps(policy, b), completions, tokenizer.pad_token_id, device, recipe.batch_size)
+            per_token["old_logps"] = per_token_values(lambda b: token_logps(policy, b), rollout.completions, tokenizer.pad_token_id, device, recipe.batch_size)
         if recipe.beta > 0:
-            per_token["ref_logps"] = per_token_values(lambda b: reference_logps(mode, policy, reference, b, token_logps), completions,
+            per_token["ref_logps"] = per_token_values(lambda b: reference_logps(mode, policy, reference, b, token_logps), rollout.completions,
                                                       tokenizer.pad_token_id, device, recipe.batch_size)
-        stats = rollout_metrics(rewards, per_source, completions, K)
-        times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "time/reference": time.perf_counter() - started}
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rollouts)
-        for n, step in enumerate(plan_steps(len(texts), recipe.steps_per_generation, recipe.grad_accum, recipe.num_iterations, generator)):
-            micro = [training_batch(completions, indices, tokenizer.pad_token_id, device, per_token, per_sequence) for indices in step]
-            micro[0]["rollout_metrics"] = stats | (times if n == 0 else {})
-            pending.append(micro)
-        rollouts += 1
-        if cfg.logger.samples_every and (rollouts - 1) % cfg.logger.samples_every == 0:
-            logger.note(samples_table(rollouts, prompts, texts, rewards))
+        rollout.times["time/reference"] = time.perf_counter() - started
+        stats = rollout_metrics(rollout.rewards, rollout.per_source, rollout.completions, K)
+        # Token-level aggregation is a mean over the step's completion tokens, sequence-level over its completions.
+        items = completion_tokens if recipe.loss_aggregation.value == "token" else completion_count
+        queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_iterations, per_token, per_sequence, stats, device, tokenizer.pad_token_id, items)
+        maybe_show_samples(logger, cfg.logger.samples_every, rollouts, rollout, rollout.rewards)
 
     def next_step() -> list[dict]:
         if not pending:
             new_rollout()
-        micro = pending.popleft()
-        for batch in micro:  # token-level aggregation normalises by the step's completion tokens
-            batch["num_items"] = int(batch["response_mask"].sum()) if recipe.loss_aggregation.value == "token" else batch["input_ids"].size(0)
-        return micro
+        return pending.popleft()
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
@@ -140,15 +131,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             kl = kl_penalty(logps, batch["ref_logps"], "k3")
             per_token = per_token + recipe.beta * kl
             metrics["objective/kl"] = aggregate(kl.detach(), mask, level, num_items)
-        metrics |= {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+        metrics |= rollout_metric_shares(batch)
         return aggregate(per_token, mask, level, num_items), metrics
 
-    @torch.no_grad()
-    def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
-        if result:
-            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
-        return result
-
+    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
     return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
                             cfg.hardware, shown=("loss", "reward", "objective/kl", "completions/mean_length"))

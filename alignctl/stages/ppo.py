@@ -41,18 +41,20 @@ from alignctl.losses import (
 from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_reward_model, load_tokenizer, model_path
 from alignctl.online_rl import (
+    completion_tokens,
     encode_prompts,
-    evaluate_greedy,
-    repeat_columns,
+    greedy_evaluator,
+    maybe_show_samples,
+    queue_steps,
     reward_sources,
+    rollout_metric_shares,
     rollout_metrics,
-    samples_table,
-    score,
+    sample_and_score,
 )
 from alignctl.ops import response_token_logps, response_values
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
-from alignctl.rollout import Sampling, per_token_values, plan_steps, right_aligned, sample, training_batch
+from alignctl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.rundir import RunDir
 from alignctl.training import (
     build_optimizer,
@@ -133,12 +135,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def new_rollout() -> None:
         nonlocal rollouts
-        rows = train_set[next(stream)]
-        started = time.perf_counter()
-        completions = sample(policy, rows["prompt_ids"], 1, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        generation_seconds = time.perf_counter() - started
-        texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        scores, per_source, scoring_seconds = score(sources, rows["prompt"], texts, repeat_columns(rows, 1))
+        rollouts += 1
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources)
+        completions, scores = rollout.completions, rollout.rewards
         if recipe.missing_eos_penalty:
             scores = scores - recipe.missing_eos_penalty * torch.tensor(completions.truncated, dtype=torch.float32)
         started = time.perf_counter()
@@ -162,25 +161,18 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "returns": [returns[i, width - n :] for i, n in enumerate(lengths)],
         }
         sequence_kl = kl.sum(-1)
-        stats = rollout_metrics(scores, per_source, completions, 1) | {
+        stats = rollout_metrics(scores, rollout.per_source, completions, 1) | {
             "objective/kl": float(sequence_kl.mean()),
             "objective/scores": float(scores.mean()),
             "objective/non_score_reward": float((-kl_control.beta * sequence_kl).mean()),
             "objective/rlhf_reward": float((scores - kl_control.beta * sequence_kl).mean()),
             "beta": kl_control.beta,
         }
-        times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "time/values": time.perf_counter() - started}
-        kl_control.update(float(sequence_kl.mean()), len(texts))
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rollouts)
-        for n, step in enumerate(plan_steps(len(texts), recipe.steps_per_generation, recipe.grad_accum, recipe.num_ppo_epochs, generator)):
-            micro = [training_batch(completions, indices, pad_id, device, per_token, {}) for indices in step]
-            micro[0]["rollout_metrics"] = stats | (times if n == 0 else {})
-            for batch in micro:
-                batch["num_items"] = int(batch["response_mask"].sum())
-            pending.append(micro)
-        rollouts += 1
-        if cfg.logger.samples_every and (rollouts - 1) % cfg.logger.samples_every == 0:
-            logger.note(samples_table(rollouts, rows["prompt"], texts, scores))
+        rollout.times["time/values"] = time.perf_counter() - started
+        kl_control.update(float(sequence_kl.mean()), len(rollout.texts))
+        # The loss is a mean over the step's completion tokens.
+        queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_ppo_epochs, per_token, {}, stats, device, pad_id, completion_tokens)
+        maybe_show_samples(logger, cfg.logger.samples_every, rollouts, rollout, scores)
 
     def next_step() -> list[dict]:
         if not pending:
@@ -200,16 +192,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "policy/approxkl": aggregate(0.5 * (logps.detach() - batch["old_logps"]) ** 2, mask, "token", num_items),
             "objective/entropy": aggregate(entropy, mask, "token", num_items),
         }
-        metrics |= {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+        metrics |= rollout_metric_shares(batch)
         return aggregate(policy_loss + recipe.vf_coef * value_loss, mask, "token", num_items), metrics
 
-    @torch.no_grad()
-    def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
-        if result:
-            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
-        return result
-
+    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
     return train_and_finish(run, recipe, both, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
                             cfg.hardware, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
                             extra_state=lambda: {"beta": kl_control.beta, "rollouts": rollouts})

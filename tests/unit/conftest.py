@@ -41,6 +41,7 @@ def data_config():
             overlong=overlong,
             num_proc=None,
             eval_limit=None,
+            eval_task=None,
         )
 
     return make
