@@ -44,6 +44,25 @@ def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: Run
     return encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length, minimum=prompts_per_rollout)
 
 
+@dataclass
+class PromptData:
+    raw: Dataset  # the training prompts as loaded (its fingerprint goes into lineage)
+    train: Dataset  # with prompt_ids
+    eval_rows: list[dict] | None
+    policy_path: str
+    tokenizer: object
+
+
+def load_prompts(cfg: RunConfig, recipe: OnlineRLConfig, prompts_per_rollout: int) -> PromptData:
+    """The starting policy's tokenizer and the encoded prompt splits (before any model loads, so bad data fails fast)."""
+    raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    train = encode_prompts(raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", prompts_per_rollout)
+    return PromptData(raw, train, eval_raw.to_list() if eval_raw is not None else None, path, tokenizer)
+
+
 def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, device: torch.device) -> tuple[list[RewardSource], str | None]:
     """The configured reward functions, plus the reward model of inputs.reward; and that model's path."""
     sources = function_sources(list(recipe.reward_funcs), list(recipe.reward_weights) if recipe.reward_weights is not None else None)

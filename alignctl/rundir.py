@@ -61,7 +61,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class RunDir:
     """Writes config.yaml and keeps lineage.json up to date for one run."""
 
-    def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str], data_fingerprint: str | None):
+    def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str | None], data_fingerprint: str | None):
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
@@ -71,7 +71,7 @@ class RunDir:
             "status": "running",
             "run_dir": str(path.resolve()),
             "config_hash": config_hash(cfg),
-            "parents": {role: _parent(Path(p)) for role, p in parents.items()},
+            "parents": {role: _parent(Path(p)) for role, p in parents.items() if p},  # unset inputs are not parents
             "data_fingerprint": data_fingerprint,
             "git_sha": git_sha(),
             "versions": versions(),

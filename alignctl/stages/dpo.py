@@ -108,8 +108,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "dpo", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "dpo", cfg.inputs, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")

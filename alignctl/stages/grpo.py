@@ -23,18 +23,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, Reference, RunConfig
 from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
 from alignctl.metrics import MetricsLogger
-from alignctl.models import device_of, load_tokenizer, model_path
+from alignctl.models import device_of
 from alignctl.online_rl import (
     completion_count,
     completion_tokens,
-    encode_prompts,
     greedy_evaluator,
+    load_prompts,
     maybe_show_samples,
     queue_steps,
     reward_sources,
@@ -65,14 +64,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     # beta = 0: no KL term, so no reference model is loaded at all, whatever recipe.reference says.
     mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
 
-    train_raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
-    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
-    path = model_path(cfg.model, cfg.inputs.get("policy"))
-    tokenizer = load_tokenizer(path, cfg.model)
     K = recipe.num_generations
     completions_per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
-    train_set = encode_prompts(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", completions_per_rollout // K)
-    eval_rows = eval_raw.to_list() if eval_raw is not None else None
+    prompts = load_prompts(cfg, recipe, completions_per_rollout // K)
+    train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, _ = reward_sources(cfg, recipe, tokenizer, device)
 
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
@@ -81,8 +76,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "grpo", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "grpo", cfg.inputs, data_fingerprint=prompts.raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
         f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "

@@ -115,8 +115,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "kto", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "kto", cfg.inputs, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     desirable_share = sum(train_set["label"]) / len(train_set)
     logger.note(f"kto: {len(train_set)} rows ({100 * desirable_share:.0f}% desirable), beta {recipe.beta}, reference {mode.value}, "

@@ -56,8 +56,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     prompts = encode_prompts(prompts_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", 1)
     sources, _ = reward_sources(cfg, recipe, tokenizer, device)
     policy = load_causal_lm(path, cfg.model, cfg.hardware).eval()
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}
-    run = RunDir(run_dir, raw, "pairs", parents, data_fingerprint=prompts_raw._fingerprint)
+    run = RunDir(run_dir, raw, "pairs", cfg.inputs, data_fingerprint=prompts_raw._fingerprint)
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens)
     K = recipe.num_generations
 

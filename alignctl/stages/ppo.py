@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import PPOConfig, Reference, RunConfig
@@ -39,11 +38,11 @@ from alignctl.losses import (
     score_to_token_rewards,
 )
 from alignctl.metrics import MetricsLogger
-from alignctl.models import device_of, load_reward_model, load_tokenizer, model_path
+from alignctl.models import device_of, load_reward_model, model_path
 from alignctl.online_rl import (
     completion_tokens,
-    encode_prompts,
     greedy_evaluator,
+    load_prompts,
     maybe_show_samples,
     queue_steps,
     reward_sources,
@@ -98,13 +97,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     device = device_of(cfg.hardware)
     mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
 
-    train_raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
-    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
-    path = model_path(cfg.model, cfg.inputs.get("policy"))
-    tokenizer = load_tokenizer(path, cfg.model)
     per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
-    train_set = encode_prompts(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", per_rollout)
-    eval_rows = eval_raw.to_list() if eval_raw is not None else None
+    prompts = load_prompts(cfg, recipe, per_rollout)
+    train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, reward_path = reward_sources(cfg, recipe, tokenizer, device)
 
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
@@ -116,8 +111,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
     optimizer = build_optimizer(both, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "ppo", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "ppo", cfg.inputs, data_fingerprint=prompts.raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"

@@ -131,8 +131,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "reward", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "reward", cfg.inputs, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")

@@ -89,8 +89,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
     # Everything that can fail on bad input has run: only now does the run directory claim a run.
-    parents = {role: parent for role, parent in cfg.inputs.items() if parent}  # every run this one builds on
-    run = RunDir(run_dir, raw, "sft", parents, data_fingerprint=train_raw._fingerprint)
+    run = RunDir(run_dir, raw, "sft", cfg.inputs, data_fingerprint=train_raw._fingerprint)
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
         f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "
