@@ -6,6 +6,8 @@ so a fresh adapter leaves the model's outputs unchanged until the first optimise
 
 from __future__ import annotations
 
+import copy
+
 import peft
 import torch
 
@@ -53,3 +55,56 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+VALUE_ADAPTER = "value"
+
+
+class SharedBaseValue(torch.nn.Module):
+    """A value model that shares the policy's frozen base: its own LoRA adapter (named "value") on
+    the policy's peft model, plus a scalar head. One base in memory for both trained models.
+
+    peft activates one adapter at a time and `set_adapter` freezes the others; `values` switches to
+    the value adapter for its forward and back, then marks both adapters trainable again, so one
+    optimiser keeps training both (each forward only reaches its own adapter's weights).
+    """
+
+    def __init__(self, policy: peft.PeftModel):
+        super().__init__()
+        self.policy = [policy]  # a list: not registered as a submodule (the policy's parameters are its own)
+        policy.add_adapter(VALUE_ADAPTER, copy.deepcopy(policy.peft_config["default"]))
+        policy.set_requires_grad(["default", VALUE_ADAPTER], True)
+        hidden = policy.get_base_model().config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1, bias=False)
+        torch.nn.init.zeros_(self.head.weight)  # values start at 0: GAE's first advantages are the rewards
+        self.head.to(next(policy.parameters()).device)
+
+    def value_parameters(self) -> list[torch.nn.Parameter]:
+        names = f".{VALUE_ADAPTER}."
+        return [p for n, p in self.policy[0].named_parameters() if names in n] + list(self.head.parameters())
+
+    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, W) values, aligned as ops.response_values aligns them."""
+        policy = self.policy[0]
+        base = policy.get_base_model()
+        width = int(batch["response_mask"].sum(-1).max())
+        policy.set_adapter(VALUE_ADAPTER)
+        try:
+            hidden = getattr(base, base.base_model_prefix)(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False
+            ).last_hidden_state
+        finally:
+            policy.set_adapter("default")
+            policy.set_requires_grad(["default", VALUE_ADAPTER], True)
+        return self.head(hidden[:, -width - 1 : -1]).squeeze(-1).float()
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """The value adapter (peft layout) and the head, beside the policy's files."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.policy[0].save_pretrained(out, selected_adapters=[VALUE_ADAPTER], **kwargs)
+        save_file({"weight": self.head.weight.detach().cpu().contiguous()}, str(out / "value_head.safetensors"))

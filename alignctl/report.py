@@ -77,7 +77,7 @@ def accuracy_table(title: str, stages: list[tuple[str, Path, bool]]) -> Table:
 def runs_table(root: Path) -> Table:
     table = Table(title=f"runs under {root}", header_style="bold")
     for column in ("run", "stage", "status", "parents", "headline", "steps"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a run path must stay whole, even on a narrow terminal
     for run_dir in find_runs(root):
         run = read_run(run_dir)
         lineage = run["lineage"]

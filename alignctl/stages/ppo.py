@@ -13,8 +13,9 @@ GAE advantages (whitened) and returns from the value model; then ``num_ppo_epoch
 Writes: checkpoint/ (the policy, a plain causal LM; the value model in checkpoint/value_model/),
 metrics.jsonl (TRL's objective/*, policy/*, loss/*, val/* names), eval.json, lineage.json.
 Evaluates: greedy completions of the eval prompts (eval_reward, and eval_exact_match on a built-in task).
-Adapters: with LoRA, policy and value each get their own adapter over their own frozen base (a
-shared base needs the value model to start from the policy and is not done yet).
+Adapters: with LoRA and a value model that starts from the policy, the value model is a second
+adapter on the policy's frozen base plus a scalar head (adapters.SharedBaseValue); a value model
+from a reward model is another network and gets its own adapter.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl.adapters import apply_adapter, parameter_counts
+from alignctl.adapters import SharedBaseValue, apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import PPOConfig, Reference, RunConfig
 from alignctl.losses import (
@@ -73,8 +74,10 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value = policy, value
 
     def save_pretrained(self, directory: Path, **kwargs) -> None:
+        if isinstance(self.value, SharedBaseValue):  # the policy's files hold its own adapter only
+            kwargs = {**kwargs, "selected_adapters": ["default"]}
         self.policy.save_pretrained(directory, **kwargs)
-        self.value.save_pretrained(Path(directory) / "value_model", **kwargs)
+        self.value.save_pretrained(Path(directory) / "value_model", **{k: v for k, v in kwargs.items() if k != "selected_adapters"})
 
 
 class AdaptiveKLController:
@@ -105,7 +108,14 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
     policy = apply_adapter(policy, cfg.adapter)
     value_path = model_path(cfg.model, cfg.inputs.get("init")) if cfg.inputs.get("init") else (reward_path or path)
-    value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id), cfg.adapter, "SEQ_CLS")
+    if cfg.adapter.kind != "none" and value_path == path:
+        # The value model would start from the policy itself: train it as a second adapter on the
+        # policy's frozen base (one base in memory) with its own scalar head.
+        value = SharedBaseValue(policy)
+        value_fn, value_from = value.values, "a second adapter on the policy's base"
+    else:
+        value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id), cfg.adapter, "SEQ_CLS")
+        value_fn, value_from = (lambda batch: response_values(value, batch)), value_path
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
@@ -115,7 +125,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
     logger.note(
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"
-        f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model from {value_path}, rewards "
+        f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model: {value_from}, rewards "
         + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
@@ -138,7 +148,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         both.eval()
         pad_id, size = tokenizer.pad_token_id, recipe.batch_size
         old_logps = per_token_values(lambda b: token_logps(policy, b), completions, pad_id, device, size)
-        old_values = per_token_values(lambda b: response_values(value, b), completions, pad_id, device, size)
+        old_values = per_token_values(value_fn, completions, pad_id, device, size)
         ref_logps = old_logps if mode == Reference.none else per_token_values(
             lambda b: reference_logps(mode, policy, reference, b, token_logps), completions, pad_id, device, size)
         width = max(len(c) for c in completions.completion_ids)
@@ -175,7 +185,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
-        values = response_values(value, batch)
+        values = value_fn(batch)
         policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)
         value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], recipe.cliprange_value)
         metrics = {

@@ -35,6 +35,9 @@ def runs(learned_sft_run, run_cmd, tmp_path_factory):
         "adaptive": _train(run_cmd, root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
                            "recipe.max_steps=3", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
                            "recipe.lr=1e-3", *small),
+        "shared": _train(run_cmd, root / "shared", "recipe=ppo", "adapter=lora", f"inputs.policy={sft_dir}",
+                         "recipe.reward_funcs=[alignctl.rewards.task_verifier]", "recipe.max_steps=2", "recipe.num_ppo_epochs=2",
+                         "recipe.lr=1e-2", *small),
         "learn": _train(run_cmd, root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
                         "recipe.max_steps=30", "recipe.eval_every=0", "data.eval_limit=400"),
     }
@@ -67,7 +70,7 @@ def test_ppo_from_a_reward_model_logs_trl_metrics_and_records_lineage(runs):
     assert train[-1]["policy/approxkl"] > 0
     lineage = json.loads((run.dir / "lineage.json").read_text())
     assert set(lineage["parents"]) == {"policy", "reward"} and lineage["parents"]["reward"]["stage"] == "reward"
-    assert "value model from " + str(reward.dir / "checkpoint") in run.flat_output  # InstructGPT: value starts as the RM
+    assert "value model: " + str(reward.dir / "checkpoint") in run.flat_output  # InstructGPT: value starts as the RM
 
 
 def test_ppo_checkpoint_is_a_plain_policy_with_the_value_model_beside_it(runs, run_cmd):
@@ -112,3 +115,26 @@ def test_ppo_without_any_reward_is_one_line(alignctl, tmp_path):
     result = alignctl("train", "recipe=ppo", "recipe.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.describe()
     assert result.stderr_lines() == ["alignctl: error: no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>"]
+
+
+def test_lora_value_model_starting_from_the_policy_shares_its_base(runs, run_cmd):
+    from safetensors.torch import load_file
+
+    run = runs[0]["shared"]
+    run.assert_finished()
+    assert "value model: a second adapter on the policy's base" in run.flat_output
+    checkpoint = run.dir / "checkpoint"
+    policy = load_file(str(checkpoint / "adapter_model.safetensors"))
+    value = load_file(str(checkpoint / "value_model" / "value" / "adapter_model.safetensors"))
+    head = load_file(str(checkpoint / "value_model" / "value_head.safetensors"))["weight"]
+    assert not any(".value." in name for name in policy)  # the policy's files hold its own adapter only
+    for weights in (policy, value):  # both adapters trained (B starts at zero), through one optimiser
+        assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
+    assert head.abs().sum() > 0  # the head starts at zero
+    script = (
+        "import sys; from peft import AutoPeftModelForCausalLM; "
+        f"m = AutoPeftModelForCausalLM.from_pretrained({str(checkpoint)!r}); "
+        "assert 'alignctl' not in sys.modules; print(type(m).__name__)"
+    )
+    result = run_cmd([sys.executable, "-c", script])
+    assert result.returncode == 0 and "PeftModelForCausalLM" in result.stdout, result.describe()
