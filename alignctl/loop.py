@@ -63,6 +63,7 @@ def train_loop(
         started = time.perf_counter()
         ctx.model.train()
         micro_batches = next_step()
+        fetched = time.perf_counter()  # RL stages sample their rollout inside next_step
         # Normalise by the items of the whole step, not per micro-batch (see module docstring).
         num_items = sum(int(mb["num_items"]) for mb in micro_batches)
         totals: dict[str, float] = {}
@@ -90,6 +91,7 @@ def train_loop(
             "num_tokens": ctx.tokens_seen,
             "tokens_per_second": tokens / seconds,
             "step_seconds": seconds,
+            "time/training": time.perf_counter() - fetched,  # forward, backward and optimiser step only
         }
         ctx.logger.log({"step": step, **last})
         ctx.logger.advance(step)

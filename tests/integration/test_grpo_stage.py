@@ -60,7 +60,8 @@ def test_grpo_logs_rollout_metrics_with_trl_names(learned):
     for record in train:
         assert 0 <= record["reward"] <= 1 and record["reward"] == record["rewards/task_verifier/mean"]
         assert record["completions/mean_length"] > 0 and 0 <= record["frac_reward_zero_std"] <= 1
-        assert record["time/generation"] > 0 and record["objective/entropy"] > 0
+        assert record["time/generation"] > 0 and record["time/training"] > 0 and record["objective/entropy"] > 0
+        assert record["time/generation"] + record["time/training"] <= record["step_seconds"]
         assert "objective/kl" not in record  # beta = 0: no KL term and no reference model
     mean_reward = sum(r["reward"] for r in train[-10:]) / 10
     assert mean_reward > sum(r["reward"] for r in train[:10]) / 10, "sampled reward should rise as well"
