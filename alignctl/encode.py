@@ -82,16 +82,19 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
     return ids, trainable
 
 
-def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str) -> list[int] | None:
-    """Apply data.overlong to a prompt that leaves no room for a completion token (None: drop the row)."""
-    if len(prompt_ids) < max_length:
+def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str, completion_room: int = 1) -> list[int] | None:
+    """Apply data.overlong to a prompt that leaves fewer than `completion_room` tokens of max_length
+    for the completion (None: drop the row)."""
+    limit = max_length - completion_room
+    if len(prompt_ids) <= limit:
         return prompt_ids
     if overlong == "drop":
         return None
     if overlong == "truncate":  # keep the end of the prompt, nearest the answer
-        return prompt_ids[len(prompt_ids) - (max_length - 1) :]  # not [-(max_length - 1):]: -0 keeps all
+        return prompt_ids[len(prompt_ids) - limit :]  # not [-limit:]: -0 keeps all
+    room = f" minus recipe.max_new_tokens ({completion_room}) leaves {limit}" if completion_room > 1 else ""
     raise DataError(
-        f"{where}: the prompt is {len(prompt_ids)} tokens and recipe.max_length is {max_length}; "
+        f"{where}: the prompt is {len(prompt_ids)} tokens and recipe.max_length is {max_length}{room}; "
         "raise recipe.max_length or set data.overlong=drop or data.overlong=truncate"
     )
 

@@ -206,7 +206,11 @@ def _compose(hydra: Any, config_name: str, overrides: list[str], multirun: bool 
 def compose_config(overrides: list[str], config_name: str = DEFAULT_CONFIG, config_dir: str | None = None) -> DictConfig:
     """The job config `alignctl train <overrides>` would run with (without the `hydra` node)."""
     with _hydra(config_dir) as hydra:
-        cfg = _compose(hydra, config_name, overrides)
+        return without_hydra(_compose(hydra, config_name, overrides))
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """The job's own config: `cfg` without Hydra's `hydra` node."""
     with _writable(cfg):
         del cfg["hydra"]
     return cfg
@@ -367,8 +371,10 @@ def _check_sweep_targets(overrides: list[str]) -> None:
             fail(f"{override}: Hydra's own settings cannot be swept; sweep job keys (recipe.lr=1e-4,3e-4) instead")
 
 
-def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = None, config_dir: str | None = None, label: str | None = None) -> None:
-    """Compose and validate every job of the command; exit 2 on the first problem (prefixed with `label`)."""
+def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = None, config_dir: str | None = None, label: str | None = None) -> list[DictConfig]:
+    """Compose and validate every job of the command; exit 2 on the first problem (prefixed with `label`).
+
+    Returns each job's composed config (with its `hydra` node), so a caller need not compose it again."""
     name = config_name or DEFAULT_CONFIG
     def report(message: str) -> NoReturn:  # fail(), naming where the job comes from
         fail(f"{label}: {message}" if label else message)
@@ -394,6 +400,7 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             report(explain(err, overrides, hydra, name) if isinstance(err, OverrideParseException) else str(err).splitlines()[0])
         if multirun and not basic:
             jobs = [[o for o in overrides if not OverridesParser.create().parse_override(o).is_sweep_override()]]
+        composed = []
         for num, job in enumerate(jobs):
             try:
                 cfg = _compose(hydra, name, job)
@@ -403,3 +410,5 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
                 report(str(err))
             except Exception as err:  # noqa: BLE001
                 report(explain(err, job, hydra, name))
+            composed.append(cfg)
+    return composed

@@ -28,16 +28,8 @@ PROMPT_COLUMNS = ("prompt", "prompt_ids")
 def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: RunConfig, where: str, prompts_per_rollout: int) -> Dataset:
     """Add ``prompt_ids``, keeping every column (reward functions receive them); a DataError when
     fewer prompts than one rollout needs remain."""
-    budget = recipe.max_length - recipe.max_new_tokens
-
     def encode(row: dict, index: int) -> dict | None:
-        ids = encode_prompt(tokenizer, row["prompt"])
-        if len(ids) > budget and cfg.data.overlong.value == "error":
-            raise DataError(
-                f"{where}: row {index}: the prompt is {len(ids)} tokens, and recipe.max_length ({recipe.max_length}) minus "
-                f"recipe.max_new_tokens ({recipe.max_new_tokens}) leaves {budget}; raise recipe.max_length or set data.overlong=drop or truncate"
-            )
-        ids = fit_prompt(ids, budget + 1, cfg.data.overlong.value, where)
+        ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}", recipe.max_new_tokens)
         return None if ids is None else {**row, "prompt_ids": ids}
 
     empty = {name: None for name in dataset.column_names} | {"prompt_ids": []}

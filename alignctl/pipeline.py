@@ -26,6 +26,7 @@ or override fails in one line, before anything trains.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -140,25 +141,20 @@ def split_overrides(overrides: list[str], stages: list[Stage]) -> tuple[list[str
 
 def plan(pipeline: Pipeline, overrides: list[str], root: Path) -> list[PlannedStage]:
     """Compose and validate every stage's config (exits 2 on the first bad one) and find its run directory."""
-    from alignctl.validation import validate
-
     common, per_stage, _ = split_overrides(overrides, pipeline.stages)
     planned: dict[str, PlannedStage] = {}
     for stage in pipeline.stages:
         parents = {role: planned[parent].run_dir.resolve() for role, parent in stage.inputs.items()}
         stage_overrides = [*stage.overrides, *common, *per_stage[stage.name], *(f"inputs.{role}={p}" for role, p in parents.items())]
         # Parents may not exist yet: validation reads only the config.
-        hydra_app.check_jobs(stage_overrides, multirun=False, label=f"stage {stage.name}")
-        cfg = hydra_app.compose_config(stage_overrides)
-        validate(cfg)
+        (composed,) = hydra_app.check_jobs(stage_overrides, multirun=False, label=f"stage {stage.name}")
+        cfg = hydra_app.without_hydra(composed)
         run_dir = root / f"{stage.name}-{config_hash(cfg)[:10]}"
         planned[stage.name] = PlannedStage(stage, stage_overrides, cfg, run_dir, parents=parents)
     return list(planned.values())
 
 
 def _finished(run_dir: Path) -> bool:
-    import json
-
     lineage = run_dir / "lineage.json"
     return lineage.exists() and json.loads(lineage.read_text()).get("status") == "finished"
 
@@ -183,10 +179,10 @@ def run_stage(planned: PlannedStage) -> dict[str, float]:
     return get_stage(run_config.recipe.stage)(run_config, planned.cfg, planned.run_dir)
 
 
-def run_pipeline(pipeline: Pipeline, overrides: list[str], root: Path) -> list[PlannedStage]:
+def run_pipeline(pipeline: Pipeline, stages: list[PlannedStage], root: Path) -> list[PlannedStage]:
+    """Run the planned stages in order, skipping those finished before."""
     from alignctl.metrics import console
 
-    stages = plan(pipeline, overrides, root)
     root.mkdir(parents=True, exist_ok=True)
     for index, planned in enumerate(stages, start=1):
         title = f"[bold]pipeline {pipeline.name}[/] stage {index}/{len(stages)}: {planned.stage.name} -> {planned.run_dir}"
@@ -219,12 +215,12 @@ def pipeline_command(args: list[str]) -> None:
     _, _, out_dir = split_overrides(overrides, pipeline.stages)
     root = out_dir or Path("runs") / "pipelines" / pipeline.name
     jobs = hydra_app.expand_sweep([o for o in overrides if not o.startswith("pipeline.dir=")], multirun=bool(flags))
-    for job in jobs:  # plan every job first: a bad value in the last combination fails before the first trains
-        plan(pipeline, job, root)
+    # Plan every job first: a bad value in the last combination fails before the first trains.
+    plans = [plan(pipeline, job, root) for job in jobs]
     hydra_app.quiet_libraries()
-    for number, job in enumerate(jobs):
+    for number, (job, planned) in enumerate(zip(jobs, plans)):
         if len(jobs) > 1:
             console.rule(f"[bold]sweep job {number + 1}/{len(jobs)}[/]: {' '.join(job)}")
-        stages = run_pipeline(pipeline, job, root)
+        stages = run_pipeline(pipeline, planned, root)
         console.print(accuracy_table(pipeline.name, [(s.stage.name, s.run_dir, s.cached) for s in stages]))
 

@@ -51,25 +51,25 @@ def _headline(run: dict[str, Any]) -> tuple[str, float | None, float | None]:
     return "", None, None
 
 
-def accuracy_rows(stages: list[tuple[str, Path, bool]]) -> list[tuple[str, str, str, str, str]]:
-    """(stage, metric, before, after, run) per stage, led by the model the first stage started from."""
+def accuracy_rows(runs: list[tuple[str, dict[str, Any], bool]]) -> list[tuple[str, str, str, str, str]]:
+    """(stage, metric, before, after, run) per (name, read_run(...), cached), led by the model the
+    first stage started from."""
     rows = []
-    for index, (name, run_dir, cached) in enumerate(stages):
-        run = read_run(run_dir)
+    for index, (name, run, cached) in enumerate(runs):
         metric, before, after = _headline(run)
         if index == 0 and metric == "eval_exact_match":
             rows.append(("(starting model)", metric.removeprefix("eval_"), "", _fmt(before), ""))
         label = f"{name} ({run['lineage']['stage']}{', cached' if cached else ''})"
-        rows.append((label, metric.removeprefix("eval_"), _fmt(before), _fmt(after), run_dir.name))
+        rows.append((label, metric.removeprefix("eval_"), _fmt(before), _fmt(after), run["dir"].name))
     return rows
 
 
-def accuracy_table(title: str, stages: list[tuple[str, Path, bool]]) -> Table:
-    """Held-out accuracy after each stage, starting from the model the first stage started from."""
+def accuracy_table(title: str, stages: list[tuple[str, Path, bool]], runs: list[tuple[str, dict[str, Any], bool]] | None = None) -> Table:
+    """Held-out accuracy after each stage (name, run dir, cached), starting from the model the first stage started from."""
     table = Table(title=f"pipeline {title}: held-out accuracy after each stage", header_style="bold")
     for column in ("stage", "metric", "before", "after", "run"):
         table.add_column(column, justify="right" if column in ("before", "after") else "left")
-    for row in accuracy_rows(stages):
+    for row in accuracy_rows(runs or [(name, read_run(run_dir), cached) for name, run_dir, cached in stages]):
         table.add_row(*row)
     return table
 
@@ -140,25 +140,27 @@ def write_report(root: Path) -> tuple[Table, list[Path]]:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("alignctl report draws with matplotlib: pip install 'alignctl[report]'") from None
-    links = sorted((p for p in root.iterdir() if p.is_symlink() and (p / "lineage.json").exists()), key=lambda p: read_run(p.resolve())["lineage"].get("started_at", "")) if root.is_dir() else []
-    stages = [(link.name, link.resolve(), False) for link in links] or [(p.name, p, False) for p in find_runs(root)]
-    if not stages:
+    links = [p for p in root.iterdir() if p.is_symlink() and (p / "lineage.json").exists()] if root.is_dir() else []
+    runs = [(link.name, read_run(link.resolve()), False) for link in links] or [(p.name, read_run(p), False) for p in find_runs(root)]
+    if not runs:
         raise UserError(f"{root}: no alignctl runs found (no lineage.json)")
+    runs.sort(key=lambda item: item[1]["lineage"].get("started_at", ""))  # the order the stages ran in
     out = root / "report"
     out.mkdir(exist_ok=True)
-    files = [f for name, run_dir, _ in stages if (f := plot_run(read_run(run_dir), out / f"{name}.png"))]
+    files = [f for name, run, _ in runs if (f := plot_run(run, out / f"{name}.png"))]
     accuracy = []
-    for name, run_dir, _ in stages:
-        metric, before, after = _headline(read_run(run_dir))
+    for name, run, _ in runs:
+        metric, before, after = _headline(run)
         if metric == "eval_exact_match":
             if not accuracy and before is not None:
                 accuracy.append(("start", before))
             accuracy.append((name, after))
     if accuracy:
         files.append(plot_accuracy(accuracy, out / "accuracy.png"))
-    table = accuracy_table(root.name, stages)
+    rows = accuracy_rows(runs)
+    table = accuracy_table(root.name, [], runs)
     lines = ["| stage | metric | before | after | run |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in accuracy_rows(stages)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *(f"![{f.stem}]({f.name})" for f in files)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return table, files

@@ -65,6 +65,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainConfig) -> An
     )
 
 
+def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: Any, run_dir: Path, stage: str, data_fingerprint: str | None) -> tuple[torch.optim.Optimizer, Any, RunDir, Any]:
+    """Optimiser, schedule, the run directory (config.yaml, lineage.json with every set input as a
+    parent) and the metrics logger. Called once everything that can fail on bad input has run, so a
+    bad command leaves no half-claimed run directory."""
+    from alignctl.metrics import MetricsLogger
+
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint)
+    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    return optimizer, scheduler, run, logger
+
+
 def checkpoint_writer(
     run_dir: Path,
     model: torch.nn.Module,

@@ -27,7 +27,6 @@ from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
 from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
-from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
 from alignctl.reference import (
@@ -39,12 +38,10 @@ from alignctl.reference import (
     resolve_mode,
 )
 from alignctl.registry import register_stage
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     sum_over_batches,
     train_and_finish,
 )
@@ -106,10 +103,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(policy)
     step_rows = recipe.batch_size * recipe.grad_accum
     stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
-    optimizer = build_optimizer(policy, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, "dpo", cfg.inputs, data_fingerprint=train_raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "dpo", train_raw._fingerprint)
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 

@@ -27,7 +27,6 @@ from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, Reference, RunConfig
 from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
-from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of
 from alignctl.online_rl import (
     completion_count,
@@ -45,12 +44,10 @@ from alignctl.ops import response_token_logps
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
 from alignctl.rollout import Sampling, per_token_values
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     train_and_finish,
 )
 
@@ -74,10 +71,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False)
-    optimizer = build_optimizer(policy, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, "grpo", cfg.inputs, data_fingerprint=prompts.raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "grpo", prompts.raw._fingerprint)
     logger.note(
         f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "
         f"{recipe.advantage.value} advantages, beta {recipe.beta} (reference {mode.value}), rewards "

@@ -27,7 +27,6 @@ from alignctl.config import KTOConfig, Reference, RunConfig
 from alignctl.encode import encode_completion, encode_prompt, encode_rows, fit_prompt
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import kto_loss
-from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
 from alignctl.reference import (
@@ -39,12 +38,10 @@ from alignctl.reference import (
     resolve_mode,
 )
 from alignctl.registry import register_stage
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     sum_over_batches,
     train_and_finish,
 )
@@ -113,10 +110,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"])],
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
-    optimizer = build_optimizer(policy, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, "kto", cfg.inputs, data_fingerprint=train_raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "kto", train_raw._fingerprint)
     desirable_share = sum(train_set["label"]) / len(train_set)
     logger.note(f"kto: {len(train_set)} rows ({100 * desirable_share:.0f}% desirable), beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")

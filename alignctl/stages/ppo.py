@@ -38,7 +38,6 @@ from alignctl.losses import (
     masked_whiten,
     score_to_token_rewards,
 )
-from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_reward_model, model_path
 from alignctl.online_rl import (
     completion_tokens,
@@ -55,12 +54,10 @@ from alignctl.ops import response_token_logps, response_values
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
 from alignctl.rollout import Sampling, per_token_values, right_aligned
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     train_and_finish,
 )
 
@@ -119,10 +116,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
-    optimizer = build_optimizer(both, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, "ppo", cfg.inputs, data_fingerprint=prompts.raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(both, recipe, cfg, raw, run_dir, "ppo", prompts.raw._fingerprint)
     logger.note(
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"
         f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model: {value_from}, rewards "

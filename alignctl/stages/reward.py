@@ -27,7 +27,6 @@ from alignctl.config import RewardConfig, RunConfig
 from alignctl.encode import IGNORE, encode_rows, preference_example
 from alignctl.errors import ConfigError
 from alignctl.losses import reward_model_loss, sft_loss
-from alignctl.metrics import MetricsLogger
 from alignctl.models import (
     add_decoder_layers,
     device_of,
@@ -37,12 +36,10 @@ from alignctl.models import (
     model_path,
 )
 from alignctl.registry import register_stage
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     sum_over_batches,
     train_and_finish,
 )
@@ -129,10 +126,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(model)
     stream = BatchStream([max(len(c), len(r)) for c, r in zip(train_set["chosen"], train_set["rejected"])],
                          recipe.batch_size * recipe.grad_accum, cfg.seed)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, "reward", cfg.inputs, data_fingerprint=train_raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "reward", train_raw._fingerprint)
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 

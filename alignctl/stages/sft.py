@@ -24,15 +24,12 @@ from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import sft_loss
-from alignctl.metrics import MetricsLogger
 from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
-from alignctl.rundir import RunDir
 from alignctl.training import (
-    build_optimizer,
-    build_scheduler,
     configure_torch,
     seed_everything,
+    start_training,
     train_and_finish,
 )
 
@@ -86,11 +83,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
     stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe)
-    # Everything that can fail on bad input has run: only now does the run directory claim a run.
-    run = RunDir(run_dir, raw, "sft", cfg.inputs, data_fingerprint=train_raw._fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "sft", train_raw._fingerprint)
     logger.note(
         f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "
         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), run dir {run_dir}"
