@@ -108,3 +108,15 @@ class SharedBaseValue(torch.nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.policy[0].save_pretrained(out, selected_adapters=[VALUE_ADAPTER], **kwargs)
         save_file({"weight": self.head.weight.detach().cpu().contiguous()}, str(out / "value_head.safetensors"))
+
+    def load_weights(self, directory) -> None:
+        """Resume: the value adapter (peft keeps a non-default adapter in a folder of its name) and the head."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from alignctl.checkpoint import load_adapter
+
+        load_adapter(self.policy[0], Path(directory) / VALUE_ADAPTER, VALUE_ADAPTER)
+        with torch.no_grad():
+            self.head.weight.copy_(load_file(str(Path(directory) / "value_head.safetensors"))["weight"])

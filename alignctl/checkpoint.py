@@ -70,7 +70,8 @@ def save_checkpoint(
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in folder.glob(".tmp-*"):  # a save cut short by a kill (one writer per run directory)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -105,3 +106,53 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     # weights_only=True: a checkpoint is data, never code.
     return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Put a checkpoint's trained weights back into `model`, built as the run built it (resume).
+
+    A module that saves itself in parts (PPO's policy + value model) restores its parts with its own
+    `load_weights`. A peft model takes its adapter (and any trained head) through peft's loader; a
+    full model takes every tensor, and a tensor the checkpoint left out must be tied to one it holds
+    (save_pretrained drops an LM head tied to the embeddings).
+    """
+    from alignctl.errors import UserError
+
+    if hasattr(model, "load_weights"):
+        model.load_weights(checkpoint)
+        return
+    import peft
+
+    if isinstance(model, peft.PeftModel):
+        load_adapter(model, checkpoint, "default")
+        return
+    from safetensors.torch import load_file
+
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{checkpoint}: no model*.safetensors weights to resume from")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise UserError(
+            f"{checkpoint}: its weights do not fit the model this config builds "
+            f"(missing {', '.join(untied[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}); resume with the run's own config"
+        )
+
+
+def load_adapter(model: Any, directory: Path, adapter_name: str) -> None:
+    """Load a saved peft adapter's weights (and modules_to_save, e.g. a reward head) into `adapter_name`."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    from alignctl.errors import UserError
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(directory)), adapter_name=adapter_name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+    if unexpected:
+        raise UserError(f"{directory}: its adapter does not fit the model this config builds (unexpected {', '.join(unexpected[:3])}); resume with the run's own config")

@@ -1,8 +1,9 @@
-"""`alignctl` command line: subcommands dispatch to Hydra applications (logic lives in hydra_app)."""
+"""`alignctl` command line: subcommands dispatch to Hydra apps (logic: hydra_app; early ends: exits)."""
 
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,20 +12,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from alignctl import hydra_app
-from alignctl.errors import UserError
+from alignctl.exits import reported
 
 
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
 def _train(cfg: DictConfig) -> dict:
     from alignctl.registry import get_stage
+    from alignctl.resume import check_resumable, refuse_to_overwrite
     from alignctl.validation import validate
 
     hydra_app.quiet_libraries()
-    try:
+    with reported():
         run_config = validate(cfg)
-        return get_stage(run_config.recipe.stage)(run_config, cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as err:
-        hydra_app.fail(str(err))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if run_config.resume:  # before any model loads
+            check_resumable(run_dir, run_config.recipe.max_steps)
+        elif hasattr(run_config.recipe, "max_steps") and run_config.recipe.max_steps > 0:
+            refuse_to_overwrite(run_dir)
+        return get_stage(run_config.recipe.stage)(run_config, cfg, run_dir)
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)
@@ -32,19 +37,23 @@ PLAIN = {"pipeline": "alignctl.pipeline:pipeline_command", "runs": "alignctl.rep
 
 
 def main() -> None:
-    checked = hydra_app.run_command(sys.argv[1:])
+    args = sys.argv[1:]
+    checked = hydra_app.run_command(args)
     if checked is None:
         return
     command, rest = checked
-    if command in PLAIN:  # not Hydra apps: they take their own arguments
-        module, _, function = PLAIN[command].partition(":")
-        try:
-            getattr(importlib.import_module(module), function)(rest)
-        except UserError as err:
-            hydra_app.fail(str(err))
-        return
-    sys.argv = [f"alignctl {command}", *rest]
-    COMMANDS[command]()
+    try:
+        if command in PLAIN:  # not Hydra apps: they take their own arguments
+            module, _, function = PLAIN[command].partition(":")
+            # A pipeline stopped by a signal resumes its stage when the same command runs again.
+            with reported(resume_hint=" ".join(shlex.quote(a) for a in ["alignctl", *args])):
+                getattr(importlib.import_module(module), function)(rest)
+            return
+        sys.argv = [f"alignctl {command}", *rest]
+        COMMANDS[command]()
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handlers
+        print("alignctl: interrupted by SIGINT before training started; nothing to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from alignctl.recipe_config import (  # noqa: F401
     GRPOConfig,
     KTOConfig,
     LossAggregation,
+    NonFinite,
     OnlineRLConfig,
     PairsConfig,
     PPOConfig,
@@ -181,6 +182,7 @@ class RunConfig:
     logger: LoggerConfig
     seed: int
     inputs: dict[str, str | None] = field(default_factory=dict)  # role -> run dir of a parent stage
+    resume: bool = False  # continue the run in its directory from its newest checkpoint
 
 
 @dataclass
@@ -189,3 +191,4 @@ class TopLevelConfig:
 
     seed: int
     inputs: dict[str, str | None]
+    resume: bool

@@ -62,12 +62,15 @@ def _load_file(path: Path) -> Dataset:
     if builder is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
     options = {"converters": {column: str for column in TEXT_COLUMNS}} if builder == "csv" else {}
+    if path.stat().st_size < 4096 and not path.read_bytes().strip():  # blank: datasets would fail without a message
+        raise DataError(f"{path}: the file is empty, so the split is empty; give a file with at least one row")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # datasets wraps parser errors in several types; find the line ourselves
         if path.suffix == ".jsonl" and (bad := _first_bad_json_line(path)):
             raise DataError(bad) from None
-        raise DataError(f"{path}: cannot be read as {builder} ({str(err).splitlines()[0]})") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: cannot be read as {builder} ({reason})") from None
 
 
 def _pick_split(loaded: DatasetDict, split: str, where: str) -> Dataset:

@@ -91,6 +91,7 @@ def fit_prompt(prompt_ids: list[int], max_length: int, overlong: str, where: str
     if overlong == "drop":
         return None
     if overlong == "truncate":  # keep the end of the prompt, nearest the answer
+        _ROW["cut"] = True  # counted by encode_rows
         return prompt_ids[len(prompt_ids) - limit :]  # not [-limit:]: -0 keeps all
     room = f" minus recipe.max_new_tokens ({completion_room}) leaves {limit}" if completion_room > 1 else ""
     raise DataError(
@@ -158,17 +159,33 @@ def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length
     }
 
 
+# Set by fit_prompt when it cuts the row being encoded, read by encode_rows. A plain dict: every
+# worker process of a parallel map has its own, and datasets can pickle it to fingerprint the map
+# (it is reset before each map, so the fingerprint does not depend on the previous one).
+_ROW = {"cut": False}
+
+
 def encode_rows(dataset, encode, empty: dict, num_proc: int | None, where: str, max_length: int, minimum: int = 1):
     """Map `encode(row, index) -> dict | None` over a datasets.Dataset, dropping the rows it returns
     None for (data.overlong=drop). `empty` gives the columns a dropped row holds until it is filtered.
+    Prints how many rows data.overlong dropped or truncated (never silent).
     Raises a DataError when fewer than `minimum` rows remain."""
 
     def wrapped(row: dict, index: int) -> dict:
+        _ROW["cut"] = False
         example = encode(row, index)
-        return {**empty, "keep": False} if example is None else {**example, "keep": True}
+        cut = _ROW["cut"]
+        return {**empty, "keep": False, "cut": False} if example is None else {**example, "keep": True, "cut": cut}
 
+    _ROW["cut"] = False
     encoded = dataset.map(wrapped, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc)
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns("keep")
+    truncated = sum(encoded["cut"])
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns(["keep", "cut"])
+    if truncated or len(kept) < len(dataset):
+        from alignctl.metrics import console
+
+        console.print(f"{where}: {len(dataset) - len(kept)} rows dropped and {truncated} prompts truncated from the left "
+                      f"to fit recipe.max_length={max_length} (data.overlong)")
     if len(kept) < minimum:
         raise DataError(f"{where}: {len(kept)} rows fit recipe.max_length={max_length}; at least {minimum} needed")
     return kept

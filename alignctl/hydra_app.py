@@ -150,6 +150,13 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
         except UserError as err:
             fail(str(err))
         command = "train"
+    else:
+        from alignctl.resume import resume_args
+
+        try:
+            rest = resume_args(rest)
+        except UserError as err:
+            fail(str(err))
     flags, overrides, multirun = split_args(rest)
     names = {f.split("=", 1)[0] for f in flags}
     modes = [group[0] for group in EXCLUSIVE_FLAGS if set(group) & names]
@@ -360,6 +367,20 @@ def _set_hydra_config(cfg: DictConfig, job_num: int | None) -> None:
         pass
 
 
+def check_writable(path: Path, key: str) -> None:
+    """A directory the run will create or write into: its nearest existing ancestor must be a
+    writable directory (checked up front: Hydra would fail with a traceback after starting the job)."""
+    import os
+
+    existing = path.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"cannot create {path}: {existing} is a file, not a directory; choose another {key}=<directory>")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"cannot write to {path}: {existing} is not writable; choose another {key}=<directory>")
+
+
 def _check_sweep_targets(overrides: list[str]) -> None:
     """Hydra sweeps over job settings only: `-m hydra.run.dir=a,b` would fail after the launch."""
     for override in overrides:
@@ -406,6 +427,8 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
                 cfg = _compose(hydra, name, job)
                 _set_hydra_config(cfg, num if multirun else None)
                 validate(cfg)
+                key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+                check_writable(Path(str(OmegaConf.select(cfg, key))), key)
             except ConfigError as err:
                 report(str(err))
             except Exception as err:  # noqa: BLE001

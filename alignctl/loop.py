@@ -6,6 +6,10 @@ carries; see batching.split_micro) and `step_fn`
 (micro-batch, items in the whole step -> (loss share, metric shares)). Shares add up: summing them
 over the micro-batches of a step gives the full-batch mean, so B x accumulation A equals a batch of
 A*B exactly, whatever the padding. Evaluation and saving are callbacks on a step cadence.
+
+A step whose loss or gradient norm is not finite stops the run (`NonFiniteLoss`) or, with
+recipe.nonfinite=skip, changes no weight and is counted in `skipped_steps`. A SIGINT/SIGTERM ends
+the run after the current step with a checkpoint (alignctl/interrupt.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 import torch
 
-from alignctl.config import TrainConfig
+from alignctl.config import NonFinite, TrainConfig
+from alignctl.interrupt import Interrupted, StopRequests
 from alignctl.metrics import MetricsLogger
 
 Batch = dict[str, Any]
@@ -27,7 +32,11 @@ StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step whose loss or gradient norm is nan or inf, with recipe.nonfinite=stop."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}")
+        self.step = step
 
 
 @dataclass
@@ -41,6 +50,7 @@ class LoopContext:
     autocast: str | None = None
     device_type: str = "cpu"
     tokens_seen: int = 0  # non-padding tokens through the model so far (TRL's num_tokens)
+    skipped_steps: int = 0  # non-finite steps skipped (recipe.nonfinite=skip)
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -54,53 +64,78 @@ def train_loop(
     ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], list[Batch]], step_fn: StepFn, start_step: int = 0
 ) -> dict[str, float]:
     """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     if start_step == 0 and (baseline := ctx.evaluate(0)):  # the untrained model, so every run shows what training changed
         ctx.logger.log({"step": 0, **baseline})
         last.update(baseline)  # all there is when max_steps=0 (alignctl eval)
-    for step in range(start_step + 1, recipe.max_steps + 1):
-        started = time.perf_counter()
-        ctx.model.train()
-        micro_batches = next_step()
-        fetched = time.perf_counter()  # RL stages sample their rollout inside next_step
-        # Normalise by the items of the whole step, not per micro-batch (see module docstring).
-        num_items = sum(int(mb["num_items"]) for mb in micro_batches)
-        totals: dict[str, float] = {}
-        for batch in micro_batches:
-            with _autocast(ctx):
-                loss, metrics = step_fn(batch, num_items)
-            loss.backward()
-            for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-        if not math.isfinite(totals["loss"]):
-            raise NonFiniteLoss(f"step {step}: the loss is {totals['loss']}")
-        # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
-        lr = ctx.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
-        ctx.optimizer.step()
-        ctx.scheduler.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
-        tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
-        ctx.tokens_seen += tokens
-        last = {
-            **totals,
-            "grad_norm": float(grad_norm),
-            "learning_rate": lr,
-            "num_tokens": ctx.tokens_seen,
-            "tokens_per_second": tokens / seconds,
-            "step_seconds": seconds,
-            "time/training": time.perf_counter() - fetched,  # forward, backward and optimiser step only
-        }
-        ctx.logger.log({"step": step, **last})
-        ctx.logger.advance(step)
-        final = step == recipe.max_steps
-        if final or (recipe.eval_every and step % recipe.eval_every == 0):
-            eval_metrics = ctx.evaluate(step)
-            if eval_metrics:
-                ctx.logger.log({"step": step, **eval_metrics})
-                last.update(eval_metrics)
-        if final or (recipe.save_every and step % recipe.save_every == 0):
-            ctx.save(step)
+    with StopRequests(lambda signum: ctx.logger.note(f"received signal {signum}: finishing this step, then saving")) as stop:
+        for step in range(start_step + 1, recipe.max_steps + 1):
+            last = _one_step(ctx, recipe, next_step, step_fn, step)
+            final = step == recipe.max_steps
+            if final or (recipe.eval_every and step % recipe.eval_every == 0):
+                eval_metrics = ctx.evaluate(step)
+                if eval_metrics:
+                    ctx.logger.log({"step": step, **eval_metrics})
+                    last.update(eval_metrics)
+            saved = final or (recipe.save_every and step % recipe.save_every == 0)
+            if saved or stop.signum is not None:
+                ctx.save(step)
+            if stop.signum is not None and not final:
+                raise Interrupted(stop.signum, step)
     return last
+
+
+def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], list[Batch]], step_fn: StepFn, step: int) -> dict[str, float]:
+    """One optimiser step (forward and backward over its micro-batches, clip, update); its metrics."""
+    started = time.perf_counter()
+    ctx.model.train()
+    micro_batches = next_step()
+    fetched = time.perf_counter()  # RL stages sample their rollout inside next_step
+    # Normalise by the items of the whole step, not per micro-batch (see module docstring).
+    num_items = sum(int(mb["num_items"]) for mb in micro_batches)
+    totals: dict[str, float] = {}
+    for batch in micro_batches:
+        with _autocast(ctx):
+            loss, metrics = step_fn(batch, num_items)
+        loss.backward()
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach())
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf")))
+    lr = ctx.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
+    problem = _non_finite(totals["loss"], grad_norm)
+    if problem and recipe.nonfinite == NonFinite.stop:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(step, problem)
+    if problem:
+        ctx.skipped_steps += 1  # no update; the schedule still advances, so step N keeps step N's rate
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
+    ctx.tokens_seen += tokens
+    record = {
+        **totals,
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "num_tokens": ctx.tokens_seen,
+        "tokens_per_second": tokens / seconds,
+        "step_seconds": seconds,
+        "time/training": time.perf_counter() - fetched,  # forward, backward and optimiser step only
+    }
+    if recipe.nonfinite == NonFinite.skip:
+        record["skipped_steps"] = ctx.skipped_steps
+    ctx.logger.log({"step": step, **record})
+    ctx.logger.advance(step)
+    return record
+
+
+def _non_finite(loss: float, grad_norm: float) -> str | None:
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None

@@ -41,7 +41,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.log_every = log_every
         self.last: dict[str, Any] = {}
-        # A run that starts over in an existing directory replaces its metrics; a resumed one appends.
+        # A run that starts over in an existing directory replaces its metrics; a resumed one keeps the
+        # lines up to its checkpoint (those logged after it are about to be trained again) and appends.
+        if enabled and start_step:
+            keep_until_step(run_dir / "metrics.jsonl", start_step)
         self._file = (run_dir / "metrics.jsonl").open("a" if start_step else "w") if enabled else None
         self._tb = None
         if tensorboard and enabled:
@@ -98,6 +101,24 @@ class MetricsLogger:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def keep_until_step(path: Path, step: int) -> None:
+    """Drop the lines of a metrics.jsonl logged after `step` (atomically)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:

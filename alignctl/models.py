@@ -144,6 +144,30 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> t
     return lm.to(device_of(hardware))
 
 
+def check_reward_model(path: str, model: ModelConfig, culprit: str) -> None:
+    """Refuse a path that holds no trained reward model (a one-label sequence classifier), which
+    load_reward_model would otherwise quietly turn into one with an untrained head."""
+    from transformers import AutoConfig
+
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists():
+        kind = json.loads(adapter.read_text()).get("task_type")
+        if kind != "SEQ_CLS":
+            raise ModelLoadError(f"{culprit}: {path} holds a {kind} adapter, not a reward model; give the run directory of a recipe=reward run")
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{culprit}: cannot read a model config from {path!r}: {str(err).splitlines()[0]}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        found = ", ".join(architectures) or "no architecture"
+        raise ModelLoadError(
+            f"{culprit}: {path} is not a reward model ({found}, {config.num_labels} labels); give the run directory "
+            "of a recipe=reward run (a one-label sequence classifier)"
+        )
+
+
 def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, pad_token_id: int) -> torch.nn.Module:
     """A one-label sequence classifier: a reward model, or a new one whose backbone comes from a causal LM.
 

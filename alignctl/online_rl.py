@@ -17,7 +17,7 @@ from alignctl.config import OnlineRLConfig, RunConfig
 from alignctl.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.errors import DataError
 from alignctl.evaluate import generate
-from alignctl.models import load_reward_model, load_tokenizer, model_path
+from alignctl.models import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.reference import check_same_tokenizer
 from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
 from alignctl.rollout import Completions, Sampling, plan_steps, sample, training_batch
@@ -61,6 +61,7 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
     reward_path = None
     if cfg.inputs.get("reward"):
         reward_path = model_path(cfg.model, cfg.inputs["reward"])
+        check_reward_model(reward_path, cfg.model, f"inputs.reward={cfg.inputs['reward']}")
         tokenizer = load_tokenizer(reward_path, cfg.model)
         check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
         scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)

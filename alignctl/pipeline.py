@@ -15,7 +15,8 @@ prefixed with its name (``ppo.recipe.beta=0.1``); ``pipeline.dir=PATH`` picks wh
 Runs are content-addressed: a stage runs in ``<dir>/<stage>-<hash>``, the hash of its whole config,
 parents' run directories included, so a parent that changes gives its children new hashes too.
 Re-running a pipeline skips every stage whose directory holds a finished run, re-runs a changed
-stage and everything downstream of it, and never overwrites a finished run. ``<dir>/<stage>`` links
+stage and everything downstream of it, and never overwrites a finished run. A stage that failed or
+was interrupted after saving a checkpoint resumes from it (``resume=true``). ``<dir>/<stage>`` links
 to the stage's latest run. With ``-m`` every combination of the swept values runs as one pipeline,
 and the stages the combinations share run once.
 
@@ -154,11 +155,6 @@ def plan(pipeline: Pipeline, overrides: list[str], root: Path) -> list[PlannedSt
     return list(planned.values())
 
 
-def _finished(run_dir: Path) -> bool:
-    lineage = run_dir / "lineage.json"
-    return lineage.exists() and json.loads(lineage.read_text()).get("status") == "finished"
-
-
 def _point_latest(root: Path, name: str, run_dir: Path) -> None:
     link, tmp = root / name, root / f".{name}.link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
@@ -166,33 +162,48 @@ def _point_latest(root: Path, name: str, run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def run_stage(planned: PlannedStage) -> dict[str, float]:
+def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
     """Run one stage in this process, as `alignctl train <overrides> hydra.run.dir=<run dir>` would."""
+    from omegaconf import OmegaConf
+
     from alignctl.registry import get_stage
     from alignctl.validation import validate
 
     record = planned.run_dir / ".hydra"
     record.mkdir(parents=True, exist_ok=True)
-    # What Hydra records for a run, so `alignctl eval run=<dir>` can replay this stage.
+    # What Hydra records for a run, so `alignctl eval run=<dir>` and `resume=<dir>` can replay this stage.
     (record / "overrides.yaml").write_text(yaml.safe_dump([*planned.overrides, f"hydra.run.dir={planned.run_dir}"]))
-    run_config = validate(planned.cfg)
-    return get_stage(run_config.recipe.stage)(run_config, planned.cfg, planned.run_dir)
+    cfg = planned.cfg
+    if resume:  # not part of the config hash: the resumed run is the same run
+        cfg = OmegaConf.merge(cfg, {"resume": True})
+    run_config = validate(cfg)
+    return get_stage(run_config.recipe.stage)(run_config, cfg, planned.run_dir)
+
+
+def _status(run_dir: Path) -> str | None:
+    lineage = run_dir / "lineage.json"
+    return json.loads(lineage.read_text()).get("status") if lineage.exists() else None
 
 
 def run_pipeline(pipeline: Pipeline, stages: list[PlannedStage], root: Path) -> list[PlannedStage]:
-    """Run the planned stages in order, skipping those finished before."""
+    """Run the planned stages in order: skip those finished before, resume those stopped after a save."""
+    from alignctl.checkpoint import latest_checkpoint
     from alignctl.metrics import console
 
     root.mkdir(parents=True, exist_ok=True)
     for index, planned in enumerate(stages, start=1):
         title = f"[bold]pipeline {pipeline.name}[/] stage {index}/{len(stages)}: {planned.stage.name} -> {planned.run_dir}"
-        if _finished(planned.run_dir):
+        status = _status(planned.run_dir)
+        if status == "finished":
             planned.cached = True
             console.print(f"{title}  [green](finished before with the same config and parents: skipped)[/]")
         else:
+            checkpoint = latest_checkpoint(planned.run_dir) if status is not None else None
             console.rule(title)
+            if checkpoint is not None:
+                console.print(f"[yellow]{status} before: resuming from {checkpoint.name}[/]")
             started = time.perf_counter()
-            run_stage(planned)
+            run_stage(planned, resume=checkpoint is not None)
             console.print(f"{planned.stage.name}: {time.perf_counter() - started:.0f} s")
         _point_latest(root, planned.stage.name, planned.run_dir)
     return stages
@@ -214,6 +225,7 @@ def pipeline_command(args: list[str]) -> None:
     pipeline = load_pipeline(find_pipeline(positional[0]))
     _, _, out_dir = split_overrides(overrides, pipeline.stages)
     root = out_dir or Path("runs") / "pipelines" / pipeline.name
+    hydra_app.check_writable(root, "pipeline.dir")
     jobs = hydra_app.expand_sweep([o for o in overrides if not o.startswith("pipeline.dir=")], multirun=bool(flags))
     # Plan every job first: a bad value in the last combination fails before the first trains.
     plans = [plan(pipeline, job, root) for job in jobs]

@@ -15,6 +15,11 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+class NonFinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
 class Scheduler(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -71,6 +76,7 @@ class TrainConfig:
     keep_last: int  # intermediate checkpoints to keep on disk
     eval_batch_size: int
     eval_max_new_tokens: int
+    nonfinite: NonFinite  # a step whose loss or gradient is nan/inf: stop the run, or skip the step and count it
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: evaluate the starting model only), got {self.max_steps}")

@@ -60,7 +60,13 @@ class RewardSource:
     score: Callable[[list, list[str], dict[str, list]], torch.Tensor]  # prompts, completions, columns -> (N,)
 
 
+DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*[.:][A-Za-z_]\w*")
+
+
 def _import(dotted: str, where: str) -> Callable:
+    """The function at a dotted path, found by import: user code is never evaluated from a string."""
+    if not DOTTED_PATH.fullmatch(dotted):
+        raise RewardError(f"{where}: {dotted!r} is not a dotted path; give module.function, e.g. alignctl.rewards.task_verifier")
     module_name, _, attribute = dotted.replace(":", ".").rpartition(".")
     try:
         function = getattr(importlib.import_module(module_name), attribute)

@@ -20,8 +20,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
-# Keys that change what is displayed, not what is trained: left out of the config hash.
-UNHASHED = ("logger", "hydra")
+# Keys that change what is displayed or how a run is started, not what it trains: left out of the
+# config hash (a resumed run is the same run).
+UNHASHED = ("logger", "hydra", "resume")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -61,9 +62,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class RunDir:
     """Writes config.yaml and keeps lineage.json up to date for one run."""
 
-    def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str | None], data_fingerprint: str | None):
+    def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str | None], data_fingerprint: str | None,
+                 resumed_from: int | None = None):
         self.path = path
+        self.resume_point: Any = None  # set by training.start_training when the run resumes
         path.mkdir(parents=True, exist_ok=True)
+        earlier = json.loads((path / "lineage.json").read_text()) if resumed_from is not None and (path / "lineage.json").exists() else {}
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
         self.lineage: dict[str, Any] = {
@@ -78,6 +82,10 @@ class RunDir:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "final_metrics": {},
         }
+        if resumed_from is not None:  # the same run, continued: keep when it started, record each resume
+            now = self.lineage["started_at"]
+            self.lineage["started_at"] = earlier.get("started_at", now)
+            self.lineage["resumes"] = [*earlier.get("resumes", []), {"from_step": resumed_from, "at": now}]
         self._write()
 
     def _write(self) -> None:
@@ -85,6 +93,12 @@ class RunDir:
 
     def finish(self, metrics: dict[str, float]) -> None:
         self.lineage.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=metrics)
+        self._write()
+
+    def interrupt(self, signal_name: str, step: int | None) -> None:
+        from alignctl.resume import resume_command
+
+        self.lineage.update(status="interrupted", error=f"{signal_name} after step {step}", resume_command=resume_command(self.path))
         self._write()
 
     def fail(self, reason: str) -> None:

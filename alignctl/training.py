@@ -70,11 +70,14 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     parent) and the metrics logger. Called once everything that can fail on bad input has run, so a
     bad command leaves no half-claimed run directory."""
     from alignctl.metrics import MetricsLogger
+    from alignctl.resume import find_resume_point
 
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
-    run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint)
-    logger = MetricsLogger(run_dir, recipe.max_steps, 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
+    run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None)
+    run.resume_point = point  # train_and_finish restores it once the stage has built everything
+    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every)
     return optimizer, scheduler, run, logger
 
 
@@ -140,26 +143,54 @@ def train_and_finish(
     hardware: HardwareConfig,
     shown: tuple[str, ...],
     extra_state: Callable[[], dict[str, Any]] | None = None,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """Run the shared loop with checkpointing, record failure or success in lineage.json, print the summary.
+    """Run the shared loop with checkpointing (resuming first if the run was started with resume),
+    record the outcome in lineage.json, print the summary.
 
-    `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL coefficient)."""
+    `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL
+    coefficient and its pending rollout); `restore_extra` takes it back on resume."""
+    from alignctl.checkpoint import latest_checkpoint
+    from alignctl.interrupt import Interrupted
     from alignctl.loop import (  # the loop imports metrics; keep this module's import light
         LoopContext,
+        NonFiniteLoss,
         train_loop,
     )
+    from alignctl.resume import restore
+
+    device_type = next(model.parameters()).device.type
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, lambda step: None, hardware.autocast, device_type)
+
+    def trainer_state() -> dict[str, Any]:
+        counters = {"tokens_seen": ctx.tokens_seen, "skipped_steps": ctx.skipped_steps}
+        return {"data": stream.state_dict(), **counters, **(extra_state() if extra_state else {})}
 
     meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
-    save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, lambda: {"data": stream.state_dict(), **(extra_state() if extra_state else {})}, meta, recipe.keep_last)
-    device_type = next(model.parameters()).device.type
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, save, hardware.autocast, device_type)
+    ctx.save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, trainer_state, meta, recipe.keep_last)
+    start_step = 0
     try:
-        final = train_loop(ctx, recipe, next_step, step_fn)
+        if run.resume_point is not None:
+            start_step = restore(run.resume_point, model, optimizer, scheduler, stream, ctx, restore_extra)
+            logger.note(f"resumed from {run.resume_point.checkpoint} (step {start_step} of {recipe.max_steps})")
+        final = train_loop(ctx, recipe, next_step, step_fn, start_step)
+    except Interrupted as err:
+        err.run_dir, err.checkpoint = str(run.path), str(latest_checkpoint(run.path) or "")
+        run.interrupt(err.signal_name, err.step)
+        raise
+    except NonFiniteLoss as err:
+        checkpoint = latest_checkpoint(run.path)
+        err.args = (f"{err.args[0]}; last good checkpoint: {checkpoint or 'none (set recipe.save_every=N to save every N steps)'}"
+                    f"{'' if checkpoint is None else f' (alignctl train resume={run.path} continues from it)'}; recipe.nonfinite=skip skips such steps",)
+        run.fail(str(err))
+        raise
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
     finally:
         logger.close()
     final["epoch"] = stream.fractional_epoch
+    if ctx.skipped_steps:
+        final["skipped_steps"] = ctx.skipped_steps
     finish_run(run, recipe.max_steps, final, shown)
     return final

@@ -200,7 +200,8 @@ def validate(cfg: DictConfig) -> RunConfig:
             raise ConfigError(key, "is missing from the config")
     sections = {key: _resolved(cfg, key) for key in ("recipe", "model", "adapter", "data", "hardware", "logger")}
     inputs = _resolved(cfg, "inputs") if "inputs" in cfg else None
-    top = _typed("", TopLevelConfig, OmegaConf.create({"seed": _resolved(cfg, "seed"), "inputs": inputs or {}}))
+    resume = _resolved(cfg, "resume") if "resume" in cfg else False
+    top = _typed("", TopLevelConfig, OmegaConf.create({"seed": _resolved(cfg, "seed"), "inputs": inputs or {}, "resume": resume}))
     run = RunConfig(
         recipe=_typed("recipe", _pick("recipe", "stage", sections["recipe"], RECIPE_SCHEMAS), sections["recipe"]),
         model=_typed("model", ModelConfig, sections["model"]),
@@ -210,6 +211,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         logger=_typed("logger", LoggerConfig, sections["logger"]),
         seed=top.seed,
         inputs=top.inputs,
+        resume=top.resume,
     )
     _check_across_groups(run)
     if run.inputs.get("data"):
@@ -226,6 +228,8 @@ def _generated_data(data: DataConfig, producer: str) -> DataConfig:
 
 def _check_across_groups(run: RunConfig) -> None:
     """Settings that are each valid alone but not together."""
+    if run.resume and not hasattr(run.recipe, "max_steps"):
+        raise ConfigError("resume", f"recipe={run.recipe.stage} trains nothing and writes no checkpoint; run it again without resume")
     reference = getattr(run.recipe, "reference", None)
     if reference == Reference.adapter_disabled and run.adapter.kind == "none":
         raise ConfigError("recipe.reference", "adapter_disabled needs an adapter (adapter=lora); use separate or precomputed")

@@ -43,6 +43,7 @@ from alignctl.online_rl import (
 from alignctl.ops import response_token_logps
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
+from alignctl.resume import to_device
 from alignctl.rollout import Sampling, per_token_values
 from alignctl.training import (
     configure_torch,
@@ -122,6 +123,13 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics |= rollout_metric_shares(batch)
         return aggregate(per_token, mask, level, num_items), metrics
 
+    def restore_rollouts(state: dict) -> None:
+        nonlocal rollouts
+        rollouts = state["rollouts"]
+        pending.extend(to_device(state["pending"], device))
+
     evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
+    # A checkpoint keeps the steps left from the current rollout, so a resumed run trains on the same samples.
     return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
-                            cfg.hardware, shown=("loss", "reward", "objective/kl", "completions/mean_length"))
+                            cfg.hardware, shown=("loss", "reward", "objective/kl", "completions/mean_length"),
+                            extra_state=lambda: {"rollouts": rollouts, "pending": list(pending)}, restore_extra=restore_rollouts)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from alignctl.adapters import SharedBaseValue, apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
+from alignctl.checkpoint import load_weights
 from alignctl.config import PPOConfig, Reference, RunConfig
 from alignctl.losses import (
     aggregate,
@@ -53,6 +54,7 @@ from alignctl.online_rl import (
 from alignctl.ops import response_token_logps, response_values
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
+from alignctl.resume import to_device
 from alignctl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.training import (
     configure_torch,
@@ -75,6 +77,11 @@ class PolicyAndValue(torch.nn.Module):
             kwargs = {**kwargs, "selected_adapters": ["default"]}
         self.policy.save_pretrained(directory, **kwargs)
         self.value.save_pretrained(Path(directory) / "value_model", **{k: v for k, v in kwargs.items() if k != "selected_adapters"})
+
+    def load_weights(self, directory: Path) -> None:
+        """Resume: the policy from the checkpoint's root, the value model from value_model/."""
+        load_weights(self.policy, directory)
+        load_weights(self.value, Path(directory) / "value_model")
 
 
 class AdaptiveKLController:
@@ -193,7 +200,14 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics |= rollout_metric_shares(batch)
         return aggregate(policy_loss + recipe.vf_coef * value_loss, mask, "token", num_items), metrics
 
+    def restore_rollouts(state: dict) -> None:
+        nonlocal rollouts
+        kl_control.beta, rollouts = state["beta"], state["rollouts"]
+        pending.extend(to_device(state["pending"], device))
+
     evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
+    # A checkpoint keeps the KL coefficient and the steps left from the current rollout (exact resume).
     return train_and_finish(run, recipe, both, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
                             cfg.hardware, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
-                            extra_state=lambda: {"beta": kl_control.beta, "rollouts": rollouts})
+                            extra_state=lambda: {"beta": kl_control.beta, "rollouts": rollouts, "pending": list(pending)},
+                            restore_extra=restore_rollouts)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,9 +69,11 @@ def weights_digest(run_dir: Path) -> str:
 
 
 def retrain_on_other_rows(root: Path) -> None:
-    """Before the SFT run is repeated in the same run directory: note the weights it leaves, and
-    change the contents (not the name) of its data file."""
+    """Before the SFT run is repeated in the same run directory: note the weights it leaves, clear
+    the directory (alignctl refuses to train over a run's checkpoints), and change the contents
+    (not the name) of its data file."""
     (root / "sft_again.digest").write_text(weights_digest(root / "runs" / "sft_again"))
+    shutil.rmtree(root / "runs" / "sft_again")
     write_jsonl(root / "sft_again.jsonl", read_jsonl(arithmetic_split("sft"))[64:128])
 
 

@@ -155,3 +155,37 @@ def test_bad_pipeline_arguments_are_one_line(alignctl, tmp_path, args, message):
     assert result.returncode == 2 and "Traceback" not in result.output, result.describe()
     assert len(result.stderr_lines()) == 1 and message in result.stderr, result.describe()
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint_on_rerun(tmp_path):
+    """SIGTERM during the first stage: exit 143 naming the command to run again; running it resumes
+    that stage from its checkpoint (every step logged once) and goes on with the next stages."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "chain.yaml").write_text(CHAIN)
+    command = [sys.executable, "-m", "alignctl", "pipeline", str(tmp_path / "chain.yaml"), f"pipeline.dir={tmp_path / 'out'}", *SMALL,
+               "base.recipe.max_steps=80", "base.recipe.batch_size=4"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = list((tmp_path / "out").glob("base-*/metrics.jsonl"))
+    deadline = time.monotonic() + 300
+    while not (metrics and sum('"loss"' in line for line in metrics[0].read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+        metrics = list((tmp_path / "out").glob("base-*/metrics.jsonl"))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "resume with: alignctl pipeline" in stderr, stderr
+    base = metrics[0].parent
+    assert _lineage(base)["status"] == "interrupted"
+    stopped_at = json.loads((base / "checkpoint" / "alignctl.json").read_text())["step"]
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from step-" in " ".join(again.stdout.split())
+    assert [r["from_step"] for r in _lineage(base)["resumes"]] == [stopped_at]
+    steps = [json.loads(line)["step"] for line in (base / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == list(range(1, 81))
+    assert all(_lineage(tmp_path / "out" / name)["status"] == "finished" for name in ("base", "prefs", "feedback"))

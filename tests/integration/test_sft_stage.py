@@ -70,6 +70,7 @@ JOBS: dict[str, list[str]] = {
     "packing": ["recipe.packing=true", "recipe.max_steps=3", "recipe.batch_size=8", *QUICK, *hf("fixed64.jsonl")],
     "overlong_error": ["recipe.max_steps=2", "recipe.batch_size=8", *QUICK, *hf("overlong.jsonl")],
     "overlong_drop": ["recipe.max_steps=2", "recipe.batch_size=8", "data.overlong=drop", *QUICK, *hf("overlong.jsonl")],
+    "overlong_truncate": ["recipe.max_steps=2", "recipe.batch_size=8", "data.overlong=truncate", *QUICK, *hf("overlong.jsonl")],
     "messages_overlong": ["recipe.max_steps=2", "recipe.batch_size=8", *QUICK, *hf("messages_overlong.jsonl")],
 }
 
@@ -89,6 +90,7 @@ USES: dict[str, set[str]] = {
     "test_same_seed_same_losses_other_seed_other_order": {"full", "full_again", "full_seed1"},
     "test_overlong_prompt_is_an_error_by_default": {"overlong_error"},
     "test_overlong_prompt_dropped": {"overlong_drop"},
+    "test_overlong_prompt_truncated_is_counted": {"overlong_truncate"},
     "test_overlong_conversation_is_an_error_by_default": {"messages_overlong"},
 }
 
@@ -446,6 +448,14 @@ def test_overlong_prompt_dropped(runs):
     assert re.search(r"\b1 dropped\b", run.flat_output), run.result.describe()
     assert run.train_rows() == 63
     assert all(math.isfinite(x) for x in run.losses())
+
+
+def test_overlong_prompt_truncated_is_counted(runs):
+    """data.overlong=truncate keeps the row and says how many prompts it cut: never silent."""
+    run = runs["overlong_truncate"]
+    run.assert_finished()
+    assert "0 rows dropped and 1 prompts truncated" in run.flat_output, run.result.describe()
+    assert run.train_rows() == 64
 
 
 def test_overlong_conversation_is_an_error_by_default(runs):

@@ -1,0 +1,43 @@
+"""How a command that stops early ends: one line on stderr and an exit code, never a traceback.
+
+Bad input exits 2 (hydra_app.fail), a non-finite loss 1, a signal 128 + its number, with the
+command that resumes (alignctl/interrupt.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from alignctl import hydra_app
+from alignctl.errors import UserError
+
+
+@contextmanager
+def reported(resume_hint: str | None = None) -> Iterator[None]:
+    """Turn the ways a command stops early into one line and an exit code. `resume_hint` is the
+    command that continues after a signal (default: `alignctl train resume=<run dir>`)."""
+    from alignctl.interrupt import Interrupted, stop_on_signals
+
+    stop_on_signals()
+    try:
+        yield
+    except UserError as err:
+        hydra_app.fail(str(err))
+    except Interrupted as err:
+        if err.step is None:
+            print(f"alignctl: interrupted by {err.signal_name} before training started; nothing to resume", file=sys.stderr)
+        else:
+            from alignctl.resume import resume_command
+
+            print(f"alignctl: interrupted by {err.signal_name} after step {err.step}; checkpoint {err.checkpoint}; "
+                  f"resume with: {resume_hint or resume_command(err.run_dir)}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except RuntimeError as err:
+        from alignctl.loop import NonFiniteLoss
+
+        if not isinstance(err, NonFiniteLoss):
+            raise
+        print(f"alignctl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

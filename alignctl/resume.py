@@ -1,0 +1,145 @@
+"""Resuming a run exactly where its newest checkpoint left it.
+
+`alignctl train resume=<run dir> [overrides]` replays the run's own command line (Hydra's record in
+<run>/.hydra/overrides.yaml) in the same directory with `resume=true`; `resume=true` alone resumes
+in the directory the command would write to (hydra.run.dir). The stage builds everything as the
+run did, then, just before the first step, `restore` puts back what the checkpoint holds: trained
+weights, optimiser, schedule, data position, token and skip counters, the stage's own state (the RL
+stages' pending rollout and KL coefficient) and, last, the python/numpy/torch RNG states. The
+resumed steps are then the uninterrupted run's steps, to the bit on CPU.
+
+This module is imported by the CLI before torch is: torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignctl.errors import UserError
+
+# Keys of the recorded command line that the resume sets itself.
+NOT_REPLAYED = ("hydra.run.dir=", "resume=")
+
+
+def resume_command(run_dir: Path | str) -> str:
+    return f"alignctl train resume={shlex.quote(str(run_dir))}"
+
+
+def resume_args(args: list[str]) -> list[str]:
+    """Rewrite `resume=<run dir>` into the run's recorded overrides + hydra.run.dir + resume=true.
+
+    `resume=true|false` and command lines without `resume=` pass through unchanged."""
+    given = [a for a in args if a.startswith("resume=")]
+    if not given:
+        return args
+    value = given[-1].split("=", 1)[1]
+    if value.lower() in ("true", "false"):
+        return args
+    run = Path(value).expanduser().resolve()
+    if not (run / "lineage.json").exists():
+        raise UserError(f"resume={value}: not an alignctl run directory (no lineage.json); give the directory of the run to continue, or resume=true")
+    _checkpoint_of(run, f"resume={value}")
+    recorded = run / ".hydra" / "overrides.yaml"
+    replayed = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
+    replayed = [o for o in replayed if not o.lstrip("+~").startswith(NOT_REPLAYED)]
+    rest = [a for a in args if not a.startswith("resume=")]
+    return [*replayed, f"hydra.run.dir={run}", "resume=true", *rest]
+
+
+def _checkpoint_of(run_dir: Path, culprit: str) -> Path:
+    from alignctl.checkpoint import latest_checkpoint  # noqa: PLC0415 - torch only once a run is resumed
+
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        raise UserError(
+            f"{culprit}: {run_dir} has no checkpoint to resume from (the run stopped before its first save; "
+            "start it again without resume, and set recipe.save_every=N to save every N steps)"
+        )
+    return checkpoint
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh run must not train over a directory that holds another run's checkpoints."""
+    from alignctl.checkpoint import latest_checkpoint
+
+    if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
+        raise UserError(
+            f"hydra.run.dir={run_dir}: already holds a run with checkpoints; continue it with resume=true, "
+            "or give a new directory (nothing there was changed)"
+        )
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: Path
+    state: dict[str, Any]  # trainer_state.pt
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def check_resumable(run_dir: Path, max_steps: int) -> Path:
+    """The checkpoint a resume of `run_dir` would start from; a UserError if there is nothing to resume.
+    Reads only the checkpoint's alignctl.json, so the CLI can check before loading anything."""
+    checkpoint = _checkpoint_of(run_dir, "resume=true")
+    step = int(json.loads((checkpoint / "alignctl.json").read_text())["step"])
+    if step > max_steps:
+        raise UserError(f"resume: the checkpoint is at step {step}, past recipe.max_steps={max_steps}; set recipe.max_steps >= {step}")
+    lineage = json.loads((run_dir / "lineage.json").read_text()) if (run_dir / "lineage.json").exists() else {}
+    if step == max_steps and lineage.get("status") == "finished":
+        raise UserError(f"resume: {run_dir} already finished its {max_steps} steps; raise recipe.max_steps to train further")
+    return checkpoint
+
+
+def find_resume_point(run_dir: Path, max_steps: int) -> ResumePoint:
+    """The newest checkpoint of `run_dir` and its trainer state."""
+    from alignctl.checkpoint import load_trainer_state
+
+    checkpoint = check_resumable(run_dir, max_steps)
+    return ResumePoint(checkpoint, load_trainer_state(checkpoint))
+
+
+def restore(
+    point: ResumePoint,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    stream: Any,
+    ctx: Any,
+    restore_extra: Callable[[dict[str, Any]], None] | None,
+) -> int:
+    """Put the checkpoint's state back into a freshly built run; return the step to continue after."""
+    from alignctl.checkpoint import load_weights, set_rng_state
+
+    state = point.state
+    load_weights(model, point.checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    ctx.tokens_seen = int(state.get("tokens_seen", 0))
+    ctx.skipped_steps = int(state.get("skipped_steps", 0))
+    if restore_extra is not None:
+        restore_extra(state)
+    set_rng_state(state["rng"])  # last: building the run above drew random numbers
+    return point.step
+
+
+def to_device(value: Any, device: Any) -> Any:
+    """Tensors inside nested lists and dicts, moved to `device` (a checkpoint loads on the CPU)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(v, device) for v in value)
+    return value
