@@ -1,12 +1,18 @@
-"""Adapters through peft: none (full fine-tuning) or LoRA. DoRA and QLoRA build on the same path.
+"""Adapters through peft: none (full fine-tuning), LoRA, DoRA and QLoRA.
 
 LoRA keeps W0 frozen and trains W0 + (alpha / r) * B A with B = 0 at the start (Hu et al., 2021),
-so a fresh adapter leaves the model's outputs unchanged until the first optimiser step.
+so a fresh adapter leaves the model's outputs unchanged until the first optimiser step. It adds
+r * (d_in + d_out) parameters per adapted matrix.
+DoRA (Liu et al., 2024) writes W = m * V / ||V|| with V = W0 + (alpha / r) B A and trains the
+magnitude vector m (d_out more parameters per matrix) beside A and B: peft's use_dora.
+QLoRA (Dettmers et al., 2023) is LoRA over a base that models.load_causal_lm loaded in 4 bits;
+peft's prepare_model_for_kbit_training keeps the norms in float32 before the adapter goes on.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import peft
 import torch
@@ -19,6 +25,21 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
+def check_targets(model: torch.nn.Module, targets: Any) -> str | list[str]:
+    """`targets` (all-linear or module names), refused in one line if the model lacks one of them."""
+    if isinstance(targets, str):
+        return targets
+    targets = list(targets)
+    present = _linear_names(model)
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise AdapterError(
+            f"adapter.target_modules: the model has no module {', '.join(missing)}; "
+            f"its linear layers are {', '.join(present)} (or use all-linear)"
+        )
+    return targets
+
+
 def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap `model` with the configured adapter (or return it unchanged for adapter=none).
 
@@ -26,16 +47,10 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
     """
     if adapter.kind == "none":
         return model
-    targets = adapter.target_modules
-    if not isinstance(targets, str):
-        targets = list(targets)
-        present = _linear_names(model)
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise AdapterError(
-                f"adapter.target_modules: the model has no module {', '.join(missing)}; "
-                f"its linear layers are {', '.join(present)} (or use all-linear)"
-            )
+    targets = check_targets(model, adapter.target_modules)
+    if adapter.kind == "qlora":
+        # Gradient checkpointing, if asked for, was switched on when the model loaded.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft.LoraConfig(
         task_type=peft.TaskType[task_type],
         r=adapter.r,
@@ -51,9 +66,14 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a 4-bit weight stores two values per byte-sized element,
+    so it counts twice its numel (as peft's get_nb_trainable_parameters counts it)."""
+
+    def count(p: torch.nn.Parameter) -> int:
+        return p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return trainable, total
 
 

@@ -33,7 +33,8 @@ def _train(cfg: DictConfig) -> dict:
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)
-PLAIN = {"pipeline": "alignctl.pipeline:pipeline_command", "runs": "alignctl.report:runs_command", "report": "alignctl.report:report_command"}
+# Not Hydra apps (they take their own arguments): command -> module with `<command>_command(args)`.
+PLAIN = {"pipeline": "alignctl.pipeline", "runs": "alignctl.report", "report": "alignctl.report", "export": "alignctl.export", "plan": "alignctl.plan"}
 
 
 def main() -> None:
@@ -43,11 +44,10 @@ def main() -> None:
         return
     command, rest = checked
     try:
-        if command in PLAIN:  # not Hydra apps: they take their own arguments
-            module, _, function = PLAIN[command].partition(":")
+        if command in PLAIN:
             # A pipeline stopped by a signal resumes its stage when the same command runs again.
             with reported(resume_hint=" ".join(shlex.quote(a) for a in ["alignctl", *args])):
-                getattr(importlib.import_module(module), function)(rest)
+                getattr(importlib.import_module(PLAIN[command]), f"{command}_command")(rest)
             return
         sys.argv = [f"alignctl {command}", *rest]
         COMMANDS[command]()

@@ -114,7 +114,27 @@ class LoraConfig:
         )
 
 
-ADAPTER_SCHEMAS: dict[str, type] = {"none": NoAdapterConfig, "lora": LoraConfig}
+@dataclass
+class QLoraConfig(LoraConfig):
+    """LoRA over a 4-bit base (bitsandbytes)."""
+
+    quant_type: str
+    double_quant: bool
+    compute_dtype: str
+    paged_optimizer: bool
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.quant_type in ("nf4", "fp4"), "quant_type", f"must be nf4 or fp4, got {self.quant_type!r}")
+        _check(
+            self.compute_dtype in ("float32", "bfloat16", "float16"),
+            "compute_dtype",
+            f"must be float32, bfloat16 or float16, got {self.compute_dtype!r}",
+        )
+
+
+# kind -> schema; DoRA has LoRA's keys (peft's use_dora).
+ADAPTER_SCHEMAS: dict[str, type] = {"none": NoAdapterConfig, "lora": LoraConfig, "dora": LoraConfig, "qlora": QLoraConfig}
 
 
 # ---------------------------------------------------------------------------------------- data

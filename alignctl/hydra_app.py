@@ -32,9 +32,11 @@ SUBCOMMANDS = {
     "pipeline": "run a pipeline recipe: alignctl pipeline rlhf|dpo|grpo|<file.yaml> [key=value] [stage.key=value] [-m]",
     "runs": "list runs with stage, parents, status and headline metric: alignctl runs [DIR]",
     "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
+    "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
+    "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
 }
 # Commands that are not Hydra applications: they take their own arguments.
-PLAIN_COMMANDS = ("pipeline", "runs", "report")
+PLAIN_COMMANDS = ("pipeline", "runs", "report", "export", "plan")
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}
@@ -94,6 +96,8 @@ def quiet_libraries() -> None:
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes logs, on every CPU import, that an optional hub kernel could not load: harmless.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(logging.CRITICAL)
     transformers.utils.logging.disable_progress_bar()

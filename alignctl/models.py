@@ -25,9 +25,11 @@ from transformers import (
 )
 
 from alignctl.config import HardwareConfig, ModelConfig, TinyModelConfig
-from alignctl.errors import ModelLoadError
+from alignctl.errors import AdapterError, ModelLoadError
 from alignctl.tokenizer import build_char_tokenizer
 
+# Inside a run directory: the merged weights an adapter trained on, when they exist nowhere else (anchor_base).
+BASE_DIR = "base_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -113,10 +115,79 @@ def load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> torch.nn.Module:
-    """Load a causal LM from safetensors (trust_remote_code only if asked), on the configured device."""
+def four_bit_config(adapter, path: str, model: ModelConfig, hardware: HardwareConfig):
+    """The bitsandbytes 4-bit config for adapter=qlora (None for any other adapter); refuses, in one
+    line, a machine without bitsandbytes."""
+    if adapter is None or adapter.kind != "qlora":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AdapterError("adapter=qlora needs bitsandbytes (pip install bitsandbytes): 4-bit runs on CUDA GPUs and, from bitsandbytes 0.45, on CPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter.quant_type,
+        bnb_4bit_use_double_quant=adapter.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[adapter.compute_dtype],
+    )
+
+
+def keep_4bit_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep bitsandbytes' 4-bit layers on the path that backpropagates.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode without gradients (an
+    evaluation, a rollout) repacks its weight for a fast inference kernel and keeps using that kernel
+    afterwards; it has no backward, so the gradient to earlier layers would silently vanish in the
+    next training step (and the repacking fails outright on widths that are not multiples of 64).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _requantized(model: torch.nn.Module, quantization, hardware: HardwareConfig) -> torch.nn.Module:
+    """A model built in memory (an adapter merged into its base, a classifier grown from a causal
+    LM), reloaded in 4 bits through from_pretrained: written aside first, so bitsandbytes quantises
+    it the one way it quantises any checkpoint."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="alignctl-4bit-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        reloaded = type(model).from_pretrained(tmp, quantization_config=quantization, device_map={"": device_of(hardware)})
+    reloaded.name_or_path = reloaded.config._name_or_path = model.name_or_path  # not the temporary directory
+    return keep_4bit_trainable(reloaded)
+
+
+def anchor_base(built: torch.nn.Module, adapter, base_dir: Path | None) -> None:
+    """Give an adapter a base that exists on disk.
+
+    A model built in memory (a parent run's adapter merged into its base, a classifier grown from a
+    causal LM) is what the new adapter trains on, but its config still names the original base, so
+    peft would record that one and a plain AutoPeftModel load would silently drop the merged weights.
+    Write the built model once to `base_dir` (atomically) and let the adapter name it.
+    """
+    if base_dir is None or adapter is None or adapter.kind == "none":
+        return
+    import shutil
+
+    tmp = base_dir.with_name(f".{base_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    built.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    os.replace(tmp, base_dir)
+    built.name_or_path = built.config._name_or_path = str(base_dir.resolve())  # peft records name_or_path
+
+
+def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adapter=None, base_dir: Path | None = None) -> torch.nn.Module:
+    """Load a causal LM from safetensors (trust_remote_code only if asked), on the configured device;
+    in 4 bits when `adapter` is qlora (the model that trains under the adapter). A run checkpoint
+    holding an adapter is merged into its base, which `base_dir` then keeps (see anchor_base)."""
+    quantization = four_bit_config(adapter, path, model, hardware)
     kwargs = dict(
-        dtype=DTYPES[hardware.dtype],
+        dtype=DTYPES[adapter.compute_dtype] if quantization else DTYPES[hardware.dtype],
         trust_remote_code=model.trust_remote_code,
         revision=model.revision,
         use_safetensors=None,  # prefer safetensors; .bin files are read with weights_only=True by transformers
@@ -128,6 +199,11 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> t
             # A LoRA run's checkpoint: fold the adapter into its base so the next stage starts from
             # the trained weights (and may put an adapter of its own on top).
             lm = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
+            anchor_base(lm, adapter, base_dir)
+            if quantization:
+                lm = _requantized(lm, quantization, hardware)
+        elif quantization:
+            lm = keep_4bit_trainable(AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": device_of(hardware)}, **kwargs))
         else:
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as err:
@@ -141,7 +217,7 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig) -> t
     if hardware.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
-    return lm.to(device_of(hardware))
+    return lm if quantization else lm.to(device_of(hardware))
 
 
 def check_reward_model(path: str, model: ModelConfig, culprit: str) -> None:
@@ -168,19 +244,23 @@ def check_reward_model(path: str, model: ModelConfig, culprit: str) -> None:
         )
 
 
-def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, pad_token_id: int) -> torch.nn.Module:
+def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, pad_token_id: int, adapter=None,
+                      base_dir: Path | None = None) -> torch.nn.Module:
     """A one-label sequence classifier: a reward model, or a new one whose backbone comes from a causal LM.
 
     From a causal LM (or a LoRA run's checkpoint), the backbone weights are kept and a fresh scalar
     head is added, so a reward model initialised from an SFT run starts out knowing the task.
     """
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.exists() and json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists() and json.loads(adapter_file.read_text()).get("task_type") == "SEQ_CLS":
         scorer = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[hardware.dtype]).merge_and_unload()
-    elif adapter.exists():
+    elif adapter_file.exists():
         causal = load_causal_lm(path, model, hardware)
         scorer = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=DTYPES[hardware.dtype])
         scorer.base_model.load_state_dict(causal.base_model.state_dict())
+    if adapter_file.exists():
+        scorer.config.pad_token_id = pad_token_id
+        anchor_base(scorer, adapter, base_dir)
     else:
         try:
             scorer = AutoModelForSequenceClassification.from_pretrained(
@@ -190,7 +270,8 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
             raise ModelLoadError(f"cannot load a reward model from {path!r}: {str(err).splitlines()[0]}") from None
     # The classifier pools the last non-padding token, which it finds through the pad id.
     scorer.config.pad_token_id = pad_token_id
-    return scorer.to(device_of(hardware))
+    quantization = four_bit_config(adapter, path, model, hardware)  # qlora: the scorer trains under the adapter
+    return _requantized(scorer, quantization, hardware) if quantization else scorer.to(device_of(hardware))
 
 
 def add_decoder_layers(model: torch.nn.Module, count: int) -> None:

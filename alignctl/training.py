@@ -36,8 +36,12 @@ def configure_torch(hardware: HardwareConfig) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_optimizer(model: torch.nn.Module, recipe: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser class over trainable parameters; no weight decay on biases and norms."""
+PAGED_ADAMW = "bitsandbytes.optim.PagedAdamW8bit"
+
+
+def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, paged: bool = False) -> torch.optim.Optimizer:
+    """The configured optimiser class over trainable parameters; no weight decay on biases and norms.
+    `paged` (QLoRA on a GPU) swaps the default AdamW for bitsandbytes' paged 8-bit AdamW."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": recipe.weight_decay},
@@ -45,6 +49,8 @@ def build_optimizer(model: torch.nn.Module, recipe: TrainConfig) -> torch.optim.
     ]
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe.optimizer.items() if k != "_target_"}
     target = recipe.optimizer["_target_"]
+    if paged and target == "torch.optim.AdamW":
+        target = PAGED_ADAMW
     module, _, name = target.rpartition(".")
     try:
         optimizer_class = getattr(importlib.import_module(module), name)
@@ -72,12 +78,16 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     from alignctl.metrics import MetricsLogger
     from alignctl.resume import find_resume_point
 
-    optimizer = build_optimizer(model, recipe)
+    paged = getattr(cfg.adapter, "paged_optimizer", False)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    optimizer = build_optimizer(model, recipe, paged=paged and on_gpu)
     scheduler = build_scheduler(optimizer, recipe)
     point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
     run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None)
     run.resume_point = point  # train_and_finish restores it once the stage has built everything
     logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    if paged and not on_gpu:
+        logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")
     return optimizer, scheduler, run, logger
 
 

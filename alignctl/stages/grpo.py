@@ -68,7 +68,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, _ = reward_sources(cfg, recipe, tokenizer, device)
 
-    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
+    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False)

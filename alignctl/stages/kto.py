@@ -91,7 +91,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set = encode_feedback(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_feedback(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
-    policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path)
+    policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_logps(model, batch)[0]

@@ -39,7 +39,7 @@ from alignctl.losses import (
     masked_whiten,
     score_to_token_rewards,
 )
-from alignctl.models import device_of, load_reward_model, model_path
+from alignctl.models import BASE_DIR, device_of, load_reward_model, model_path
 from alignctl.online_rl import (
     completion_tokens,
     greedy_evaluator,
@@ -109,7 +109,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, reward_path = reward_sources(cfg, recipe, tokenizer, device)
 
-    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path)
+    policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
     value_path = model_path(cfg.model, cfg.inputs.get("init")) if cfg.inputs.get("init") else (reward_path or path)
     if cfg.adapter.kind != "none" and value_path == path:
@@ -118,7 +118,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         value = SharedBaseValue(policy)
         value_fn, value_from = value.values, "a second adapter on the policy's base"
     else:
-        value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id), cfg.adapter, "SEQ_CLS")
+        value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id, cfg.adapter,
+                                                      base_dir=run_dir / BASE_DIR / "value_model"), cfg.adapter, "SEQ_CLS")
         value_fn, value_from = (lambda batch: response_values(value, batch)), value_path
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)

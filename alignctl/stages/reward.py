@@ -28,6 +28,7 @@ from alignctl.encode import IGNORE, encode_rows, preference_example
 from alignctl.errors import ConfigError
 from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
+    BASE_DIR,
     add_decoder_layers,
     device_of,
     load_causal_lm,
@@ -118,7 +119,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set = encode_pairs(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
-    model = load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id)
+    model = load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id, cfg.adapter, base_dir=run_dir / BASE_DIR)
     if recipe.extra_layers:
         add_decoder_layers(model, recipe.extra_layers)
     model = apply_adapter(model, cfg.adapter, "SEQ_CLS")

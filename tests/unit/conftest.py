@@ -4,6 +4,7 @@ datasets cache. Nothing here touches the network."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests never reach a hub, even by mistake
 
@@ -45,3 +46,22 @@ def data_config():
         )
 
     return make
+
+
+TINY_YAML = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The default tiny model (conf/model/tiny.yaml), written to a cache of this session's own."""
+    from omegaconf import OmegaConf
+
+    from alignctl.config import TinyModelConfig
+    from alignctl.models import build_tiny
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ALIGNCTL_CACHE", str(tmp_path_factory.mktemp("alignctl_cache")))
+        tiny = OmegaConf.to_container(OmegaConf.load(TINY_YAML).tiny)
+        path = build_tiny(TinyModelConfig(**tiny))
+        assert str(path).startswith(str(tmp_path_factory.getbasetemp()))
+        yield path

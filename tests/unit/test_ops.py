@@ -4,34 +4,17 @@ against a naive computation on the real tiny model (built into a temporary ALIGN
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from alignctl.ops import left_padded_batch, response_logps, token_logps
-
-TINY_YAML = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
 
 # Prompts and responses of different lengths (ids of printable characters of the char tokenizer).
 # The longest response (row 1) does not belong to the longest sequence (row 3), and row 2's
 # response is a single token.
 PROMPTS = [[1, 20, 21, 22], [1, 30], [1, 40, 41, 42, 43, 44, 45], [1, 50, 51, 52, 53, 54, 55, 56, 57]]
 RESPONSES = [[60, 61, 2], [62, 63, 64, 65, 66, 2], [2], [70, 71, 72, 2]]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from alignctl.config import TinyModelConfig
-    from alignctl.models import build_tiny
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ALIGNCTL_CACHE", str(tmp_path_factory.mktemp("alignctl_cache")))
-        tiny = OmegaConf.to_container(OmegaConf.load(TINY_YAML).tiny)
-        path = build_tiny(TinyModelConfig(**tiny))
-        assert str(path).startswith(str(tmp_path_factory.getbasetemp()))
-        yield path
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

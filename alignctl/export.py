@@ -1,0 +1,122 @@
+"""`alignctl export run=<run dir> out=<dir> [merge=true|false] [tolerance=X]`: a run's checkpoint as
+a clean Hugging Face directory that plain transformers / peft load.
+
+merge=false copies the model (or the adapter) and its tokenizer, without the trainer state.
+merge=true folds a LoRA/DoRA adapter into its base and saves a full model; for QLoRA the 4-bit base
+is first dequantised (transformers' `dequantize`) and the merged model is saved in the compute
+dtype. Before saving, the merged model and the adapter model it came from score the same probe
+inputs; their largest logit difference must stay within `tolerance` (default 1e-4 in float32,
+5e-2 in 16-bit), and it is recorded in <out>/alignctl_export.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from alignctl.errors import UserError
+
+KEYS = ("run", "out", "merge", "tolerance")
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
+PROBE_SHAPE = (4, 24)  # rows x tokens of random ids both models score
+
+
+def parse(args: list[str]) -> dict[str, str]:
+    values = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in KEYS:
+            raise UserError(f"export: {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}")
+        values[key] = value
+    for key in ("run", "out"):
+        if not values.get(key):
+            raise UserError(f"export needs {key}=<dir>: alignctl export run=<run dir> out=<dir> [merge=true|false]")
+    if values.get("merge", "false").lower() not in ("true", "false"):
+        raise UserError(f"export: merge must be true or false, got {values['merge']!r}")
+    return values
+
+
+def export_command(args: list[str]) -> None:
+    options = parse(args)
+    run = Path(options["run"]).expanduser()
+    checkpoint = run / "checkpoint"
+    if not (run / "lineage.json").exists():
+        raise UserError(f"run={run}: not an alignctl run directory (no lineage.json)")
+    if not checkpoint.exists():
+        raise UserError(f"run={run}: has no checkpoint/ to export (did it save?)")
+    out = Path(options["out"]).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"out={out}: exists and is not empty; give a new directory (nothing there was changed)")
+    merge = options.get("merge", "false").lower() == "true"
+    adapter_config = checkpoint / "adapter_config.json"
+    if merge and not adapter_config.exists():
+        raise UserError(f"run={run}: trained the full model (no adapter), so there is nothing to merge; export it with merge=false")
+
+    from alignctl.hydra_app import quiet_libraries
+    from alignctl.metrics import console, summary_table
+
+    quiet_libraries()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record: dict[str, Any] = {"run": str(run.resolve()), "checkpoint": str(checkpoint.resolve()), "merge": merge}
+    if merge:
+        record |= merge_adapter(checkpoint, run, tmp, options.get("tolerance"))
+    else:
+        shutil.copytree(checkpoint.resolve(), tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "value_model"))
+    (tmp / "alignctl_export.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
+    console.print(summary_table(f"exported {run}", {**{k: v for k, v in record.items() if k not in ("run", "checkpoint")}, "out": str(out)}))
+
+
+def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None) -> dict[str, Any]:
+    """Merge the adapter of `checkpoint` into its base, check it against the unmerged model, save it to `out`."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignctl.models import DTYPES, four_bit_config, keep_4bit_trainable
+
+    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    base = adapter_config["base_model_name_or_path"]
+    cfg = OmegaConf.load(run / "config.yaml")
+    adapter, model_cfg, hardware = cfg.adapter, cfg.model, cfg.hardware
+    quantized = adapter.kind == "qlora"
+    dtype_name = adapter.compute_dtype if quantized else hardware.dtype
+    dtype = DTYPES[dtype_name]
+    auto = AutoModelForSequenceClassification if adapter_config.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
+    extra = {"num_labels": 1} if auto is AutoModelForSequenceClassification else {}
+
+    def load_base():
+        if quantized:
+            config = four_bit_config(adapter, base, model_cfg, hardware)
+            # Not repacked for bitsandbytes' CPU inference kernel: dequantize() reads the trained layout.
+            return keep_4bit_trainable(auto.from_pretrained(base, quantization_config=config, dtype=dtype, device_map={"": "cpu"}, **extra))
+        return auto.from_pretrained(base, dtype=dtype, **extra)
+
+    # The model as trained: the base (4-bit for QLoRA) with the adapter on top.
+    trained = PeftModel.from_pretrained(load_base(), str(checkpoint)).eval()
+    vocab = trained.get_base_model().config.vocab_size
+    probe = torch.randint(3, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = trained(input_ids=probe).logits.float()
+    del trained
+    plain_base = load_base()
+    if quantized:
+        plain_base = plain_base.dequantize()  # NF4 blocks -> the compute dtype, the values the 4-bit matmuls used
+    merged = PeftModel.from_pretrained(plain_base, str(checkpoint)).merge_and_unload().eval()
+    with torch.no_grad():
+        after = merged(input_ids=probe).logits.float()
+    difference = float((before - after).abs().max())
+    limit = float(tolerance) if tolerance is not None else TOLERANCE[dtype_name]
+    if difference > limit:
+        raise UserError(f"export: the merged model's logits differ from the adapter model's by {difference:.3g} > tolerance={limit:g}; "
+                        "nothing was written (a larger tolerance=... accepts it)")
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    return {"base": base, "adapter": adapter.kind, "dtype": dtype_name, "max_abs_logit_difference": difference, "tolerance": limit}

@@ -1,0 +1,250 @@
+"""`alignctl plan <overrides as for train>`: a dry run. It prints the resolved config, the parameters
+of every model the recipe holds (total, trainable, and the adapter arithmetic), an estimate of the
+memory each needs, and the batch arithmetic. No weights load: models are built on the meta device
+from their config, so a 70B plan runs on a laptop (a hub id needs its config.json, a local dir works
+offline).
+
+Parameter counts. LoRA adds r * (d_in + d_out) per adapted matrix; DoRA adds d_out more (the
+magnitude vector). With task type SEQ_CLS (reward and value models) peft also trains a copy of the
+scalar head. A 4-bit weight counts its values, as peft does.
+
+Memory, in bytes, per model:
+- weights: parameters x dtype size; QLoRA stores the adapted base matrices in NF4, 4.127 bits per
+  value with double quantisation and 4.5 without (Dettmers et al. 2023), the rest in the compute dtype;
+- gradients: trainable parameters x their dtype size (adapters train in float32);
+- optimiser: AdamW keeps two states per trainable parameter (one byte each with paged 8-bit AdamW);
+- activations (trained models only): per layer s*b*h*(34 + 5*a*s/h) bytes in 16 bits (Korthikanti
+  et al. 2022, no flash attention), scaled to the compute dtype; with gradient checkpointing 2*s*b*h
+  per layer plus one layer; plus the logits, b*s*V in float32, and their gradient.
+It is an estimate (allocator overhead, buffers and temporary copies are not counted): expect the real
+peak within about 30 %.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignctl.errors import UserError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BITS = {True: 4.127, False: 4.5}  # bits per value with / without double quantisation
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+@dataclass
+class ModelPlan:
+    role: str
+    source: str
+    total: int
+    trainable: int
+    adapted_matrices: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def memory(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+def adapter_parameters(shapes: list[tuple[int, int]], r: int, dora: bool) -> int:
+    """LoRA's r * (d_in + d_out) per adapted (d_in, d_out) matrix, plus d_out each for DoRA's magnitude."""
+    return sum(r * (d_in + d_out) + (d_out if dora else 0) for d_in, d_out in shapes)
+
+
+def activation_bytes(batch: int, seq: int, hidden: int, heads: int, layers: int, vocab: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """Activations kept for the backward pass (Korthikanti et al. 2022, eq. 2) plus float32 logits and their gradient."""
+    full_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * dtype_bytes / 2
+    per_model = (2 * seq * batch * hidden * dtype_bytes * layers + full_layer) if checkpointing else full_layer * layers
+    return per_model + 2 * batch * seq * vocab * 4
+
+
+# ------------------------------------------------------------------------------------ the models
+def meta_model(path: str, model_cfg: Any, seq_cls: bool, extra_layers: int = 0) -> Any:
+    """The architecture at `path` with no weights (meta tensors), as the stage would build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignctl.models import add_decoder_layers
+
+    adapter_file = Path(path) / "adapter_config.json"
+    config_path = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.exists() else path
+    try:
+        config = AutoConfig.from_pretrained(config_path, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    except (OSError, ValueError) as err:
+        raise UserError(f"plan: cannot read a model config from {config_path!r}: {str(err).strip().splitlines()[0]}") from None
+    if seq_cls:
+        config.num_labels = 1
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM).from_config(config)
+        if extra_layers:
+            add_decoder_layers(model, extra_layers)
+    return model
+
+
+def linear_shapes(model: Any, target_modules: Any) -> list[tuple[int, int]]:
+    """(d_in, d_out) of the linear layers an adapter with `target_modules` adapts (all-linear: every
+    linear layer but the output head, as peft chooses)."""
+    import torch
+
+    shapes = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        chosen = leaf not in HEAD_NAMES if target_modules == "all-linear" else leaf in list(target_modules)
+        if chosen:
+            shapes.append((module.in_features, module.out_features))
+    return shapes
+
+
+def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = False, extra_layers: int = 0,
+               batch: int = 0, seq: int = 0, shared_base: bool = False) -> ModelPlan:
+    """Parameters and memory of one model the recipe holds; `trained` ones get the adapter (if any).
+    `shared_base`: a second adapter on another model's base (PPO's value with LoRA), so no base weights."""
+    model = meta_model(path, cfg.model, seq_cls, extra_layers)
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    adapter = cfg.adapter if trained else None
+    kind = adapter.kind if adapter is not None else "none"
+    quantized = kind == "qlora"
+    dtype = adapter.compute_dtype if quantized else cfg.hardware.dtype
+    size = DTYPE_BYTES[dtype]
+    if kind != "none":
+        from alignctl.adapters import check_targets
+
+        check_targets(model, adapter.target_modules)
+    shapes = linear_shapes(model, adapter.target_modules) if kind != "none" else []
+    if kind == "none":
+        trainable = total if trained else 0
+        adapter_params, head = 0, 0
+    else:
+        adapter_params = adapter_parameters(shapes, adapter.r, kind == "dora")
+        head = config.hidden_size * config.num_labels if seq_cls else 0  # peft trains a copy of the scalar head
+        trainable = adapter_params + head
+    weights = total * size
+    if quantized:  # the adapted-able base matrices in NF4, the rest (embeddings, norms, head) in the compute dtype
+        stored = sum(d_in * d_out for d_in, d_out in linear_shapes(model, "all-linear"))
+        weights -= stored * size - stored * NF4_BITS[adapter.double_quant] / 8
+    if shared_base:  # its parameters are the adapter and the head; the base is the policy's
+        weights, total = 0.0, 0
+    weights += adapter_params * 4 + head * size  # adapters are kept in float32
+    total += adapter_params + head  # as the loaded model counts: the base, the adapter, peft's copy of the head
+    grad_size = 4 if kind != "none" else size
+    gradients = trainable * grad_size if trained else 0.0
+    paged = quantized and adapter.paged_optimizer and cfg.hardware.device == "cuda"
+    optimizer = trainable * (2 if paged else 2 * grad_size) if trained else 0.0
+    activations = 0.0
+    if trained and batch:
+        activations = activation_bytes(batch, seq, config.hidden_size, config.num_attention_heads, config.num_hidden_layers,
+                                       config.vocab_size if not seq_cls else 1, size, cfg.hardware.gradient_checkpointing)
+    return ModelPlan(role, path, total, trainable, len(shapes), weights, gradients, optimizer, activations)
+
+
+def recipe_models(cfg: Any) -> list[ModelPlan]:
+    """Every model the recipe holds in memory while it trains."""
+    from alignctl.models import model_path
+    from alignctl.reference import resolve_mode
+
+    recipe, stage = cfg.recipe, cfg.recipe.stage
+    policy_path = model_path(cfg.model, cfg.inputs.get("policy"))
+    reward_path = model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else None
+    micro = {"sft": recipe.batch_size, "kto": 2 * recipe.batch_size}.get(stage, 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size)
+    seq = getattr(recipe, "max_length", 0)
+    plans: list[ModelPlan] = []
+    if stage == "reward":
+        init = model_path(cfg.model, cfg.inputs.get("init"))
+        return [plan_model("reward model (trained)", init, cfg, True, seq_cls=True, extra_layers=recipe.extra_layers, batch=micro, seq=seq)]
+    if stage == "pairs":
+        plans.append(plan_model("policy (sampling)", policy_path, cfg, False))
+    else:
+        plans.append(plan_model("policy (trained)", policy_path, cfg, True, batch=micro, seq=seq))
+    if stage in ("dpo", "kto", "grpo", "ppo"):
+        beta_zero = stage in ("grpo", "ppo") and recipe.beta == 0
+        has_reference = bool(cfg.inputs.get("reference"))
+        simpo = getattr(getattr(recipe, "loss_type", None), "value", None) == "simpo"
+        mode = "none" if beta_zero else resolve_mode(recipe.reference, cfg.adapter.kind, simpo, has_reference).value
+        if mode == "separate":
+            plans.append(plan_model("reference (separate copy)", model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy")), cfg, False))
+    if stage == "ppo":
+        value_path = model_path(cfg.model, cfg.inputs["init"]) if cfg.inputs.get("init") else (reward_path or policy_path)
+        shared = cfg.adapter.kind != "none" and value_path == policy_path  # adapters.SharedBaseValue
+        plans.append(plan_model("value (adapter on the policy's base)" if shared else "value (trained)", value_path, cfg, True,
+                                seq_cls=True, batch=recipe.batch_size, seq=seq, shared_base=shared))
+    if reward_path:
+        plans.append(plan_model("reward model (scoring)", reward_path, cfg, False, seq_cls=True))
+    return plans
+
+
+def batch_rows(cfg: Any) -> list[tuple[str, str]]:
+    """The batch arithmetic, as (quantity, value) rows."""
+    recipe = cfg.recipe
+    if not hasattr(recipe, "max_steps"):
+        return [("prompts", str(recipe.num_prompts)), ("completions per prompt", str(recipe.num_generations))]
+    processes = int(getattr(cfg.hardware, "nproc", 1) or 1)
+    step = recipe.batch_size * recipe.grad_accum * processes
+    rows = [("processes", str(processes)),
+            ("global batch", f"{recipe.batch_size} per device x {recipe.grad_accum} accumulation x {processes} processes = {step}"),
+            ("examples seen", f"{recipe.max_steps} steps x {step} = {recipe.max_steps * step:,}")]
+    if recipe.stage in ("grpo", "ppo"):
+        per_rollout = step * recipe.steps_per_generation
+        passes = recipe.num_iterations if recipe.stage == "grpo" else recipe.num_ppo_epochs
+        k = getattr(recipe, "num_generations", 1)
+        rows += [("completions per rollout", f"{step} x {recipe.steps_per_generation} steps_per_generation = {per_rollout}"),
+                 ("prompts per rollout", f"{per_rollout} / {k} completions each = {per_rollout // k}"),
+                 ("optimiser steps per rollout", f"{recipe.steps_per_generation} x {passes} passes = {recipe.steps_per_generation * passes}"),
+                 ("rollouts", str(-(-recipe.max_steps // (recipe.steps_per_generation * passes))))]
+    return rows
+
+
+# -------------------------------------------------------------------------------------- command
+def size(value: float) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def plan_command(args: list[str]) -> None:
+    from omegaconf import OmegaConf
+    from rich.table import Table
+
+    from alignctl import hydra_app
+    from alignctl.metrics import console
+    from alignctl.validation import validate
+
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(f"plan: unknown flag {flags[0]}; plan takes the overrides of alignctl train (key=value ...)")
+    (composed,) = hydra_app.check_jobs(args, multirun=False)
+    hydra_app.quiet_libraries()
+    cfg = validate(composed)
+    console.print(OmegaConf.to_yaml(hydra_app.without_hydra(composed)), markup=False)
+    plans = recipe_models(cfg)
+    table = Table(title=f"models held by recipe={cfg.recipe.stage} with adapter={cfg.adapter.kind} (memory in bytes, K/M/G = 2^10/20/30)")
+    for column in ("model", "params", "trainable", "adapted", "weights", "grads", "optim", "activ", "total"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for p in plans:
+        share = f" ({100 * p.trainable / p.total:.1f}%)" if p.total else ""
+        table.add_row(p.role, f"{p.total:,}", f"{p.trainable:,}{share}", str(p.adapted_matrices),
+                      size(p.weights), size(p.gradients), size(p.optimizer), size(p.activations), size(p.memory))
+    table.add_row("all", "", "", "", "", "", "", "", size(sum(p.memory for p in plans)))
+    console.print(table)
+    if cfg.adapter.kind != "none":
+        formula = "r x (d_in + d_out)" + (" + d_out" if cfg.adapter.kind == "dora" else "")
+        console.print(f"{cfg.adapter.kind}: {formula} per adapted matrix, r = {cfg.adapter.r}")
+    arithmetic = Table(title="batch arithmetic", show_header=False)
+    for name, value in batch_rows(cfg):
+        arithmetic.add_row(name, value)
+    console.print(arithmetic)
+    console.print("memory is an estimate (see alignctl/plan.py); expect the real peak within about 30 %")
+
+
+def as_dict(plan: ModelPlan) -> dict[str, Any]:
+    return dataclasses.asdict(plan) | {"memory": plan.memory}
