@@ -65,15 +65,17 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    weights: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically, point `checkpoint` at it, prune old ones; return its path."""
+    """Write checkpoints/step-N atomically, point `checkpoint` at it, prune old ones; return its path.
+    `weights`: the model's full state when the live model is sharded (FSDP)."""
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     for stale in folder.glob(".tmp-*"):  # a save cut short by a kill (one writer per run directory)
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     # A fresh id per save: caches keyed on a model's weights (precomputed reference log-probs) must not

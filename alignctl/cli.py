@@ -17,7 +17,7 @@ from alignctl.exits import reported
 
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
 def _train(cfg: DictConfig) -> dict:
-    from alignctl.registry import get_stage
+    from alignctl import distributed
     from alignctl.resume import check_resumable, refuse_to_overwrite
     from alignctl.validation import validate
 
@@ -29,7 +29,7 @@ def _train(cfg: DictConfig) -> dict:
             check_resumable(run_dir, run_config.recipe.max_steps)
         elif hasattr(run_config.recipe, "max_steps") and run_config.recipe.max_steps > 0:
             refuse_to_overwrite(run_dir)
-        return get_stage(run_config.recipe.stage)(run_config, cfg, run_dir)
+        return distributed.run_stage(run_config, cfg, run_dir, list(HydraConfig.get().overrides.task))
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)

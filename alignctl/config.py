@@ -168,9 +168,14 @@ class HardwareConfig:
     tf32: bool
     gradient_checkpointing: bool
     num_threads: int | None
+    strategy: str  # none (one process) | ddp (data parallel) | fsdp (parameters sharded, FSDP2)
+    nproc: int  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda", "auto"), "device", f"must be one of cpu, cuda, auto, got {self.device!r}")
+        _check(self.strategy in ("none", "ddp", "fsdp"), "strategy", f"must be none, ddp or fsdp, got {self.strategy!r}")
+        _check(self.nproc >= 1, "nproc", f"must be a positive integer, got {self.nproc}")
+        _check(self.nproc == 1 or self.strategy != "none", "nproc", f"{self.nproc} processes need hardware=ddp or hardware=fsdp")
         _check(
             self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}"
         )

@@ -385,6 +385,27 @@ def check_writable(path: Path, key: str) -> None:
         raise ConfigError(key, f"cannot write to {path}: {existing} is not writable; choose another {key}=<directory>")
 
 
+SLURM_REQUIRED = ("partition",)
+
+
+def _check_launcher(cfg: DictConfig, report) -> None:
+    """A launcher preset with a required field left empty, or a Slurm launcher away from Slurm: one
+    line now, rather than a traceback once the sweep is being submitted."""
+    import shutil
+
+    launcher = OmegaConf.select(cfg, "hydra.launcher")
+    if not isinstance(launcher, DictConfig):
+        return
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices", default={}).get("hydra/launcher", "?")
+    slurm = "Slurm" in str(launcher.get("_target_", ""))
+    # OmegaConf does not let `???` override the plugin's null defaults, so the required keys are listed here.
+    missing = sorted(OmegaConf.missing_keys(launcher)) + [k for k in SLURM_REQUIRED if slurm and launcher.get(k) is None]
+    if missing:
+        report(f"hydra.launcher.{missing[0]}: required by hydra/launcher={choice}; set hydra.launcher.{missing[0]}=<value>")
+    if slurm and shutil.which("srun") is None:
+        report(f"hydra/launcher={choice} submits to Slurm, and this machine has no srun; run the sweep here with hydra/launcher=local")
+
+
 def _check_sweep_targets(overrides: list[str]) -> None:
     """Hydra sweeps over job settings only: `-m hydra.run.dir=a,b` would fail after the launch."""
     for override in overrides:
@@ -416,6 +437,7 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             report(explain(err, overrides, hydra, name))
         if multirun:
             _check_sweep_targets(overrides)
+            _check_launcher(primary, report)
         try:
             # Another sweeper (optuna, ...) picks its own values: check the fixed overrides only.
             jobs = expand_sweep(overrides, multirun and basic, hydra, params)

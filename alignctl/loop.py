@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from alignctl import distributed
 from alignctl.config import NonFinite, TrainConfig
 from alignctl.interrupt import Interrupted, StopRequests
 from alignctl.metrics import MetricsLogger
+from alignctl.sharding import is_sharded
 
 Batch = dict[str, Any]
 StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -77,11 +79,13 @@ def train_loop(
                 if eval_metrics:
                     ctx.logger.log({"step": step, **eval_metrics})
                     last.update(eval_metrics)
+            # Every process stops after the same step, even if the signal reached only some of them.
+            stopping = stop.signum is not None if not distributed.current().active else distributed.sum_across(stop.signum or 0) > 0
             saved = final or (recipe.save_every and step % recipe.save_every == 0)
-            if saved or stop.signum is not None:
+            if saved or stopping:
                 ctx.save(step)
-            if stop.signum is not None and not final:
-                raise Interrupted(stop.signum, step)
+            if stopping and not final:
+                raise Interrupted(stop.signum or 15, step)
     return last
 
 
@@ -91,18 +95,26 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
     ctx.model.train()
     micro_batches = next_step()
     fetched = time.perf_counter()  # RL stages sample their rollout inside next_step
-    # Normalise by the items of the whole step, not per micro-batch (see module docstring).
-    num_items = sum(int(mb["num_items"]) for mb in micro_batches)
+    # Normalise by the items of the whole step, not per micro-batch (see module docstring), across
+    # every process (each holds a slice of the global step).
+    num_items = int(distributed.sum_across(sum(int(mb["num_items"]) for mb in micro_batches)))
     totals: dict[str, float] = {}
+    sharded = is_sharded(ctx.model)
+    # FSDP averages gradients over the processes; the shares must add up (see alignctl/sharding.py).
+    backward_scale = distributed.current().world_size if sharded else 1
     for batch in micro_batches:
         with _autocast(ctx):
             loss, metrics = step_fn(batch, num_items)
-        loss.backward()
+        (loss * backward_scale if sharded else loss).backward()
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach())
     params = [p for p in ctx.model.parameters() if p.requires_grad]
+    if not sharded:  # FSDP reduce-scatters the gradients itself
+        distributed.sum_gradients(params)  # each process's shares add up to the global step's gradient
+    totals = distributed.sum_dict(totals)
     # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     lr = ctx.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
     problem = _non_finite(totals["loss"], grad_norm)
     if problem and recipe.nonfinite == NonFinite.stop:
@@ -115,7 +127,7 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    tokens = sum(int(mb["num_tokens"]) for mb in micro_batches)
+    tokens = int(distributed.sum_across(sum(int(mb["num_tokens"]) for mb in micro_batches)))
     ctx.tokens_seen += tokens
     record = {
         **totals,

@@ -43,6 +43,18 @@ def build_tiny(tiny: TinyModelConfig) -> Path:
     out = cache_dir() / "models" / f"tiny-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     if (out / "config.json").exists():
         return out
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (the ranks of one run, parallel sweep jobs) may need it at once: one builds.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            _write_tiny(tiny, out)
+    return out
+
+
+def _write_tiny(tiny: TinyModelConfig, out: Path) -> None:
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -57,18 +69,15 @@ def build_tiny(tiny: TinyModelConfig) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(tiny.init_seed)
-    model = LlamaForCausalLM(config)
-    # Write to a private temporary directory and rename: a concurrent run never sees half a model.
+    # Its own RNG: the run's seeded stream must not depend on whether the cache was warm.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.init_seed)
+        model = LlamaForCausalLM(config)
+    # Write to a private temporary directory and rename: a reader never sees half a model.
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first; its copy is identical
-        if not (out / "config.json").exists():
-            raise
-    return out
+    tmp.rename(out)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -93,12 +102,20 @@ def model_path(model: ModelConfig, policy_run: str | None = None) -> str:
     return str(build_tiny(model.tiny))
 
 
-def device_of(hardware: HardwareConfig) -> torch.device:
+def device_type(hardware: HardwareConfig) -> str:
     if hardware.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if hardware.device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-    return torch.device(hardware.device)
+    return hardware.device
+
+
+def device_of(hardware: HardwareConfig) -> torch.device:
+    """The device of this process: with several processes on CUDA, the GPU of its local rank."""
+    from alignctl import distributed
+
+    kind = device_type(hardware)
+    return torch.device(kind, distributed.current().local_rank) if kind == "cuda" else torch.device(kind)
 
 
 def load_tokenizer(path: str, model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -154,8 +171,13 @@ def _requantized(model: torch.nn.Module, quantization, hardware: HardwareConfig)
     it the one way it quantises any checkpoint."""
     import tempfile
 
+    from safetensors.torch import save_model
+
     with tempfile.TemporaryDirectory(prefix="alignctl-4bit-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Written by every process for itself: save_pretrained writes on rank 0 only once a process
+        # group exists. save_model drops the second name of a tied weight, as save_pretrained does.
+        model.config.save_pretrained(tmp)
+        save_model(model, str(Path(tmp) / "model.safetensors"))
         reloaded = type(model).from_pretrained(tmp, quantization_config=quantization, device_map={"": device_of(hardware)})
     reloaded.name_or_path = reloaded.config._name_or_path = model.name_or_path  # not the temporary directory
     return keep_4bit_trainable(reloaded)
@@ -173,11 +195,15 @@ def anchor_base(built: torch.nn.Module, adapter, base_dir: Path | None) -> None:
         return
     import shutil
 
-    tmp = base_dir.with_name(f".{base_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    built.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(base_dir, ignore_errors=True)
-    os.replace(tmp, base_dir)
+    from alignctl import distributed
+
+    if distributed.current().is_main:  # one writer; the other processes wait for it
+        tmp = base_dir.with_name(f".{base_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        built.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(base_dir, ignore_errors=True)
+        os.replace(tmp, base_dir)
+    distributed.barrier()
     built.name_or_path = built.config._name_or_path = str(base_dir.resolve())  # peft records name_or_path
 
 

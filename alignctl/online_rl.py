@@ -167,8 +167,12 @@ def queue_steps(
 
 
 def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:
-    """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values)."""
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+    """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values).
+    Each process's rollout counts 1/world_size, so the sum over processes is their mean."""
+    from alignctl import distributed
+
+    share = 1.0 / distributed.current().world_size
+    return {k: torch.tensor(v * share, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
 
 
 def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig,

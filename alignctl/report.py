@@ -74,10 +74,14 @@ def accuracy_table(title: str, stages: list[tuple[str, Path, bool]], runs: list[
     return table
 
 
-def runs_table(root: Path) -> Table:
-    table = Table(title=f"runs under {root}", header_style="bold")
-    for column in ("run", "stage", "status", "parents", "headline", "steps"):
+def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> Table:
+    """Every run under `root`; with `sort`, ranked by that final metric (eval.json, else the last
+    train value), best first, and with each run's command-line overrides (what a sweep varied)."""
+    table = Table(title=f"runs under {root}" + (f", ranked by {sort}" if sort else ""), header_style="bold")
+    columns = ["run", "stage", "status", "parents", "headline", "steps"] + ([sort, "overrides"] if sort else [])
+    for column in columns:
         table.add_column(column, overflow="fold")  # a run path must stay whole, even on a narrow terminal
+    rows = []
     for run_dir in find_runs(root):
         run = read_run(run_dir)
         lineage = run["lineage"]
@@ -89,8 +93,29 @@ def runs_table(root: Path) -> Table:
             name = str(run_dir.relative_to(root.resolve()))
         except ValueError:
             name = str(run_dir)
-        table.add_row(name, lineage.get("stage", "?"), status, parents, f"{metric.removeprefix('eval_')} {_fmt(after)}" if metric else "-", str(steps))
+        row = [name, lineage.get("stage", "?"), status, parents, f"{metric.removeprefix('eval_')} {_fmt(after)}" if metric else "-", str(steps)]
+        value = None
+        if sort:
+            value = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
+            row += ["-" if value is None else f"{value:.4g}", " ".join(_overrides(run_dir))]
+        rows.append((value, row))
+    if sort:
+        if all(value is None for value, _ in rows):
+            raise UserError(f"runs --sort {sort}: no run under {root} has that metric (e.g. eval_exact_match, eval_loss, loss)")
+        known = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0], reverse=not ascending)
+        rows = known + [r for r in rows if r[0] is None]
+    for _, row in rows:
+        table.add_row(*row)
     return table
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The job's own command-line overrides (Hydra's record), without Hydra's settings."""
+    import yaml
+
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    found = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
+    return [o for o in found if not o.startswith(("hydra.", "resume="))]
 
 
 def plot_run(run: dict[str, Any], out: Path) -> Path | None:
@@ -167,12 +192,22 @@ def write_report(root: Path) -> tuple[Table, list[Path]]:
 
 
 def runs_command(args: list[str]) -> None:
-    """`alignctl runs [DIR]`."""
+    """`alignctl runs [DIR] [--sort METRIC [--ascending]]`."""
     from alignctl.metrics import console
 
-    if len(args) > 1:
-        raise UserError("runs takes at most one directory: alignctl runs [DIR]")
-    console.print(runs_table(Path(args[0] if args else "runs")))
+    ascending = "--ascending" in args
+    args = [a for a in args if a != "--ascending"]
+    sort = None
+    if "--sort" in args:
+        at = args.index("--sort")
+        if at + 1 >= len(args):
+            raise UserError("runs --sort needs a metric name: alignctl runs DIR --sort eval_exact_match")
+        sort = args[at + 1]
+        args = args[:at] + args[at + 2 :]
+    unknown = [a for a in args if a.startswith("-")]
+    if unknown or len(args) > 1:
+        raise UserError(f"runs: unexpected {' '.join(unknown or args[1:])}; usage: alignctl runs [DIR] [--sort METRIC [--ascending]]")
+    console.print(runs_table(Path(args[0] if args else "runs"), sort, ascending))
 
 
 def report_command(args: list[str]) -> None:

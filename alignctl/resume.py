@@ -118,17 +118,28 @@ def restore(
 ) -> int:
     """Put the checkpoint's state back into a freshly built run; return the step to continue after."""
     from alignctl.checkpoint import load_weights, set_rng_state
+    from alignctl.sharding import FULL, is_sharded, load_full_optimizer_state
 
     state = point.state
-    load_weights(model, point.checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
+    if not is_sharded(model):  # a sharded model took its weights before it was sharded (training.start_training)
+        load_weights(model, point.checkpoint)
+    if state.get("optimizer_format") == FULL or is_sharded(model):
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stream.load_state_dict(state["data"])
     ctx.tokens_seen = int(state.get("tokens_seen", 0))
     ctx.skipped_steps = int(state.get("skipped_steps", 0))
     if restore_extra is not None:
         restore_extra(state)
-    set_rng_state(state["rng"])  # last: building the run above drew random numbers
+    # Last: building the run above drew random numbers. Each process takes its own state when the
+    # checkpoint has one for its rank (a resume with another number of processes takes rank 0's).
+    from alignctl import distributed
+
+    group, per_rank = distributed.current(), state.get("rng_per_rank")
+    same_layout = per_rank is not None and len(per_rank) == group.world_size
+    set_rng_state(per_rank[group.rank] if same_layout else state["rng"])
     return point.step
 
 

@@ -63,13 +63,15 @@ class RunDir:
     """Writes config.yaml and keeps lineage.json up to date for one run."""
 
     def __init__(self, path: Path, cfg: DictConfig, stage: str, parents: dict[str, str | None], data_fingerprint: str | None,
-                 resumed_from: int | None = None):
+                 resumed_from: int | None = None, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False in every process but rank 0 of a multi-process run
         self.resume_point: Any = None  # set by training.start_training when the run resumes
         path.mkdir(parents=True, exist_ok=True)
         earlier = json.loads((path / "lineage.json").read_text()) if resumed_from is not None and (path / "lineage.json").exists() else {}
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-        (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        if enabled:
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
         self.lineage: dict[str, Any] = {
             "stage": stage,
             "status": "running",
@@ -89,7 +91,8 @@ class RunDir:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path / "lineage.json", self.lineage)
+        if self.enabled:
+            write_json_atomic(self.path / "lineage.json", self.lineage)
 
     def finish(self, metrics: dict[str, float]) -> None:
         self.lineage.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=metrics)

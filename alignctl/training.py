@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
+from alignctl import distributed
 from alignctl.checkpoint import rng_state, save_checkpoint
 from alignctl.config import HardwareConfig, TrainConfig
 from alignctl.errors import ConfigError
@@ -80,12 +81,20 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
 
     paged = getattr(cfg.adapter, "paged_optimizer", False)
     on_gpu = next(model.parameters()).device.type == "cuda"
+    point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
+    if cfg.hardware.strategy == "fsdp" and distributed.current().active:
+        from alignctl.checkpoint import load_weights
+        from alignctl.sharding import shard
+
+        if point is not None:  # whole weights first: every process reads them, then keeps its shard
+            load_weights(model, point.checkpoint)
+        shard(model, cfg.hardware.autocast)
     optimizer = build_optimizer(model, recipe, paged=paged and on_gpu)
     scheduler = build_scheduler(optimizer, recipe)
-    point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
-    run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None)
+    main = distributed.current().is_main  # one process writes the run directory and logs
+    run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None, enabled=main)
     run.resume_point = point  # train_and_finish restores it once the stage has built everything
-    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every)
+    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main)
     if paged and not on_gpu:
         logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")
     return optimizer, scheduler, run, logger
@@ -103,15 +112,24 @@ def checkpoint_writer(
 ) -> Callable[[int], None]:
     """A `save(step)` callback writing weights, tokenizer and everything needed to resume exactly."""
 
+    from alignctl.sharding import FULL, full_states, is_sharded
+
     def save(step: int) -> None:
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            **extra_state(),
-        }
-        save_checkpoint(run_dir, step, model, tokenizer, state, meta, keep_last)
+        # Called by every process: each one's RNG state is kept (rank order), rank 0 writes.
+        rngs = distributed.gather_objects(rng_state())
+        weights, optimizer_state = full_states(model, optimizer) if is_sharded(model) else (None, optimizer.state_dict())
+        if distributed.current().is_main:
+            state = {
+                "step": step,
+                "optimizer": optimizer_state,
+                **({"optimizer_format": FULL} if weights is not None else {}),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs[0],
+                "rng_per_rank": rngs,
+                **extra_state(),
+            }
+            save_checkpoint(run_dir, step, model, tokenizer, state, meta, keep_last, weights=weights)
+        distributed.barrier()  # no process moves on (or reads the checkpoint) before it is complete
 
     return save
 
@@ -170,7 +188,12 @@ def train_and_finish(
     from alignctl.resume import restore
 
     device_type = next(model.parameters()).device.type
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate, lambda step: None, hardware.autocast, device_type)
+    group = distributed.current()
+    # DDP: rank 0 evaluates while the others go on to the next step's all-reduce. FSDP: a sharded
+    # forward needs every process, so all evaluate (the same rows, the same result); rank 0 reports.
+    everyone = hardware.strategy == "fsdp"
+    evaluate_on_main = evaluate if group.is_main or everyone else (lambda step: {})
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, lambda step: None, hardware.autocast, device_type)
 
     def trainer_state() -> dict[str, Any]:
         counters = {"tokens_seen": ctx.tokens_seen, "skipped_steps": ctx.skipped_steps}
@@ -202,5 +225,7 @@ def train_and_finish(
     final["epoch"] = stream.fractional_epoch
     if ctx.skipped_steps:
         final["skipped_steps"] = ctx.skipped_steps
-    finish_run(run, recipe.max_steps, final, shown)
+    if group.is_main:
+        finish_run(run, recipe.max_steps, final, shown)
+    distributed.barrier()  # every process leaves once the run is recorded
     return final

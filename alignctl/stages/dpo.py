@@ -21,6 +21,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from alignctl import data as data_lib
+from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, split_micro
 from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
@@ -102,7 +103,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     step_rows = recipe.batch_size * recipe.grad_accum
-    stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed)
+    stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed, **distributed.current().shard)
     optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "dpo", train_raw._fingerprint)
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")

@@ -21,6 +21,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from alignctl import data as data_lib
+from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, split_micro
 from alignctl.config import KTOConfig, Reference, RunConfig
@@ -109,7 +110,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"])],
-                         recipe.batch_size * recipe.grad_accum, cfg.seed)
+                         recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
     optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "kto", train_raw._fingerprint)
     desirable_share = sum(train_set["label"]) / len(train_set)
     logger.note(f"kto: {len(train_set)} rows ({100 * desirable_share:.0f}% desirable), beta {recipe.beta}, reference {mode.value}, "

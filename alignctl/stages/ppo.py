@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from alignctl import distributed
 from alignctl.adapters import SharedBaseValue, apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.checkpoint import load_weights
@@ -123,7 +124,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         value_fn, value_from = (lambda batch: response_values(value, batch)), value_path
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)
-    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False)
+    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False, **distributed.current().shard)
     optimizer, scheduler, run, logger = start_training(both, recipe, cfg, raw, run_dir, "ppo", prompts.raw._fingerprint)
     logger.note(
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"

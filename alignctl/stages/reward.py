@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig
 
 from alignctl import data as data_lib
+from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, pad, split_micro
 from alignctl.config import RewardConfig, RunConfig
@@ -126,7 +127,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     lm_weight = lm_head_weight(model, path, cfg) if recipe.lm_loss_coef else None
     trainable, total = parameter_counts(model)
     stream = BatchStream([max(len(c), len(r)) for c, r in zip(train_set["chosen"], train_set["rejected"])],
-                         recipe.batch_size * recipe.grad_accum, cfg.seed)
+                         recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
     optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "reward", train_raw._fingerprint)
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")

@@ -18,6 +18,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from alignctl import data as data_lib
+from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
@@ -82,7 +83,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware, cfg.adapter, base_dir=run_dir / BASE_DIR), cfg.adapter)
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
-    stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing)
+    stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
     optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "sft", train_raw._fingerprint)
     logger.note(
         f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "

@@ -1,0 +1,219 @@
+"""Several processes, one run: torchrun starts them, torch.distributed connects them.
+
+`alignctl train ... hardware=ddp hardware.nproc=2` re-runs itself under torchrun (as `tune run
+--nproc_per_node` does); when torchrun or srun already started the processes (RANK / WORLD_SIZE, or
+SLURM_PROCID / SLURM_NTASKS in the environment) each process joins the group directly.
+
+What the processes share, and how it stays exact:
+- the data: `BatchStream` draws global batches and hands each rank its slice;
+- the loss: every rank divides by the items of the *global* step (an all-reduced count), and the
+  gradients are summed across ranks after backward, so 2 processes x batch B compute the gradient
+  of 1 process x batch 2B (data parallelism with DDP's result; the sum is one flat all-reduce after
+  the backward pass rather than DDP's overlapped buckets);
+- the weights: every rank starts from the same seed and applies the same update;
+- the outputs: rank 0 alone logs, evaluates and writes the run directory and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def shard(self) -> dict[str, int]:
+        """BatchStream's arguments for this process's slice of every global batch."""
+        return {"rank": self.rank, "world_size": self.world_size}
+
+
+_GROUP = Group()
+
+
+def current() -> Group:
+    return _GROUP
+
+
+def launched_env() -> Group | None:
+    """The rank this process was started as (torchrun, or srun), or None for a single process."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return Group(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
+        return Group(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return None
+
+
+def setup(device_type: str) -> Group:
+    """Join the process group when this process was launched as one rank of several."""
+    global _GROUP
+    group = launched_env()
+    if group is None or group.world_size == 1 or torch.distributed.is_initialized():
+        return _GROUP
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+    torch.distributed.init_process_group(backend, rank=group.rank, world_size=group.world_size)
+    _GROUP = group
+    return group
+
+
+def teardown() -> None:
+    global _GROUP
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _GROUP = Group()
+
+
+def sum_across(value: float | int) -> float:
+    """`value` summed over the ranks (itself in a single process)."""
+    if not _GROUP.active:
+        return value
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=_reduce_device())
+    torch.distributed.all_reduce(tensor)
+    return tensor.item()
+
+
+def sum_dict(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the ranks (one all-reduce; every rank has the same keys)."""
+    if not _GROUP.active:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduce_device())
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its sum over the ranks: one flat all-reduce."""
+    if not _GROUP.active:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if len(grads) != len(parameters):  # a rank whose step touched no weight of some parameter
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every rank's `value`, in rank order (a one-item list in a single process)."""
+    if not _GROUP.active:
+        return [value]
+    out: list[object] = [None] * _GROUP.world_size
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    if _GROUP.active:
+        torch.distributed.barrier()
+
+
+def _reduce_device() -> torch.device:
+    return torch.device("cuda", _GROUP.local_rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relaunch(overrides: list[str], run_dir: str, nproc: int, device: str) -> int:
+    """Run this training command again as `nproc` processes under torchrun; its exit code.
+
+    The run directory is fixed for all of them (a `${now:...}` default would differ by a second
+    between processes). A signal sent to this process is passed on to torchrun, which passes it on
+    to every process: each saves after the same step (see loop.py)."""
+    import signal
+    import subprocess
+    import sys
+
+    from alignctl.errors import ConfigError
+
+    available = torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+    if nproc > available:
+        what = f"{available} CUDA devices" if device == "cuda" else f"{available} CPU cores"
+        raise ConfigError("hardware.nproc", f"{nproc} processes but this machine has {what}; set hardware.nproc<={available}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
+    reader.start()
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    reader.join()
+    return _report(code, lines)
+
+
+def _report(code: int, lines: list[str]) -> int:
+    """What the processes said on stderr, without torchrun's own failure report when they explained
+    themselves in alignctl's one line (said once, not once per process); the processes' exit code."""
+    import re
+    import sys
+
+    ours = list(dict.fromkeys(line for line in lines if line.startswith("alignctl:")))
+    # A process that failed without explaining itself left a traceback of its own (torchrun adds one,
+    # ending in ChildFailedError, whenever a process fails).
+    tracebacks = sum(line.startswith("Traceback") for line in lines)
+    crashed = tracebacks > any("ChildFailedError" in line for line in lines)
+    if code and ours and not crashed:
+        sys.stderr.write("".join(ours))
+        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", "".join(lines))
+        return int(codes[-1]) if codes else code
+    torchrun_log = re.compile(r"^[WIE]\d{4} \d\d:")  # torchrun's own glog-style lines (its OMP_NUM_THREADS notice)
+    sys.stderr.write("".join(line for line in lines if code or not torchrun_log.match(line)))
+    return code
+
+
+def run_stage(run_config, cfg, run_dir, overrides: list[str]):
+    """Run the configured stage: here, as one of several processes, or by starting them (torchrun)."""
+    from alignctl.models import device_type, model_path
+    from alignctl.registry import get_stage
+
+    hardware = run_config.hardware
+    if hardware.nproc > 1 and launched_env() is None:
+        code = relaunch(overrides, str(run_dir), hardware.nproc, device_type(hardware))
+        if code:
+            raise SystemExit(code)
+        return None
+    # Before the process group exists: transformers writes files on rank 0 only once it does, and
+    # every process must be able to build the local tiny model into the cache (one does, under a lock).
+    model_path(run_config.model, run_config.inputs.get("policy"))
+    setup(device_type(hardware))
+    try:
+        return get_stage(run_config.recipe.stage)(run_config, cfg, run_dir)
+    finally:
+        teardown()
