@@ -18,18 +18,16 @@ from alignctl.exits import reported
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
 def _train(cfg: DictConfig) -> dict:
     from alignctl import distributed
-    from alignctl.resume import check_resumable, refuse_to_overwrite
+    from alignctl.resume import check_run_dir
     from alignctl.validation import validate
 
     hydra_app.quiet_libraries()
     with reported():
         run_config = validate(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if run_config.resume:  # before any model loads
-            check_resumable(run_dir, run_config.recipe.max_steps)
-        elif hasattr(run_config.recipe, "max_steps") and run_config.recipe.max_steps > 0:
-            refuse_to_overwrite(run_dir)
-        return distributed.run_stage(run_config, cfg, run_dir, list(HydraConfig.get().overrides.task))
+        check_run_dir(run_config, run_dir)  # before any model loads
+        given = HydraConfig.get().overrides
+        return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)

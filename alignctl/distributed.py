@@ -198,12 +198,17 @@ def _report(code: int, lines: list[str]) -> int:
     return code
 
 
-def run_stage(run_config, cfg, run_dir, overrides: list[str]):
+def run_stage(run_config, cfg, run_dir, overrides: list[str], hydra_overrides: list[str]):
     """Run the configured stage: here, as one of several processes, or by starting them (torchrun)."""
+    from alignctl.errors import ConfigError
     from alignctl.models import device_type, model_path
     from alignctl.registry import get_stage
 
     hardware = run_config.hardware
+    outer = launched_env()
+    if outer is not None and outer.world_size > 1 and not any(o.startswith("hydra.run.dir=") for o in hydra_overrides):
+        # Each process would date its own default directory, a second apart.
+        raise ConfigError("hydra.run.dir", f"{outer.world_size} processes were started for this run: give them one directory, hydra.run.dir=<dir>")
     if hardware.nproc > 1 and launched_env() is None:
         code = relaunch(overrides, str(run_dir), hardware.nproc, device_type(hardware))
         if code:

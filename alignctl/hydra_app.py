@@ -80,6 +80,8 @@ def usage() -> str:
     lines += [f"  {name:9s} {text}" for name, text in SUBCOMMANDS.items()]
     lines += ["", "config groups (pick with group=option):"]
     lines += [f"  {group:9s} {', '.join(group_options(group))}" for group in groups()]
+    launchers = sorted(p.stem for p in (conf_dir() / "hydra" / "launcher").glob("*.yaml"))
+    lines += [f"  {'launcher':9s} {', '.join(launchers)}  (hydra/launcher=..., for -m sweeps)"]
     pipelines = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
     lines += ["", f"pipeline recipes (recipes/): {', '.join(pipelines) or '(none)'}"]
     lines += ["", "any key can be overridden (recipe.lr=1e-4 adapter.r=16); `alignctl train --cfg job` prints the config."]

@@ -65,6 +65,14 @@ def _checkpoint_of(run_dir: Path, culprit: str) -> Path:
     return checkpoint
 
 
+def check_run_dir(run_config: Any, run_dir: Path) -> None:
+    """A resume needs a checkpoint to start from; a fresh training run must not overwrite one."""
+    if run_config.resume:
+        check_resumable(run_dir, run_config.recipe.max_steps)
+    elif getattr(run_config.recipe, "max_steps", 0) > 0:
+        refuse_to_overwrite(run_dir)
+
+
 def refuse_to_overwrite(run_dir: Path) -> None:
     """A fresh run must not train over a directory that holds another run's checkpoints."""
     from alignctl.checkpoint import latest_checkpoint

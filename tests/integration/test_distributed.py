@@ -128,3 +128,16 @@ def test_slurm_preset_needs_its_partition_and_a_cluster(alignctl, tmp_path):
 def test_runs_sort_by_an_unknown_metric_is_one_line(alignctl, tmp_path, trajectories):
     root = trajectories["sft", "one_process"].dir.parent
     assert_one_line_error(alignctl("runs", str(root), "--sort", "no_such_metric"), "no_such_metric")
+
+
+def test_under_an_outer_torchrun_the_processes_join_directly(trajectories, tmp_path):
+    """`torchrun ... -m alignctl train hardware=ddp hydra.run.dir=...` trains as alignctl's own launch."""
+    run_dir = tmp_path / "outer"
+    args = ["recipe=sft", "recipe.max_steps=4", "recipe.save_every=2", "recipe.keep_last=5", *LAYOUTS["two_processes"], *QUICK]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignctl", "train", *args]
+    result = run_process([*torchrun, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert metric(run_dir, "loss") == pytest.approx(metric(trajectories["sft", "one_process"].dir, "loss"), abs=TOLERANCE)
+    # Without a directory of their own, each process would date its own: refused in one line.
+    unnamed = run_process(torchrun, cwd=tmp_path)
+    assert unnamed.returncode != 0 and "hydra.run.dir" in unnamed.stderr

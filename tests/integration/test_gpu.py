@@ -34,3 +34,15 @@ def test_qlora_on_gpu_uses_bf16_compute_and_paged_adamw(alignctl, tmp_path):
     assert "paged 8-bit AdamW needs CUDA" not in result.output
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["optimizer"]["state"], "the optimiser kept state"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_with_nccl(alignctl, tmp_path, strategy):
+    """hardware=ddp|fsdp on 2 GPUs (nccl, bf16 autocast): one process per GPU, rank 0 writes."""
+    run_dir = tmp_path / strategy
+    result = alignctl("train", f"hardware={strategy}", "hardware.autocast=bf16", "recipe.max_steps=5", "data.eval_limit=32",
+                      f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.describe()
+    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert len(state["rng_per_rank"]) == 2
