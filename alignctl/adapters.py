@@ -106,28 +106,36 @@ class SharedBaseValue(torch.nn.Module):
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, W) values, aligned as ops.response_values aligns them."""
         policy = self.policy[0]
-        base = policy.get_base_model()
         width = int(batch["response_mask"].sum(-1).max())
         policy.set_adapter(VALUE_ADAPTER)
         try:
-            hidden = getattr(base, base.base_model_prefix)(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False
-            ).last_hidden_state
+            # The policy's own forward (so a sharded model gathers its weights), its LM head on one position only.
+            hidden = policy(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False,
+                output_hidden_states=True, logits_to_keep=1,
+            ).hidden_states[-1]
         finally:
             policy.set_adapter("default")
             policy.set_requires_grad(["default", VALUE_ADAPTER], True)
         return self.head(hidden[:, -width - 1 : -1]).squeeze(-1).float()
 
-    def save_pretrained(self, directory, **kwargs) -> None:
-        """The value adapter (peft layout) and the head, beside the policy's files."""
+    def save_pretrained(self, directory, policy_state: dict | None = None, head_state: dict | None = None, **kwargs) -> None:
+        """The value adapter (peft layout) and the head, beside the policy's files; from gathered full
+        states (`policy_state`, `head_state`) when the live weights are sharded."""
         from pathlib import Path
 
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.policy[0].save_pretrained(out, selected_adapters=[VALUE_ADAPTER], **kwargs)
-        save_file({"weight": self.head.weight.detach().cpu().contiguous()}, str(out / "value_head.safetensors"))
+        state = {"state_dict": policy_state} if policy_state is not None else {}
+        self.policy[0].save_pretrained(out, selected_adapters=[VALUE_ADAPTER], **state, **kwargs)
+        head = head_state["head.weight"] if head_state is not None else self.head.weight.detach()
+        save_file({"weight": head.cpu().contiguous()}, str(out / "value_head.safetensors"))
+
+    def fsdp_roots(self) -> list[torch.nn.Module]:
+        """Only the head is this module's own (the adapter lives in the policy's layers)."""
+        return [self.head]
 
     def load_weights(self, directory) -> None:
         """Resume: the value adapter (peft keeps a non-default adapter in a folder of its name) and the head."""

@@ -97,13 +97,15 @@ def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]
     Returns:
         (B, W) float32 values, aligned with `response_token_logps` (W = longest response).
     """
-    # The classifier's own forward pools one position; run its backbone and head on every position.
+    # The classifier's own forward pools one position: take its last hidden states and apply its head
+    # to every position. Through the model's own forward, so a sharded (FSDP) model gathers its weights.
     base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     width = int(batch["response_mask"].sum(-1).max())
-    hidden = getattr(base, base.base_model_prefix)(
+    hidden = value_model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
-    ).last_hidden_state
+        output_hidden_states=True,
+    ).hidden_states[-1]
     return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()

@@ -20,6 +20,7 @@ import torch
 
 from alignctl.batching import pad
 from alignctl.ops import left_padded_batch
+from alignctl.sharding import is_sharded
 
 
 @dataclass
@@ -63,6 +64,8 @@ def sample(
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,
+        # FSDP: every process takes part in every forward, so all go on until the last one is done.
+        synced_gpus=is_sharded(model),
     )
     completion_ids, truncated = [], []
     for tokens in output[:, input_ids.size(1) :].tolist():

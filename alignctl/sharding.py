@@ -7,7 +7,9 @@ step's items; FSDP's reduce-scatter averages over the processes, so the loop sca
 backpropagates by their number (a divide factor of 1 would need PREMUL_SUM, which gloo lacks). Checkpoints
 hold the full, unsharded model (a plain Hugging Face directory, written by rank 0) and the full
 optimiser state keyed by parameter name, so they load in one process, under DDP or under FSDP.
-Every process runs the evaluation (a sharded forward needs all of them); rank 0 reports it.
+Every process runs the evaluation (a sharded forward needs all of them); rank 0 reports it. Sampling
+(GRPO, PPO) passes synced_gpus to generate, so a process whose completions ended keeps stepping
+with the others.
 """
 
 from __future__ import annotations
@@ -22,24 +24,28 @@ FULL = "full"  # trainer_state["optimizer_format"] of an optimiser state keyed b
 
 
 def shard(model: torch.nn.Module, autocast: str | None) -> None:
-    """fully_shard every decoder layer, then the whole model (embeddings, head, norms), in place."""
+    """fully_shard every decoder layer, then each model the module holds (embeddings, head, norms), in
+    place. A module holding several models (PPO's policy and value) names them in `fsdp_roots()`: each
+    is sharded as a root of its own, because each is called on its own."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import PreTrainedModel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_names = set(getattr(base, "_no_split_modules", None) or [])
+    layer_names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
     if not layer_names:
-        raise ConfigError("hardware.strategy", f"{type(base).__name__} does not name its decoder layers (_no_split_modules); use hardware=ddp")
+        raise ConfigError("hardware.strategy", f"{type(model).__name__} does not name its decoder layers (_no_split_modules); use hardware=ddp")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast == "bf16" else MixedPrecisionPolicy()
     for module in list(model.modules()):
         if type(module).__name__ in layer_names:
             fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for root in model.fsdp_roots() if hasattr(model, "fsdp_roots") else [model]:
+        # A peft model's generate() calls its base model directly: the base is the root that gathers.
+        fully_shard(root.get_base_model() if hasattr(root, "get_base_model") else root, mp_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -228,8 +228,8 @@ def _generated_data(data: DataConfig, producer: str) -> DataConfig:
 
 def _check_across_groups(run: RunConfig) -> None:
     """Settings that are each valid alone but not together."""
-    if run.hardware.strategy == "fsdp" and run.recipe.stage in ("grpo", "ppo", "pairs"):
-        raise ConfigError("hardware", f"hardware=fsdp trains sft, reward, dpo and kto; recipe={run.recipe.stage} samples completions, use hardware=ddp")
+    if run.hardware.strategy == "fsdp" and run.recipe.stage == "pairs":
+        raise ConfigError("hardware", "recipe=pairs trains nothing: run it in one process (hardware=cpu or hardware=gpu)")
     if run.resume and not hasattr(run.recipe, "max_steps"):
         raise ConfigError("resume", f"recipe={run.recipe.stage} trains nothing and writes no checkpoint; run it again without resume")
     reference = getattr(run.recipe, "reference", None)

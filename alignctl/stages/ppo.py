@@ -73,11 +73,25 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def save_pretrained(self, directory: Path, **kwargs) -> None:
+    def save_pretrained(self, directory: Path, state_dict: dict | None = None, **kwargs) -> None:
+        """`state_dict`: both models' full state (gathered from FSDP shards), keyed policy.* and value.*."""
+        parts: dict[str, dict] = {"policy": {}, "value": {}}
+        for key, tensor in (state_dict or {}).items():
+            owner, _, rest = key.partition(".")
+            parts[owner][rest] = tensor
+        given = (lambda part: {"state_dict": parts[part]}) if state_dict is not None else (lambda part: {})
+        value_kwargs = dict(kwargs)
         if isinstance(self.value, SharedBaseValue):  # the policy's files hold its own adapter only
             kwargs = {**kwargs, "selected_adapters": ["default"]}
-        self.policy.save_pretrained(directory, **kwargs)
-        self.value.save_pretrained(Path(directory) / "value_model", **{k: v for k, v in kwargs.items() if k != "selected_adapters"})
+            value_kwargs |= {"policy_state": parts["policy"], "head_state": parts["value"]} if state_dict is not None else {}
+        else:
+            value_kwargs |= given("value")
+        self.policy.save_pretrained(directory, **kwargs, **given("policy"))
+        self.value.save_pretrained(Path(directory) / "value_model", **value_kwargs)
+
+    def fsdp_roots(self) -> list[torch.nn.Module]:
+        """The modules called on their own: each is a root for FSDP (alignctl/sharding.py)."""
+        return [self.policy, *(self.value.fsdp_roots() if hasattr(self.value, "fsdp_roots") else [self.value])]
 
     def load_weights(self, directory: Path) -> None:
         """Resume: the policy from the checkpoint's root, the value model from value_model/."""

@@ -30,7 +30,7 @@ CONFIG_ERRORS = {
     "grad_accum zero": (["recipe.grad_accum=0"], ["recipe.grad_accum", "positive"]),
     "dpo beta zero": (["recipe=dpo", "recipe.beta=0"], ["recipe.beta", "> 0"]),
     "grpo beta negative": (["recipe=grpo", "recipe.beta=-0.1"], ["recipe.beta", ">= 0"]),
-    "fsdp for a sampling recipe": (["recipe=grpo", "hardware=fsdp"], ["hardware=fsdp", "recipe=grpo", "hardware=ddp"]),
+    "fsdp for a recipe that trains nothing": (["recipe=pairs", "hardware=fsdp"], ["recipe=pairs", "one process"]),
     "processes without a strategy": (["hardware.nproc=2"], ["hardware.nproc", "hardware=ddp"]),
     "lora rank zero": (["adapter=lora", "adapter.r=0"], ["adapter.r", "positive"]),
     "lora dropout too big": (["adapter=lora", "adapter.dropout=1.5"], ["adapter.dropout", "[0, 1)", "1.5"]),

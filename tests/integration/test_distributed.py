@@ -141,3 +141,22 @@ def test_under_an_outer_torchrun_the_processes_join_directly(trajectories, tmp_p
     # Without a directory of their own, each process would date its own: refused in one line.
     unnamed = run_process(torchrun, cwd=tmp_path)
     assert unnamed.returncode != 0 and "hydra.run.dir" in unnamed.stderr
+
+
+def test_ppo_with_lora_trains_the_same_under_fsdp_and_ddp(tmp_path):
+    """PPO holds a policy and a value adapter on one base and samples with generate(): sharded, it must
+    give DDP's trajectory and DDP's checkpoint files."""
+    from safetensors.torch import load_file
+
+    common = ["recipe=ppo", "adapter=lora", "recipe.max_steps=3", "recipe.batch_size=8", "recipe.num_ppo_epochs=2", "recipe.lr=1e-3",
+              "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 1}]", "data.eval_limit=8"]
+    for strategy in ("ddp", "fsdp"):
+        result = run_process([sys.executable, "-m", "alignctl", "train", *common, f"hardware={strategy}", f"hydra.run.dir={tmp_path / strategy}"],
+                             cwd=tmp_path)
+        assert result.returncode == 0, result.describe()
+    assert metric(tmp_path / "fsdp", "loss") == pytest.approx(metric(tmp_path / "ddp", "loss"), abs=TOLERANCE)
+    for name in ("adapter_model.safetensors", "value_model/value/adapter_model.safetensors", "value_model/value_head.safetensors"):
+        sharded, plain = (load_file(str(tmp_path / s / "checkpoint" / name)) for s in ("fsdp", "ddp"))
+        assert sharded.keys() == plain.keys()
+        for key in plain:
+            assert (sharded[key] - plain[key]).abs().max() <= TOLERANCE, (name, key)

@@ -142,3 +142,22 @@ def test_response_logps_gradient_reaches_the_model(tiny_dir, pad_id):
     summed.sum().backward()
     grads = [p.grad for p in lm.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_response_values_apply_the_head_to_every_response_state(tiny_dir):
+    """V(s_t) is the head on the hidden state that precedes response token t (the backbone's last layer, normed)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignctl.ops import response_values
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
+    model.config.pad_token_id = 0
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+             "response_mask": torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]])}
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+        by_hand = model.score(hidden[:, 2:5]).squeeze(-1)  # width 3: the states before the last 3 tokens
+        assert torch.allclose(response_values(model, batch), by_hand, atol=1e-6)
