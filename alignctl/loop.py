@@ -99,13 +99,11 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
     # every process (each holds a slice of the global step).
     num_items = int(distributed.sum_across(sum(int(mb["num_items"]) for mb in micro_batches)))
     totals: dict[str, float] = {}
-    sharded = is_sharded(ctx.model)
-    # FSDP averages gradients over the processes; the shares must add up (see alignctl/sharding.py).
-    backward_scale = distributed.current().world_size if sharded else 1
+    sharded = is_sharded(ctx.model)  # FSDP averages gradients over the processes; the shares must add up
     for batch in micro_batches:
         with _autocast(ctx):
             loss, metrics = step_fn(batch, num_items)
-        (loss * backward_scale if sharded else loss).backward()
+        (loss * distributed.current().world_size if sharded else loss).backward()
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach())
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -137,9 +135,8 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds,
         "time/training": time.perf_counter() - fetched,  # forward, backward and optimiser step only
+        **({"skipped_steps": ctx.skipped_steps} if recipe.nonfinite == NonFinite.skip else {}),
     }
-    if recipe.nonfinite == NonFinite.skip:
-        record["skipped_steps"] = ctx.skipped_steps
     ctx.logger.log({"step": step, **record})
     ctx.logger.advance(step)
     return record

@@ -163,10 +163,11 @@ def _point_latest(root: Path, name: str, run_dir: Path) -> None:
 
 
 def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
-    """Run one stage in this process, as `alignctl train <overrides> hydra.run.dir=<run dir>` would."""
+    """Run one stage as `alignctl train <overrides> hydra.run.dir=<run dir>` would: in this process,
+    or, with hardware.nproc > 1, in processes started by torchrun."""
     from omegaconf import OmegaConf
 
-    from alignctl.registry import get_stage
+    from alignctl import distributed
     from alignctl.validation import validate
 
     record = planned.run_dir / ".hydra"
@@ -177,7 +178,8 @@ def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
     if resume:  # not part of the config hash: the resumed run is the same run
         cfg = OmegaConf.merge(cfg, {"resume": True})
     run_config = validate(cfg)
-    return get_stage(run_config.recipe.stage)(run_config, cfg, planned.run_dir)
+    overrides = [*planned.overrides, *(["resume=true"] if resume else [])]
+    return distributed.run_stage(run_config, cfg, planned.run_dir, overrides, [f"hydra.run.dir={planned.run_dir}"])
 
 
 def _status(run_dir: Path) -> str | None:

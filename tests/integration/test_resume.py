@@ -86,7 +86,13 @@ def small_sft(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("overrides, from_step", list(CASES.values()), ids=list(CASES))
+# The issue's required cases (sft across epochs, dpo, grpo mid-rollout) run by default; the other
+# stages' cases go with the slow tier (make test-slow) to keep the default suite near 20 minutes.
+SLOW_CASES = {"sft lora", "dpo full, precomputed reference", "reward", "ppo lora, adaptive beta"}
+
+
+@pytest.mark.parametrize("overrides, from_step", [pytest.param(*CASES[name], id=name, marks=[pytest.mark.slow] if name in SLOW_CASES else [])
+                                                  for name in CASES])
 def test_resume_equals_uninterrupted(alignctl, tmp_path, small_sft, overrides, from_step):
     overrides = [o.replace("{small_sft}", str(small_sft)) for o in overrides] + ["recipe.keep_last=10", "recipe.eval_every=0"]
     whole = StageRun("whole", tmp_path / "whole", alignctl("train", *overrides, f"hydra.run.dir={tmp_path / 'whole'}"))
