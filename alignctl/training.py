@@ -40,6 +40,15 @@ def configure_torch(hardware: HardwareConfig) -> None:
 PAGED_ADAMW = "bitsandbytes.optim.PagedAdamW8bit"
 
 
+def start_process(cfg: Any) -> torch.device:
+    """What every stage does first: torch threads/TF32, the seed, and this process's device."""
+    from alignctl.models import device_of
+
+    configure_torch(cfg.hardware)
+    seed_everything(cfg.seed)
+    return device_of(cfg.hardware)
+
+
 def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, paged: bool = False) -> torch.optim.Optimizer:
     """The configured optimiser class over trainable parameters; no weight decay on biases and norms.
     `paged` (QLoRA on a GPU) swaps the default AdamW for bitsandbytes' paged 8-bit AdamW."""

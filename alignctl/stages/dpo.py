@@ -28,7 +28,7 @@ from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
 from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
-from alignctl.models import device_of, load_tokenizer, model_path
+from alignctl.models import load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
 from alignctl.reference import (
     cache_key,
@@ -40,8 +40,7 @@ from alignctl.reference import (
 )
 from alignctl.registry import register_stage
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     sum_over_batches,
     train_and_finish,
@@ -70,9 +69,7 @@ def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict
 @register_stage("dpo")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: DPOConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
     mode = resolve_mode(recipe.reference, cfg.adapter.kind, recipe.loss_type == DPOLossType.simpo, own_reference=bool(cfg.inputs.get("reference")))
 
     train_raw = data_lib.load_split(cfg.data, "preference", cfg.data.train_split)

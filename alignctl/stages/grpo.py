@@ -28,7 +28,6 @@ from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, Reference, RunConfig
 from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
-from alignctl.models import device_of
 from alignctl.online_rl import (
     completion_count,
     completion_tokens,
@@ -47,8 +46,7 @@ from alignctl.registry import register_stage
 from alignctl.resume import to_device
 from alignctl.rollout import Sampling, per_token_values
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     train_and_finish,
 )
@@ -57,9 +55,7 @@ from alignctl.training import (
 @register_stage("grpo")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: GRPOConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
     # beta = 0: no KL term, so no reference model is loaded at all, whatever recipe.reference says.
     mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
 

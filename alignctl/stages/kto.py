@@ -28,7 +28,7 @@ from alignctl.config import KTOConfig, Reference, RunConfig
 from alignctl.encode import encode_completion, encode_prompt, encode_rows, fit_prompt
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import kto_loss
-from alignctl.models import device_of, load_tokenizer, model_path
+from alignctl.models import load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
 from alignctl.reference import (
     cache_key,
@@ -40,8 +40,7 @@ from alignctl.reference import (
 )
 from alignctl.registry import register_stage
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     sum_over_batches,
     train_and_finish,
@@ -79,9 +78,7 @@ def feedback_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> 
 @register_stage("kto")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: KTOConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
     mode = resolve_mode(recipe.reference, cfg.adapter.kind, reference_free_loss=False, own_reference=bool(cfg.inputs.get("reference")))
 
     train_raw = data_lib.load_split(cfg.data, "feedback", cfg.data.train_split)

@@ -22,12 +22,12 @@ from alignctl import data as data_lib
 from alignctl.config import PairsConfig, RunConfig
 from alignctl.errors import DataError
 from alignctl.metrics import console, summary_table
-from alignctl.models import device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.models import load_causal_lm, load_tokenizer, model_path
 from alignctl.online_rl import encode_prompts, repeat_columns, reward_sources, score
 from alignctl.registry import register_stage
 from alignctl.rollout import Sampling, sample
 from alignctl.rundir import RunDir, write_json_atomic
-from alignctl.training import configure_torch, seed_everything
+from alignctl.training import start_process
 
 
 def best_and_worst(prompts: list, texts: list[str], rewards: torch.Tensor, group: int) -> list[dict]:
@@ -44,9 +44,7 @@ def best_and_worst(prompts: list, texts: list[str], rewards: torch.Tensor, group
 @register_stage("pairs")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PairsConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
 
     prompts_raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
     chosen_rows = sorted(random.Random(cfg.seed).sample(range(len(prompts_raw)), min(recipe.num_prompts, len(prompts_raw))))

@@ -40,7 +40,7 @@ from alignctl.losses import (
     masked_whiten,
     score_to_token_rewards,
 )
-from alignctl.models import BASE_DIR, device_of, load_reward_model, model_path
+from alignctl.models import BASE_DIR, load_reward_model, model_path
 from alignctl.online_rl import (
     completion_tokens,
     greedy_evaluator,
@@ -58,8 +58,7 @@ from alignctl.registry import register_stage
 from alignctl.resume import to_device
 from alignctl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     train_and_finish,
 )
@@ -114,9 +113,7 @@ class AdaptiveKLController:
 @register_stage("ppo")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PPOConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
     mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
 
     per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation

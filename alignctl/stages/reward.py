@@ -31,7 +31,6 @@ from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
     BASE_DIR,
     add_decoder_layers,
-    device_of,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -39,8 +38,7 @@ from alignctl.models import (
 )
 from alignctl.registry import register_stage
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     sum_over_batches,
     train_and_finish,
@@ -108,9 +106,7 @@ def top_of_initial_body(model: torch.nn.Module, hidden_states: tuple[torch.Tenso
 @register_stage("reward")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: RewardConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
 
     train_raw = data_lib.load_split(cfg.data, "preference", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "preference")

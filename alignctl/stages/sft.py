@@ -25,11 +25,10 @@ from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import sft_loss
-from alignctl.models import BASE_DIR, device_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.models import BASE_DIR, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
 from alignctl.training import (
-    configure_torch,
-    seed_everything,
+    start_process,
     start_training,
     train_and_finish,
 )
@@ -66,9 +65,7 @@ def to_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
 @register_stage("sft")
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: SFTConfig = cfg.recipe
-    configure_torch(cfg.hardware)
-    seed_everything(cfg.seed)
-    device = device_of(cfg.hardware)
+    device = start_process(cfg)
 
     # Data first: a bad dataset should fail before any model is loaded.
     train_raw = data_lib.load_split(cfg.data, "sft", cfg.data.train_split)
