@@ -17,7 +17,6 @@ What the processes share, and how it stays exact:
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from dataclasses import dataclass
 
@@ -137,12 +136,6 @@ def barrier() -> None:
 
 def _reduce_device() -> torch.device:
     return torch.device("cuda", _GROUP.local_rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def relaunch(overrides: list[str], run_dir: str, nproc: int, device: str) -> int:

@@ -26,3 +26,11 @@ class ModelLoadError(UserError):
 
 class AdapterError(UserError):
     """An adapter that does not fit the model."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step whose loss or gradient norm is nan or inf, with recipe.nonfinite=stop (not bad input: exit 1)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}")
+        self.step = step

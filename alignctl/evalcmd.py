@@ -13,9 +13,8 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from alignctl.errors import UserError
+from alignctl.rundir import recorded_overrides
 
 # The role under which each stage takes the weights it starts from.
 START_ROLE = {"reward": "init"}
@@ -36,8 +35,7 @@ def eval_args(args: list[str]) -> list[str]:
         raise UserError(f"run={run}: has no checkpoint/ to evaluate (did it finish?)")
     lineage = json.loads(lineage_file.read_text())
     stage = lineage["stage"]
-    recorded = run / ".hydra" / "overrides.yaml"
-    replayed = [o for o in (yaml.safe_load(recorded.read_text()) or []) if not o.lstrip("+~").startswith(NOT_REPLAYED)] if recorded.exists() else []
+    replayed = recorded_overrides(run, without=NOT_REPLAYED)
     role = START_ROLE.get(stage, "policy")
     extra = [f"inputs.{role}={run}", "recipe.max_steps=0", f"hydra.run.dir={run / 'eval' / time.strftime('%Y-%m-%d_%H-%M-%S')}"]
     parent = lineage.get("parents", {}).get("policy")

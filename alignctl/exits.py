@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from alignctl import hydra_app
-from alignctl.errors import UserError
+from alignctl.errors import NonFiniteLoss, UserError
 
 
 @contextmanager
@@ -34,10 +34,6 @@ def reported(resume_hint: str | None = None) -> Iterator[None]:
             print(f"alignctl: interrupted by {err.signal_name} after step {err.step}; checkpoint {err.checkpoint}; "
                   f"resume with: {resume_hint or resume_command(err.run_dir)}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
-    except RuntimeError as err:
-        from alignctl.loop import NonFiniteLoss
-
-        if not isinstance(err, NonFiniteLoss):
-            raise
+    except NonFiniteLoss as err:
         print(f"alignctl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -105,11 +105,12 @@ def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None)
     probe = torch.randint(3, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = trained(input_ids=probe).logits.float()
-    del trained
-    plain_base = load_base()
     if quantized:
-        plain_base = plain_base.dequantize()  # NF4 blocks -> the compute dtype, the values the 4-bit matmuls used
-    merged = PeftModel.from_pretrained(plain_base, str(checkpoint)).merge_and_unload().eval()
+        # peft would merge into the 4-bit weights and quantise again; merge into their dequantised
+        # values instead (NF4 blocks -> the compute dtype, the values the 4-bit matmuls used).
+        del trained
+        trained = PeftModel.from_pretrained(load_base().dequantize(), str(checkpoint))
+    merged = trained.merge_and_unload().eval()
     with torch.no_grad():
         after = merged(input_ids=probe).logits.float()
     difference = float((before - after).abs().max())

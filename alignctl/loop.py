@@ -25,20 +25,12 @@ import torch
 
 from alignctl import distributed
 from alignctl.config import NonFinite, TrainConfig
+from alignctl.errors import NonFiniteLoss
 from alignctl.interrupt import Interrupted, StopRequests
 from alignctl.metrics import MetricsLogger
-from alignctl.sharding import is_sharded
 
 Batch = dict[str, Any]
 StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-class NonFiniteLoss(RuntimeError):
-    """A step whose loss or gradient norm is nan or inf, with recipe.nonfinite=stop."""
-
-    def __init__(self, step: int, what: str):
-        super().__init__(f"step {step}: {what}")
-        self.step = step
 
 
 @dataclass
@@ -53,6 +45,7 @@ class LoopContext:
     device_type: str = "cpu"
     tokens_seen: int = 0  # non-padding tokens through the model so far (TRL's num_tokens)
     skipped_steps: int = 0  # non-finite steps skipped (recipe.nonfinite=skip)
+    sharded: bool = False  # FSDP: it reduce-scatters (averages) the gradients itself
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -99,15 +92,15 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
     # every process (each holds a slice of the global step).
     num_items = int(distributed.sum_across(sum(int(mb["num_items"]) for mb in micro_batches)))
     totals: dict[str, float] = {}
-    sharded = is_sharded(ctx.model)  # FSDP averages gradients over the processes; the shares must add up
     for batch in micro_batches:
         with _autocast(ctx):
             loss, metrics = step_fn(batch, num_items)
-        (loss * distributed.current().world_size if sharded else loss).backward()
+        # FSDP averages gradients over the processes: scaled, the shares still add up.
+        (loss * distributed.current().world_size if ctx.sharded else loss).backward()
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach())
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    if not sharded:  # FSDP reduce-scatters the gradients itself
+    if not ctx.sharded:
         distributed.sum_gradients(params)  # each process's shares add up to the global step's gradient
     totals = distributed.sum_dict(totals)
     # clip_grad_norm_ with an infinite max norm returns the norm without clipping.

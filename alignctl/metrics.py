@@ -107,7 +107,7 @@ def keep_until_step(path: Path, step: int) -> None:
     """Drop the lines of a metrics.jsonl logged after `step` (atomically)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
+    kept = [line for line in path.read_text().splitlines() if (at := _step_of(line)) is not None and at <= step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -13,6 +13,7 @@ from datasets import Dataset
 from rich.table import Table
 
 from alignctl import data as data_lib
+from alignctl import distributed
 from alignctl.config import OnlineRLConfig, RunConfig
 from alignctl.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.errors import DataError
@@ -169,8 +170,6 @@ def queue_steps(
 def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:
     """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values).
     Each process's rollout counts 1/world_size, so the sum over processes is their mean."""
-    from alignctl import distributed
-
     share = 1.0 / distributed.current().world_size
     return {k: torch.tensor(v * share, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
 

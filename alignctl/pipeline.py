@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 
 from alignctl import hydra_app
 from alignctl.errors import UserError
-from alignctl.rundir import config_hash
+from alignctl.rundir import config_hash, record_overrides
 
 # Top-level config keys and groups: an override starting with one of these applies to every stage.
 TOP_LEVEL = ("recipe", "model", "adapter", "data", "hardware", "logger", "seed", "inputs")
@@ -170,10 +170,8 @@ def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
     from alignctl import distributed
     from alignctl.validation import validate
 
-    record = planned.run_dir / ".hydra"
-    record.mkdir(parents=True, exist_ok=True)
     # What Hydra records for a run, so `alignctl eval run=<dir>` and `resume=<dir>` can replay this stage.
-    (record / "overrides.yaml").write_text(yaml.safe_dump([*planned.overrides, f"hydra.run.dir={planned.run_dir}"]))
+    record_overrides(planned.run_dir, [*planned.overrides, f"hydra.run.dir={planned.run_dir}"])
     cfg = planned.cfg
     if resume:  # not part of the config hash: the resumed run is the same run
         cfg = OmegaConf.merge(cfg, {"resume": True})

@@ -22,7 +22,6 @@ peak within about 30 %.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +154,8 @@ def recipe_models(cfg: Any) -> list[ModelPlan]:
     recipe, stage = cfg.recipe, cfg.recipe.stage
     policy_path = model_path(cfg.model, cfg.inputs.get("policy"))
     reward_path = model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else None
-    micro = {"sft": recipe.batch_size, "kto": 2 * recipe.batch_size}.get(stage, 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size)
+    # Rows through the trained model per micro-batch: chosen + rejected (dpo, reward), or the batch + its KL rows (kto).
+    micro = 2 * recipe.batch_size if stage in ("dpo", "kto", "reward") else recipe.batch_size
     seq = getattr(recipe, "max_length", 0)
     plans: list[ModelPlan] = []
     if stage == "reward":
@@ -244,7 +244,3 @@ def plan_command(args: list[str]) -> None:
         arithmetic.add_row(name, value)
     console.print(arithmetic)
     console.print("memory is an estimate (see alignctl/plan.py); expect the real peak within about 30 %")
-
-
-def as_dict(plan: ModelPlan) -> dict[str, Any]:
-    return dataclasses.asdict(plan) | {"memory": plan.memory}

@@ -13,6 +13,7 @@ from typing import Any
 from rich.table import Table
 
 from alignctl.errors import UserError
+from alignctl.rundir import recorded_overrides
 
 # Curves drawn for a stage, when its metrics.jsonl has them (train lines, then eval lines).
 CURVES = ("loss", "reward", "objective/kl", "rewards/margins", "accuracy", "eval_exact_match", "eval_accuracy", "eval_reward")
@@ -97,7 +98,7 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
         value = None
         if sort:
             value = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
-            row += ["-" if value is None else f"{value:.4g}", " ".join(_overrides(run_dir))]
+            row += ["-" if value is None else f"{value:.4g}", " ".join(recorded_overrides(run_dir, without=("hydra.", "resume=")))]
         rows.append((value, row))
     if sort:
         if all(value is None for value, _ in rows):
@@ -107,15 +108,6 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
     for _, row in rows:
         table.add_row(*row)
     return table
-
-
-def _overrides(run_dir: Path) -> list[str]:
-    """The job's own command-line overrides (Hydra's record), without Hydra's settings."""
-    import yaml
-
-    recorded = run_dir / ".hydra" / "overrides.yaml"
-    found = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
-    return [o for o in found if not o.startswith(("hydra.", "resume="))]
 
 
 def plot_run(run: dict[str, Any], out: Path) -> Path | None:

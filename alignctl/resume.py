@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from alignctl.errors import UserError
+from alignctl.rundir import recorded_overrides
 
 # Keys of the recorded command line that the resume sets itself.
 NOT_REPLAYED = ("hydra.run.dir=", "resume=")
@@ -46,9 +45,7 @@ def resume_args(args: list[str]) -> list[str]:
     if not (run / "lineage.json").exists():
         raise UserError(f"resume={value}: not an alignctl run directory (no lineage.json); give the directory of the run to continue, or resume=true")
     _checkpoint_of(run, f"resume={value}")
-    recorded = run / ".hydra" / "overrides.yaml"
-    replayed = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
-    replayed = [o for o in replayed if not o.lstrip("+~").startswith(NOT_REPLAYED)]
+    replayed = recorded_overrides(run, without=NOT_REPLAYED)
     rest = [a for a in args if not a.startswith("resume=")]
     return [*replayed, f"hydra.run.dir={run}", "resume=true", *rest]
 

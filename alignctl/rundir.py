@@ -115,6 +115,26 @@ def _parent(path: Path) -> dict[str, Any]:
     return {"run_dir": str(path.resolve()), "stage": lineage.get("stage"), "config_hash": lineage.get("config_hash")}
 
 
+# Hydra's record of a run's command line (the pipeline writes the same file for the stages it runs).
+RECORDED_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def recorded_overrides(run_dir: Path, without: tuple[str, ...] = ()) -> list[str]:
+    """The overrides a run was started with, minus those whose key starts with one of `without`."""
+    import yaml
+
+    recorded = run_dir / RECORDED_OVERRIDES
+    found = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
+    return [o for o in found if not o.lstrip("+~").startswith(without)]
+
+
+def record_overrides(run_dir: Path, overrides: list[str]) -> None:
+    import yaml
+
+    (run_dir / RECORDED_OVERRIDES).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECORDED_OVERRIDES).write_text(yaml.safe_dump(overrides))
+
+
 def fingerprint_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from alignctl import distributed
 from alignctl.checkpoint import rng_state, save_checkpoint
 from alignctl.config import HardwareConfig, TrainConfig
-from alignctl.errors import ConfigError
+from alignctl.errors import ConfigError, NonFiniteLoss
 from alignctl.metrics import console, summary_table
 from alignctl.rundir import RunDir, write_json_atomic
 
@@ -191,10 +191,10 @@ def train_and_finish(
     from alignctl.interrupt import Interrupted
     from alignctl.loop import (  # the loop imports metrics; keep this module's import light
         LoopContext,
-        NonFiniteLoss,
         train_loop,
     )
     from alignctl.resume import restore
+    from alignctl.sharding import is_sharded
 
     device_type = next(model.parameters()).device.type
     group = distributed.current()
@@ -202,7 +202,8 @@ def train_and_finish(
     # forward needs every process, so all evaluate (the same rows, the same result); rank 0 reports.
     everyone = hardware.strategy == "fsdp"
     evaluate_on_main = evaluate if group.is_main or everyone else (lambda step: {})
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, lambda step: None, hardware.autocast, device_type)
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, lambda step: None, hardware.autocast, device_type,
+                      sharded=is_sharded(model))
 
     def trainer_state() -> dict[str, Any]:
         counters = {"tokens_seen": ctx.tokens_seen, "skipped_steps": ctx.skipped_steps}
