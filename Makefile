@@ -28,11 +28,21 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-test-slow: install
+# The slow tier includes the benchmark's quick mode, so it needs TRL too.
+test-slow: install $(BIN)/.bench-deps
 	$(BIN)/python -m pytest -q -m slow
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# alignctl against TRL on the same model, data and hyperparameters (scripts/bench.py): writes
+# bench/results.json and bench/results.md, and the table into README.md's Performance section.
+bench: install $(BIN)/.bench-deps
+	$(BIN)/python scripts/bench.py --readme
+
+$(BIN)/.bench-deps: pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $@
 
 lint: install
 	$(BIN)/ruff check alignctl tests scripts

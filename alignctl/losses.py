@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignctl.lm_head import linear_logps
+
 IGNORE = -100
 
 
@@ -38,6 +40,20 @@ def sft_loss(
         correct = ((logits.argmax(-1) == labels) & mask).sum()
     return token_loss / num_items, {
         "mean_token_accuracy": correct.float() / num_items,
+        "num_loss_tokens": mask.sum().float(),
+    }
+
+
+def sft_loss_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sft_loss` from the final hidden states (B, T, d) and the output weight (V, d): the output layer
+    runs over the labelled positions only, `chunk` at a time (alignctl/lm_head.py). Same value."""
+    hidden, labels = hidden[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    out = linear_logps(hidden[mask], weight, labels[mask], chunk, with_argmax=True)
+    return -out.logps.sum() / num_items, {
+        "mean_token_accuracy": out.correct.sum().float() / num_items,
         "num_loss_tokens": mask.sum().float(),
     }
 

@@ -1,9 +1,11 @@
 """Sequence log-probabilities for preference and RL stages, computed where they are needed only.
 
 Batches are left-padded (prompt + response) with explicit position ids, so every row's response
-ends at the last position. The model then computes logits for the last K positions only
-(``logits_to_keep``), K = longest response + 1: prompt positions never reach the vocabulary
-projection, and no full-vocabulary float32 log-softmax of the whole sequence is ever built.
+ends at the last position. Only response positions reach the vocabulary projection: with
+``recipe.lm_head_chunk`` > 0 the output layer runs over the response tokens alone, a chunk at a time
+(alignctl/lm_head.py); with 0 the model computes logits for the last K positions only
+(``logits_to_keep``, K = longest response + 1). Either way no full-vocabulary float32 log-softmax of
+the whole sequence is ever built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from alignctl.batching import pad
+from alignctl.lm_head import final_hidden, linear_logps, output_head
 
 
 def left_padded_batch(
@@ -43,7 +46,11 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def response_token_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of each row's response under `model`, over the last W positions.
 
@@ -52,6 +59,9 @@ def response_token_logps(
         temperature: logits are divided by it first, so that log-probs match the sampling
             distribution of a rollout drawn at that temperature.
         with_entropy: also return the entropy of the next-token distribution at each position.
+        chunk: > 0 computes the output layer over the response tokens only, that many at a time,
+            never holding their logits whole (alignctl/lm_head.py; recipe.lm_head_chunk); 0 is the
+            plain path.
 
     Returns:
         (B, W) log p(token), zero outside the response; (B, W) response mask (W = longest response);
@@ -59,20 +69,24 @@ def response_token_logps(
     """
     mask = batch["response_mask"]
     width = int(mask.sum(-1).max())
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=width + 1,
-        use_cache=False,
-    ).logits
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    targets = batch["input_ids"][:, -width:]
+    keep = mask[:, -width:].to(torch.float32)
+    head = output_head(model) if chunk else None
+    if head is not None:
+        # Hidden states at t predict the token at t + 1: the W positions before the last one.
+        hidden = final_hidden(model, **inputs)[:, -width - 1 : -1]
+        where = keep.bool()
+        out = linear_logps(hidden[where], head.weight, targets[where], chunk, temperature, with_entropy=with_entropy)
+        per_token = torch.zeros_like(keep).masked_scatter(where, out.logps)
+        entropy = torch.zeros_like(keep).masked_scatter(where, out.entropy) if with_entropy else None
+        return per_token, keep, entropy
+    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits
     # Logits at position t score the token at t + 1: the first kept position predicts the first
     # response token of the longest row; the last kept position predicts nothing.
     logits = logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature
-    targets = batch["input_ids"][:, -width:]
-    keep = mask[:, -width:].to(torch.float32)
     per_token = token_logps(logits, targets) * keep
     entropy = None
     if with_entropy:
@@ -82,9 +96,9 @@ def response_token_logps(
     return per_token, keep, entropy
 
 
-def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each row's response under `model`, and the response lengths: (B,), (B,)."""
-    per_token, keep, _ = response_token_logps(model, batch)
+    per_token, keep, _ = response_token_logps(model, batch, chunk=chunk)
     return per_token.sum(-1), keep.sum(-1)
 
 

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_batch_size: int
     eval_max_new_tokens: int
     nonfinite: NonFinite  # a step whose loss or gradient is nan/inf: stop the run, or skip the step and count it
+    lm_head_chunk: int  # positions per chunk of the fused output layer (alignctl/lm_head.py); 0: plain logits
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: evaluate the starting model only), got {self.max_steps}")
@@ -96,6 +97,7 @@ class TrainConfig:
         )
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: only at the end), got {self.eval_every}")
         _check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}")
+        _check(self.lm_head_chunk >= 0, "lm_head_chunk", f"must be >= 0 (0: plain logits), got {self.lm_head_chunk}")
         _check(self.keep_last >= 1, "keep_last", f"must be at least 1, got {self.keep_last}")
         _check(self.eval_batch_size > 0, "eval_batch_size", f"must be a positive integer, got {self.eval_batch_size}")
         _check(

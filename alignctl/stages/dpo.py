@@ -83,7 +83,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        summed, lengths = response_logps(model, batch)
+        summed, lengths = response_logps(model, batch, recipe.lm_head_chunk)
         return summed / lengths if recipe.loss_type in LENGTH_NORMALISED else summed
 
     def with_reference(dataset: Dataset, split: str) -> Dataset:
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
     def pair_metrics(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        policy_logps, lengths = response_logps(policy, batch)
+        policy_logps, lengths = response_logps(policy, batch, recipe.lm_head_chunk)
         pairs = batch["num_items"]
         normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
         ref = reference_logps(mode, policy, reference, batch, logps)

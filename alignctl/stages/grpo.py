@@ -81,7 +81,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     rollouts = 0
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return response_token_logps(model, batch, recipe.temperature)[0]
+        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def new_rollout() -> None:
         nonlocal rollouts
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return pending.popleft()
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         per_token, clipped = clipped_surrogate(logps, old, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
         level = recipe.loss_aggregation.value

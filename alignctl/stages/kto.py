@@ -92,7 +92,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return response_logps(model, batch)[0]
+        return response_logps(model, batch, recipe.lm_head_chunk)[0]
 
     def with_reference(dataset: Dataset, split: str) -> Dataset:
         key = cache_key(stage="kto", model=model_identity(reference_path), data=dataset._fingerprint, split=split, max_length=recipe.max_length)

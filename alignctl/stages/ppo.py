@@ -149,7 +149,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     rollouts = 0
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return response_token_logps(model, batch, recipe.temperature)[0]
+        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def new_rollout() -> None:
         nonlocal rollouts
@@ -198,7 +198,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return pending.popleft()
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True)
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
         values = value_fn(batch)
         policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)
         value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], recipe.cliprange_value)

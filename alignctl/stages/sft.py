@@ -24,7 +24,8 @@ from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.evaluate import task_accuracy
-from alignctl.losses import sft_loss
+from alignctl.lm_head import final_hidden, output_head
+from alignctl.losses import sft_loss, sft_loss_from_hidden
 from alignctl.models import BASE_DIR, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
 from alignctl.training import (
@@ -90,9 +91,13 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def next_step() -> list[dict]:
         return [to_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
 
-    def step_fn(batch: dict, num_items: int):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sft_loss(logits, batch["labels"], num_items)
+    head = output_head(model) if recipe.lm_head_chunk else None
+
+    def loss_of(batch: dict, num_items: int):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
+            return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
+        return sft_loss(model(**inputs).logits, batch["labels"], num_items)
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
@@ -102,13 +107,12 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         loss_sum, items = 0.0, 0
         for start in range(0, len(eval_set), recipe.eval_batch_size):
             batch = to_batch(eval_set[start : start + recipe.eval_batch_size], tokenizer.pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum += float(sft_loss(logits, batch["labels"], 1)[0])
+            loss_sum += float(loss_of(batch, 1)[0])
             items += batch["num_items"]
         result = {"eval_loss": loss_sum / items}
         result |= task_accuracy(model, tokenizer, data_lib.eval_task_path(cfg.data), task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
+    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, loss_of,
                             cfg.hardware, shown=("loss", "mean_token_accuracy", "epoch"))

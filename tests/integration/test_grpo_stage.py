@@ -46,7 +46,8 @@ def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     evals = [r for r in run.records() if "eval_exact_match" in r]
     before, after = evals[0], evals[-1]
     assert (before["step"], after["step"]) == (0, 30)
-    assert after["eval_exact_match"] >= before["eval_exact_match"] + 0.05, evals
+    # Counted in prompts (400 of them), so that +5 points is not lost to float rounding (0.665 + 0.05 > 0.715).
+    assert round(400 * after["eval_exact_match"]) >= round(400 * before["eval_exact_match"]) + 20, evals
     assert json.loads((run.dir / "eval.json").read_text())["eval_exact_match"] == after["eval_exact_match"]
     lineage = json.loads((run.dir / "lineage.json").read_text())
     assert lineage["stage"] == "grpo" and lineage["parents"]["policy"]["stage"] == "sft"

@@ -49,7 +49,8 @@ def test_ppo_with_the_verifier_raises_held_out_exact_match(runs):
     run.assert_finished()
     evals = [r for r in run.records() if "eval_exact_match" in r]
     assert (evals[0]["step"], evals[-1]["step"]) == (0, 30)
-    assert evals[-1]["eval_exact_match"] >= evals[0]["eval_exact_match"] + 0.05, evals
+    # Counted in prompts (400 of them), so that +5 points is not lost to float rounding (0.665 + 0.05 > 0.715).
+    assert round(400 * evals[-1]["eval_exact_match"]) >= round(400 * evals[0]["eval_exact_match"]) + 20, evals
 
 
 def test_ppo_from_a_reward_model_logs_trl_metrics_and_records_lineage(runs):

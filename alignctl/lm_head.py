@@ -1,0 +1,109 @@
+"""Log-probabilities of target tokens straight from hidden states, a chunk of positions at a time.
+
+Once the vocabulary is large (32k to 256k ids) the (positions x vocab) float32 logits, the
+log-softmax built from them and its gradient are the largest tensors of a training step. Here the
+output projection and the log-prob gather run over `chunk` positions at a time, and backward
+recomputes each chunk's logits instead of keeping them: memory holds one chunk of logits at most.
+The numbers are those of logits -> log_softmax -> gather, up to float32 summation order.
+
+``recipe.lm_head_chunk`` (positions per chunk; 0 turns this off) is the switch; `output_head` says
+when the fused path applies (a plain bias-free Linear output layer on an unsharded model), else
+callers take the plain path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignctl.sharding import is_sharded
+
+
+@dataclass
+class HeadOutputs:
+    logps: torch.Tensor  # (N,) log p(target), differentiable
+    entropy: torch.Tensor | None  # (N,) entropy of the next-token distribution, no gradient
+    correct: torch.Tensor | None  # (N,) bool: the target is the argmax, no gradient
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output projection if the fused path can stand in for it, else None.
+
+    A LoRA on the output layer, a bias, or an FSDP-sharded weight keep the plain path."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or is_sharded(model):
+        return None
+    return head
+
+
+class _LinearLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, temperature: float, with_entropy: bool, with_argmax: bool):
+        count = hidden.size(0)
+        logps = torch.empty(count, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        correct = torch.empty(count, dtype=torch.bool, device=hidden.device) if with_argmax else None
+        for start in range(0, count, chunk):
+            end = min(start + chunk, count)
+            logits = (hidden[start:end] @ weight.T).float() / temperature
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - chunk_lse
+            lse[start:end] = chunk_lse
+            if with_entropy:
+                entropy[start:end] = chunk_lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            if with_argmax:
+                correct[start:end] = logits.argmax(-1) == targets[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.mark_non_differentiable(*[t for t in (entropy, correct) if t is not None])
+        return logps, entropy, correct
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.size(0), ctx.chunk):
+            end = min(start + ctx.chunk, hidden.size(0))
+            rows = hidden[start:end]
+            logits = (rows @ weight.T).float() / ctx.temperature
+            upstream = grad_logps[start:end, None].float()
+            # d log p(y) / d logits = onehot(y) - softmax(logits), and logits = h W^T / temperature.
+            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-upstream)
+            grad_logits.scatter_add_(-1, targets[start:end, None], upstream)
+            grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.T.float() @ rows.float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_argmax: bool = False,
+) -> HeadOutputs:
+    """log softmax(hidden @ weight.T / temperature)[target] per row, in float32, `chunk` rows at a time.
+
+    Args:
+        hidden: (N, d) final hidden states (after the model's last norm); weight: (V, d); targets: (N,).
+        with_entropy / with_argmax: also return each row's entropy / whether its target is the argmax
+            (no gradient).
+    """
+    logps, entropy, correct = _LinearLogps.apply(hidden, weight, targets, max(int(chunk), 1), float(temperature), with_entropy, with_argmax)
+    return HeadOutputs(logps, entropy, correct)
+
+
+def final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The hidden states the output layer reads (after the final norm), with the projection itself
+    computed for one position only (``logits_to_keep=1``)."""
+    return model(**inputs, logits_to_keep=1, use_cache=False, output_hidden_states=True).hidden_states[-1]

@@ -1,0 +1,281 @@
+"""`make bench`: alignctl against TRL on the same model, data and hyperparameters, in one run.
+
+For each case (a stage, an adapter, a model) both sides train the same number of steps from the same
+weights on the same rows (one pass over the generated dataset, so both see exactly the same tokens),
+each in a fresh process (scripts/bench_worker.py), alternating which side goes first, several times.
+Quoted figures are medians:
+
+- train tokens/s: non-padding tokens of the epoch through the trained model / training seconds;
+- steps/s; training memory: peak RSS - RSS just before the first step (the same probe on both sides);
+- the alignctl/TRL ratios, each side's first and final loss;
+- MFU: 6 N + 12 L d T model FLOPs per token (PaLM's convention) against a float32 matmul timed in this run.
+
+Writes <out>/results.json and <out>/results.md; --readme also replaces the README's Performance table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+WORDS = "the a of to and in is it that for on with as was at by be this from or have an they which one you were her all".split()
+
+
+@dataclass
+class Case:
+    name: str
+    stage: str
+    model: str  # tiny or vocab32k
+    lora: bool = False
+    lr: float = 5e-5
+    extra: dict = field(default_factory=dict)  # worker spec additions (alignctl overrides, GRPO sizes)
+
+
+CASES = [
+    Case("sft", "sft", "tiny"),
+    Case("sft-32k", "sft", "vocab32k"),
+    Case("reward", "reward", "tiny"),
+    Case("dpo", "dpo", "tiny"),
+    Case("dpo-lora", "dpo", "tiny", lora=True, lr=2e-4),
+    Case("dpo-lora-32k", "dpo", "vocab32k", lora=True, lr=2e-4),
+    Case("kto", "kto", "tiny"),
+    Case("grpo", "grpo", "tiny", lr=1e-5),
+]
+QUICK = ["sft", "dpo-lora", "grpo"]
+
+
+# ------------------------------------------------------------------------------------- model and data
+
+
+def build_model(out: Path, vocab_size: int | None) -> Path:
+    """A tiny Llama (alignctl's tiny shape, 512 positions) and its character tokenizer; vocab_size widens
+    the output layer (the ids beyond the tokenizer's are never seen, but every position scores them)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignctl.tokenizer import build_char_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=96, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=6, intermediate_size=384, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _text(rng: random.Random, low: int, high: int) -> str:
+    target = rng.randint(low, high)
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < target:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:target]
+
+
+def write_data(out: Path, stage: str, rows: int, seed: int = 0) -> Path:
+    """Rows of varied length (so batches carry padding), prompt + completion within 256 tokens."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stage}-{rows}.jsonl"
+    records = []
+    for _ in range(rows):
+        prompt = _text(rng, 24, 120)
+        if stage == "sft":
+            records.append({"prompt": prompt, "completion": _text(rng, 16, 120)})
+        elif stage in ("dpo", "reward"):
+            records.append({"prompt": prompt, "chosen": _text(rng, 16, 120), "rejected": _text(rng, 16, 120)})
+        elif stage == "kto":
+            records.append({"prompt": prompt, "completion": _text(rng, 16, 120), "label": rng.random() < 0.5})
+        else:  # grpo: prompts only
+            records.append({"prompt": prompt})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def epoch_tokens(model_dir: Path, data: Path, stage: str) -> tuple[int, float]:
+    """Non-padding tokens one pass over `data` puts through the model (chosen and rejected both count), and
+    the mean sequence length, as alignctl encodes the rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    for line in data.read_text().splitlines():
+        row = json.loads(line)
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row]
+        # +1: the EOS both trainers append to a response.
+        lengths += [prompt + len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+    return sum(lengths), sum(lengths) / max(len(lengths), 1)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def matmul_peak_gflops(threads: int) -> float:
+    """The best float32 GEMM rate torch reaches here: the denominator of MFU."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = 0.0
+    for _ in range(10):
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 1024**3 / (time.perf_counter() - started))
+    return best / 1e9
+
+
+def model_flops_per_token(model_dir: Path, stage: str, mean_length: float) -> float:
+    config = json.loads((model_dir / "config.json").read_text())
+    d, layers, inner, vocab = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]
+    matmul_params = layers * (4 * d * d + 3 * d * inner) + (d if stage == "reward" else d * vocab)
+    return 6 * matmul_params + 12 * layers * d * mean_length
+
+
+def run_worker(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise SystemExit(f"bench: {spec['side']} failed on {spec['case']}:\n{tail}")
+    return json.loads(lines[-1][len("BENCH_RESULT "):])
+
+
+def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
+    steps = args.steps
+    rows_per_step = args.batch_size if case.stage != "grpo" else args.batch_size // args.num_generations
+    data = write_data(workdir / "data", case.stage, steps * rows_per_step)
+    model_dir = models[case.model]
+    tokens, mean_length = epoch_tokens(model_dir, data, case.stage) if case.stage != "grpo" else (0, 0.0)
+    runs: dict[str, list[dict]] = {"alignctl": [], "trl": []}
+    for rep in range(args.reps):
+        for side in (("alignctl", "trl") if rep % 2 == 0 else ("trl", "alignctl")):
+            spec = {
+                "side": side, "case": case.name, "stage": case.stage, "model_dir": str(model_dir), "data": str(data),
+                "lora": case.lora, "lr": case.lr, "steps": steps, "batch_size": args.batch_size,
+                "max_length": args.max_length, "beta": 0.1, "num_generations": args.num_generations,
+                "max_new_tokens": args.max_new_tokens, "threads": args.threads, "seed": 0,
+                "run_dir": str(workdir / "runs" / f"{case.name}-{side}-{rep}"), **case.extra,
+            }
+            result = run_worker(spec)
+            runs[side].append(result)
+            print(f"  {case.name:<13} {side:<8} rep {rep}: {result['seconds']:.2f} s, {result['memory_mib']:.0f} MiB", flush=True)
+    row = {"case": case.name, "stage": case.stage, "model": case.model, "lora": case.lora, "steps": steps, "epoch_tokens": tokens}
+    for side, results in runs.items():
+        seconds = statistics.median(r["seconds"] for r in results)
+        row[side] = {
+            "seconds": seconds,
+            "steps_per_s": steps / seconds,
+            "tokens_per_s": tokens / seconds if tokens else None,
+            "memory_mib": statistics.median(r["memory_mib"] for r in results),
+            "first_loss": results[0]["losses"][0],
+            "final_loss": results[0]["losses"][-1],
+            "mfu": (tokens / seconds) * model_flops_per_token(model_dir, case.stage, mean_length) / (args.peak_gflops * 1e9) if tokens else None,
+            "all_seconds": [r["seconds"] for r in results],
+        }
+    row["speed_ratio"] = row["trl"]["seconds"] / row["alignctl"]["seconds"]
+    row["memory_ratio"] = row["alignctl"]["memory_mib"] / max(row["trl"]["memory_mib"], 1e-9)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ("torch", "transformers", "peft", "trl", "datasets")} | {"python": platform.python_version()}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"`{report['command']}` on {report['machine']}, {report['threads']} threads, float32; "
+        f"{report['steps']} steps of batch {report['batch_size']}, sequences up to {report['max_length']} tokens; "
+        f"median of {report['reps']} alternating runs per side; matmul peak {report['peak_gflops']:.0f} GFLOP/s.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        "| case | alignctl tok/s | TRL tok/s | speed ×TRL | alignctl steps/s | TRL steps/s | alignctl MiB | TRL MiB | memory ×TRL | MFU alignctl / TRL | final loss alignctl / TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        a, t = row["alignctl"], row["trl"]
+        tok = lambda s: f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "—"  # noqa: E731
+        mfu = f"{100 * a['mfu']:.1f} % / {100 * t['mfu']:.1f} %" if a["mfu"] else "—"
+        lines.append(
+            f"| {row['case']} | {tok(a)} | {tok(t)} | **{row['speed_ratio']:.2f}** | {a['steps_per_s']:.2f} | {t['steps_per_s']:.2f} | "
+            f"{a['memory_mib']:.0f} | {t['memory_mib']:.0f} | **{row['memory_ratio']:.2f}** | {mfu} | {a['final_loss']:.4f} / {t['final_loss']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + table + text[end:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: " + ", ".join(c.name for c in CASES))
+    parser.add_argument("--quick", action="store_true", help=f"3 steps, 1 repetition, cases {', '.join(QUICK)} (a smoke test)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--readme", action="store_true", help="also write the table into README.md's Performance section")
+    args = parser.parse_args(argv)
+    names = QUICK if args.quick else args.cases.split(",")
+    if args.quick:
+        args.steps, args.reps = 3, 1
+    unknown = sorted(set(names) - {c.name for c in CASES})
+    if unknown:
+        raise SystemExit(f"bench: unknown case {', '.join(unknown)}; valid: {', '.join(c.name for c in CASES)}")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit('bench: TRL is not installed; pip install -e ".[bench]" (make bench does it)') from None
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = args.out / "work"
+    models = {"tiny": build_model(workdir / "models" / "tiny", None), "vocab32k": build_model(workdir / "models" / "vocab32k", 32000)}
+    args.peak_gflops = matmul_peak_gflops(args.threads)
+    print(f"bench: float32 matmul peak {args.peak_gflops:.0f} GFLOP/s on {args.threads} threads", flush=True)
+    rows = [measure(case, args, workdir, models) for case in CASES if case.name in names]
+    report = {
+        "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}", "threads": args.threads,
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "reps": args.reps,
+        "peak_gflops": args.peak_gflops, "versions": versions(), "rows": rows,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    if args.readme:
+        update_readme(table)
+
+
+if __name__ == "__main__":
+    main()
