@@ -109,6 +109,11 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     completion_only_loss: bool  # loss on completion tokens only (prompt tokens are masked)
     packing: bool  # concatenate examples into max_length blocks instead of padding
+    padding_free: bool  # each batch's rows end to end in one row, attention kept per row (no padding)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(not (self.packing and self.padding_free), "padding_free", "and packing are two ways to drop padding: set one of them")
 
 
 @dataclass

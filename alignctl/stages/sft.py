@@ -55,12 +55,26 @@ def pack(dataset: Dataset, block: int) -> Dataset:
     return Dataset.from_dict({"input_ids": [ids[s : s + block] for s in starts], "labels": [labels[s : s + block] for s in starts]})
 
 
-def to_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
+def to_batch(rows: dict[str, list], pad_id: int, device: torch.device, padding_free: bool = False) -> dict:
+    if padding_free:
+        return packed_batch(rows, device)
     batch = collate_lm([{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])], pad_id)
     # Labels are shifted inside the loss: the first token of a row is never a target.
     num_items = int((batch["labels"][:, 1:] != IGNORE).sum())
     num_tokens = int(batch["attention_mask"].sum())
     return {**{k: v.to(device) for k, v in batch.items()}, "num_items": num_items, "num_tokens": num_tokens}
+
+
+def packed_batch(rows: dict[str, list], device: torch.device) -> dict:
+    """The rows end to end in one row with no padding (recipe.padding_free), kept apart by position ids
+    that restart at 0: transformers then masks attention per sequence (FlashAttention-2's varlen kernel
+    on GPU, a block-diagonal mask otherwise). Each row's first label is dropped, as padded batches do,
+    so the previous row's last position predicts nothing."""
+    ids = [t for row in rows["input_ids"] for t in row]
+    labels = [t for row in rows["labels"] for t in [IGNORE, *row[1:]]]
+    positions = [p for row in rows["input_ids"] for p in range(len(row))]
+    batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "labels": torch.tensor([labels])}
+    return {**{k: v.to(device) for k, v in batch.items()}, "num_items": sum(t != IGNORE for t in labels), "num_tokens": len(ids)}
 
 
 @register_stage("sft")
@@ -89,15 +103,16 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     )
 
     def next_step() -> list[dict]:
-        return [to_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+        return [to_batch(train_set[rows], tokenizer.pad_token_id, device, recipe.padding_free) for rows in split_micro(next(stream), recipe.grad_accum)]
 
     head = output_head(model) if recipe.lm_head_chunk else None
 
     def loss_of(batch: dict, num_items: int):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
             return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
-        return sft_loss(model(**inputs).logits, batch["labels"], num_items)
+        # No cache: transformers looks for packed sequences (padding_free) only without one.
+        return sft_loss(model(**inputs, use_cache=False).logits, batch["labels"], num_items)
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:

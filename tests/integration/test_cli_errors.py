@@ -29,6 +29,8 @@ CONFIG_ERRORS = {
     "batch_size zero": (["recipe.batch_size=0"], ["recipe.batch_size", "positive"]),
     "grad_accum zero": (["recipe.grad_accum=0"], ["recipe.grad_accum", "positive"]),
     "dpo beta zero": (["recipe=dpo", "recipe.beta=0"], ["recipe.beta", "> 0"]),
+    "negative lm_head_chunk": (["recipe.lm_head_chunk=-1"], ["recipe.lm_head_chunk", ">= 0"]),
+    "packing and padding_free": (["recipe.packing=true", "recipe.padding_free=true"], ["recipe.padding_free", "packing"]),
     "grpo beta negative": (["recipe=grpo", "recipe.beta=-0.1"], ["recipe.beta", ">= 0"]),
     "fsdp for a recipe that trains nothing": (["recipe=pairs", "hardware=fsdp"], ["recipe=pairs", "one process"]),
     "processes without a strategy": (["hardware.nproc=2"], ["hardware.nproc", "hardware=ddp"]),

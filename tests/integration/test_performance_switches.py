@@ -1,0 +1,44 @@
+"""The performance switches change speed and memory, not the training: a run with each switch on
+follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free
+against padded batches), through the real CLI on the built-in task."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from stage_runs import StageRun
+
+STEPS = ["recipe.max_steps=4", "recipe.eval_every=0", "data.eval_limit=8", "recipe.batch_size=16"]
+
+
+def train(run_cmd, tmp_path, name: str, *overrides: str) -> list[dict]:
+    run_dir = tmp_path / name
+    result = run_cmd([sys.executable, "-m", "alignctl", "train", *STEPS, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run = StageRun(name, run_dir, result)
+    run.assert_finished()
+    return run.train_records()
+
+
+def assert_same_training(plain: list[dict], switched: list[dict], keys: tuple[str, ...]) -> None:
+    assert len(plain) == len(switched) == 4
+    for a, b in zip(plain, switched):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+    assert plain[-1]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-3)  # it trained: the comparison is not of constants
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_chunked_output_layer_trains_like_the_plain_logits(run_cmd, tmp_path, stage):
+    plain = train(run_cmd, tmp_path, "plain", f"recipe={stage}", "recipe.lm_head_chunk=0")
+    chunked = train(run_cmd, tmp_path, "chunked", f"recipe={stage}", "recipe.lm_head_chunk=5")
+    assert_same_training(plain, chunked, ("loss", "grad_norm", "mean_token_accuracy") if stage == "sft" else ("loss", "grad_norm", "rewards/margins"))
+
+
+def test_padding_free_batches_train_like_padded_ones(run_cmd, tmp_path):
+    # Loss on every token: a row's first token is then labelled, and must not become the target of the
+    # previous row's last position once the rows are end to end.
+    padded = train(run_cmd, tmp_path, "padded", "recipe=sft", "recipe.completion_only_loss=false")
+    packed = train(run_cmd, tmp_path, "packed", "recipe=sft", "recipe.completion_only_loss=false", "recipe.padding_free=true")
+    assert_same_training(padded, packed, ("loss", "grad_norm", "mean_token_accuracy", "num_loss_tokens"))
+    assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
