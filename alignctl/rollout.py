@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from alignctl.batching import pad
 from alignctl.ops import left_padded_batch
@@ -52,15 +53,19 @@ def sample(
     device = next(model.parameters()).device
     input_ids = pad(prompt_ids, pad_id, side="left").to(device)
     attention_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
+    if cache is not None:  # generate() then starts from the cache: K rows per prompt, one per completion
+        input_ids, attention_mask = input_ids.repeat_interleave(num_generations, 0), attention_mask.repeat_interleave(num_generations, 0)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        past_key_values=cache,
         do_sample=True,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,  # passed even when 0: a model's generation_config may set its own default
         max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=num_generations,
+        num_return_sequences=1 if cache is not None else num_generations,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,
@@ -77,6 +82,22 @@ def sample(
             truncated.append(True)
     repeated_prompts = [list(p) for p in prompt_ids for _ in range(num_generations)]
     return Completions(repeated_prompts, completion_ids, truncated)
+
+
+def shared_prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> DynamicCache | None:
+    """The KV cache of each prompt but its last token, computed once and repeated for its K completions.
+
+    generate(num_return_sequences=K) would run the prompt K times; here the K rows share one prefill,
+    and generate() continues from the cache with the last prompt token. None when there is nothing
+    to share (K = 1, or prompts of one token)."""
+    if copies == 1 or input_ids.size(1) < 2:
+        return None
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def right_aligned(values: Sequence[torch.Tensor], width: int) -> torch.Tensor:

@@ -106,10 +106,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
     def pair_metrics(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The reference first: its forward (no gradient) then runs before the policy's activations are held.
+        ref = reference_logps(mode, policy, reference, batch, logps)
         policy_logps, lengths = response_logps(policy, batch, recipe.lm_head_chunk)
         pairs = batch["num_items"]
         normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
-        ref = reference_logps(mode, policy, reference, batch, logps)
         losses, rewards = dpo_loss(normalised[:pairs], normalised[pairs:], ref[:pairs], ref[pairs:], recipe.beta,
                                    recipe.loss_type.value, recipe.label_smoothing, recipe.simpo_gamma)
         loss = losses.sum()

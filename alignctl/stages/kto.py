@@ -117,10 +117,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rows = batch["num_items"]
         own = {k: v[:rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "response_mask")}
         mismatched = {k: v[rows:] for k, v in batch.items() if k in own}
-        policy_logps = logps(policy, own)
+        # The forwards without gradient first, so that they run before the policy's activations are held.
         ref = reference_logps(mode, policy, reference, batch, logps)
         with torch.no_grad():
             kl = (logps(policy, mismatched) - ref[rows:]).mean()
+        policy_logps = logps(policy, own)
         desirable = batch["desirable"]
         losses, out = kto_loss(policy_logps, ref[:rows], desirable, kl, recipe.beta, recipe.desirable_weight, recipe.undesirable_weight)
         rewards, good, bad = out["rewards"], desirable.float(), (~desirable).float()
