@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
                 "max_new_tokens": args.max_new_tokens, "threads": args.threads, "seed": 0,
                 "run_dir": str(workdir / "runs" / f"{case.name}-{side}-{rep}"), **case.extra,
             }
+            shutil.rmtree(spec["run_dir"], ignore_errors=True)  # a run of an earlier benchmark
             result = run_worker(spec)
             runs[side].append(result)
             print(f"  {case.name:<13} {side:<8} rep {rep}: {result['seconds']:.2f} s, {result['memory_mib']:.0f} MiB", flush=True)
