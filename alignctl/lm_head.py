@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from alignctl.sharding import is_sharded
-
 
 @dataclass
 class HeadOutputs:
@@ -30,9 +28,12 @@ class HeadOutputs:
 def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's output projection if the fused path can stand in for it, else None.
 
-    A LoRA on the output layer, a bias, or an FSDP-sharded weight keep the plain path."""
+    A LoRA on the output layer, a bias, or an FSDP-sharded weight (a DTensor) keep the plain path.
+    Cheap enough for every forward: it looks at the output layer only, not at every module."""
+    from torch.distributed.tensor import DTensor
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or is_sharded(model):
+    if type(head) is not torch.nn.Linear or head.bias is not None or isinstance(head.weight, DTensor):
         return None
     return head
 
