@@ -19,6 +19,7 @@ import torch
 
 from alignctl.config import LoraConfig, NoAdapterConfig
 from alignctl.errors import AdapterError
+from alignctl.lora_linear import FusedLoraLinear
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -62,6 +63,8 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
         bias=adapter.bias,
         use_dora=adapter.kind == "dora",
     )
+    if adapter.kind == "lora":  # full-precision bases only: a 4-bit layer is an nn.Linear too
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
     return peft.get_peft_model(model, config)
 
 

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from alignctl import hydra_app
+from alignctl import allocator, hydra_app
 from alignctl.exits import reported
 
 
@@ -36,6 +36,7 @@ PLAIN = {"pipeline": "alignctl.pipeline", "runs": "alignctl.report", "report": "
 
 
 def main() -> None:
+    allocator.reexec_under_allocator()  # jemalloc where installed (alignctl/allocator.py); returns if nothing to do
     args = sys.argv[1:]
     checked = hydra_app.run_command(args)
     if checked is None:

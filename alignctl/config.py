@@ -30,6 +30,7 @@ from alignctl.recipe_config import (  # noqa: F401
     PPOConfig,
     Reference,
     RewardConfig,
+    RolloutEngine,
     Scheduler,
     SFTConfig,
     TrainConfig,

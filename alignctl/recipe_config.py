@@ -49,6 +49,13 @@ class Advantage(str, Enum):
     reinforce = "reinforce"  # r - batch mean
 
 
+class RolloutEngine(str, Enum):
+    auto = "auto"  # native where it applies (Llama-family, float weights, unsharded), else hf
+    native = "native"  # alignctl.decode: fused weights, preallocated cache, finished rows leave the batch
+    hf = "hf"  # transformers' generate
+    vllm = "vllm"  # vLLM colocated in the training process (GPU, `pip install vllm`): alignctl/vllm_engine.py
+
+
 class LossAggregation(str, Enum):
     token = "token"  # every completion token of the step weighs the same (DAPO)
     sequence = "sequence"  # mean over each completion, then over completions (original GRPO)
@@ -170,6 +177,7 @@ class OnlineRLConfig(TrainConfig):
     temperature: float
     top_p: float
     top_k: int  # 0: off
+    rollout_engine: RolloutEngine
     steps_per_generation: int  # optimiser steps fed by one pass over a rollout batch
     beta: float  # KL coefficient to the reference (0: no reference is loaded at all)
     reference: Reference
@@ -254,6 +262,7 @@ class PairsConfig:
     temperature: float
     top_p: float
     top_k: int
+    rollout_engine: RolloutEngine
     reward_funcs: list[Any]
     reward_weights: list[float] | None
     reward_model_weight: float

@@ -1,8 +1,9 @@
 """Rollouts for online RL, shared by PPO and GRPO: sample completions, then turn them into training batches.
 
-Sampling goes through ``model.generate`` (KV cache, temperature / top-p / top-k, stop at EOS) on
-left-padded prompts; the K completions of a prompt come out next to each other in one call
-(``num_return_sequences``), which is what group baselines need. A completion keeps its EOS (ending
+Sampling (temperature / top-p / top-k, stop at EOS) runs on left-padded prompts through the native
+engine (alignctl.decode) where it applies, else through ``model.generate`` (``recipe.rollout_engine``);
+either way each prompt is prefilled once and the K completions of a prompt come out next to each
+other, which is what group baselines need. A completion keeps its EOS (ending
 is an action the policy takes) and loses everything after it; one that never ends is *truncated*.
 
 Per-token quantities of a rollout (log-probs at sampling time, reference log-probs, values) are
@@ -13,13 +14,16 @@ ends at the last position and the per-token tensors line up with ``ops.response_
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from alignctl import decode, vllm_engine
 from alignctl.batching import pad
+from alignctl.errors import ConfigError
 from alignctl.ops import left_padded_batch
 from alignctl.sharding import is_sharded
 
@@ -30,6 +34,8 @@ class Sampling:
     top_p: float
     top_k: int  # 0: off
     max_new_tokens: int
+    engine: str = "auto"  # native (alignctl.decode), hf (model.generate), auto: native where it applies, vllm
+    max_length: int | None = None  # prompt + completion: bounds the vllm engine's sequences
 
 
 @dataclass
@@ -50,9 +56,15 @@ def sample(
 ) -> Completions:
     """`num_generations` sampled completions per prompt, the K of a prompt consecutive."""
     model.eval()
+    if sampling.engine == "vllm":
+        return vllm_sample(model, prompt_ids, num_generations, sampling, eos_id)
     device = next(model.parameters()).device
     input_ids = pad(prompt_ids, pad_id, side="left").to(device)
     attention_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    if native_engine(model, sampling.engine, input_ids, attention_mask, sampling.max_new_tokens):
+        new_tokens = decode.sample(model, input_ids, attention_mask, num_generations, sampling.temperature, sampling.top_k, sampling.top_p,
+                                   sampling.max_new_tokens, eos_id, pad_id)
+        return completions_from(new_tokens, prompt_ids, num_generations, eos_id)
     cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
     if cache is not None:  # generate() then starts from the cache: K rows per prompt, one per completion
         input_ids, attention_mask = input_ids.repeat_interleave(num_generations, 0), attention_mask.repeat_interleave(num_generations, 0)
@@ -72,8 +84,13 @@ def sample(
         # FSDP: every process takes part in every forward, so all go on until the last one is done.
         synced_gpus=is_sharded(model),
     )
+    return completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id)
+
+
+def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], num_generations: int, eos_id: int) -> Completions:
+    """Cut each row of sampled tokens after its EOS (kept); a row without one is truncated."""
     completion_ids, truncated = [], []
-    for tokens in output[:, input_ids.size(1) :].tolist():
+    for tokens in new_tokens.tolist():
         if eos_id in tokens:
             completion_ids.append(tokens[: tokens.index(eos_id) + 1])
             truncated.append(False)
@@ -82,6 +99,51 @@ def sample(
             truncated.append(True)
     repeated_prompts = [list(p) for p in prompt_ids for _ in range(num_generations)]
     return Completions(repeated_prompts, completion_ids, truncated)
+
+
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> did the engine match its forward
+
+
+def native_engine(model: torch.nn.Module, engine: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> bool:
+    """Whether this rollout goes through alignctl.decode. `native` insists (an error where it cannot),
+    `auto` takes it where it applies and falls back to generate otherwise. The first time a model is
+    used, the engine's logits are compared with the model's own forward on the rollout's prompts."""
+    if engine == "hf" or (engine == "auto" and is_sharded(model)):
+        return False
+    reason = "sharded weights" if is_sharded(model) else decode.unsupported_reason(model, input_ids.size(1) + max_new_tokens)
+    if reason is None and model not in _checked:
+        gap = decode.check_against_model(model, input_ids, attention_mask)
+        _checked[model] = gap <= decode.CHECK_TOLERANCE
+        if not _checked[model]:
+            reason = f"its logits differ from the model's forward by {gap:.2e}"
+    elif reason is None and not _checked[model]:
+        reason = "its logits differed from the model's forward"
+    if reason is None:
+        return True
+    if engine == "native":
+        raise ConfigError("recipe.rollout_engine", f"native cannot sample from this model: {reason}; use hf or auto")
+    return False
+
+
+_vllm_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its colocated vLLM engine
+
+
+def vllm_sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], num_generations: int, sampling: Sampling, eos_id: int) -> Completions:
+    """Sample through vLLM colocated in this process (alignctl/vllm_engine.py): the engine is built from
+    the policy's starting checkpoint on first use, and gets the policy's current weights before each rollout."""
+    engine = _vllm_engines.get(model)
+    if engine is None:
+        reason = vllm_engine.unavailable_reason()
+        if reason is not None:
+            raise ConfigError("recipe.rollout_engine", f"vllm: {reason}; use auto, native or hf")
+        config = decode.causal_lm(model).config
+        # Each process samples its own completions: a seed of its own, drawn from the seeded run.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        engine = _vllm_engines[model] = vllm_engine.VLLMRollouts(config._name_or_path, sampling.max_length or config.max_position_embeddings, seed=seed)
+    engine.push_weights(model)
+    completion_ids = engine.sample(prompt_ids, num_generations, sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, eos_id)
+    truncated = [not ids or ids[-1] != eos_id for ids in completion_ids]
+    return Completions([list(p) for p in prompt_ids for _ in range(num_generations)], completion_ids, truncated)
 
 
 def shared_prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> DynamicCache | None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from alignctl import allocator
+
 PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
 # Keys that change what is displayed or how a run is started, not what it trains: left out of the
 # config hash (a resumed run is the same run).
@@ -50,7 +52,7 @@ def versions() -> dict[str, str | None]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
-    return found
+    return found | {"host_allocator": allocator.active()}
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

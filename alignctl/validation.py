@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from enum import Enum
@@ -31,6 +32,7 @@ from alignctl.config import (
     LoggerConfig,
     ModelConfig,
     Reference,
+    RolloutEngine,
     RunConfig,
     TopLevelConfig,
 )
@@ -230,6 +232,9 @@ def _check_across_groups(run: RunConfig) -> None:
     """Settings that are each valid alone but not together."""
     if run.hardware.strategy == "fsdp" and run.recipe.stage == "pairs":
         raise ConfigError("hardware", "recipe=pairs trains nothing: run it in one process (hardware=cpu or hardware=gpu)")
+    if getattr(run.recipe, "rollout_engine", None) == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
+        # Here, before anything runs; a missing GPU is found when the engine starts (that check imports torch).
+        raise ConfigError("recipe.rollout_engine", "vllm is not installed (pip install vllm; it needs a CUDA GPU); use auto, native or hf")
     if run.resume and not hasattr(run.recipe, "max_steps"):
         raise ConfigError("resume", f"recipe={run.recipe.stage} trains nothing and writes no checkpoint; run it again without resume")
     reference = getattr(run.recipe, "reference", None)

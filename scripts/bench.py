@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
@@ -27,8 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignctl import allocator
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+SAME_ALLOCATOR = "trl+allocator"  # TRL under alignctl's allocator
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 WORDS = "the a of to and in is it that for on with as was at by be this from or have an they which one you were her all".split()
 
@@ -150,8 +154,8 @@ def model_flops_per_token(model_dir: Path, stage: str, mean_length: float) -> fl
     return 6 * matmul_params + 12 * layers * d * mean_length
 
 
-def run_worker(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
+    done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
@@ -165,20 +169,26 @@ def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
     data = write_data(workdir / "data", case.stage, steps * rows_per_step)
     model_dir = models[case.model]
     tokens, mean_length = epoch_tokens(model_dir, data, case.stage) if case.stage != "grpo" else (0, 0.0)
-    runs: dict[str, list[dict]] = {"alignctl": [], "trl": []}
+    # The alignctl side runs under the allocator its CLI picks (alignctl/allocator.py: jemalloc where
+    # installed); TRL runs as its users run it, and once more under that same allocator (like for like).
+    alignctl_env = allocator.environment(os.environ) or dict(os.environ)
+    sides = {"alignctl": alignctl_env, "trl": dict(os.environ)}
+    if allocator.preloaded(alignctl_env) != allocator.preloaded(os.environ):
+        sides[SAME_ALLOCATOR] = alignctl_env
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for rep in range(args.reps):
-        for side in (("alignctl", "trl") if rep % 2 == 0 else ("trl", "alignctl")):
+        for side in (list(sides) if rep % 2 == 0 else list(reversed(sides))):
             spec = {
-                "side": side, "case": case.name, "stage": case.stage, "model_dir": str(model_dir), "data": str(data),
+                "side": side.split("+")[0], "case": case.name, "stage": case.stage, "model_dir": str(model_dir), "data": str(data),
                 "lora": case.lora, "lr": case.lr, "steps": steps, "batch_size": args.batch_size,
                 "max_length": args.max_length, "beta": 0.1, "num_generations": args.num_generations,
                 "max_new_tokens": args.max_new_tokens, "threads": args.threads, "seed": 0,
                 "run_dir": str(workdir / "runs" / f"{case.name}-{side}-{rep}"), **case.extra,
             }
             shutil.rmtree(spec["run_dir"], ignore_errors=True)  # a run of an earlier benchmark
-            result = run_worker(spec)
+            result = run_worker(spec, sides[side])
             runs[side].append(result)
-            print(f"  {case.name:<13} {side:<8} rep {rep}: {result['seconds']:.2f} s, {result['memory_mib']:.0f} MiB", flush=True)
+            print(f"  {case.name:<13} {side:<12} rep {rep}: {result['seconds']:.2f} s, {result['memory_mib']:.0f} MiB ({result['allocator']})", flush=True)
     row = {"case": case.name, "stage": case.stage, "model": case.model, "lora": case.lora, "steps": steps, "epoch_tokens": tokens}
     for side, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
@@ -191,9 +201,13 @@ def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
             "final_loss": results[0]["losses"][-1],
             "mfu": (tokens / seconds) * model_flops_per_token(model_dir, case.stage, mean_length) / (args.peak_gflops * 1e9) if tokens else None,
             "all_seconds": [r["seconds"] for r in results],
+            "allocator": results[0]["allocator"],
         }
     row["speed_ratio"] = row["trl"]["seconds"] / row["alignctl"]["seconds"]
     row["memory_ratio"] = row["alignctl"]["memory_mib"] / max(row["trl"]["memory_mib"], 1e-9)
+    if SAME_ALLOCATOR in row:
+        row["same_allocator_speed_ratio"] = row[SAME_ALLOCATOR]["seconds"] / row["alignctl"]["seconds"]
+        row["same_allocator_memory_ratio"] = row["alignctl"]["memory_mib"] / max(row[SAME_ALLOCATOR]["memory_mib"], 1e-9)
     return row
 
 
@@ -207,23 +221,32 @@ def versions() -> dict[str, str]:
 
 
 def markdown(report: dict) -> str:
+    rows = report["rows"]
+    same = any(SAME_ALLOCATOR in row for row in rows)
+    allocators = (rows[0]["alignctl"]["allocator"], rows[0]["trl"]["allocator"]) if rows else ("?", "?")
     lines = [
         f"`{report['command']}` on {report['machine']}, {report['threads']} threads, float32; "
         f"{report['steps']} steps (32k cases: {max(report['steps'] // 6, 2)}) of batch {report['batch_size']}, sequences up to {report['max_length']} tokens; "
-        f"median of {report['reps']} alternating runs per side; matmul peak {report['peak_gflops']:.0f} GFLOP/s.",
+        f"median of {report['reps']} alternating runs per side; matmul peak {report['peak_gflops']:.0f} GFLOP/s. "
+        f"Host allocator: alignctl {allocators[0]}, TRL {allocators[1]}"
+        + (f" (and TRL under {allocators[0]} too: the last two columns)." if same else "."),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         "",
-        "| case | alignctl tok/s | TRL tok/s | speed ×TRL | alignctl steps/s | TRL steps/s | alignctl MiB | TRL MiB | memory ×TRL | MFU alignctl / TRL | final loss alignctl / TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | alignctl tok/s | TRL tok/s | speed ×TRL | alignctl steps/s | TRL steps/s | alignctl MiB | TRL MiB | memory ×TRL | MFU alignctl / TRL | final loss alignctl / TRL |"
+        + (" speed / memory ×TRL, same allocator |" if same else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if same else ""),
     ]
-    for row in report["rows"]:
+    for row in rows:
         a, t = row["alignctl"], row["trl"]
         tok = lambda s: f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "—"  # noqa: E731
         mfu = f"{100 * a['mfu']:.1f} % / {100 * t['mfu']:.1f} %" if a["mfu"] else "—"
-        lines.append(
+        line = (
             f"| {row['case']} | {tok(a)} | {tok(t)} | **{row['speed_ratio']:.2f}** | {a['steps_per_s']:.2f} | {t['steps_per_s']:.2f} | "
             f"{a['memory_mib']:.0f} | {t['memory_mib']:.0f} | **{row['memory_ratio']:.2f}** | {mfu} | {a['final_loss']:.4f} / {t['final_loss']:.4f} |"
         )
+        if same:
+            line += f" {row['same_allocator_speed_ratio']:.2f} / {row['same_allocator_memory_ratio']:.2f} |" if SAME_ALLOCATOR in row else " — |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,14 @@ class Probe:
             "seconds": self.ended - self.started,
             "memory_mib": (self.peak_kib - self.baseline_kib) / 1024,
             "losses": self.losses,
+            "allocator": host_allocator(),
         }
+
+
+def host_allocator() -> str:
+    """The malloc this process runs under, from its memory map (the same test as alignctl.allocator.active)."""
+    maps = Path("/proc/self/maps").read_text()
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "system")
 
 
 def vowel_share(prompts, completions, **_) -> list[float]:

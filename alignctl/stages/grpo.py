@@ -76,7 +76,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
-    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens)
+    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
     pending: deque[list[dict]] = deque()  # the optimiser steps left from the current rollout
     rollouts = 0
 

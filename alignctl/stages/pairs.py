@@ -55,7 +55,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     sources, _ = reward_sources(cfg, recipe, tokenizer, device)
     policy = load_causal_lm(path, cfg.model, cfg.hardware).eval()
     run = RunDir(run_dir, raw, "pairs", cfg.inputs, data_fingerprint=prompts_raw._fingerprint)
-    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens)
+    sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
     K = recipe.num_generations
 
     pairs: list[dict] = []

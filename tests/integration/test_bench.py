@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from alignctl import allocator
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,6 +38,12 @@ def test_quick_benchmark_measures_both_sides(tmp_path, repo_root, run_cmd):
             if row["stage"] != "grpo":
                 assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"] < 1
         assert row["speed_ratio"] == pytest.approx(row["trl"]["seconds"] / row["alignctl"]["seconds"])
+        # alignctl runs under the allocator its CLI picks; TRL as shipped, and again under that allocator
+        assert row["trl"]["allocator"] == "system"
+        assert row["alignctl"]["allocator"] == ("jemalloc" if allocator.find("jemalloc") else "tcmalloc" if allocator.find("tcmalloc") else "system")
+        if row["alignctl"]["allocator"] != "system":
+            assert row["trl+allocator"]["allocator"] == row["alignctl"]["allocator"]
+            assert row["same_allocator_memory_ratio"] == pytest.approx(row["alignctl"]["memory_mib"] / row["trl+allocator"]["memory_mib"])
     # Both sides start from the same weights on the same data: DPO's first loss is ln 2 on each.
     dpo = report["rows"][1]
     assert dpo["alignctl"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)

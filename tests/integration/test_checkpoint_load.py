@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from alignctl import allocator
+
 STEPS = 3
 ADAPTERS = ["none", "lora"]
 
@@ -93,6 +95,9 @@ def test_run_directory_layout(runs, adapter):
     assert lineage["status"] == "finished"
     assert isinstance(lineage["config_hash"], str) and len(lineage["config_hash"]) >= 8
     assert lineage["versions"].get("torch") and lineage["versions"].get("transformers")
+    # the CLI re-executed itself under jemalloc where it is installed (alignctl/allocator.py)
+    expected = "jemalloc" if allocator.find("jemalloc") else "tcmalloc" if allocator.find("tcmalloc") else "system"
+    assert lineage["versions"]["host_allocator"] == expected
     assert "loss" in lineage["final_metrics"]
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -3,7 +3,9 @@ what would be valid, exit code 2, no traceback, and nothing run (no run director
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,7 @@ CONFIG_ERRORS = {
     "negative lm_head_chunk": (["recipe.lm_head_chunk=-1"], ["recipe.lm_head_chunk", ">= 0"]),
     "packing and padding_free": (["recipe.packing=true", "recipe.padding_free=true"], ["recipe.padding_free", "packing"]),
     "grpo beta negative": (["recipe=grpo", "recipe.beta=-0.1"], ["recipe.beta", ">= 0"]),
+    "unknown rollout engine": (["recipe=grpo", "recipe.rollout_engine=fast"], ["recipe.rollout_engine", "'fast'", "native", "vllm"]),
     "fsdp for a recipe that trains nothing": (["recipe=pairs", "hardware=fsdp"], ["recipe=pairs", "one process"]),
     "processes without a strategy": (["hardware.nproc=2"], ["hardware.nproc", "hardware=ddp"]),
     "lora rank zero": (["adapter=lora", "adapter.r=0"], ["adapter.r", "positive"]),
@@ -50,6 +53,9 @@ CONFIG_ERRORS = {
     "incompatible hydra flags": (["-m", "--cfg", "job"], ["-m", "--cfg"]),
     "bad value with --cfg": (["--cfg", "job", "recipe.lr=abc"], ["recipe.lr", "'abc'"]),
 }
+
+if importlib.util.find_spec("vllm") is None:  # a machine without vLLM (this one) is told before anything runs
+    CONFIG_ERRORS["vllm engine without vllm"] = (["recipe=grpo", "recipe.rollout_engine=vllm"], ["recipe.rollout_engine", "pip install vllm", "native"])
 
 
 def assert_one_line_error(result, *culprits: str) -> str:
@@ -95,7 +101,8 @@ def test_config_error_does_not_import_torch():
         "    raise AssertionError('no SystemExit')\n"
         "assert 'torch' not in sys.modules, 'validating a bad config imported torch'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # The system allocator: no re-execution under jemalloc, so the probe stays in this interpreter.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "ALIGNCTL_ALLOCATOR": "system"})
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().startswith("alignctl: error: recipe.lr")
 

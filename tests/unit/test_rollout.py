@@ -151,10 +151,11 @@ def test_per_token_values_split_back_one_tensor_per_completion():
 SAMPLE_PROMPTS = [[BOS, 5, 6, 7], [BOS, 8], [BOS, 9, 10]]
 
 
-def test_completions_end_at_their_first_eos_or_are_truncated(lm):
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_completions_end_at_their_first_eos_or_are_truncated(lm, engine):
     torch.manual_seed(0)
     out = sample(
-        lm, SAMPLE_PROMPTS, 4, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6), PAD, EOS
+        lm, SAMPLE_PROMPTS, 4, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, engine=engine), PAD, EOS
     )
     assert len(out.completion_ids) == len(out.truncated) == 12
     for tokens, truncated in zip(out.completion_ids, out.truncated):
@@ -166,12 +167,13 @@ def test_completions_end_at_their_first_eos_or_are_truncated(lm):
     assert any(out.truncated) and not all(out.truncated)
 
 
-def test_the_k_completions_of_a_prompt_are_consecutive(lm):
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_the_k_completions_of_a_prompt_are_consecutive(lm, engine):
     # At a tiny temperature sampling is greedy: the K completions of a prompt are all equal to the greedy
     # completion of that prompt decoded alone (unpadded), which also checks the left padding.
     torch.manual_seed(0)
     out = sample(
-        lm, SAMPLE_PROMPTS, 3, Sampling(temperature=1e-4, top_p=1.0, top_k=0, max_new_tokens=5), PAD, EOS
+        lm, SAMPLE_PROMPTS, 3, Sampling(temperature=1e-4, top_p=1.0, top_k=0, max_new_tokens=5, engine=engine), PAD, EOS
     )
     assert out.prompt_ids == [p for p in SAMPLE_PROMPTS for _ in range(3)]
     alone = []
@@ -191,8 +193,9 @@ def test_the_k_completions_of_a_prompt_are_consecutive(lm):
     assert out.completion_ids == [a for a in alone for _ in range(3)]
 
 
-def test_sampling_is_reproducible_for_a_fixed_seed(lm):
-    sampling = Sampling(temperature=1.5, top_p=0.9, top_k=10, max_new_tokens=6)
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_sampling_is_reproducible_for_a_fixed_seed(lm, engine):
+    sampling = Sampling(temperature=1.5, top_p=0.9, top_k=10, max_new_tokens=6, engine=engine)
 
     def draw(seed):
         torch.manual_seed(seed)

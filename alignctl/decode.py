@@ -1,0 +1,281 @@
+"""The native rollout engine: a lean sampler for Llama-family decoders (Llama, Mistral, Qwen2).
+
+Online RL spends most of a step sampling, and ``transformers.generate`` is built for generality:
+per token it rebuilds masks, walks a cache object and runs each projection as its own kernel. On the
+small batches of a rollout that bookkeeping, not arithmetic, sets the pace. This engine runs the same
+mathematics with less of it:
+
+- the weights are read once per rollout into fused matrices (q|k|v and gate|up: 4 matmuls a layer
+  instead of 7); a LoRA or DoRA adapter is folded in (W + ΔW, never written back into the model);
+- the KV cache is preallocated for prompt + max_new_tokens, so a step writes one column;
+- each prompt is prefilled once, then its cache is repeated for its K completions;
+- rows that have emitted EOS leave the batch (their cache rows are dropped), so the tail of a
+  rollout runs only on the completions still going.
+
+It computes the model's own rotary tables (``model.model.rotary_emb``, so every rope scaling the model
+supports is right), and draws tokens with transformers' own logits warpers and ``torch.multinomial``.
+`unsupported_reason` says when it does not apply (another architecture, quantised or sharded weights,
+a sliding window shorter than the sequence), and `check_against_model` compares its logits with the
+model's own forward: ``rollout_engine=auto`` falls back to ``generate`` in all those cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+CHECK_TOLERANCE = 1e-3  # max |Δlogit| against the model's own forward, in float32
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # (q + k + v rows, hidden)
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 * intermediate, hidden)
+    down: torch.Tensor
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor
+    layers: list[Layer]
+    norm: torch.Tensor
+    head: torch.Tensor
+    head_bias: torch.Tensor | None
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def unsupported_reason(model: nn.Module, total_length: int | None = None) -> str | None:
+    """Why the native engine cannot sample from `model` (None: it can)."""
+    lm = causal_lm(model)
+    config = lm.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+        return "an MLP other than bias-free SwiGLU"
+    window = getattr(config, "sliding_window", None)
+    uses_window = window is not None and (config.model_type != "qwen2" or getattr(config, "use_sliding_window", False))
+    if uses_window and (total_length is None or total_length > window):
+        return f"a sliding attention window ({window} tokens) shorter than the sequence"
+    for name, module in lm.named_modules():
+        if name.endswith(("_proj", "lm_head")) and _effective_linear(module) is None:
+            return f"{name} is a {type(module).__name__} (quantised, sharded or an adapter kind the engine does not fold)"
+    if type(lm.get_input_embeddings()) is not nn.Embedding:
+        return "an adapter on the input embeddings"
+    return None
+
+
+def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) that `module` applies in eval mode, adapters folded in; None when it is not a
+    plain or peft-LoRA/DoRA linear over a plain float weight."""
+    if type(module) is nn.Linear:
+        return _plain(module.weight), module.bias
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(module, "lora_A") or _plain(base.weight) is None:
+        return None
+    weight = base.weight
+    if getattr(module, "disable_adapters", False):
+        return (weight, base.bias) if not getattr(module, "merged_adapters", []) else None
+    for name in module.active_adapters:
+        if name not in module.lora_A or name in module.merged_adapters:
+            continue
+        if getattr(module, "lora_bias", {}).get(name, False) or getattr(module, "fan_in_fan_out", False):
+            return None
+        delta = module.get_delta_weight(name)
+        if module.use_dora.get(name, False):  # W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, row-wise (peft's merge)
+            magnitude = module.lora_magnitude_vector[name]
+            norm = magnitude.get_weight_norm(weight, delta, scaling=1)
+            weight = (magnitude.weight / norm).view(-1, 1) * (weight + delta)
+        else:
+            weight = weight + delta
+    return weight, base.bias
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor | None:
+    return weight if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point() else None
+
+
+def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    found = _effective_linear(module)
+    if found is None:
+        raise ValueError(f"native rollout engine: cannot fold {type(module).__name__}")
+    return found
+
+
+def _fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pairs = [_linear(m) for m in modules]
+    weight = torch.cat([w for w, _ in pairs])
+    if all(b is None for _, b in pairs):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.size(0)) for w, b in pairs])
+
+
+@torch.no_grad()
+def read_weights(model: nn.Module) -> Weights:
+    """The model's current weights, fused and with adapters folded in (a copy where anything is folded)."""
+    lm = causal_lm(model)
+    layers = []
+    for block in lm.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        out, out_bias = _linear(attn.o_proj)
+        gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+        down, down_bias = _linear(mlp.down_proj)
+        assert gate_up_bias is None and down_bias is None, "unsupported_reason admits bias-free MLPs only"
+        layers.append(Layer(block.input_layernorm.weight, qkv, qkv_bias, out, out_bias, block.post_attention_layernorm.weight, gate_up, down))
+    head, head_bias = _linear(lm.lm_head)
+    return Weights(lm.get_input_embeddings().weight, layers, lm.model.norm.weight, head, head_bias)
+
+
+class Decoder:
+    """Forward passes over a preallocated KV cache: `prefill` the prompts, then `step` one token at a time."""
+
+    def __init__(self, model: nn.Module, rows: int, capacity: int) -> None:
+        lm = causal_lm(model)
+        config = lm.config
+        self.weights = read_weights(model)
+        self.rotary = lm.model.rotary_emb
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        reference = self.weights.embed
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        self.keys = [reference.new_zeros(shape) for _ in self.weights.layers]
+        self.values = [reference.new_zeros(shape) for _ in self.weights.layers]
+        self.length = 0  # cache columns filled
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Last-position logits of `input_ids` (rows, t) written after the cache's columns; key_mask
+        (rows, 1, t, length + t), boolean or additive, says which cached and new keys each query sees
+        (None: all, causally)."""
+        w, (rows, t) = self.weights, input_ids.shape
+        x = F.embedding(input_ids, w.embed)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        start, end = self.length, self.length + t
+        hidden = x.size(-1)
+        for layer, keys, values in zip(w.layers, self.keys, self.values):
+            h = F.rms_norm(x, (hidden,), layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(rows, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            query_key, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+            q, k = _rotate(query_key, cos, sin).split([self.heads, self.kv_heads], dim=1)  # one rotation for both
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            attended = F.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], attn_mask=key_mask,
+                is_causal=key_mask is None and t > 1 and start == 0, enable_gqa=self.kv_heads != self.heads,
+            )
+            x = x + F.linear(attended.transpose(1, 2).reshape(rows, t, -1), layer.out, layer.out_bias)
+            h = F.rms_norm(x, (hidden,), layer.post_norm, self.eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        self.length = end
+        return F.linear(F.rms_norm(x[:, -1], (hidden,), w.norm, self.eps), w.head, w.head_bias).float()
+
+    def repeat_rows(self, copies: int) -> None:
+        self.keys = [k.repeat_interleave(copies, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(copies, dim=0) for v in self.values]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' own sampling warpers, in generate's order (those that would do nothing left out)."""
+    chosen = LogitsProcessorList()
+    if temperature != 1.0:
+        chosen.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        chosen.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        chosen.append(TopPLogitsWarper(top_p))
+    return chosen
+
+
+def prompt_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, W, W) boolean: causal, padding keys hidden; a padding query sees itself (no empty row, so no NaN)."""
+    width = attention_mask.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, :]
+    return (allowed | torch.eye(width, dtype=torch.bool, device=attention_mask.device)).unsqueeze(1)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int, temperature: float, top_k: int, top_p: float,
+    max_new_tokens: int, eos_id: int, pad_id: int,
+) -> torch.Tensor:
+    """(prompts x copies, max_new_tokens) sampled tokens for left-padded prompts, the `copies` of a prompt
+    consecutive; after a row's EOS come pad tokens (what generate returns)."""
+    prompts, width = input_ids.shape
+    rows = prompts * copies
+    decoder = Decoder(model, prompts, width + max_new_tokens)
+    padded = not bool(attention_mask.all())
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = decoder.forward(input_ids, positions, prompt_mask(attention_mask) if padded else None)
+    decoder.repeat_rows(copies)
+    logits = logits.repeat_interleave(copies, dim=0)
+    next_position = positions[:, -1].repeat_interleave(copies) + 1
+    # Padding keys as an additive bias (-inf), which sdpa takes a little faster than a boolean mask.
+    key_bias = torch.zeros(rows, width + max_new_tokens, dtype=decoder.weights.embed.dtype, device=input_ids.device)
+    key_bias[:, :width].masked_fill_(~attention_mask.bool().repeat_interleave(copies, dim=0), float("-inf"))
+    warp = warpers(temperature, top_k, top_p)
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    live = torch.arange(rows, device=input_ids.device)  # original row of each row still in the batch
+    empty = input_ids.new_empty(0)
+    for step in range(max_new_tokens):
+        probs = torch.softmax(warp(empty, logits), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        out[live, step] = tokens
+        if step == max_new_tokens - 1:
+            break
+        going = tokens != eos_id
+        if not bool(going.all()):  # finished rows leave the batch, and their cache rows with them
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            live, tokens, next_position, key_bias = live[keep], tokens[keep], next_position[keep], key_bias[keep]
+            decoder.keep_rows(keep)
+        end = decoder.length + 1
+        mask = key_bias[:, None, None, :end] if padded else None
+        logits = decoder.forward(tokens[:, None], next_position[:, None], mask)
+        next_position = next_position + 1
+    return out
+
+
+@torch.no_grad()
+def check_against_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Max |Δ| between the engine's last-position logits and the model's own forward on the same
+    left-padded prompts: the guard that the engine computes the model it was given."""
+    decoder = Decoder(model, input_ids.size(0), input_ids.size(1))
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    padded = not bool(attention_mask.all())
+    ours = decoder.forward(input_ids, positions, prompt_mask(attention_mask) if padded else None)
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+    return float((ours - theirs).abs().max())

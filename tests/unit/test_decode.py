@@ -1,0 +1,185 @@
+"""alignctl.decode, the native rollout engine: its logits are the model's own at every step (prefill,
+cached decode, rows repeated and dropped), adapters folded in; greedy sampling equals generate; and it
+stands aside, or refuses with one line, where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from alignctl import decode, vllm_engine
+from alignctl.errors import ConfigError
+from alignctl.rollout import Sampling, native_engine, sample
+
+PAD, BOS, EOS = 0, 1, 2
+TOL = 1e-5
+PROMPTS = [[BOS, 5, 6, 7, 8], [BOS, 9], [BOS, 10, 11]]
+SHAPE = dict(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+
+
+def _sharpen(model):
+    """Default init predicts almost uniformly; a larger head makes positions (and EOS) tell apart."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def llama(**extra):
+    torch.manual_seed(0)
+    return _sharpen(LlamaForCausalLM(LlamaConfig(**SHAPE, **extra)))
+
+
+MODELS = {
+    "llama": llama,
+    "llama-attention-bias": lambda: llama(attention_bias=True),
+    "llama3-rope-scaling": lambda: llama(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": lambda: _sharpen(MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None))),
+    "qwen2": lambda: _sharpen(Qwen2ForCausalLM(Qwen2Config(**SHAPE))),  # q, k, v biases
+}
+
+
+def left_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    return ids, (ids != PAD).long()
+
+
+def model_logits(model, rows):
+    """The model's own next-token logits after each row (unpadded, one row at a time)."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([row])).logits[:, -1] for row in rows])
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_prefill_and_every_cached_step_give_the_models_logits(kind):
+    model = MODELS[kind]()
+    ids, mask = left_padded(PROMPTS)
+    decoder = decode.Decoder(model, len(PROMPTS), ids.size(1) + 4)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = decoder.forward(ids, positions, decode.prompt_mask(mask))
+    rows = [list(p) for p in PROMPTS]
+    assert torch.allclose(logits, model_logits(model, rows), atol=TOL)
+
+    # two copies of each prompt, then drop some rows mid-way: what a rollout does
+    decoder.repeat_rows(2)
+    rows = [r for r in rows for _ in range(2)]
+    next_position = positions[:, -1].repeat_interleave(2) + 1
+    key_valid = torch.cat([mask.bool().repeat_interleave(2, 0), torch.ones(len(rows), 4, dtype=torch.bool)], 1)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        tokens = torch.randint(3, 24, (len(rows),), generator=generator)
+        rows = [r + [t] for r, t in zip(rows, tokens.tolist())]
+        logits = decoder.forward(tokens[:, None], next_position[:, None], key_valid[:, None, None, : decoder.length + 1])
+        next_position = next_position + 1
+        assert torch.allclose(logits, model_logits(model, rows), atol=TOL), f"step {step}"
+        if step == 0:
+            keep = torch.tensor([0, 3, 4])
+            decoder.keep_rows(keep)
+            rows, next_position, key_valid = [rows[i] for i in keep], next_position[keep], key_valid[keep]
+
+
+def test_unpadded_prompts_take_the_causal_path():
+    model = llama()
+    ids = torch.tensor([[BOS, 5, 6], [BOS, 7, 8]])
+    decoder = decode.Decoder(model, 2, 5)
+    logits = decoder.forward(ids, torch.arange(3).expand(2, 3), None)
+    assert torch.allclose(logits, model_logits(model, ids.tolist()), atol=TOL)
+
+
+def _greedy_reference(model, prompts, max_new_tokens, eos):
+    """generate's greedy completions, each prompt decoded alone (unpadded), cut after `eos`."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                                   pad_token_id=PAD, eos_token_id=eos)[0, len(prompt):].tolist()
+        out.append(generated[: generated.index(eos) + 1] if eos in generated else generated)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_rollouts_equal_generate_with_rows_finishing_early(kind):
+    model = MODELS[kind]()
+    # The stop token: one that some prompts' greedy completions reach mid-way and others never do, so
+    # rows leave the batch at different steps.
+    free_running = _greedy_reference(model, PROMPTS, 6, eos=EOS)
+    eos = next(t for t in range(3, 24) if any(t in c[1:5] and c[0] != t for c in free_running) and any(t not in c for c in free_running))
+    alone = _greedy_reference(model, PROMPTS, 6, eos)
+    assert any(a[-1] == eos and len(a) < 6 for a in alone) and any(eos not in a for a in alone), alone
+    torch.manual_seed(0)
+    out = sample(model, PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=6, engine="native"), PAD, eos)
+    assert out.completion_ids == [a for a in alone for _ in range(2)]
+    assert out.truncated == [eos not in a for a in alone for _ in range(2)]
+
+
+def test_sampled_rollouts_are_seeded_and_spread():
+    model = llama()
+    sampling = Sampling(temperature=1.5, top_p=0.9, top_k=10, max_new_tokens=6, engine="native")
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return sample(model, PROMPTS, 4, sampling, PAD, EOS).completion_ids
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+    assert len({tuple(c) for c in draw(3)}) > 3  # the K completions of a prompt differ
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_are_folded_in_and_the_model_is_left_untouched(use_dora):
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded(PROMPTS)
+    assert decode.unsupported_reason(model) is None
+    assert decode.check_against_model(model, ids, mask) < TOL
+    with model.disable_adapter():  # the reference: the adapter switched off
+        assert decode.check_against_model(model, ids, mask) < TOL
+        plain = decode.Decoder(model, 1, 8).weights.layers[0].qkv
+    assert not torch.allclose(plain, decode.Decoder(model, 1, 8).weights.layers[0].qkv)  # the adapter does change the weights
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unsupported_models_fall_back_or_refuse_in_one_line():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    assert "gpt2" in decode.unsupported_reason(gpt2)
+    ids, mask = left_padded(PROMPTS)
+    assert native_engine(gpt2, "auto", ids, mask, 4) is False
+    with pytest.raises(ConfigError, match="rollout_engine: native cannot sample from this model: model type .gpt2."):
+        native_engine(gpt2, "native", ids, mask, 4)
+    windowed = _sharpen(MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=8)))
+    assert decode.unsupported_reason(windowed, 6) is None
+    assert "sliding attention window" in decode.unsupported_reason(windowed, 12)
+    assert native_engine(llama(), "hf", ids, mask, 4) is False
+
+
+def test_a_model_whose_logits_differ_is_not_sampled_natively(monkeypatch):
+    model = llama()
+    ids, mask = left_padded(PROMPTS)
+    monkeypatch.setattr(decode, "check_against_model", lambda *a: 0.5)
+    assert native_engine(model, "auto", ids, mask, 4) is False
+    with pytest.raises(ConfigError, match="differ"):
+        native_engine(model, "native", ids, mask, 4)
+
+
+@pytest.mark.skipif(vllm_engine.unavailable_reason() is None, reason="vLLM and a GPU are here: tests/unit/test_vllm_engine.py samples with it")
+def test_the_vllm_engine_without_vllm_or_a_gpu_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"rollout_engine: vllm: .*; use auto, native or hf"):
+        sample(llama(), PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, engine="vllm"), PAD, EOS)

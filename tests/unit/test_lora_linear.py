@@ -1,0 +1,74 @@
+"""alignctl.lora_linear: the fused LoRA linear computes peft's outputs and gradients, hands every
+non-plain case to peft's own forward, and saves a plain peft adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignctl.adapters import apply_adapter
+from alignctl.config import LoraConfig
+from alignctl.lora_linear import FusedLoraLinear
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        max_position_embeddings=32)).eval()
+
+
+def lora(base, fused: bool, **extra):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra)
+    if fused:
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    torch.manual_seed(1)  # the same random A and B on both sides
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def forward_backward(model, ids):
+    logits = model(input_ids=ids).logits
+    (logits * torch.linspace(-1, 1, logits.size(-1))).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_outputs_and_gradients_equal_peft(base):
+    ids = torch.randint(0, 32, (3, 7))
+    plain, fused = lora(base, False), lora(base, True)
+    assert isinstance(fused.base_model.model.model.layers[0].mlp.down_proj, FusedLoraLinear)
+    expected_logits, expected_grads = forward_backward(plain, ids)
+    logits, grads = forward_backward(fused, ids)
+    assert torch.allclose(logits, expected_logits, atol=1e-6)
+    assert expected_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-6), name
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_disabled_merged_and_dora_go_through_peft(base):
+    ids = torch.randint(0, 32, (2, 5))
+    fused = lora(base, True)
+    with torch.no_grad():
+        adapted = fused(input_ids=ids).logits
+        with fused.disable_adapter():
+            assert torch.allclose(fused(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+        fused.merge_adapter()
+        assert torch.allclose(fused(input_ids=ids).logits, adapted, atol=1e-5)
+        fused.unmerge_adapter()
+        dora_plain, dora_fused = lora(base, False, use_dora=True), lora(base, True, use_dora=True)
+        assert torch.allclose(dora_fused(input_ids=ids).logits, dora_plain(input_ids=ids).logits, atol=1e-6)
+
+
+def test_apply_adapter_uses_it_for_lora_and_saves_a_plain_adapter(base, tmp_path):
+    model = apply_adapter(copy.deepcopy(base), LoraConfig(kind="lora", r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_rslora=False, init_lora_weights=True, bias="none"))
+    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == 14
+    model.save_pretrained(tmp_path)
+    assert "custom" not in (tmp_path / "adapter_config.json").read_text()
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert not any(isinstance(m, FusedLoraLinear) for m in reloaded.modules())
+    dora = apply_adapter(copy.deepcopy(base), LoraConfig(kind="dora", r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_rslora=False, init_lora_weights=True, bias="none"))
+    assert not any(isinstance(m, FusedLoraLinear) for m in dora.modules())
