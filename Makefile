@@ -40,8 +40,14 @@ test-gpu: install
 bench: install $(BIN)/.bench-deps
 	$(BIN)/python scripts/bench.py --readme
 
+# jemalloc is the allocator alignctl picks on its own where installed (alignctl/allocator.py); the
+# benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.
 $(BIN)/.bench-deps: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	@if ! ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get install -y -qq libjemalloc2 || { apt-get update -qq && apt-get install -y -qq libjemalloc2; }; } >/dev/null 2>&1 || echo "bench: could not install libjemalloc2; alignctl runs under the system allocator"; \
+		else echo "bench: libjemalloc2 is not installed; alignctl runs under the system allocator"; fi; \
+	fi
 	touch $@
 
 lint: install

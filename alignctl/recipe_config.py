@@ -144,6 +144,7 @@ class DPOConfig(TrainConfig):
     simpo_gamma: float  # SimPO's target margin
     nll_weight: float  # weight of an NLL term on the chosen response (RPO); 0: off
     reference: Reference
+    share_prompt: bool  # each prompt through the model once for its two responses (alignctl/shared_prompt.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()

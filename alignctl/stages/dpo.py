@@ -39,6 +39,8 @@ from alignctl.reference import (
     resolve_mode,
 )
 from alignctl.registry import register_stage
+from alignctl.shared_prompt import applies as shared_prompt_applies
+from alignctl.shared_prompt import shared_prompt_batch, shared_prompt_logps
 from alignctl.training import (
     start_process,
     start_training,
@@ -56,14 +58,24 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig,
     return encode_rows(dataset, encode, {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, cfg.data.num_proc, where, recipe.max_length)
 
 
-def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
-    """Chosen rows then rejected rows, in one left-padded batch (one forward for both)."""
-    prompts = rows["prompt_ids"] * 2
-    batch = left_padded_batch(prompts, rows["chosen_ids"] + rows["rejected_ids"], pad_id)
+def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False) -> dict:
+    """Chosen rows then rejected rows, in one batch (one forward for both); with `share_prompt`, each
+    prompt once for its two responses (alignctl/shared_prompt.py)."""
+    if share_prompt:
+        batch = shared_prompt_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
+        tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())  # counted as two rows a pair
+    else:
+        batch = left_padded_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"], pad_id)
+        tokens = int(batch["attention_mask"].sum())
     out = {k: v.to(device) for k, v in batch.items()}
     if "ref_logps" in rows:  # precomputed reference: (B, 2) chosen, rejected
         out["ref_logps"] = torch.tensor(rows["ref_logps"], device=device).T.reshape(-1)
-    return {**out, "num_items": len(rows["prompt_ids"]), "num_tokens": int(batch["attention_mask"].sum())}
+    return {**out, "num_items": len(rows["prompt_ids"]), "num_tokens": tokens}
+
+
+def pair_logps(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and lengths of the chosen then the rejected responses, whichever layout `batch` has."""
+    return shared_prompt_logps(model, batch, chunk) if "prompt_ids" in batch else response_logps(model, batch, chunk)
 
 
 @register_stage("dpo")
@@ -81,15 +93,19 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
     policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
+    share = recipe.share_prompt and shared_prompt_applies(policy)  # not under gradient checkpointing: no cache then
+
+    def batch_of(rows: dict[str, list]) -> dict:
+        return pair_batch(rows, tokenizer.pad_token_id, device, share)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        summed, lengths = response_logps(model, batch, recipe.lm_head_chunk)
+        summed, lengths = pair_logps(model, batch, recipe.lm_head_chunk)
         return summed / lengths if recipe.loss_type in LENGTH_NORMALISED else summed
 
     def with_reference(dataset: Dataset, split: str) -> Dataset:
         key = cache_key(stage="dpo", model=model_identity(reference_path), data=dataset._fingerprint, split=split,
                         max_length=recipe.max_length, normalised=recipe.loss_type in LENGTH_NORMALISED)
-        return precompute(dataset, reference, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), logps,
+        return precompute(dataset, reference, batch_of, logps,
                           recipe.eval_batch_size, key, split)
 
     if mode == Reference.precomputed:
@@ -108,7 +124,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def pair_metrics(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The reference first: its forward (no gradient) then runs before the policy's activations are held.
         ref = reference_logps(mode, policy, reference, batch, logps)
-        policy_logps, lengths = response_logps(policy, batch, recipe.lm_head_chunk)
+        policy_logps, lengths = pair_logps(policy, batch, recipe.lm_head_chunk)
         pairs = batch["num_items"]
         normalised = policy_logps / lengths if recipe.loss_type in LENGTH_NORMALISED else policy_logps
         losses, rewards = dpo_loss(normalised[:pairs], normalised[pairs:], ref[:pairs], ref[pairs:], recipe.beta,
@@ -132,14 +148,14 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return loss / num_items, metrics
 
     def next_step() -> list[dict]:
-        return [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
+        return [batch_of(train_set[rows]) for rows in split_micro(next(stream), recipe.grad_accum)]
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
         policy.eval()
         result: dict[str, float] = {}
         if eval_set is not None:
-            result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), pair_metrics)
+            result = sum_over_batches(eval_set, recipe.eval_batch_size, batch_of, pair_metrics)
         result |= task_accuracy(policy, tokenizer, data_lib.eval_task_path(cfg.data), task_rows, recipe.eval_max_new_tokens, recipe.eval_batch_size)
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k in SHOWN_EVAL))
         return result

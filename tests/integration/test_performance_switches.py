@@ -1,6 +1,7 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
 follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free
-against padded batches), through the real CLI on the built-in task."""
+against padded batches, recipe.share_prompt against two rows a pair), through the real CLI on the
+built-in task."""
 
 from __future__ import annotations
 
@@ -42,3 +43,13 @@ def test_padding_free_batches_train_like_padded_ones(run_cmd, tmp_path):
     packed = train(run_cmd, tmp_path, "packed", "recipe=sft", "recipe.completion_only_loss=false", "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "mean_token_accuracy", "num_loss_tokens"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
+
+
+def test_shared_prompts_train_like_two_rows_a_pair(run_cmd, tmp_path):
+    # LoRA, so the reference is the disabled adapter on the same layout; the plain logits path, so the
+    # first response token's log-prob comes from the prompt forward's own logits.
+    lora = ("recipe=dpo", "adapter=lora", "recipe.lr=3e-3", "recipe.lm_head_chunk=0")  # a high rate: LoRA moves the loss within 4 steps
+    rows = train(run_cmd, tmp_path, "rows", *lora, "recipe.share_prompt=false")
+    shared = train(run_cmd, tmp_path, "shared", *lora, "recipe.share_prompt=true")
+    assert_same_training(rows, shared, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"))
+    assert shared[-1]["num_tokens"] == rows[-1]["num_tokens"]  # tokens are counted as the pairs' rows either way
