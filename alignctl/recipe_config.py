@@ -85,6 +85,7 @@ class TrainConfig:
     eval_max_new_tokens: int
     nonfinite: NonFinite  # a step whose loss or gradient is nan/inf: stop the run, or skip the step and count it
     lm_head_chunk: int  # positions per chunk of the fused output layer (alignctl/lm_head.py); 0: plain logits
+    fused_mlp: bool  # SwiGLU MLPs keep (gate, up) for backward, not silu(gate) too (alignctl/fused_mlp.py)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: evaluate the starting model only), got {self.max_steps}")

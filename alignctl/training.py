@@ -19,6 +19,7 @@ from alignctl import distributed
 from alignctl.checkpoint import rng_state, save_checkpoint
 from alignctl.config import HardwareConfig, TrainConfig
 from alignctl.errors import ConfigError, NonFiniteLoss
+from alignctl.fused_mlp import fuse_swiglu
 from alignctl.metrics import console, summary_table
 from alignctl.rundir import RunDir, write_json_atomic
 
@@ -88,6 +89,8 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     from alignctl.metrics import MetricsLogger
     from alignctl.resume import find_resume_point
 
+    if recipe.fused_mlp:
+        fuse_swiglu(model)  # before sharding: FSDP wraps the layers whose MLPs this patches
     paged = getattr(cfg.adapter, "paged_optimizer", False)
     on_gpu = next(model.parameters()).device.type == "cuda"
     point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
