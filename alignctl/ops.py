@@ -16,6 +16,7 @@ import torch
 
 from alignctl.batching import pad
 from alignctl.lm_head import final_hidden, linear_logps, output_head
+from alignctl.varlen_attention import packed_attention
 
 
 def left_padded_batch(
@@ -123,3 +124,52 @@ def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]
         output_hidden_states=True,
     ).hidden_states[-1]
     return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
+
+
+def packed_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """prompt + response rows end to end in one row (padding-free), with position ids restarting at 0.
+
+    Returns (1, N) input_ids and position_ids, and for the response tokens that have a predecessor in
+    their row: their packed positions (``response_index``) and row numbers (``response_row``).
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    index: list[int] = []
+    row_of: list[int] = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        start = len(ids)
+        ids += [*prompt, *response]
+        positions += range(len(prompt) + len(response))
+        first = start + max(len(prompt), 1)  # a row's first token is never a target (nothing precedes it)
+        index += range(first, len(ids))
+        row_of += [row] * (len(ids) - first)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "response_index": torch.tensor(index, dtype=torch.long),
+        "response_row": torch.tensor(row_of, dtype=torch.long),
+        "num_rows": torch.tensor(len(prompts)),
+    }
+
+
+def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logps` for a `packed_batch`: summed log-probs of each row's response and its length, (B,), (B,).
+
+    Attention stays within each row: FlashAttention-2's varlen kernel where the model runs it,
+    `alignctl.varlen_attention` otherwise (linear layers over real tokens, attention per row).
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    targets = batch["input_ids"][0, batch["response_index"]]
+    predictors = batch["response_index"] - 1  # the hidden state at t scores the token at t + 1
+    head = output_head(model) if chunk else None
+    with packed_attention(model):
+        if head is not None:
+            hidden = final_hidden(model, **inputs)[0, predictors]
+            logps = linear_logps(hidden, head.weight, targets, chunk).logps
+        else:
+            logits = model(**inputs, use_cache=False).logits[0, predictors]
+            logps = token_logps(logits, targets)
+    rows, num_rows = batch["response_row"], int(batch["num_rows"])
+    sums = logps.new_zeros(num_rows).index_add(0, rows, logps)
+    lengths = torch.bincount(rows, minlength=num_rows).to(logps.dtype)
+    return sums, lengths

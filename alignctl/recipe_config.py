@@ -146,12 +146,14 @@ class DPOConfig(TrainConfig):
     nll_weight: float  # weight of an NLL term on the chosen response (RPO); 0: off
     reference: Reference
     share_prompt: bool  # each prompt through the model once for its two responses (alignctl/shared_prompt.py)
+    padding_free: bool  # each batch's rows end to end in one row, attention kept per row (alignctl/varlen_attention.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _check(self.nll_weight >= 0, "nll_weight", f"must be >= 0, got {self.nll_weight}")
+        _check(not (self.share_prompt and self.padding_free), "padding_free", "and share_prompt are two batch layouts: set one of them")
         if self.loss_type == DPOLossType.simpo:
             _check(self.reference in (Reference.auto, Reference.none), "reference", "simpo is reference-free: use auto or none")
 

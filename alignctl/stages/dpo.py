@@ -29,7 +29,7 @@ from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
 from alignctl.models import load_tokenizer, model_path
-from alignctl.ops import left_padded_batch, response_logps
+from alignctl.ops import left_padded_batch, packed_batch, packed_response_logps, response_logps
 from alignctl.reference import (
     cache_key,
     load_policy_and_reference,
@@ -58,10 +58,14 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig,
     return encode_rows(dataset, encode, {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, cfg.data.num_proc, where, recipe.max_length)
 
 
-def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False) -> dict:
+def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False, padding_free: bool = False) -> dict:
     """Chosen rows then rejected rows, in one batch (one forward for both); with `share_prompt`, each
-    prompt once for its two responses (alignctl/shared_prompt.py)."""
-    if share_prompt:
+    prompt once for its two responses (alignctl/shared_prompt.py); with `padding_free`, all of them end
+    to end in one row (alignctl/varlen_attention.py)."""
+    if padding_free:
+        batch = packed_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])
+        tokens = batch["input_ids"].numel()
+    elif share_prompt:
         batch = shared_prompt_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
         tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())  # counted as two rows a pair
     else:
@@ -75,7 +79,11 @@ def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_p
 
 def pair_logps(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and lengths of the chosen then the rejected responses, whichever layout `batch` has."""
-    return shared_prompt_logps(model, batch, chunk) if "prompt_ids" in batch else response_logps(model, batch, chunk)
+    if "prompt_ids" in batch:
+        return shared_prompt_logps(model, batch, chunk)
+    if "response_index" in batch:
+        return packed_response_logps(model, batch, chunk)
+    return response_logps(model, batch, chunk)
 
 
 @register_stage("dpo")
@@ -96,7 +104,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     share = recipe.share_prompt and shared_prompt_applies(policy)  # not under gradient checkpointing: no cache then
 
     def batch_of(rows: dict[str, list]) -> dict:
-        return pair_batch(rows, tokenizer.pad_token_id, device, share)
+        return pair_batch(rows, tokenizer.pad_token_id, device, share, recipe.padding_free)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         summed, lengths = pair_logps(model, batch, recipe.lm_head_chunk)

@@ -11,6 +11,7 @@ Assumes: prompts fit in recipe.max_length (see data.overlong); completions are c
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from alignctl.training import (
     start_training,
     train_and_finish,
 )
+from alignctl.varlen_attention import packed_attention
 
 
 def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
@@ -67,8 +69,8 @@ def to_batch(rows: dict[str, list], pad_id: int, device: torch.device, padding_f
 
 def packed_batch(rows: dict[str, list], device: torch.device) -> dict:
     """The rows end to end in one row with no padding (recipe.padding_free), kept apart by position ids
-    that restart at 0: transformers then masks attention per sequence (FlashAttention-2's varlen kernel
-    on GPU, a block-diagonal mask otherwise). Each row's first label is dropped, as padded batches do,
+    that restart at 0: attention then stays within each sequence (FlashAttention-2's varlen kernel on
+    GPU, alignctl/varlen_attention.py otherwise). Each row's first label is dropped, as padded batches do,
     so the previous row's last position predicts nothing."""
     ids = [t for row in rows["input_ids"] for t in row]
     labels = [t for row in rows["labels"] for t in [IGNORE, *row[1:]]]
@@ -109,10 +111,12 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def loss_of(batch: dict, num_items: int):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
-            return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
-        # No cache: transformers looks for packed sequences (padding_free) only without one.
-        return sft_loss(model(**inputs, use_cache=False).logits, batch["labels"], num_items)
+        # A packed (padding-free) row keeps attention within each sequence (alignctl/varlen_attention.py).
+        with packed_attention(model) if "attention_mask" not in batch else nullcontext():
+            if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
+                return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
+            # No cache: transformers looks for packed sequences (padding_free) only without one.
+            return sft_loss(model(**inputs, use_cache=False).logits, batch["labels"], num_items)
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
-follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free
+follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO)
 against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp against the
 model's own MLP), through the real CLI on the
 built-in task."""
@@ -44,6 +44,15 @@ def test_padding_free_batches_train_like_padded_ones(run_cmd, tmp_path):
     padded = train(run_cmd, tmp_path, "padded", "recipe=sft", "recipe.completion_only_loss=false")
     packed = train(run_cmd, tmp_path, "packed", "recipe=sft", "recipe.completion_only_loss=false", "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "mean_token_accuracy", "num_loss_tokens"))
+    assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
+
+
+def test_padding_free_pairs_train_like_padded_ones(run_cmd, tmp_path):
+    # LoRA, so the reference (the disabled adapter) also runs on the packed row.
+    lora = ("recipe=dpo", "adapter=lora", "recipe.lr=3e-3")
+    padded = train(run_cmd, tmp_path, "padded", *lora)
+    packed = train(run_cmd, tmp_path, "packed", *lora, "recipe.padding_free=true")
+    assert_same_training(padded, packed, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
 
 
