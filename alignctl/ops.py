@@ -126,7 +126,7 @@ def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
 
 
-def packed_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def packed_response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
     """prompt + response rows end to end in one row (padding-free), with position ids restarting at 0.
 
     Returns (1, N) input_ids and position_ids, and for the response tokens that have a predecessor in
@@ -153,7 +153,7 @@ def packed_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
 
 
 def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_logps` for a `packed_batch`: summed log-probs of each row's response and its length, (B,), (B,).
+    """`response_logps` for a `packed_response_batch`: summed log-probs of each row's response and its length, (B,), (B,).
 
     Attention stays within each row: FlashAttention-2's varlen kernel where the model runs it,
     `alignctl.varlen_attention` otherwise (linear layers over real tokens, attention per row).
@@ -162,7 +162,7 @@ def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     targets = batch["input_ids"][0, batch["response_index"]]
     predictors = batch["response_index"] - 1  # the hidden state at t scores the token at t + 1
     head = output_head(model) if chunk else None
-    with packed_attention(model):
+    with packed_attention(model, batch["position_ids"]):
         if head is not None:
             hidden = final_hidden(model, **inputs)[0, predictors]
             logps = linear_logps(hidden, head.weight, targets, chunk).logps

@@ -14,18 +14,21 @@ attention; padding slots repeat a real token (finite values) and their outputs a
 gradients are zero. The projections, MLPs, norms and rotary embeddings, most of a step, then run on
 real tokens only.
 
-`packed_attention(model, batch)` switches a model to it for one forward; transformers calls it
-through its attention-function registry (``AttentionInterface``), and builds no mask for it.
+`packed_attention(model, position_ids)` switches a model to it for one forward and works out the
+gather indices once for all its layers; transformers calls it through its attention-function
+registry (``AttentionInterface``), and builds no mask for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 
 NAME = "alignctl_varlen_sdpa"
 # Backends that transformers would run over the packed row with a block-diagonal mask; the flash
@@ -52,18 +55,20 @@ def padding_index(bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
     return gather.reshape(-1), real, longest
 
 
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+# The current packed forward's (gather, real, longest), set by `packed_attention`: the same for every
+# layer, so it is worked out once per forward rather than once per layer (it syncs with the device).
+_layout: ContextVar[tuple[torch.Tensor, torch.Tensor, int] | None] = ContextVar("alignctl_varlen_layout", default=None)
 
 
 def varlen_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                position_ids: torch.Tensor | None = None, **_) -> tuple[torch.Tensor, None]:
+                **_) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (1, heads, tokens, head_dim) packed q, k, v in,
     (1, tokens, heads, head_dim) out."""
-    if query.size(0) != 1 or position_ids is None or attention_mask is not None:
-        raise ValueError("alignctl: varlen attention takes one packed row with its position ids and no mask")
-    gather, real, longest = padding_index(sequence_bounds(position_ids))
+    layout = _layout.get()
+    if query.size(0) != 1 or layout is None or attention_mask is not None:
+        raise ValueError("alignctl: varlen attention takes one packed row, inside packed_attention, and no mask")
+    gather, real, longest = layout
     sequences = gather.numel() // longest
     groups = getattr(module, "num_key_value_groups", 1)
 
@@ -75,7 +80,7 @@ def varlen_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         return rows.view(sequences, longest, heads, dim).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        padded(query), _repeat_kv(padded(key), groups), _repeat_kv(padded(value), groups),
+        padded(query), repeat_kv(padded(key), groups), repeat_kv(padded(value), groups),
         is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
     )
     heads, dim = out.size(1), out.size(-1)
@@ -110,13 +115,15 @@ def applies(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run the model's attention as `varlen_sdpa` inside the block (a no-op where it does not apply)."""
+def packed_attention(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+    """Run the model's attention as `varlen_sdpa` over the packed row with these position ids inside
+    the block (a no-op where it does not apply)."""
     if not applies(model):
         yield
         return
     configs = _configs(model)
     previous = [c._attn_implementation for c in configs]
+    token = _layout.set(padding_index(sequence_bounds(position_ids)))
     for c in configs:
         c._attn_implementation = NAME
     try:
@@ -124,3 +131,4 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for c, name in zip(configs, previous):
             c._attn_implementation = name
+        _layout.reset(token)

@@ -29,7 +29,7 @@ from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
 from alignctl.models import load_tokenizer, model_path
-from alignctl.ops import left_padded_batch, packed_batch, packed_response_logps, response_logps
+from alignctl.ops import left_padded_batch, packed_response_batch, packed_response_logps, response_logps
 from alignctl.reference import (
     cache_key,
     load_policy_and_reference,
@@ -63,7 +63,7 @@ def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_p
     prompt once for its two responses (alignctl/shared_prompt.py); with `padding_free`, all of them end
     to end in one row (alignctl/varlen_attention.py)."""
     if padding_free:
-        batch = packed_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])
+        batch = packed_response_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])
         tokens = batch["input_ids"].numel()
     elif share_prompt:
         batch = shared_prompt_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)

@@ -112,7 +112,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def loss_of(batch: dict, num_items: int):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # A packed (padding-free) row keeps attention within each sequence (alignctl/varlen_attention.py).
-        with packed_attention(model) if "attention_mask" not in batch else nullcontext():
+        with packed_attention(model, batch["position_ids"]) if "attention_mask" not in batch else nullcontext():
             if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
                 return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
             # No cache: transformers looks for packed sequences (padding_free) only without one.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.ops import left_padded_batch, packed_batch, packed_response_logps, response_logps
+from alignctl.ops import left_padded_batch, packed_response_batch, packed_response_logps, response_logps
 from alignctl.varlen_attention import NAME, applies, packed_attention, padding_index, sequence_bounds
 
 
@@ -37,7 +37,7 @@ def test_a_packed_row_computes_each_sequence_alone(model):
     alone = torch.cat([model(input_ids=s[None]).logits[0] for s in sequences])
     ids = torch.cat(sequences)[None]
     positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
-    with packed_attention(model):
+    with packed_attention(model, positions):
         assert model.config._attn_implementation == NAME
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
     assert model.config._attn_implementation == "sdpa"  # restored
@@ -59,7 +59,7 @@ def test_packed_log_probs_and_gradients_equal_the_padded_batchs(model, chunk):
         if layout == "padded":
             summed, lengths = response_logps(copy_, left_padded_batch(prompts, responses, pad_id=0), chunk)
         else:
-            summed, lengths = packed_response_logps(copy_, packed_batch(prompts, responses), chunk)
+            summed, lengths = packed_response_logps(copy_, packed_response_batch(prompts, responses), chunk)
         (summed * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
         return summed.detach(), lengths, {n: p.grad for n, p in copy_.named_parameters()}
 
@@ -83,6 +83,6 @@ def test_it_stands_in_for_sdpa_and_eager_only(model):
     checkpointed = copy.deepcopy(model)
     checkpointed.gradient_checkpointing_enable()  # its backward re-runs attention outside the block
     assert not applies(checkpointed)
-    with pytest.raises(RuntimeError), packed_attention(model):
+    with pytest.raises(RuntimeError), packed_attention(model, torch.tensor([[0, 1, 0]])):
         raise RuntimeError("a failing forward")
     assert model.config._attn_implementation == "sdpa"
