@@ -66,7 +66,7 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
         tokenizer = load_tokenizer(reward_path, cfg.model)
         check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
         scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
-        sources.append(model_source(scorer, tokenizer, recipe.max_length + 1, recipe.eval_batch_size, recipe.reward_model_weight))
+        sources.append(model_source(scorer, tokenizer, recipe.max_length + 1, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
     if not sources:
         raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
     return sources, reward_path

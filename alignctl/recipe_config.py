@@ -86,6 +86,7 @@ class TrainConfig:
     nonfinite: NonFinite  # a step whose loss or gradient is nan/inf: stop the run, or skip the step and count it
     lm_head_chunk: int  # positions per chunk of the fused output layer (alignctl/lm_head.py); 0: plain logits
     fused_mlp: bool  # SwiGLU MLPs keep (gate, up) for backward, not silu(gate) too (alignctl/fused_mlp.py)
+    trim_top_layer: bool  # scalar heads: the top decoder layer runs at the scored position only (alignctl/last_token.py)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: evaluate the starting model only), got {self.max_steps}")

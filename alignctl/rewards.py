@@ -18,6 +18,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,10 +129,12 @@ def function_sources(entries: Sequence[Any], weights: Sequence[float] | None) ->
     return sources
 
 
-def model_source(scorer: torch.nn.Module, tokenizer, max_length: int, batch_size: int, weight: float) -> RewardSource:
-    """A reward model (from recipe=reward) as a source: it reads prompt + completion + EOS, the way it was trained."""
+def model_source(scorer: torch.nn.Module, tokenizer, max_length: int, batch_size: int, weight: float, trim_top_layer: bool = True) -> RewardSource:
+    """A reward model (from recipe=reward) as a source: it reads prompt + completion + EOS, the way it
+    was trained; with `trim_top_layer` its top layer runs at the scored position only (alignctl/last_token.py)."""
     from alignctl.batching import pad
     from alignctl.encode import encode_completion, encode_prompt
+    from alignctl.last_token import top_layer_at_last_token
 
     device = next(scorer.parameters()).device
 
@@ -144,7 +147,9 @@ def model_source(scorer: torch.nn.Module, tokenizer, max_length: int, batch_size
             chunk = sequences[start : start + batch_size]
             input_ids = pad(chunk, tokenizer.pad_token_id).to(device)
             attention_mask = pad([[1] * len(s) for s in chunk], 0).to(device)
-            out.append(scorer(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float().cpu())
+            with top_layer_at_last_token(scorer, input_ids, attention_mask, tokenizer.pad_token_id) if trim_top_layer else nullcontext():
+                scores = scorer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            out.append(scores.squeeze(-1).float().cpu())
         return torch.cat(out)
 
     return RewardSource("reward_model", weight, score)

@@ -13,6 +13,7 @@ from the tokens that end a sequence, or the score is read one token earlier, con
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from alignctl.batching import BatchStream, pad, split_micro
 from alignctl.config import RewardConfig, RunConfig
 from alignctl.encode import IGNORE, encode_rows, preference_example
 from alignctl.errors import ConfigError
+from alignctl.last_token import top_layer_at_last_token
 from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
     BASE_DIR,
@@ -130,7 +132,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def score_pairs(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with_lm = lm_weight is not None and "step_lm_tokens" in batch  # training steps only, not eval
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=with_lm)
+        # The LM loss without extra layers reads the top layer's output at every position.
+        trim = recipe.trim_top_layer and not (with_lm and recipe.extra_layers == 0)
+        with top_layer_at_last_token(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id) if trim else nullcontext():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=with_lm, use_cache=False)
         scores = out.logits.squeeze(-1).float()
         pairs = batch["num_items"]
         chosen, rejected = scores[:pairs], scores[pairs:]

@@ -1,7 +1,7 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
 follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO)
 against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp against the
-model's own MLP), through the real CLI on the
+model's own MLP), recipe.trim_top_layer against the full top layer), through the real CLI on the
 built-in task."""
 
 from __future__ import annotations
@@ -72,3 +72,16 @@ def test_the_fused_mlp_trains_like_the_models_own(run_cmd, tmp_path):
     own = train(run_cmd, tmp_path, "own", *lora, "recipe.fused_mlp=false")
     fused = train(run_cmd, tmp_path, "fused", *lora, "recipe.fused_mlp=true")
     assert_same_training(own, fused, ("loss", "grad_norm", "rewards/margins", "logps/chosen"))
+
+
+@pytest.mark.parametrize("shape", ["plain", "extra_layers"])
+def test_a_trimmed_top_layer_trains_the_reward_model_like_the_full_one(run_cmd, tmp_path, shape):
+    # plain: the Bradley-Terry model alone (the top layer is the backbone's); SGD, because from a random
+    # init Adam turns float32 rounding in near-zero gradients into whole steps. extra_layers: the
+    # default recipe, whose LM loss reads below the two fresh layers, the top one trimmed.
+    plain = ("recipe.extra_layers=0", "recipe.lm_loss_coef=0.0", "recipe.optimizer._target_=torch.optim.SGD",
+             "~recipe.optimizer.betas", "~recipe.optimizer.eps", "recipe.lr=0.5")
+    recipe = ("recipe=reward", *(plain if shape == "plain" else ()))
+    full = train(run_cmd, tmp_path, "full", *recipe, "recipe.trim_top_layer=false")
+    trimmed = train(run_cmd, tmp_path, "trimmed", *recipe, "recipe.trim_top_layer=true")
+    assert_same_training(full, trimmed, ("loss", "grad_norm", "accuracy", "margin", "rewards/chosen"))

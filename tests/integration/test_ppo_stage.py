@@ -38,8 +38,10 @@ def runs(learned_sft_run, run_cmd, tmp_path_factory):
         "shared": _train(run_cmd, root / "shared", "recipe=ppo", "adapter=lora", f"inputs.policy={sft_dir}",
                          "recipe.reward_funcs=[alignctl.rewards.task_verifier]", "recipe.max_steps=2", "recipe.num_ppo_epochs=2",
                          "recipe.lr=1e-2", *small),
+        # 50 rollouts of 64, two epochs each: +6.5 to +7.5 points over seeds 0-2 here, where 30 steps at
+        # the recipe's rate (8 rollouts) gained +1.5 on one machine's float rounding and +5 on another's.
         "learn": _train(run_cmd, root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
-                        "recipe.max_steps=30", "recipe.eval_every=0", "data.eval_limit=400"),
+                        "recipe.max_steps=100", "recipe.num_ppo_epochs=2", "recipe.lr=1e-4", "recipe.eval_every=0", "data.eval_limit=400"),
     }
     return out, reward
 
@@ -48,7 +50,7 @@ def test_ppo_with_the_verifier_raises_held_out_exact_match(runs):
     run = runs[0]["learn"]
     run.assert_finished()
     evals = [r for r in run.records() if "eval_exact_match" in r]
-    assert (evals[0]["step"], evals[-1]["step"]) == (0, 30)
+    assert (evals[0]["step"], evals[-1]["step"]) == (0, 100)
     # Counted in prompts (400 of them), so that +5 points is not lost to float rounding (0.665 + 0.05 > 0.715).
     assert round(400 * evals[-1]["eval_exact_match"]) >= round(400 * evals[0]["eval_exact_match"]) + 20, evals
 
@@ -66,9 +68,11 @@ def test_ppo_from_a_reward_model_logs_trl_metrics_and_records_lineage(runs):
                     "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac", "rewards/reward_model/mean"):
             assert key in record, (key, record)
     # The policy is the reference when the first rollout is sampled, so its KL is exactly zero; the first
-    # optimiser step sees ratio 1 everywhere (nothing to clip), and the second epoch has moved away.
-    assert train[0]["objective/kl"] == 0.0 and train[0]["policy/approxkl"] == 0.0 and train[0]["policy/clipfrac"] == 0.0
-    assert train[-1]["policy/approxkl"] > 0
+    # optimiser step sees ratio 1 everywhere (nothing to clip), to float32 rounding: its minibatch pads
+    # rows differently from the rollout's batches, and some CPUs' BLAS round a row by its batch's shape
+    # (seen: approxkl 2.6e-13, log-ratios ~1e-6). The second epoch has moved away, far above that.
+    assert train[0]["objective/kl"] == 0.0 and train[0]["policy/approxkl"] < 1e-10 and train[0]["policy/clipfrac"] == 0.0
+    assert train[-1]["policy/approxkl"] > 1e-8
     lineage = json.loads((run.dir / "lineage.json").read_text())
     assert set(lineage["parents"]) == {"policy", "reward"} and lineage["parents"]["reward"]["stage"] == "reward"
     assert "value model: " + str(reward.dir / "checkpoint") in run.flat_output  # InstructGPT: value starts as the RM
