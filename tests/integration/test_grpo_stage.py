@@ -34,7 +34,9 @@ def learned(learned_sft_run, run_cmd, tmp_path_factory):
     sft_dir, sft_result = learned_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     run_dir = tmp_path_factory.mktemp("grpo") / "learn"
-    args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", "recipe.max_steps=30", "recipe.eval_every=0",
+    # The recipe's 100 steps: +15, +8.75 and +17 points over seeds 0-2 here, where 30 steps gained
+    # +3 to +8.5 by seed and by the machine's float rounding.
+    args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", "recipe.max_steps=100", "recipe.eval_every=0",
             "data.eval_limit=400", "logger.samples_every=10", f"hydra.run.dir={run_dir}"]
     result = run_cmd([sys.executable, "-m", "alignctl", *args], cwd=run_dir.parent)
     return StageRun("learn", run_dir, result), sft_dir
@@ -45,7 +47,7 @@ def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     run.assert_finished()
     evals = [r for r in run.records() if "eval_exact_match" in r]
     before, after = evals[0], evals[-1]
-    assert (before["step"], after["step"]) == (0, 30)
+    assert (before["step"], after["step"]) == (0, 100)
     # Counted in prompts (400 of them), so that +5 points is not lost to float rounding (0.665 + 0.05 > 0.715).
     assert round(400 * after["eval_exact_match"]) >= round(400 * before["eval_exact_match"]) + 20, evals
     assert json.loads((run.dir / "eval.json").read_text())["eval_exact_match"] == after["eval_exact_match"]
@@ -57,7 +59,7 @@ def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
 def test_grpo_logs_rollout_metrics_with_trl_names(learned):
     run, _ = learned
     train = run.train_records()
-    assert [r["step"] for r in train] == list(range(1, 31))
+    assert [r["step"] for r in train] == list(range(1, 101))
     for record in train:
         assert 0 <= record["reward"] <= 1 and record["reward"] == record["rewards/task_verifier/mean"]
         assert record["completions/mean_length"] > 0 and 0 <= record["frac_reward_zero_std"] <= 1
