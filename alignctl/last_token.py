@@ -22,6 +22,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+from alignctl.models import backbone, checkpointing_on
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 BACKENDS = ("sdpa", "eager")
@@ -37,11 +40,6 @@ def read_positions(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     return (positions * (input_ids != pad_id)).argmax(-1)
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix)
-
-
 def applies(model: torch.nn.Module, length: int) -> bool:
     """True when the model's top layer can run for one position of rows `length` long (see the module docstring)."""
     config = model.config
@@ -50,9 +48,9 @@ def applies(model: torch.nn.Module, length: int) -> bool:
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and length > window:
         return False
-    if getattr(model, "is_gradient_checkpointing", False):
+    if checkpointing_on(model):
         return False
-    layers = getattr(_backbone(model), "layers", None)
+    layers = getattr(backbone(model), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         return False
     top = layers[config.num_hidden_layers - 1]
@@ -60,10 +58,9 @@ def applies(model: torch.nn.Module, length: int) -> bool:
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of (B, heads, T, d) states with (B, T, d) cos/sin (the rotate-half convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    first, second = states.chunk(2, dim=-1)
-    return states * cos + torch.cat((-second, first), dim=-1) * sin
+    """Rotary embedding of (B, heads, T, d) states with (B, T, d) cos/sin: transformers' formula for
+    these families, applied to queries and keys at different positions (its own helper takes one set)."""
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
 def _heads(attention: torch.nn.Module, projection: str, norm: str | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,7 +109,7 @@ def top_layer_at_last_token(model: torch.nn.Module, input_ids: torch.Tensor, att
     if not applies(model, input_ids.size(1)):
         yield False
         return
-    layer = _backbone(model).layers[model.config.num_hidden_layers - 1]
+    layer = backbone(model).layers[model.config.num_hidden_layers - 1]
     read_at = read_positions(input_ids, pad_id)
     # An instance attribute shadows the class's forward for this call only; nn.Module.__call__ (and
     # its hooks) still run around it.

@@ -300,6 +300,23 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
     return _requantized(scorer, quantization, hardware) if quantization else scorer.to(device_of(hardware))
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack under the task head (e.g. LlamaModel under LlamaForSequenceClassification), peft or not."""
+    base = unwrapped(model)
+    return getattr(base, base.base_model_prefix)
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on: transformers flags every module it checkpoints (the
+    model-level property was renamed in transformers 5; the module flag was not)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
 def add_decoder_layers(model: torch.nn.Module, count: int) -> None:
     """Stack `count` new decoder layers on top of a (Llama-style) backbone, in place.
 
@@ -307,8 +324,7 @@ def add_decoder_layers(model: torch.nn.Module, count: int) -> None:
     nothing to the residual stream and the model computes exactly what it did before; training then
     grows them. The saved config counts the layers, so the result loads like any model of its class.
     """
-    backbone = getattr(model, model.base_model_prefix)
-    layers = getattr(backbone, "layers", None)
+    layers = getattr(backbone(model), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ModelLoadError(f"recipe.extra_layers: {type(model).__name__} has no list of decoder layers at .{model.base_model_prefix}.layers; use extra_layers=0")
     template, config = layers[0], model.config

@@ -16,6 +16,7 @@ import torch
 
 from alignctl.batching import pad
 from alignctl.lm_head import final_hidden, linear_logps, output_head
+from alignctl.models import unwrapped
 from alignctl.varlen_attention import packed_attention
 
 
@@ -114,7 +115,7 @@ def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]
     """
     # The classifier's own forward pools one position: take its last hidden states and apply its head
     # to every position. Through the model's own forward, so a sharded (FSDP) model gathers its weights.
-    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    base = unwrapped(value_model)
     width = int(batch["response_mask"].sum(-1).max())
     hidden = value_model(
         input_ids=batch["input_ids"],

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from alignctl.batching import pad
 from alignctl.lm_head import linear_logps, output_head
+from alignctl.models import checkpointing_on
 from alignctl.ops import token_logps
 
 
@@ -38,9 +39,7 @@ def shared_prompt_batch(prompts: Sequence[Sequence[int]], first: Sequence[Sequen
 
 def applies(model: torch.nn.Module) -> bool:
     """Whether the model keeps a cache in this mode: gradient checkpointing turns transformers' cache off."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"  # renamed in transformers 5
-    return not getattr(base, name, False)
+    return not checkpointing_on(model)
 
 
 def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

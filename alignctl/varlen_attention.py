@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from alignctl.models import checkpointing_on
+
 NAME = "alignctl_varlen_sdpa"
 # Backends that transformers would run over the packed row with a block-diagonal mask; the flash
 # kernels handle packed rows themselves and are left alone.
@@ -107,7 +109,7 @@ def applies(model: torch.nn.Module) -> bool:
     backward re-runs the layers after `packed_attention` has ended. Where it does not apply,
     transformers' own path still keeps packed sequences apart (a block mask from the position ids)."""
     configs = _configs(model)
-    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+    if checkpointing_on(model):
         return False
     return bool(configs) and all(
         c._attn_implementation in REPLACED and not getattr(c, "sliding_window", None) for c in configs

@@ -33,6 +33,7 @@ from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
     BASE_DIR,
     add_decoder_layers,
+    backbone,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -101,8 +102,7 @@ def top_of_initial_body(model: torch.nn.Module, hidden_states: tuple[torch.Tenso
     hidden_states[-1] is already normed by the model; earlier entries are raw layer outputs."""
     if extra_layers == 0:
         return hidden_states[-1]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix).norm(hidden_states[-1 - extra_layers])
+    return backbone(model).norm(hidden_states[-1 - extra_layers])
 
 
 @register_stage("reward")
