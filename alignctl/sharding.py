@@ -30,6 +30,8 @@ def shard(model: torch.nn.Module, autocast: str | None) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import PreTrainedModel
 
+    from alignctl.models import unwrapped
+
     layer_names = {name for m in model.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
     if not layer_names:
         raise ConfigError("hardware.strategy", f"{type(model).__name__} does not name its decoder layers (_no_split_modules); use hardware=ddp")
@@ -39,7 +41,7 @@ def shard(model: torch.nn.Module, autocast: str | None) -> None:
             fully_shard(module, mp_policy=policy)
     for root in model.fsdp_roots() if hasattr(model, "fsdp_roots") else [model]:
         # A peft model's generate() calls its base model directly: the base is the root that gathers.
-        fully_shard(root.get_base_model() if hasattr(root, "get_base_model") else root, mp_policy=policy)
+        fully_shard(unwrapped(root), mp_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
