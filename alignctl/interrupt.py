@@ -36,6 +36,16 @@ class Interrupted(BaseException):
         return signal.Signals(self.signum).name
 
 
+def answer_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt even if this process inherited it ignored.
+
+    A shell without job control starts background commands (`cmd &` in a script, some CI runners
+    and batch wrappers) with SIGINT ignored, and Python then leaves it ignored: `kill -INT` would be
+    lost until the stage installs its own handlers, and a run told to stop would train to the end."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _raise_now(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 

@@ -144,9 +144,12 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, *extra: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """The signal run in a process of its own; `sigint_ignored` starts it the way a shell without job
+    control starts a background command (SIGINT inherited ignored)."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "alignctl", "train", *SIGNAL_RUN, *extra, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run_dir.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run_dir.parent, preexec_fn=ignore)
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300, every: float = 0.05) -> None:
@@ -209,10 +212,12 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(alignctl, tmp_path, u
     assert_same_trajectory(uninterrupted, run_dir, int(checkpoint.name.split("-")[1]))
 
 
-def test_sigint_before_training_exits_130_without_traceback(tmp_path):
-    """Ctrl-C while data and models load: one line, exit 130, nothing to resume."""
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint default", "sigint inherited ignored"])
+def test_sigint_before_training_exits_130_without_traceback(tmp_path, sigint_ignored):
+    """Ctrl-C while data and models load: one line, exit 130, nothing to resume; also when the run
+    was started in the background by a script (a CI run lost a SIGINT sent that way)."""
     run_dir = tmp_path / "run"
-    process = start(run_dir)
+    process = start(run_dir, sigint_ignored=sigint_ignored)
     wait_for(lambda: (run_dir / ".hydra").is_dir(), process, every=0.01)  # Hydra has started the job
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
