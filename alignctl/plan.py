@@ -154,8 +154,9 @@ def recipe_models(cfg: Any) -> list[ModelPlan]:
     recipe, stage = cfg.recipe, cfg.recipe.stage
     policy_path = model_path(cfg.model, cfg.inputs.get("policy"))
     reward_path = model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else None
-    # Rows through the trained model per micro-batch: chosen + rejected (dpo, reward), or the batch + its KL rows (kto).
-    micro = 2 * recipe.batch_size if stage in ("dpo", "kto", "reward") else recipe.batch_size
+    # Rows whose activations the trained model holds per micro-batch: chosen + rejected (dpo, reward);
+    # kto's KL rows go through it without gradient, so only the batch itself.
+    micro = 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size
     seq = getattr(recipe, "max_length", 0)
     plans: list[ModelPlan] = []
     if stage == "reward":

@@ -63,16 +63,29 @@ def encode_feedback(dataset: Dataset, tokenizer, recipe: KTOConfig, cfg: RunConf
     return kept.add_column("mismatched_ids", shifted)
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask")
+MISMATCHED = "mismatched_"  # key prefix of the mismatched half of a batch
+
+
 def feedback_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
-    """Rows with their own completions, then the same prompts with mismatched completions."""
-    completions = rows["completion_ids"] + rows["mismatched_ids"]
-    batch = left_padded_batch(rows["prompt_ids"] * 2, completions, pad_id)
-    out = {k: v.to(device) for k, v in batch.items()}
+    """Rows with their own completions, and under ``mismatched_*`` the same prompts with mismatched
+    completions, each half padded to its own longest row.
+
+    Two halves rather than one batch of 2B rows: the rows a step trains on are grouped by length, the
+    mismatched ones are not, and padding the trained half to the mismatched half's width made the
+    forward and backward that carry the gradient about a quarter padding on the benchmark."""
+    own = left_padded_batch(rows["prompt_ids"], rows["completion_ids"], pad_id)
+    mismatched = left_padded_batch(rows["prompt_ids"], rows["mismatched_ids"], pad_id)
+    out = {k: v.to(device) for k, v in own.items()} | {MISMATCHED + k: v.to(device) for k, v in mismatched.items()}
     if "ref_logps" in rows:
         out["ref_logps"] = torch.tensor(rows["ref_logps"], device=device).T.reshape(-1)
     out["desirable"] = torch.tensor(rows["label"], dtype=torch.bool, device=device)
-    rows_count = len(rows["prompt_ids"])
-    return {**out, "num_items": rows_count, "num_tokens": int(batch["attention_mask"][:rows_count].sum())}
+    return {**out, "num_items": len(rows["prompt_ids"]), "num_tokens": int(own["attention_mask"].sum())}
+
+
+def halves(batch: dict) -> tuple[dict, dict]:
+    """The own and the mismatched rows of a `feedback_batch`, each a plain response batch."""
+    return {k: batch[k] for k in SEQUENCE_KEYS}, {k: batch[MISMATCHED + k] for k in SEQUENCE_KEYS}
 
 
 @register_stage("kto")
@@ -94,9 +107,13 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_logps(model, batch, recipe.lm_head_chunk)[0]
 
+    def both_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """(2B,): the own completions' log-probs, then the mismatched ones' (the reference scores both)."""
+        return torch.cat([logps(model, half) for half in halves(batch)])
+
     def with_reference(dataset: Dataset, split: str) -> Dataset:
         key = cache_key(stage="kto", model=model_identity(reference_path), data=dataset._fingerprint, split=split, max_length=recipe.max_length)
-        return precompute(dataset, reference, lambda rows: feedback_batch(rows, tokenizer.pad_token_id, device), logps,
+        return precompute(dataset, reference, lambda rows: feedback_batch(rows, tokenizer.pad_token_id, device), both_logps,
                           recipe.eval_batch_size, key, split)
 
     if mode == Reference.precomputed:
@@ -115,10 +132,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def feedback_loss(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows = batch["num_items"]
-        own = {k: v[:rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "response_mask")}
-        mismatched = {k: v[rows:] for k, v in batch.items() if k in own}
+        own, mismatched = halves(batch)
         # The forwards without gradient first, so that they run before the policy's activations are held.
-        ref = reference_logps(mode, policy, reference, batch, logps)
+        ref = reference_logps(mode, policy, reference, batch, both_logps)
         with torch.no_grad():
             kl = (logps(policy, mismatched) - ref[rows:]).mean()
         policy_logps = logps(policy, own)
