@@ -11,9 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from alignctl import allocator, hydra_app
+from alignctl import allocator, hydra_app, interrupt
 from alignctl.exits import reported
-from alignctl.interrupt import answer_ctrl_c
 
 
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
@@ -38,7 +37,7 @@ PLAIN = {"pipeline": "alignctl.pipeline", "runs": "alignctl.report", "report": "
 
 def main() -> None:
     allocator.reexec_under_allocator()  # jemalloc where installed (alignctl/allocator.py); returns if nothing to do
-    answer_ctrl_c()  # after the re-exec: exec keeps an inherited "ignored"
+    interrupt.answer_ctrl_c()  # after the re-exec: exec keeps an inherited "ignored"
     args = sys.argv[1:]
     checked = hydra_app.run_command(args)
     if checked is None:
