@@ -5,14 +5,18 @@ BIN := $(VENV)/bin
 # torch first and pinned: on these machines 2.13.0 is a CPU wheel on disk; an unpinned torch
 # (asked for directly or by a dependency) would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The versions the suite last passed with (a dependency that moves must not break a fresh install);
+# `make lock` refreshes them on purpose. pyproject.toml's ranges stay open for users.
+CONSTRAINTS := constraints.txt
+LOCK_VENV := .venv-lock
 
-.PHONY: install demo test test-slow test-gpu bench lint clean
+.PHONY: install demo test test-slow test-gpu bench lint lock clean
 
-$(BIN)/alignctl: pyproject.toml
+$(BIN)/alignctl: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(BIN)/alignctl
@@ -42,16 +46,30 @@ bench: install $(BIN)/.bench-deps
 
 # jemalloc is the allocator alignctl picks on its own where installed (alignctl/allocator.py); the
 # benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.
-$(BIN)/.bench-deps: pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+$(BIN)/.bench-deps: pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,bench]"
 	@if ! ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get install -y -qq libjemalloc2 || { apt-get update -qq && apt-get install -y -qq libjemalloc2; }; } >/dev/null 2>&1 || echo "bench: could not install libjemalloc2; alignctl runs under the system allocator"; \
 		else echo "bench: libjemalloc2 is not installed; alignctl runs under the system allocator"; fi; \
 	fi
 	touch $@
 
+# Re-resolve every dependency within pyproject.toml's ranges in a scratch venv, run the default suite
+# there, and only if it passes write the resolved versions to constraints.txt (torch stays TORCH_SPEC).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev,bench]"
+	$(LOCK_VENV)/bin/python -m pytest -q
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt refreshed; the next make install rebuilds .venv against it"
+
 lint: install
 	$(BIN)/ruff check alignctl tests scripts
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info runs
+	rm -rf $(VENV) $(LOCK_VENV) build dist *.egg-info runs

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from alignctl import allocator, hydra_app, interrupt
+from alignctl import allocator, bitsandbytes_gate, hydra_app, interrupt
 from alignctl.exits import reported
 
 
@@ -38,6 +38,7 @@ PLAIN = {"pipeline": "alignctl.pipeline", "runs": "alignctl.report", "report": "
 def main() -> None:
     allocator.reexec_under_allocator()  # jemalloc where installed (alignctl/allocator.py); returns if nothing to do
     interrupt.answer_ctrl_c()  # after the re-exec: exec keeps an inherited "ignored"
+    bitsandbytes_gate.hold_back()  # until a run quantises (models.four_bit_config)
     args = sys.argv[1:]
     checked = hydra_app.run_command(args)
     if checked is None:

@@ -98,8 +98,6 @@ def quiet_libraries() -> None:
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes logs, on every CPU import, that an optional hub kernel could not load: harmless.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(logging.CRITICAL)
     transformers.utils.logging.disable_progress_bar()

@@ -139,6 +139,9 @@ def four_bit_config(adapter, path: str, model: ModelConfig, hardware: HardwareCo
         return None
     import importlib.util
 
+    from alignctl import bitsandbytes_gate
+
+    bitsandbytes_gate.release()
     if importlib.util.find_spec("bitsandbytes") is None:
         raise AdapterError("adapter=qlora needs bitsandbytes (pip install bitsandbytes): 4-bit runs on CUDA GPUs and, from bitsandbytes 0.45, on CPU")
     from transformers import BitsAndBytesConfig

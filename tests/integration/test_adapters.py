@@ -184,3 +184,13 @@ def test_plan_bad_input_is_one_line(tmp_path):
     assert_one_line_error(result, "adapter.r", "positive")
     assert_one_line_error(run_process([sys.executable, "-m", "alignctl", "plan", "adapter=lora", "adapter.target_modules=[nope]"], cwd=tmp_path),
                           "nope")
+
+
+@pytest.mark.parametrize("name", ["sft_qlora", "sft_lora"])
+def test_the_console_carries_only_alignctl_words_offline(runs, name):
+    """bitsandbytes, imported by a quantised run only, looks for a hub kernel on import; offline, the
+    `kernels` package logs a skipped trust check. None of that reaches the user's stderr."""
+    run = runs[name]
+    run.assert_finished()
+    for chatter in ("kernels-community", "publisher trust", "gemm_4bit"):
+        assert chatter not in run.result.stderr, run.result.describe()
