@@ -39,8 +39,7 @@ def main() -> None:
     allocator.reexec_under_allocator()  # jemalloc where installed (alignctl/allocator.py); returns if nothing to do
     interrupt.answer_ctrl_c()  # after the re-exec: exec keeps an inherited "ignored"
     bitsandbytes_gate.hold_back()  # until a run quantises (models.four_bit_config)
-    args = sys.argv[1:]
-    checked = hydra_app.run_command(args)
+    args, checked = sys.argv[1:], hydra_app.run_command(sys.argv[1:])
     if checked is None:
         return
     command, rest = checked

@@ -15,7 +15,8 @@ the base output would first copy the whole (tokens x d_out) gradient for the bas
 It is peft's class in every other respect (state dict keys, saving, merging, adapter switching), and
 plugs in through peft's custom-module hook, so a saved adapter is a plain LoRA adapter. Anything off
 the plain path (adapters disabled or merged, mixed-adapter batches, DoRA and other variants, a LoRA
-bias, a dtype cast) goes to peft's own forward.
+bias, a dtype cast without autocast) goes to peft's own forward. Under autocast the fused layer runs its
+matmuls in the autocast dtype, as peft's layer does under autocast, with the adapters kept float32.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class FusedLoraLinear(PeftLoraLinear):
         for name in self.active_adapters:
             if name in self.lora_A:
                 low_rank = self.lora_A[name](self.lora_dropout[name](x))
-                flat.addmm_(low_rank.view(-1, low_rank.size(-1)), self.lora_B[name].weight.t(), alpha=self.scaling[name])
+                # In-place ops are not autocast: under autocast the base output and A's output are in
+                # the autocast dtype while B's float32 weight is not, so B is cast here.
+                lora_b = self.lora_B[name].weight.to(flat.dtype)
+                flat.addmm_(low_rank.view(-1, low_rank.size(-1)).to(flat.dtype), lora_b.t(), alpha=self.scaling[name])
         return result
 
     def _single_fusable_adapter(self) -> str | None:
@@ -58,13 +62,24 @@ class FusedLoraLinear(PeftLoraLinear):
         return names[0]
 
     def _plain_adapters(self, x: torch.Tensor) -> bool:
-        """Every active adapter is vanilla LoRA (no variant, no bias) in x's dtype."""
+        """Every active adapter is vanilla LoRA (no variant, no bias), and no dtype cast is left to
+        peft: under autocast every matmul runs in the autocast dtype whatever the adapters' dtype;
+        without it, the adapters must be in x's dtype (peft casts x to them otherwise)."""
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            if name in self.lora_variant or self.lora_B[name].bias is not None or self.lora_A[name].weight.dtype != x.dtype:
+            if name in self.lora_variant or self.lora_B[name].bias is not None:
+                return False
+            if not autocast and self.lora_A[name].weight.dtype != x.dtype:
                 return False
         return True
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in here: autocast's where it is on, x's own otherwise."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -77,24 +92,35 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1))
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat.mm(weight.t())
-        low_rank_t = lora_a.mm(flat.t())  # (r, tokens)
-        out.addmm_(low_rank_t.t(), lora_b.t(), alpha=scaling)
+        # Under autocast the five matmuls run in the autocast dtype, as autocast would run them one by
+        # one (the adapters stay float32 parameters, cast per step); autocast itself is turned off
+        # inside, because it does not cast the in-place addmm_. Without autocast every .to() is a no-op.
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.size(-1)).to(dtype)
+            base, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            out = torch.addmm(bias.to(dtype), flat, base.t()) if bias is not None else flat.mm(base.t())
+            low_rank_t = a.mm(flat.t())  # (r, tokens)
+            out.addmm_(low_rank_t.t(), b.t(), alpha=scaling)
+        # The weights are saved as they are and cast again in backward: a cast copy of the frozen base
+        # would be one more (d_out x d_in) tensor held per layer until backward.
         ctx.save_for_backward(flat, weight, lora_a, lora_b, low_rank_t)
-        ctx.scaling, ctx.input_shape = scaling, x.shape
+        ctx.scaling, ctx.input_shape, ctx.input_dtype = scaling, x.shape, x.dtype
         return out.view(*x.shape[:-1], out.size(-1))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         flat, weight, lora_a, lora_b, low_rank_t = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.size(-1))
-        grad_low_rank_t = lora_b.t().mm(grad.t()).mul_(ctx.scaling)  # d loss / d (A x^T), scaled: (r, tokens)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.mm(weight).addmm_(grad_low_rank_t.t(), lora_a).view(ctx.input_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = grad_low_rank_t.mm(flat)
-        if ctx.needs_input_grad[4]:
-            grad_b = low_rank_t.mm(grad).mul_(ctx.scaling).t()
+        dtype = flat.dtype  # the forward's compute dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.reshape(-1, grad.size(-1)).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            grad_low_rank_t = b.t().mm(grad.t()).mul_(ctx.scaling)  # d loss / d (A x^T), scaled: (r, tokens)
+            grad_x = grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad.mm(weight.to(dtype)).addmm_(grad_low_rank_t.t(), a).view(ctx.input_shape).to(ctx.input_dtype)
+            if ctx.needs_input_grad[3]:
+                grad_a = grad_low_rank_t.mm(flat).to(lora_a.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_b = low_rank_t.mm(grad).mul_(ctx.scaling).t().to(lora_b.dtype)
         return grad_x, None, None, grad_a, grad_b, None
