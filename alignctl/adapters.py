@@ -20,6 +20,7 @@ import torch
 from alignctl.config import LoraConfig, NoAdapterConfig
 from alignctl.errors import AdapterError
 from alignctl.lora_linear import FusedLoraLinear
+from alignctl.precision import trainable_in_float32
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -65,7 +66,8 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
     )
     if adapter.kind == "lora":  # full-precision bases only: a 4-bit layer is an nn.Linear too
         config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
-    return peft.get_peft_model(model, config)
+    # Over a bf16 base (alignctl/precision.py) every trained weight stays float32.
+    return trainable_in_float32(peft.get_peft_model(model, config))
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

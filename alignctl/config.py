@@ -164,8 +164,8 @@ class DataConfig:
 @dataclass
 class HardwareConfig:
     device: str  # cpu | cuda | auto
-    dtype: str  # parameter dtype when loading: float32 | bfloat16 | float16
-    autocast: str | None  # bf16 | fp16 | null: mixed precision for forward passes
+    dtype: str  # parameter dtype when loading: auto | float32 | bfloat16 | float16 (alignctl/precision.py)
+    autocast: str | None  # auto | bf16 | fp16 | null: mixed precision for forward passes
     tf32: bool
     gradient_checkpointing: bool
     num_threads: int | None
@@ -178,9 +178,9 @@ class HardwareConfig:
         _check(self.nproc >= 1, "nproc", f"must be a positive integer, got {self.nproc}")
         _check(self.nproc == 1 or self.strategy != "none", "nproc", f"{self.nproc} processes need hardware=ddp or hardware=fsdp")
         _check(
-            self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}"
+            self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
         )
-        _check(self.autocast in (None, "bf16", "fp16"), "autocast", f"must be bf16, fp16 or null, got {self.autocast!r}")
+        _check(self.autocast in (None, "auto", "bf16", "fp16"), "autocast", f"must be auto, bf16, fp16 or null, got {self.autocast!r}")
         if self.num_threads is not None:
             _check(self.num_threads > 0, "num_threads", f"must be a positive integer or null, got {self.num_threads}")
 

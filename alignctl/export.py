@@ -87,6 +87,7 @@ def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None)
     cfg = OmegaConf.load(run / "config.yaml")
     adapter, model_cfg, hardware = cfg.adapter, cfg.model, cfg.hardware
     quantized = adapter.kind == "qlora"
+    # hardware.dtype=auto (a base stored in bf16 for training, alignctl/precision.py) exports in float32.
     dtype_name = adapter.compute_dtype if quantized else hardware.dtype
     dtype = DTYPES[dtype_name]
     auto = AutoModelForSequenceClassification if adapter_config.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM

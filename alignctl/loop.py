@@ -55,12 +55,17 @@ def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
     return torch.autocast(ctx.device_type, dtype=dtype)
 
 
+def _evaluate(ctx: LoopContext, step: int) -> dict[str, float]:
+    with _autocast(ctx):
+        return ctx.evaluate(step)
+
+
 def train_loop(
     ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], list[Batch]], step_fn: StepFn, start_step: int = 0
 ) -> dict[str, float]:
     """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
     last: dict[str, float] = {}
-    if start_step == 0 and (baseline := ctx.evaluate(0)):  # the untrained model, so every run shows what training changed
+    if start_step == 0 and (baseline := _evaluate(ctx, 0)):  # the untrained model, so every run shows what training changed
         ctx.logger.log({"step": 0, **baseline})
         last.update(baseline)  # all there is when max_steps=0 (alignctl eval)
     with StopRequests(lambda signum: ctx.logger.note(f"received signal {signum}: finishing this step, then saving")) as stop:
@@ -68,7 +73,7 @@ def train_loop(
             last = _one_step(ctx, recipe, next_step, step_fn, step)
             final = step == recipe.max_steps
             if final or (recipe.eval_every and step % recipe.eval_every == 0):
-                eval_metrics = ctx.evaluate(step)
+                eval_metrics = _evaluate(ctx, step)
                 if eval_metrics:
                     ctx.logger.log({"step": step, **eval_metrics})
                     last.update(eval_metrics)
@@ -86,7 +91,8 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
     """One optimiser step (forward and backward over its micro-batches, clip, update); its metrics."""
     started = time.perf_counter()
     ctx.model.train()
-    micro_batches = next_step()
+    with _autocast(ctx):  # an RL stage's rollout and scoring too: over a bf16 base, every forward is mixed
+        micro_batches = next_step()
     fetched = time.perf_counter()  # RL stages sample their rollout inside next_step
     # Normalise by the items of the whole step, not per micro-batch (see module docstring), across
     # every process (each holds a slice of the global step).

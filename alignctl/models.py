@@ -30,7 +30,9 @@ from alignctl.tokenizer import build_char_tokenizer
 
 # Inside a run directory: the merged weights an adapter trained on, when they exist nowhere else (anchor_base).
 BASE_DIR = "base_model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto" is settled by each stage's start (alignctl/precision.py); a caller that loads a model without
+# a stage (export, a library user) gets float32, the dtype a plain checkpoint is written in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
 
 
 def cache_dir() -> Path:

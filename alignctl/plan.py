@@ -107,6 +107,10 @@ def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = Fa
                batch: int = 0, seq: int = 0, shared_base: bool = False) -> ModelPlan:
     """Parameters and memory of one model the recipe holds; `trained` ones get the adapter (if any).
     `shared_base`: a second adapter on another model's base (PPO's value with LoRA), so no base weights."""
+    from alignctl.models import device_type
+    from alignctl.precision import settle
+
+    settle(cfg, device_type(cfg.hardware))  # what hardware.autocast/dtype=auto mean on this machine
     model = meta_model(path, cfg.model, seq_cls, extra_layers)
     config = model.config
     total = sum(p.numel() for p in model.parameters())
@@ -133,16 +137,17 @@ def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = Fa
         weights -= stored * size - stored * NF4_BITS[adapter.double_quant] / 8
     if shared_base:  # its parameters are the adapter and the head; the base is the policy's
         weights, total = 0.0, 0
-    weights += adapter_params * 4 + head * size  # adapters are kept in float32
+    weights += (adapter_params + head) * 4  # adapters and a trained head are kept in float32 (precision.py)
     total += adapter_params + head  # as the loaded model counts: the base, the adapter, peft's copy of the head
     grad_size = 4 if kind != "none" else size
     gradients = trainable * grad_size if trained else 0.0
     paged = quantized and adapter.paged_optimizer and cfg.hardware.device == "cuda"
     optimizer = trainable * (2 if paged else 2 * grad_size) if trained else 0.0
     activations = 0.0
+    activation_size = 2 if cfg.hardware.autocast in ("bf16", "fp16") else size  # autocast's matmul outputs
     if trained and batch:
         activations = activation_bytes(batch, seq, config.hidden_size, config.num_attention_heads, config.num_hidden_layers,
-                                       config.vocab_size if not seq_cls else 1, size, cfg.hardware.gradient_checkpointing)
+                                       config.vocab_size if not seq_cls else 1, activation_size, cfg.hardware.gradient_checkpointing)
     return ModelPlan(role, path, total, trainable, len(shapes), weights, gradients, optimizer, activations)
 
 
@@ -228,6 +233,10 @@ def plan_command(args: list[str]) -> None:
     cfg = validate(composed)
     console.print(OmegaConf.to_yaml(hydra_app.without_hydra(composed)), markup=False)
     plans = recipe_models(cfg)
+    from alignctl.models import device_type
+    from alignctl.precision import describe
+
+    console.print(describe(cfg, device_type(cfg.hardware)))
     table = Table(title=f"models held by recipe={cfg.recipe.stage} with adapter={cfg.adapter.kind} (memory in bytes, K/M/G = 2^10/20/30)")
     for column in ("model", "params", "trainable", "adapted", "weights", "grads", "optim", "activ", "total"):
         table.add_column(column, justify="left" if column == "model" else "right")

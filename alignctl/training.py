@@ -43,8 +43,10 @@ PAGED_ADAMW = "bitsandbytes.optim.PagedAdamW8bit"
 
 def start_process(cfg: Any) -> torch.device:
     """What every stage does first: torch threads/TF32, the seed, and this process's device."""
-    from alignctl.models import device_of
+    from alignctl.models import device_of, device_type
+    from alignctl.precision import settle
 
+    settle(cfg, device_type(cfg.hardware))  # hardware.autocast/dtype=auto -> what they mean here
     configure_torch(cfg.hardware)
     seed_everything(cfg.seed)
     return device_of(cfg.hardware)
@@ -87,6 +89,7 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     parent) and the metrics logger. Called once everything that can fail on bad input has run, so a
     bad command leaves no half-claimed run directory."""
     from alignctl.metrics import MetricsLogger
+    from alignctl.precision import describe as describe_precision
     from alignctl.resume import find_resume_point
 
     if recipe.fused_mlp:
@@ -107,6 +110,7 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None, enabled=main)
     run.resume_point = point  # train_and_finish restores it once the stage has built everything
     logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main)
+    logger.note(describe_precision(cfg, next(model.parameters()).device.type))
     if paged and not on_gpu:
         logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")
     return optimizer, scheduler, run, logger

@@ -38,3 +38,24 @@ def test_every_recipe_and_adapter_trains_under_bf16_autocast(alignctl, tmp_path,
     run.assert_finished()
     losses = [record["loss"] for record in run.train_records()]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+
+
+def test_an_adapter_trained_over_a_bf16_base_loads_in_float32_with_plain_peft(alignctl, tmp_path):
+    """Under bf16 autocast the frozen base is stored in bf16 (hardware.dtype=auto) and the adapter
+    trains in float32; the checkpoint is a plain float32 adapter that peft loads without alignctl."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "sft-lora"
+    result = alignctl("train", "recipe=sft", "adapter=lora", *QUICK, f"hydra.run.dir={run_dir}")
+    StageRun("sft-lora", run_dir, result).assert_finished()
+    assert "bfloat16 base, float32 adapters" in " ".join(result.output.split())
+    weights = load_file(str(run_dir / "checkpoint" / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert any(float(w.abs().sum()) > 0 for key, w in weights.items() if "lora_B" in key), "B starts at zero: it trained"
+    model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "checkpoint"), dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()

@@ -58,11 +58,24 @@ def test_planner_counts_match_the_loaded_reward_model(tiny_dir, adapter):
 
 
 def test_qlora_weights_take_about_an_eighth_of_float32(tiny_dir):
-    full = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=lora"), trained=True)
+    full = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=lora", "hardware.autocast=null"), trained=True)
     quantized = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=qlora"), trained=True)
     linear = 6 * sum(i * o for i, o in PER_LAYER)
     # The adapted matrices go from 4 bytes to 4.127 bits a value; the rest (embeddings, norms, adapter) is unchanged.
     assert full.weights - quantized.weights == pytest.approx(linear * (4 - 4.127 / 8))
+
+
+def test_under_bf16_autocast_an_adapter_s_base_is_counted_in_bf16_and_the_adapter_in_float32(tiny_dir):
+    float32 = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=lora", "hardware.autocast=null"), trained=True)
+    mixed_cfg = config(tiny_dir, "adapter=lora", "hardware.autocast=bf16")
+    mixed = plan_model("policy", str(tiny_dir), mixed_cfg, trained=True)
+    assert mixed_cfg.hardware.dtype == "bfloat16"  # hardware.dtype=auto, settled
+    adapter_bytes = 4 * float32.trainable
+    base_float32 = float32.weights - adapter_bytes
+    assert mixed.weights == pytest.approx(base_float32 / 2 + adapter_bytes)
+    assert mixed.gradients == float32.gradients and mixed.optimizer == float32.optimizer  # float32 adapters
+    full = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=none", "hardware.autocast=bf16"), trained=True)
+    assert full.weights == 4 * full.total  # full fine-tuning keeps float32 master weights
 
 
 def test_linear_shapes_of_all_linear_skip_the_output_head(tiny_dir):
