@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-TRAINER_STATE = "trainer_state.pt"
+from alignctl.rundir import TRAINER_STATE, complete_checkpoints, latest_checkpoint  # noqa: F401 - latest_checkpoint: its callers import it from here
 
 
 def _fsync_tree(root: Path) -> None:
@@ -91,18 +91,10 @@ def save_checkpoint(
     link_tmp.symlink_to(Path("checkpoints") / final.name)
     os.replace(link_tmp, run_dir / "checkpoint")
     _fsync_tree(folder)
-    for old in sorted(folder.glob("step-*"))[:-keep_last]:
+    # Only this run's own checkpoints count (by step, not by name): a directory copied in is not one.
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    link = run_dir / "checkpoint"
-    if link.exists():
-        return link.resolve()
-    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / TRAINER_STATE).exists())
-    return complete[-1] if complete else None
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

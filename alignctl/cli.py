@@ -18,16 +18,14 @@ from alignctl.exits import reported
 @hydra.main(config_path=str(hydra_app.conf_dir()), config_name=hydra_app.DEFAULT_CONFIG, version_base="1.3")
 def _train(cfg: DictConfig) -> dict:
     from alignctl import distributed
-    from alignctl.resume import check_run_dir
+    from alignctl.ownership import owned
     from alignctl.validation import validate
 
     hydra_app.quiet_libraries()
     with reported():
-        run_config = validate(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        check_run_dir(run_config, run_dir)  # before any model loads
-        given = HydraConfig.get().overrides
-        return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
+        run_config, run_dir, given = validate(cfg), Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().overrides
+        with owned(run_config, cfg, run_dir):  # checks and locks the directory (claimed before Hydra, unless a sweep's job)
+            return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)

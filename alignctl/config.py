@@ -207,7 +207,9 @@ class RunConfig:
     hardware: HardwareConfig
     logger: LoggerConfig
     seed: int
-    inputs: dict[str, str | None] = field(default_factory=dict)  # role -> run dir of a parent stage
+    # role -> run dir of a parent stage; plus inputs.allow_running (true/false, read by alignctl/parents.py:
+    # a mapping of strings keeps every role optional, so the switch arrives as 'True'/'False')
+    inputs: dict[str, str | None] = field(default_factory=dict)
     resume: bool = False  # continue the run in its directory from its newest checkpoint
 
 

@@ -156,7 +156,11 @@ def relaunch(overrides: list[str], run_dir: str, nproc: int, device: str) -> int
         raise ConfigError("hardware.nproc", f"{nproc} processes but this machine has {what}; set hardware.nproc<={available}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"]
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    from alignctl import runlock
+
+    # torchrun keeps the run directory's lock open too: the directory stays owned while any process
+    # of the run lives, even if this one is killed (the workers know it from ALIGNCTL_HELD_RUN_DIRS).
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, pass_fds=runlock.held_descriptors())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
     reader.start()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl.errors import UserError
+from alignctl.outputs import check_output
 
 KEYS = ("run", "out", "merge", "tolerance")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
@@ -48,6 +49,7 @@ def export_command(args: list[str]) -> None:
     if not checkpoint.exists():
         raise UserError(f"run={run}: has no checkpoint/ to export (did it save?)")
     out = Path(options["out"]).expanduser()
+    check_output(out, "out")  # an export inside a run's checkpoints/ was once counted as a checkpoint and pruned the real one
     if out.exists() and any(out.iterdir()):
         raise UserError(f"out={out}: exists and is not empty; give a new directory (nothing there was changed)")
     merge = options.get("merge", "false").lower() == "true"

@@ -24,6 +24,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl.errors import ConfigError, UserError
+from alignctl.outputs import check_output, evaluated_runs
 from alignctl.validation import unknown_key_message, validate
 
 SUBCOMMANDS = {
@@ -169,12 +170,19 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
     if "--resolve" in names and not names & {"--cfg", "-c", "--help", "-h"}:
         fail("--resolve only works together with --cfg (e.g. --cfg job --resolve)")
     if not NO_JOB_FLAGS & {f.split("=", 1)[0] for f in flags}:
-        check_jobs(
+        composed = check_jobs(
             overrides,
             multirun,
             config_name=flag_value(flags, "--config-name", "-cn"),
             config_dir=flag_value(flags, "--config-dir", "-cd"),
         )
+        if not multirun and not names & {"--cfg", "-c"}:  # a job will run: its directory is claimed before Hydra writes there
+            from alignctl.ownership import preflight
+
+            try:
+                rest = preflight(composed[0], rest)
+            except UserError as err:
+                fail(str(err))
     return command, rest
 
 
@@ -452,10 +460,11 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             try:
                 cfg = _compose(hydra, name, job)
                 _set_hydra_config(cfg, num if multirun else None)
-                validate(cfg)
+                run_config = validate(cfg)
                 key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
                 check_writable(Path(str(OmegaConf.select(cfg, key))), key)
-            except ConfigError as err:
+                check_output(Path(str(OmegaConf.select(cfg, key))), key, evaluating=evaluated_runs(run_config))
+            except UserError as err:
                 report(str(err))
             except Exception as err:  # noqa: BLE001
                 report(explain(err, job, hydra, name))

@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from alignctl import hydra_app
 from alignctl.errors import UserError
+from alignctl.outputs import check_output
 from alignctl.rundir import config_hash, record_overrides
 
 # Top-level config keys and groups: an override starting with one of these applies to every stage.
@@ -168,16 +169,18 @@ def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from alignctl import distributed
+    from alignctl.ownership import owned
     from alignctl.validation import validate
 
-    # What Hydra records for a run, so `alignctl eval run=<dir>` and `resume=<dir>` can replay this stage.
-    record_overrides(planned.run_dir, [*planned.overrides, f"hydra.run.dir={planned.run_dir}"])
     cfg = planned.cfg
     if resume:  # not part of the config hash: the resumed run is the same run
         cfg = OmegaConf.merge(cfg, {"resume": True})
     run_config = validate(cfg)
     overrides = [*planned.overrides, *(["resume=true"] if resume else [])]
-    return distributed.run_stage(run_config, cfg, planned.run_dir, overrides, [f"hydra.run.dir={planned.run_dir}"])
+    with owned(run_config, cfg, planned.run_dir):  # checked and locked before the first file is written there
+        # What Hydra records for a run, so `alignctl eval run=<dir>` and `resume=<dir>` can replay this stage.
+        record_overrides(planned.run_dir, [*planned.overrides, f"hydra.run.dir={planned.run_dir}"])
+        return distributed.run_stage(run_config, cfg, planned.run_dir, overrides, [f"hydra.run.dir={planned.run_dir}"])
 
 
 def _status(run_dir: Path) -> str | None:
@@ -226,6 +229,7 @@ def pipeline_command(args: list[str]) -> None:
     _, _, out_dir = split_overrides(overrides, pipeline.stages)
     root = out_dir or Path("runs") / "pipelines" / pipeline.name
     hydra_app.check_writable(root, "pipeline.dir")
+    check_output(root, "pipeline.dir")
     jobs = hydra_app.expand_sweep([o for o in overrides if not o.startswith("pipeline.dir=")], multirun=bool(flags))
     # Plan every job first: a bad value in the last combination fails before the first trains.
     plans = [plan(pipeline, job, root) for job in jobs]

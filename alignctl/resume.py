@@ -51,7 +51,7 @@ def resume_args(args: list[str]) -> list[str]:
 
 
 def _checkpoint_of(run_dir: Path, culprit: str) -> Path:
-    from alignctl.checkpoint import latest_checkpoint  # noqa: PLC0415 - torch only once a run is resumed
+    from alignctl.rundir import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if checkpoint is None:
@@ -72,13 +72,71 @@ def check_run_dir(run_config: Any, run_dir: Path) -> None:
 
 def refuse_to_overwrite(run_dir: Path) -> None:
     """A fresh run must not train over a directory that holds another run's checkpoints."""
-    from alignctl.checkpoint import latest_checkpoint
+    from alignctl.rundir import latest_checkpoint
 
     if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"hydra.run.dir={run_dir}: already holds a run with checkpoints; continue it with resume=true, "
             "or give a new directory (nothing there was changed)"
         )
+
+
+# What a run is: a resume that changed any of these would train another run on top of this one's
+# checkpoint and files (config.yaml, lineage.json, pruning). Shown as the key a user types.
+IDENTITY = {
+    "recipe.stage": "recipe", "model.source": "model", "model.name_or_path": "model.name_or_path", "model.tiny": "model.tiny",
+    "model.revision": "model.revision", "adapter.kind": "adapter", "adapter.r": "adapter.r", "adapter.alpha": "adapter.alpha",
+    "adapter.target_modules": "adapter.target_modules", "adapter.use_rslora": "adapter.use_rslora", "adapter.bias": "adapter.bias",
+    "adapter.quant_type": "adapter.quant_type", "adapter.double_quant": "adapter.double_quant",
+    **{f"inputs.{role}": f"inputs.{role}" for role in ("policy", "init", "reward", "reference", "data")},
+    "data.path": "data.path", "data.config_name": "data.config_name", "data.train_split": "data.train_split",
+}
+_ABSENT = object()
+
+
+def check_same_run(cfg: Any, run_dir: Path) -> None:
+    """A resume continues the run in `run_dir` as it was started: refuse, before anything is written,
+    a command whose recipe, model, adapter, inputs or training data differ from the run's config.yaml."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    recorded = run_dir / "config.yaml"
+    lineage = run_dir / "lineage.json"
+    if recorded.exists():
+        theirs = OmegaConf.load(recorded)
+    elif lineage.exists():  # stopped before config.yaml: at least the stage
+        theirs = OmegaConf.create({"recipe": {"stage": json.loads(lineage.read_text()).get("stage")}})
+    else:
+        return
+
+    def value(config: Any, key: str) -> Any:
+        found = OmegaConf.select(config, key, default=_ABSENT)
+        return OmegaConf.to_container(found, resolve=True) if isinstance(found, DictConfig | ListConfig) else found
+
+    for key, shown in IDENTITY.items():
+        run_value, given = value(theirs, key), value(cfg, key)
+        if run_value is _ABSENT or _same(key, run_value, None if given is _ABSENT else given):
+            continue
+        raise UserError(f"resume={run_dir}: {shown} would change: the run has {shown}={_show(run_value)}, this command gives "
+                        f"{shown}={_show(None if given is _ABSENT else given)}; a resume continues a run as it was started "
+                        "(recipe, model, adapter, inputs, data); train it in a new directory instead (nothing was changed)")
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if key.startswith("inputs.") and isinstance(a, str) and isinstance(b, str):  # one directory, spelled two ways
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 @dataclass

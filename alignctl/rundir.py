@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from importlib import metadata
@@ -20,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl import allocator
+from alignctl.parents import parent_paths
+from alignctl.parents import record as parent_record
 
 PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
 # Keys that change what is displayed or how a run is started, not what it trains: left out of the
@@ -28,7 +31,11 @@ UNHASHED = ("logger", "hydra", "resume")
 
 
 def config_hash(cfg: DictConfig) -> str:
+    from alignctl.parents import ALLOW_RUNNING
+
     body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
+    if isinstance(body.get("inputs"), dict):  # a permission, not what is trained
+        body["inputs"] = {k: v for k, v in body["inputs"].items() if k != ALLOW_RUNNING}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -79,7 +86,8 @@ class RunDir:
             "status": "running",
             "run_dir": str(path.resolve()),
             "config_hash": config_hash(cfg),
-            "parents": {role: _parent(Path(p)) for role, p in parents.items() if p},  # unset inputs are not parents
+            # unset inputs are not parents; each parent with the checkpoint it resolved to (alignctl/parents.py)
+            "parents": {role: parent_record(p) for role, p in parent_paths(parents).items()} if enabled else {},
             "data_fingerprint": data_fingerprint,
             "git_sha": git_sha(),
             "versions": versions(),
@@ -111,10 +119,26 @@ class RunDir:
         self._write()
 
 
-def _parent(path: Path) -> dict[str, Any]:
-    lineage_file = path / "lineage.json"
-    lineage = json.loads(lineage_file.read_text()) if lineage_file.exists() else {}
-    return {"run_dir": str(path.resolve()), "stage": lineage.get("stage"), "config_hash": lineage.get("config_hash")}
+# A run's checkpoints: checkpoints/step-NNNNNN holding a trainer state. Anything else found there (a
+# directory someone copied in) is neither resumed from nor counted when old checkpoints are pruned.
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest step first."""
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).exists()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None (no torch: the CLI checks this before a run starts)."""
+    link = run_dir / "checkpoint"
+    if link.exists():
+        return link.resolve()
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
 
 
 # Hydra's record of a run's command line (the pipeline writes the same file for the stages it runs).
