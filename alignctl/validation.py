@@ -23,6 +23,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from alignctl.bounds import check_node
 from alignctl.config import (
     ADAPTER_SCHEMAS,
     RECIPE_SCHEMAS,
@@ -141,6 +142,10 @@ def _typed(section: str, schema: type, node: Any) -> Any:
         raise ConfigError(section, f"expected {_describe(schema)}, got {_show(node)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        # Ranges and finiteness before the dataclass is built: its __post_init__ compares fields,
+        # and a nan or an inf there would pass or fail for the wrong reason.
+        plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
+        check_node("", schema, plain)  # keys relative to `section`, prefixed below like __post_init__'s
         return OmegaConf.to_object(merged)
     except ConfigError as err:
         raise ConfigError(full(err.key), str(err).split(": ", 1)[1]) from None
