@@ -19,15 +19,19 @@ from alignctl.exits import reported
 def _train(cfg: DictConfig) -> dict:
     from alignctl import distributed
     from alignctl.resume import check_run_dir
+    from alignctl.runfiles import check_run_files
     from alignctl.validation import validate
 
     hydra_app.quiet_libraries()
     with reported():
         run_config = validate(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if run_config.resume:
+            check_run_files(run_dir)  # a damaged lineage, record or checkpoint: one line naming the file
         check_run_dir(run_config, run_dir)  # before any model loads
         given = HydraConfig.get().overrides
-        return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
+        with interrupt.naming_checkpoint(run_dir):
+            return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
 
 
 COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/evalcmd.py)

@@ -62,7 +62,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             cut = "; the file looks truncated" if not line.endswith("\n") else ""
-            raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}){cut}") from None
+            raise DataError(f"{path}:{number}: malformed JSON ({err.msg}: column {err.colno}){cut}") from None
         yield number, value
 
 
@@ -76,7 +76,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
             yield from _jsonl_rows(path)
             return
         cut = "; the file looks truncated" if err.pos >= len(text.rstrip()) else ""
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}){cut}") from None
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}: column {err.colno}){cut}") from None
     if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
         lengths = {len(v) for v in document.values()}
         if len(lengths) != 1:

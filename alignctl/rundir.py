@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl import allocator
+from alignctl.runfiles import read_lineage, read_overrides
 
 PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
 # Keys that change what is displayed or how a run is started, not what it trains: left out of the
@@ -70,7 +71,7 @@ class RunDir:
         self.enabled = enabled  # False in every process but rank 0 of a multi-process run
         self.resume_point: Any = None  # set by training.start_training when the run resumes
         path.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads((path / "lineage.json").read_text()) if resumed_from is not None and (path / "lineage.json").exists() else {}
+        earlier = read_lineage(path) if resumed_from is not None else {}
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         if enabled:
             (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -112,8 +113,7 @@ class RunDir:
 
 
 def _parent(path: Path) -> dict[str, Any]:
-    lineage_file = path / "lineage.json"
-    lineage = json.loads(lineage_file.read_text()) if lineage_file.exists() else {}
+    lineage = read_lineage(path)
     return {"run_dir": str(path.resolve()), "stage": lineage.get("stage"), "config_hash": lineage.get("config_hash")}
 
 
@@ -123,10 +123,7 @@ RECORDED_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 def recorded_overrides(run_dir: Path, without: tuple[str, ...] = ()) -> list[str]:
     """The overrides a run was started with, minus those whose key starts with one of `without`."""
-    import yaml
-
-    recorded = run_dir / RECORDED_OVERRIDES
-    found = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
+    found = read_overrides(run_dir / RECORDED_OVERRIDES)
     return [o for o in found if not o.lstrip("+~").startswith(without)]
 
 

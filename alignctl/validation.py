@@ -38,6 +38,7 @@ from alignctl.config import (
     TopLevelConfig,
 )
 from alignctl.errors import ConfigError
+from alignctl.starting_points import check_starting_points
 
 # Why a value is required and what it looks like, for the message when it is missing (`???` in the YAML).
 REQUIRED_HINTS = {
@@ -221,6 +222,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         resume=top.resume,
     )
     _check_across_groups(run)
+    check_starting_points(run)  # reads only small files of local model directories, no weights
     if run.inputs.get("data"):
         run.data = _generated_data(run.data, run.inputs["data"])
     return run
