@@ -18,7 +18,7 @@ CSV and Parquet files carry their own types; only a CSV's encoding is checked he
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,9 @@ NULL = "null"
 def check_file(path: Path) -> None:
     """Raise a DataError naming `path` (and the line) if it is not a readable data file of its kind."""
     if path.suffix == ".jsonl":
-        _check_rows(path, _jsonl_rows(path))
+        _check_rows(path, lambda: _jsonl_rows(path))
     elif path.suffix == ".json":
-        _check_rows(path, _json_rows(path))
+        _check_rows(path, lambda: _json_rows(path))
     elif path.suffix == ".csv":
         for _ in _text_lines(path):
             pass
@@ -75,7 +75,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):  # several objects: JSON Lines
             yield from _jsonl_rows(path)
             return
-        cut = "; the file looks truncated" if err.pos >= len(text.rstrip()) else ""
+        # A whole document that breaks on its last line was cut short (a missing quote breaks where it is).
+        cut = "; the file looks truncated" if err.lineno >= text.rstrip().count("\n") + 1 else ""
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}: column {err.colno}){cut}") from None
     if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
         lengths = {len(v) for v in document.values()}
@@ -90,26 +91,43 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
         yield None, row  # json.loads keeps no line numbers; the row number says where
 
 
-def _check_rows(path: Path, rows: Iterator[tuple[int | None, Any]]) -> None:
+def _check_rows(path: Path, read: Callable[[], Iterator[tuple[int | None, Any]]]) -> None:
+    """Every row an object, every column one type; `read` gives (line, row) pairs, again if needed."""
     columns: dict[str, Kind] = {}
-    first_seen: dict[str, int] = {}
-    for index, (line, row) in enumerate(rows):
-        where = f"{path}: row {index}" + (f" (line {line})" if line else "")
+    for index, (line, row) in enumerate(read()):
         if not isinstance(row, dict):
-            raise DataError(f"{where}: {_describe(_kind(row))}, not an object of column: value pairs")
+            raise DataError(f"{_where(path, index, line)}: {_describe(_kind(row))}, not an object of column: value pairs")
         for column, value in row.items():
-            kind = _kind(value)
-            if column not in columns:
-                columns[column], first_seen[column] = kind, index
-                continue
-            merged = _merge(columns[column], kind)
+            merged = _merge(columns.get(column, NULL), _kind(value))
             if merged is None:
-                raise DataError(
-                    f"{where}, column {column!r}: holds "
-                    f"{_describe(kind)}, but the rows before it hold {_describe(columns[column])} (first in row "
-                    f"{first_seen[column]}); a column must have one type in every row"
-                )
+                _blame(path, column, read)
             columns[column] = merged
+
+
+def _where(path: Path, index: int, line: int | None) -> str:
+    return f"{path}: row {index}" + (f" (line {line})" if line else "")
+
+
+def _blame(path: Path, column: str, read: Callable[[], Iterator[tuple[int | None, Any]]]) -> None:
+    """Raise for the row that does not fit the type most rows of `column` share. The first row that
+    conflicts with the ones before it is not always the culprit: when row 0 is the odd one out, row 1
+    is the first to disagree with it."""
+    groups: list[list] = []  # [type, count, first conflicting row...] per family of compatible types
+    values = [(index, line, _kind(row[column])) for index, (line, row) in enumerate(read()) if isinstance(row, dict) and column in row]
+    for _, _, kind in values:
+        for group in groups:
+            merged = _merge(group[0], kind)
+            if merged is not None:
+                group[0], group[1] = merged, group[1] + 1
+                break
+        else:
+            groups.append([kind, 1])
+    majority, count = max(groups, key=lambda g: g[1])
+    index, line, kind = next(v for v in values if _merge(majority, v[2]) is None)
+    raise DataError(
+        f"{_where(path, index, line)}, column {column!r}: holds {_describe(kind)}, but {count} other rows hold "
+        f"{_describe(majority)}; a column must have one type in every row"
+    )
 
 
 def _kind(value: Any) -> Kind:
