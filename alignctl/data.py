@@ -62,6 +62,10 @@ def _load_file(path: Path) -> Dataset:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps a parser's error in its own vague one
+    ("An error occurred while generating the dataset")."""
+    while err.__cause__ is not None:
+        err = err.__cause__
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
@@ -129,7 +133,7 @@ def _load_dir_or_hub(path: str, config_name: str | None, split: str) -> Dataset:
     try:
         loaded = datasets.load_dataset(path, config_name)
     except Exception as err:  # offline, missing, private: all end the run the same way
-        raise DataError(f"data.path: cannot load dataset {path!r} ({str(err).splitlines()[0]})") from None
+        raise DataError(f"data.path: cannot load dataset {path!r} ({_first_line(err)})") from None
     return _pick_split(loaded, split, path)
 
 

@@ -53,13 +53,23 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
+class NonJsonNumber(Exception):
+    """NaN, Infinity or -Infinity: Python's json reads them, Arrow does not, and no number is meant."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise NonJsonNumber(name)
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
     """(line number, value) of every non-blank line of a JSON Lines file."""
     for number, line in _text_lines(path):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_refuse_constant)
+        except NonJsonNumber as err:
+            raise DataError(f"{path}:{number}: {err} is not a JSON value (Python writes it for a non-finite float); write a number or null") from None
         except json.JSONDecodeError as err:
             cut = "; the file looks truncated" if not line.endswith("\n") else ""
             raise DataError(f"{path}:{number}: malformed JSON ({err.msg}: column {err.colno}){cut}") from None
@@ -70,7 +80,9 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
     """Rows of a .json file: one array of objects, or JSON Lines under a .json name (datasets reads both)."""
     text = "".join(line for _, line in _text_lines(path))
     try:
-        document = json.loads(text)
+        document = json.loads(text, parse_constant=_refuse_constant)
+    except NonJsonNumber as err:
+        raise DataError(f"{path}: {err} is not a JSON value (Python writes it for a non-finite float); write a number or null") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):  # several objects: JSON Lines
             yield from _jsonl_rows(path)
@@ -94,6 +106,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
 def _check_rows(path: Path, read: Callable[[], Iterator[tuple[int | None, Any]]]) -> None:
     """Every row an object, every column one type; `read` gives (line, row) pairs, again if needed."""
     columns: dict[str, Kind] = {}
+    index = -1
     for index, (line, row) in enumerate(read()):
         if not isinstance(row, dict):
             raise DataError(f"{_where(path, index, line)}: {_describe(_kind(row))}, not an object of column: value pairs")
@@ -102,6 +115,8 @@ def _check_rows(path: Path, read: Callable[[], Iterator[tuple[int | None, Any]]]
             if merged is None:
                 _blame(path, column, read)
             columns[column] = merged
+    if not columns and index >= 0:
+        raise DataError(f"{path}: every row is an empty object; rows need columns such as prompt and completion")
 
 
 def _where(path: Path, index: int, line: int | None) -> str:

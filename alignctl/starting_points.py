@@ -5,8 +5,9 @@ Two mistakes are caught from the files alone, at start-up:
 - a reward model (a sequence classifier, or its adapter) given where a policy goes. transformers
   would load its backbone into a causal LM, drop the scalar head, give it a fresh, untrained output
   layer and train that without a word;
-- a safetensors file that is truncated or is not one (alignctl/runfiles.check_weights), which a
-  loader would report with a traceback, after the other models loaded.
+- a safetensors file that is truncated or is not one (alignctl/runfiles.check_weights), or a
+  config, adapter or tokenizer JSON file that does not parse, which a loader would report with a
+  traceback, after the other models loaded.
 
 Only local directories are read (a hub id is checked by its loader); no torch is imported.
 """
@@ -20,6 +21,8 @@ from alignctl.runfiles import DamagedFile, check_weights, read_json
 
 # inputs.* roles that hold a model (inputs.data holds a dataset).
 MODEL_ROLES = ("policy", "init", "reward", "reference")
+# The small JSON files of a model or checkpoint directory that loaders parse.
+JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "alignctl.json")
 
 
 def local_model_dir(path: str | None) -> Path | None:
@@ -60,6 +63,9 @@ def check_starting_points(run) -> None:
         if directory is None:
             continue
         try:
+            for name in JSON_FILES:
+                if (directory / name).exists():
+                    read_json(directory / name)
             check_weights(directory)
             kind = sequence_classifier(directory) if key in policies else None
         except DamagedFile as err:
