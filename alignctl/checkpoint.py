@@ -98,8 +98,26 @@ def save_checkpoint(
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    # weights_only=True: a checkpoint is data, never code.
-    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """The trainer state of a checkpoint; a UserError naming the file when it is damaged or unsafe."""
+    import pickle
+    import zipfile
+
+    from alignctl.runfiles import DamagedFile
+
+    path = checkpoint / TRAINER_STATE
+    try:
+        # weights_only=True: a checkpoint is data, never code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running whatever the file holds: not repeated here.
+        raise DamagedFile(f"{path}: refused: it holds Python objects that are not plain data or tensors, which alignctl never "
+                          "writes; the file was replaced or tampered with, so it is not loaded (resume from a checkpoint you trust)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise DamagedFile(f"{path}: damaged: cannot be read as a trainer state, truncated or corrupt ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DamagedFile(f"{path}: damaged: not an alignctl trainer state (no step)")
+    return state
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -111,7 +129,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     (save_pretrained drops an LM head tied to the embeddings).
     """
     from alignctl.errors import UserError
+    from alignctl.runfiles import check_weights
 
+    check_weights(checkpoint)  # a truncated or foreign file: one line naming it, not a SafetensorError
     if hasattr(model, "load_weights"):
         model.load_weights(checkpoint)
         return

@@ -24,7 +24,8 @@ def _train(cfg: DictConfig) -> dict:
     hydra_app.quiet_libraries()
     with reported():
         run_config, run_dir, given = validate(cfg), Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().overrides
-        with owned(run_config, cfg, run_dir):  # checks and locks the directory (claimed before Hydra, unless a sweep's job)
+        # owned: checks and locks the directory (claimed before Hydra, unless a sweep's job)
+        with owned(run_config, cfg, run_dir), interrupt.naming_checkpoint(run_dir):
             return distributed.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import ListConfig
 
+from alignctl.bounds import within
+
 # The recipe group's schemas live in recipe_config.py; re-exported here so `alignctl.config` stays the one place to import from.
 from alignctl.recipe_config import (  # noqa: F401
     RECIPE_SCHEMAS,
@@ -47,16 +49,14 @@ class Overlong(str, Enum):
 # --------------------------------------------------------------------------------------- model
 @dataclass
 class TinyModelConfig:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    init_seed: int
+    hidden_size: int = within("[1, 65536]")
+    num_layers: int = within("[1, 1024]")
+    num_heads: int = within("[1, 1024]")
+    intermediate_size: int = within("[1, 1048576]")
+    max_position_embeddings: int = within("[1, 1e7]")
+    init_seed: int = within("[0, 4294967295]")  # numpy and torch seeds are 32-bit unsigned
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            _check(getattr(self, name) > 0, f"tiny.{name}", f"must be a positive integer, got {getattr(self, name)}")
         _check(
             self.hidden_size % self.num_heads == 0,
             "tiny.num_heads",
@@ -90,18 +90,15 @@ class NoAdapterConfig:
 @dataclass
 class LoraConfig:
     kind: str
-    r: int
-    alpha: float
-    dropout: float
+    r: int = within("[1, 65536]")
+    alpha: float = within("(0, 1e6]")
+    dropout: float = within("[0, 1)")
     target_modules: Any  # "all-linear" or a list of module names
     use_rslora: bool
     init_lora_weights: Any  # true (B = 0), "gaussian", "pissa", ... as peft accepts
     bias: str
 
     def __post_init__(self) -> None:
-        _check(self.r > 0, "r", f"must be a positive integer, got {self.r}")
-        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
-        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.bias in ("none", "all", "lora_only"), "bias", f"must be one of none, all, lora_only, got {self.bias!r}")
         if not isinstance(self.target_modules, str):
             names = self.target_modules
@@ -146,18 +143,14 @@ class DataConfig:
     train_split: str
     eval_split: str | None
     overlong: Overlong  # a prompt that alone fills max_length: error (default), drop it, or cut it from the left
-    num_proc: int | None
-    eval_limit: int | None  # use only the first N eval rows (None: all)
+    num_proc: int | None = within("[1, 1024]", "null: one")
+    eval_limit: int | None = within("[1, 1e12]", "null: all")  # use only the first N eval rows (None: all)
     eval_task: str | None  # a built-in task whose held-out prompts measure exact match (None: data.path's own)
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "path", "is required (builtin:arithmetic, a hub id, a directory or a data file)")
         if self.eval_task is not None:
             _check(self.eval_task.startswith("builtin:"), "eval_task", f"must name a built-in task (builtin:arithmetic) or be null, got {self.eval_task!r}")
-        if self.eval_limit is not None:
-            _check(self.eval_limit > 0, "eval_limit", f"must be a positive integer or null, got {self.eval_limit}")
-        if self.num_proc is not None:
-            _check(self.num_proc > 0, "num_proc", f"must be a positive integer or null, got {self.num_proc}")
 
 
 # ------------------------------------------------------------------------------------ hardware
@@ -168,33 +161,26 @@ class HardwareConfig:
     autocast: str | None  # auto | bf16 | fp16 | null: mixed precision for forward passes
     tf32: bool
     gradient_checkpointing: bool
-    num_threads: int | None
+    num_threads: int | None = within("[1, 4096]", "null: torch's default")
     strategy: str  # none (one process) | ddp (data parallel) | fsdp (parameters sharded, FSDP2)
-    nproc: int  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
+    nproc: int = within("[1, 1024]")  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda", "auto"), "device", f"must be one of cpu, cuda, auto, got {self.device!r}")
         _check(self.strategy in ("none", "ddp", "fsdp"), "strategy", f"must be none, ddp or fsdp, got {self.strategy!r}")
-        _check(self.nproc >= 1, "nproc", f"must be a positive integer, got {self.nproc}")
         _check(self.nproc == 1 or self.strategy != "none", "nproc", f"{self.nproc} processes need hardware=ddp or hardware=fsdp")
         _check(
             self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
         )
         _check(self.autocast in (None, "auto", "bf16", "fp16"), "autocast", f"must be auto, bf16, fp16 or null, got {self.autocast!r}")
-        if self.num_threads is not None:
-            _check(self.num_threads > 0, "num_threads", f"must be a positive integer or null, got {self.num_threads}")
 
 
 # -------------------------------------------------------------------------------------- logger
 @dataclass
 class LoggerConfig:
     tensorboard: bool
-    log_every: int  # console/progress refresh, in optimiser steps (metrics.jsonl gets every step)
-    samples_every: int  # show sample generations every N steps (0: never)
-
-    def __post_init__(self) -> None:
-        _check(self.log_every > 0, "log_every", f"must be a positive integer, got {self.log_every}")
-        _check(self.samples_every >= 0, "samples_every", f"must be >= 0 (0: never), got {self.samples_every}")
+    log_every: int = within("[1, 1e9]")  # console/progress refresh, in optimiser steps (metrics.jsonl gets every step)
+    samples_every: int = within("[0, 1e9]", "0: never")  # show sample generations every N steps
 
 
 # --------------------------------------------------------------------------------------- whole
@@ -206,7 +192,7 @@ class RunConfig:
     data: DataConfig
     hardware: HardwareConfig
     logger: LoggerConfig
-    seed: int
+    seed: int = within("[0, 4294967295]")
     # role -> run dir of a parent stage; plus inputs.allow_running (true/false, read by alignctl/parents.py:
     # a mapping of strings keeps every role optional, so the switch arrives as 'True'/'False')
     inputs: dict[str, str | None] = field(default_factory=dict)
@@ -217,6 +203,6 @@ class RunConfig:
 class TopLevelConfig:
     """The keys at the top of the config that are not groups."""
 
-    seed: int
+    seed: int = within("[0, 4294967295]")  # numpy's seeds are 32-bit unsigned
     inputs: dict[str, str | None]
     resume: bool

@@ -9,13 +9,14 @@ lists of ``{"role", "content"}`` messages). Every problem is a `DataError` namin
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict
 
 from alignctl.config import DataConfig
+from alignctl.datafiles import check_file
 from alignctl.errors import DataError
 from alignctl.tasks import arithmetic
 
@@ -46,17 +47,6 @@ def builtin_task(path: str):
     return BUILTIN_TASKS[name]
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as err:
-                    return f"{path}:{number}: malformed JSON ({err.msg})"
-    return None
-
-
 def _load_file(path: Path) -> Dataset:
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
@@ -64,13 +54,19 @@ def _load_file(path: Path) -> Dataset:
     options = {"converters": {column: str for column in TEXT_COLUMNS}} if builder == "csv" else {}
     if path.stat().st_size < 4096 and not path.read_bytes().strip():  # blank: datasets would fail without a message
         raise DataError(f"{path}: the file is empty, so the split is empty; give a file with at least one row")
+    check_file(path)  # encoding, syntax, rows that are not objects, a column changing type: named by line
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
-    except Exception as err:  # datasets wraps parser errors in several types; find the line ourselves
-        if path.suffix == ".jsonl" and (bad := _first_bad_json_line(path)):
-            raise DataError(bad) from None
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: cannot be read as {builder} ({reason})") from None
+    except Exception as err:  # datasets wraps parser errors in several types
+        raise DataError(f"{path}: cannot be read as {builder} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps a parser's error in its own vague one
+    ("An error occurred while generating the dataset")."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _pick_split(loaded: DatasetDict, split: str, where: str) -> Dataset:
@@ -87,6 +83,9 @@ def _unpair(pairs: Dataset) -> Dataset:
 
 
 def _one_split(split: str, data: DataConfig, where: str) -> None:
+    """A single file or saved Dataset is one split, 'train' (as datasets names it)."""
+    if data.train_split != "train":
+        raise DataError(f"data.train_split={data.train_split!r}: {where} has one split, 'train'; set data.train_split=train")
     if split != data.train_split:
         raise DataError(f"data.eval_split={split!r}: {where} has only one split; set data.eval_split=null")
 
@@ -95,6 +94,8 @@ def load_split(data: DataConfig, fmt: str, split: str) -> Dataset:
     """Load one split of `data` for a stage whose rows have format `fmt` (see FORMATS)."""
     task = builtin_task(data.path)
     if task is not None:
+        if data.train_split != "train":  # each format's training file is picked by the format, not by name
+            raise DataError(f"data.train_split={data.train_split!r}: {data.path} has one training split per format, named 'train'; set data.train_split=train")
         name = BUILTIN_TRAIN_SPLITS[fmt] if split == data.train_split else BUILTIN_EVAL_SPLITS[fmt]
         dataset = Dataset.from_json(str(task.split_path(name)))
         if fmt == "feedback" and name == "eval_preference":  # no held-out feedback split ships
@@ -107,13 +108,18 @@ def load_split(data: DataConfig, fmt: str, split: str) -> Dataset:
             _one_split(split, data, f"the file {path}")
             dataset = _load_file(path)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except Exception as err:  # truncated arrow files, a damaged state.json: one line, not a traceback
+                raise DataError(f"{path}: cannot be read as a saved dataset ({_first_line(err)})") from None
             if isinstance(loaded, DatasetDict):
                 dataset = _pick_split(loaded, split, where)
             else:  # a single saved Dataset: without this check the eval split would be the train rows
                 _one_split(split, data, f"the saved Dataset {path}")
                 dataset = loaded
         elif path.is_dir():
+            for file in sorted(f for f in path.rglob("*") if f.suffix in FILE_BUILDERS and f.is_file()):
+                check_file(file)
             dataset = _load_dir_or_hub(str(path), data.config_name, split)
         elif path.suffix in FILE_BUILDERS or data.path.startswith((".", "/", "~")):
             raise DataError(f"data.path: file or directory {data.path!r} does not exist")
@@ -127,7 +133,7 @@ def _load_dir_or_hub(path: str, config_name: str | None, split: str) -> Dataset:
     try:
         loaded = datasets.load_dataset(path, config_name)
     except Exception as err:  # offline, missing, private: all end the run the same way
-        raise DataError(f"data.path: cannot load dataset {path!r} ({str(err).splitlines()[0]})") from None
+        raise DataError(f"data.path: cannot load dataset {path!r} ({_first_line(err)})") from None
     return _pick_split(loaded, split, path)
 
 
@@ -145,8 +151,17 @@ def check_columns(dataset: Dataset, fmt: str, where: str) -> tuple[str, ...]:
     if len(dataset) == 0:
         raise DataError(f"{where}: the split is empty")
     columns = format_columns(dataset, fmt, where)
-    _check_values(dataset, columns, where)
+    # A reward model reads an optional margin per pair: it must be a number too.
+    optional = ("margin",) if fmt == "preference" and "margin" in dataset.column_names else ()
+    _check_values(dataset, columns + optional, where)
     return columns
+
+
+# Roles a chat template renders; anything else is most likely a typo ("assitant") or another
+# dataset's convention ("human"/"gpt"), which a template would render wrongly or silently drop.
+ROLES = ("system", "user", "assistant", "tool")
+# Columns whose conversations are what the model learns to say: they must end with a reply.
+REPLY_COLUMNS = ("messages", "completion", "chosen", "rejected")
 
 
 def _is_conversation(value) -> bool:
@@ -156,19 +171,40 @@ def _is_conversation(value) -> bool:
     )
 
 
+def _conversation_problem(messages: list[dict], column: str) -> str | None:
+    """What is wrong with a well-formed conversation in `column`, or None."""
+    if not messages:
+        return "the conversation is empty"
+    for index, message in enumerate(messages):
+        if message["role"] not in ROLES:
+            return f"message {index} has role {message['role']!r}; valid roles: {', '.join(ROLES)}"
+    last = messages[-1]["role"]
+    if column in REPLY_COLUMNS and last != "assistant":
+        # Nothing after the last assistant turn carries a loss, and with no assistant turn at all
+        # the loss is 0/0: the first step would be NaN without naming the row.
+        return f"the conversation ends on a {last!r} turn; it must end with the assistant's reply (the loss is on assistant turns)"
+    return None
+
+
 def _check_values(dataset: Dataset, columns: tuple[str, ...], where: str) -> None:
     for row_number, row in enumerate(dataset.select_columns(list(columns))):
         for column in columns:
             value = row[column]
             if column == "label":
                 ok, expected = isinstance(value, bool) or value in (0, 1), "a boolean"
+            elif column == "margin":
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                ok, expected = number and math.isfinite(value), "a finite number (the reward margin this pair needs)"
             elif column == "messages":  # a string here would later be read character by character
                 ok, expected = _is_conversation(value), "a list of {role, content} messages"
             else:
                 ok = isinstance(value, str) or _is_conversation(value)
                 expected = "a string or a list of {role, content} messages"
-            if not ok:
-                raise DataError(f"{where}: row {row_number}, column {column!r}: expected {expected}, got {value!r:.60}")
+            problem = f"expected {expected}, got {value!r:.60}" if not ok else None
+            if ok and isinstance(value, list):
+                problem = _conversation_problem(value, column)
+            if problem:
+                raise DataError(f"{where}: row {row_number}, column {column!r}: {problem}")
 
 
 def load_eval_split(data: DataConfig, fmt: str) -> Dataset | None:

@@ -9,12 +9,12 @@ overrides apply on top, e.g. data.eval_limit=200 or data=hf data.path=... data.e
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from alignctl.errors import UserError
 from alignctl.rundir import recorded_overrides
+from alignctl.runfiles import read_lineage
 
 # The role under which each stage takes the weights it starts from.
 START_ROLE = {"reward": "init"}
@@ -33,8 +33,10 @@ def eval_args(args: list[str]) -> list[str]:
         raise UserError(f"run={run}: not an alignctl run directory (no lineage.json)")
     if not (run / "checkpoint").exists():
         raise UserError(f"run={run}: has no checkpoint/ to evaluate (did it finish?)")
-    lineage = json.loads(lineage_file.read_text())
-    stage = lineage["stage"]
+    lineage = read_lineage(run)
+    stage = lineage.get("stage")
+    if not isinstance(stage, str):
+        raise UserError(f"{lineage_file}: damaged: it names no stage")
     replayed = recorded_overrides(run, without=NOT_REPLAYED)
     role = START_ROLE.get(stage, "policy")
     extra = [f"inputs.{role}={run}", "recipe.max_steps=0", f"hydra.run.dir={run / 'eval' / time.strftime('%Y-%m-%d_%H-%M-%S')}"]

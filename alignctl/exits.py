@@ -18,7 +18,7 @@ from alignctl.errors import NonFiniteLoss, UserError
 def reported(resume_hint: str | None = None) -> Iterator[None]:
     """Turn the ways a command stops early into one line and an exit code. `resume_hint` is the
     command that continues after a signal (default: `alignctl train resume=<run dir>`)."""
-    from alignctl.interrupt import Interrupted, stop_on_signals
+    from alignctl.interrupt import Interrupted, ignore_signals, stop_on_signals
 
     stop_on_signals()
     try:
@@ -26,13 +26,20 @@ def reported(resume_hint: str | None = None) -> Iterator[None]:
     except UserError as err:
         hydra_app.fail(str(err))
     except Interrupted as err:
-        if err.step is None:
-            print(f"alignctl: interrupted by {err.signal_name} before training started; nothing to resume", file=sys.stderr)
-        else:
+        ignore_signals()  # a third Ctrl-C while this line is printed would end in a traceback
+        # What decides the message is whether a checkpoint exists, not whether a step was counted: a
+        # second signal (or one while a resumed run restores) stops a run that has checkpoints too.
+        if err.checkpoint:
             from alignctl.resume import resume_command
 
-            print(f"alignctl: interrupted by {err.signal_name} after step {err.step}; checkpoint {err.checkpoint}; "
+            after = f" after step {err.step}" if err.step is not None else ""
+            print(f"alignctl: interrupted by {err.signal_name}{after}; checkpoint {err.checkpoint}; "
                   f"resume with: {resume_hint or resume_command(err.run_dir)}", file=sys.stderr)
+        elif err.step is None:
+            print(f"alignctl: interrupted by {err.signal_name} before training started; nothing to resume", file=sys.stderr)
+        else:
+            print(f"alignctl: interrupted by {err.signal_name} after step {err.step}, before its first checkpoint was "
+                  "complete; nothing to resume (start it again)", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except NonFiniteLoss as err:
         print(f"alignctl: error: {err}", file=sys.stderr)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -57,6 +60,13 @@ def stop_on_signals() -> None:
             signal.signal(signum, _raise_now)
 
 
+def ignore_signals() -> None:
+    """Once a run is stopping and its line is being printed: further SIGINT/SIGTERM change nothing."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 class StopRequests:
     """Within the loop: the first signal is recorded in `signum` for the loop to act on at the end of
     the step; a second one raises at once. Restores the previous handlers on exit."""
@@ -82,3 +92,19 @@ class StopRequests:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def naming_checkpoint(run_dir: Path) -> Iterator[None]:
+    """Give an `Interrupted` raised anywhere in a run (loading, restoring, after the loop) the run
+    directory and its newest checkpoint, when no one nearer the loop did: a run with checkpoints is
+    never reported as having nothing to resume."""
+    try:
+        yield
+    except Interrupted as err:
+        if not err.checkpoint:
+            from alignctl.runfiles import latest_checkpoint
+
+            checkpoint = latest_checkpoint(Path(run_dir))
+            err.run_dir, err.checkpoint = str(run_dir), str(checkpoint) if checkpoint else None
+        raise

@@ -46,6 +46,7 @@ class LoopContext:
     tokens_seen: int = 0  # non-padding tokens through the model so far (TRL's num_tokens)
     skipped_steps: int = 0  # non-finite steps skipped (recipe.nonfinite=skip)
     sharded: bool = False  # FSDP: it reduce-scatters (averages) the gradients itself
+    step: int = 0  # the last optimiser step that finished (what a signal arriving now interrupts after)
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -71,6 +72,7 @@ def train_loop(
     with StopRequests(lambda signum: ctx.logger.note(f"received signal {signum}: finishing this step, then saving")) as stop:
         for step in range(start_step + 1, recipe.max_steps + 1):
             last = _one_step(ctx, recipe, next_step, step_fn, step)
+            ctx.step = step
             final = step == recipe.max_steps
             if final or (recipe.eval_every and step % recipe.eval_every == 0):
                 eval_metrics = _evaluate(ctx, step)

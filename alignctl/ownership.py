@@ -38,9 +38,11 @@ def command_line() -> str:
 def claim(run_config: Any, cfg: Any, run_dir: Path, command: str | None = None) -> None:
     """Check and lock `run_dir` for this process (see the module's docstring); UserError if refused."""
     from alignctl.resume import check_run_dir, check_same_run
+    from alignctl.runfiles import check_run_files
 
     check_output(run_dir, "hydra.run.dir", evaluating=evaluated_runs(run_config))
     if run_config.resume:
+        check_run_files(run_dir)  # a damaged lineage, record or checkpoint: one line naming the file
         check_same_run(cfg, run_dir)
     check_not_running(run_config)
     existed = run_dir.exists()

@@ -43,7 +43,7 @@ def run_of(path: str | Path) -> tuple[Path, Path | None] | None:
     """(the run directory, the checkpoint) a model path belongs to: a run directory (its newest
     checkpoint), or a checkpoint inside one (`<run>/checkpoint`, `<run>/checkpoints/step-N`); None
     for anything else (a hub id, a plain model directory)."""
-    from alignctl.rundir import latest_checkpoint
+    from alignctl.runfiles import latest_checkpoint
 
     given = Path(str(path)).expanduser()
     if not given.exists():

@@ -27,7 +27,6 @@ or override fails in one line, before anything trains.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,10 @@ from omegaconf import DictConfig
 
 from alignctl import hydra_app
 from alignctl.errors import UserError
+from alignctl.interrupt import naming_checkpoint
 from alignctl.outputs import check_output
 from alignctl.rundir import config_hash, record_overrides
+from alignctl.runfiles import read_lineage
 
 # Top-level config keys and groups: an override starting with one of these applies to every stage.
 TOP_LEVEL = ("recipe", "model", "adapter", "data", "hardware", "logger", "seed", "inputs")
@@ -87,9 +88,13 @@ def find_pipeline(name_or_path: str) -> Path:
 def load_pipeline(path: Path) -> Pipeline:
     """Read and check a pipeline file: stage names, their overrides, and inputs naming earlier stages."""
     try:
-        body = yaml.safe_load(path.read_text())
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); is it a pipeline file?") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(body, dict) or not isinstance(body.get("stages"), dict) or not body["stages"]:
         raise UserError(f"{path}: needs a 'stages:' mapping of stage name -> {{overrides: [...], inputs: {{role: stage}}}}")
     unknown = set(body) - {"stages", "description"}
@@ -103,8 +108,13 @@ def load_pipeline(path: Path) -> Pipeline:
             raise UserError(f"{where}: expected {{overrides: [...], inputs: {{role: stage}}}}, got {spec!r}")
         if "." in str(name) or str(name) in TOP_LEVEL:
             raise UserError(f"{where}: a stage name cannot contain '.' or be one of {', '.join(TOP_LEVEL)}")
-        overrides = [str(o) for o in spec.get("overrides") or []]
-        inputs = dict(spec.get("inputs") or {})
+        overrides, inputs = spec.get("overrides") or [], spec.get("inputs") or {}
+        # A bare string would be read character by character, a list of mappings stringified: refuse both.
+        if not isinstance(overrides, list) or not all(isinstance(o, str | int | float | bool) for o in overrides):
+            raise UserError(f"{where}: overrides must be a list of key=value strings, got {overrides!r:.80}")
+        if not isinstance(inputs, dict) or not all(isinstance(v, str) for v in inputs.values()):
+            raise UserError(f"{where}: inputs must map roles to earlier stage names ({{policy: sft}}), got {inputs!r:.80}")
+        overrides = [str(o) for o in overrides]
         earlier = [s.name for s in stages]
         for role, parent in inputs.items():
             if parent == name:
@@ -177,15 +187,14 @@ def run_stage(planned: PlannedStage, resume: bool = False) -> dict[str, float]:
         cfg = OmegaConf.merge(cfg, {"resume": True})
     run_config = validate(cfg)
     overrides = [*planned.overrides, *(["resume=true"] if resume else [])]
-    with owned(run_config, cfg, planned.run_dir):  # checked and locked before the first file is written there
+    with owned(run_config, cfg, planned.run_dir), naming_checkpoint(planned.run_dir):  # checked and locked before the first file is written there
         # What Hydra records for a run, so `alignctl eval run=<dir>` and `resume=<dir>` can replay this stage.
         record_overrides(planned.run_dir, [*planned.overrides, f"hydra.run.dir={planned.run_dir}"])
         return distributed.run_stage(run_config, cfg, planned.run_dir, overrides, [f"hydra.run.dir={planned.run_dir}"])
 
 
 def _status(run_dir: Path) -> str | None:
-    lineage = run_dir / "lineage.json"
-    return json.loads(lineage.read_text()).get("status") if lineage.exists() else None
+    return read_lineage(run_dir).get("status") if (run_dir / "lineage.json").exists() else None
 
 
 def run_pipeline(pipeline: Pipeline, stages: list[PlannedStage], root: Path) -> list[PlannedStage]:

@@ -82,7 +82,12 @@ def cached_logps(key: str, compute: Callable[[], torch.Tensor]) -> tuple[torch.T
     """Load reference log-probs cached under `key`, or compute and store them; also say if it was a hit."""
     path = cache_dir() / "reference" / f"{key}.pt"
     if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True), True
+        import pickle
+
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), True
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+            pass  # a damaged (or foreign) cache entry is only a cache miss: computed again and replaced below
     values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

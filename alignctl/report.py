@@ -6,14 +6,15 @@ Everything here reads run directories only (lineage.json, metrics.jsonl, eval.js
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from alignctl.errors import UserError
 from alignctl.rundir import recorded_overrides
+from alignctl.runfiles import DamagedFile, read_json, read_lineage, read_metrics
 
 # Curves drawn for a stage, when its metrics.jsonl has them (train lines, then eval lines).
 CURVES = ("loss", "reward", "objective/kl", "rewards/margins", "accuracy", "eval_exact_match", "eval_accuracy", "eval_reward")
@@ -22,12 +23,32 @@ HEADLINE = ("eval_exact_match", "eval_accuracy")
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    lineage = json.loads((run_dir / "lineage.json").read_text())
-    metrics_file = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.exists() else []
-    eval_file = run_dir / "eval.json"
-    final = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+    """A run's lineage, metrics and final evaluation. A damaged file does not stop a listing of many
+    runs: the run comes back marked broken (status "broken", `error` naming the file), metrics-less."""
+    try:
+        lineage = read_lineage(run_dir)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        eval_file = run_dir / "eval.json"
+        final = read_json(eval_file) if eval_file.exists() else {}
+    except DamagedFile as err:
+        stage = _stage_of(run_dir)
+        return {"dir": run_dir, "lineage": {"stage": stage, "status": "broken"}, "records": [], "eval": {}, "error": str(err)}
     return {"dir": run_dir, "lineage": lineage, "records": records, "eval": final}
+
+
+def _stage_of(run_dir: Path) -> str:
+    """The stage of a run whose lineage may be unreadable: from lineage.json if it parses, else '?'."""
+    try:
+        return str(read_lineage(run_dir).get("stage", "?"))
+    except DamagedFile:
+        return "?"
+
+
+def _started(run_dir: Path) -> str:
+    try:
+        return str(read_lineage(run_dir).get("started_at", ""))
+    except DamagedFile:
+        return ""  # a broken run sorts first; it is listed, not skipped
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -35,7 +56,7 @@ def find_runs(root: Path) -> list[Path]:
     if not root.exists():
         raise UserError(f"{root}: no such directory")
     found = {p.parent.resolve() for p in root.rglob("lineage.json") if "eval" not in p.parent.parent.name}
-    return sorted(found, key=lambda p: json.loads((p / "lineage.json").read_text()).get("started_at", ""))
+    return sorted(found, key=_started)
 
 
 def _fmt(value: Any) -> str:
@@ -60,7 +81,8 @@ def accuracy_rows(runs: list[tuple[str, dict[str, Any], bool]]) -> list[tuple[st
         metric, before, after = _headline(run)
         if index == 0 and metric == "eval_exact_match":
             rows.append(("(starting model)", metric.removeprefix("eval_"), "", _fmt(before), ""))
-        label = f"{name} ({run['lineage']['stage']}{', cached' if cached else ''})"
+        broken = ", broken" if "error" in run else ""
+        label = f"{name} ({run['lineage'].get('stage', '?')}{', cached' if cached else ''}{broken})"
         rows.append((label, metric.removeprefix("eval_"), _fmt(before), _fmt(after), run["dir"].name))
     return rows
 
@@ -90,6 +112,8 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
         metric, _, after = _headline(run)
         steps = run["eval"].get("step", "-")
         status = {"finished": "[green]finished[/]", "failed": "[red]failed[/]"}.get(lineage.get("status"), lineage.get("status", "?"))
+        if "error" in run:  # a damaged file: say which, keep listing the others
+            status = f"[red]broken[/]: {escape(run['error'])}"
         try:
             name = str(run_dir.relative_to(root.resolve()))
         except ValueError:
@@ -98,7 +122,7 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
         value = None
         if sort:
             value = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
-            row += ["-" if value is None else f"{value:.4g}", " ".join(recorded_overrides(run_dir, without=("hydra.", "resume=")))]
+            row += ["-" if value is None else f"{value:.4g}", _overrides(run_dir)]
         rows.append((value, row))
     if sort:
         if all(value is None for value, _ in rows):
@@ -108,6 +132,13 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
     for _, row in rows:
         table.add_row(*row)
     return table
+
+
+def _overrides(run_dir: Path) -> str:
+    try:
+        return " ".join(recorded_overrides(run_dir, without=("hydra.", "resume=")))
+    except DamagedFile as err:
+        return f"(broken: {escape(str(err))})"
 
 
 def plot_run(run: dict[str, Any], out: Path) -> Path | None:
@@ -161,7 +192,12 @@ def write_report(root: Path) -> tuple[Table, list[Path]]:
     runs = [(link.name, read_run(link.resolve()), False) for link in links] or [(p.name, read_run(p), False) for p in find_runs(root)]
     if not runs:
         raise UserError(f"{root}: no alignctl runs found (no lineage.json)")
-    runs.sort(key=lambda item: item[1]["lineage"].get("started_at", ""))  # the order the stages ran in
+    runs.sort(key=lambda item: str(item[1]["lineage"].get("started_at", "")))  # the order the stages ran in
+    for name, run, _ in runs:
+        if "error" in run:
+            from alignctl.metrics import console
+
+            console.print(f"[red]{escape(name)}: broken[/]: {escape(run['error'])}")
     out = root / "report"
     out.mkdir(exist_ok=True)
     files = [f for name, run, _ in runs if (f := plot_run(run, out / f"{name}.png"))]

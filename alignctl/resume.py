@@ -13,7 +13,6 @@ This module is imported by the CLI before torch is: torch is imported inside the
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from alignctl.errors import UserError
 from alignctl.rundir import recorded_overrides
+from alignctl.runfiles import read_json, read_lineage
 
 # Keys of the recorded command line that the resume sets itself.
 NOT_REPLAYED = ("hydra.run.dir=", "resume=")
@@ -51,7 +51,7 @@ def resume_args(args: list[str]) -> list[str]:
 
 
 def _checkpoint_of(run_dir: Path, culprit: str) -> Path:
-    from alignctl.rundir import latest_checkpoint
+    from alignctl.runfiles import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if checkpoint is None:
@@ -72,7 +72,7 @@ def check_run_dir(run_config: Any, run_dir: Path) -> None:
 
 def refuse_to_overwrite(run_dir: Path) -> None:
     """A fresh run must not train over a directory that holds another run's checkpoints."""
-    from alignctl.rundir import latest_checkpoint
+    from alignctl.runfiles import latest_checkpoint
 
     if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
         raise UserError(
@@ -104,7 +104,7 @@ def check_same_run(cfg: Any, run_dir: Path) -> None:
     if recorded.exists():
         theirs = OmegaConf.load(recorded)
     elif lineage.exists():  # stopped before config.yaml: at least the stage
-        theirs = OmegaConf.create({"recipe": {"stage": json.loads(lineage.read_text()).get("stage")}})
+        theirs = OmegaConf.create({"recipe": {"stage": read_lineage(run_dir).get("stage")}})
     else:
         return
 
@@ -153,10 +153,10 @@ def check_resumable(run_dir: Path, max_steps: int) -> Path:
     """The checkpoint a resume of `run_dir` would start from; a UserError if there is nothing to resume.
     Reads only the checkpoint's alignctl.json, so the CLI can check before loading anything."""
     checkpoint = _checkpoint_of(run_dir, "resume=true")
-    step = int(json.loads((checkpoint / "alignctl.json").read_text())["step"])
+    step = int(read_json(checkpoint / "alignctl.json")["step"])
     if step > max_steps:
         raise UserError(f"resume: the checkpoint is at step {step}, past recipe.max_steps={max_steps}; set recipe.max_steps >= {step}")
-    lineage = json.loads((run_dir / "lineage.json").read_text()) if (run_dir / "lineage.json").exists() else {}
+    lineage = read_lineage(run_dir) if (run_dir / "lineage.json").exists() else {}
     if step == max_steps and lineage.get("status") == "finished":
         raise UserError(f"resume: {run_dir} already finished its {max_steps} steps; raise recipe.max_steps to train further")
     return checkpoint

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 import time
 from importlib import metadata
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignctl import allocator
 from alignctl.parents import parent_paths
 from alignctl.parents import record as parent_record
+from alignctl.runfiles import read_lineage, read_overrides
 
 PACKAGES = ("alignctl", "torch", "transformers", "peft", "datasets", "hydra-core", "bitsandbytes")
 # Keys that change what is displayed or how a run is started, not what it trains: left out of the
@@ -77,7 +77,7 @@ class RunDir:
         self.enabled = enabled  # False in every process but rank 0 of a multi-process run
         self.resume_point: Any = None  # set by training.start_training when the run resumes
         path.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads((path / "lineage.json").read_text()) if resumed_from is not None and (path / "lineage.json").exists() else {}
+        earlier = read_lineage(path) if resumed_from is not None else {}
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         if enabled:
             (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -119,26 +119,6 @@ class RunDir:
         self._write()
 
 
-# A run's checkpoints: checkpoints/step-NNNNNN holding a trainer state. Anything else found there (a
-# directory someone copied in) is neither resumed from nor counted when old checkpoints are pruned.
-TRAINER_STATE = "trainer_state.pt"
-CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest step first."""
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).exists()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None (no torch: the CLI checks this before a run starts)."""
-    link = run_dir / "checkpoint"
-    if link.exists():
-        return link.resolve()
-    complete = complete_checkpoints(run_dir)
-    return complete[-1] if complete else None
 
 
 # Hydra's record of a run's command line (the pipeline writes the same file for the stages it runs).
@@ -147,10 +127,7 @@ RECORDED_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 def recorded_overrides(run_dir: Path, without: tuple[str, ...] = ()) -> list[str]:
     """The overrides a run was started with, minus those whose key starts with one of `without`."""
-    import yaml
-
-    recorded = run_dir / RECORDED_OVERRIDES
-    found = (yaml.safe_load(recorded.read_text()) or []) if recorded.exists() else []
+    found = read_overrides(run_dir / RECORDED_OVERRIDES)
     return [o for o in found if not o.lstrip("+~").startswith(without)]
 
 

@@ -219,12 +219,15 @@ def train_and_finish(
     meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
     ctx.save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, trainer_state, meta, recipe.keep_last)
     start_step = 0
+    ctx.step = run.resume_point.step if run.resume_point is not None else 0  # where the run stands while it restores
     try:
         if run.resume_point is not None:
             start_step = restore(run.resume_point, model, optimizer, scheduler, stream, ctx, restore_extra)
             logger.note(f"resumed from {run.resume_point.checkpoint} (step {start_step} of {recipe.max_steps})")
         final = train_loop(ctx, recipe, next_step, step_fn, start_step)
     except Interrupted as err:
+        if err.step is None:  # a second signal, raised at once mid-step: the run stands after the last finished step
+            err.step = ctx.step
         err.run_dir, err.checkpoint = str(run.path), str(latest_checkpoint(run.path) or "")
         run.interrupt(err.signal_name, err.step)
         raise

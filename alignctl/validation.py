@@ -23,6 +23,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from alignctl.bounds import check_node
 from alignctl.config import (
     ADAPTER_SCHEMAS,
     RECIPE_SCHEMAS,
@@ -37,6 +38,7 @@ from alignctl.config import (
     TopLevelConfig,
 )
 from alignctl.errors import ConfigError
+from alignctl.starting_points import check_starting_points
 
 # Why a value is required and what it looks like, for the message when it is missing (`???` in the YAML).
 REQUIRED_HINTS = {
@@ -141,6 +143,10 @@ def _typed(section: str, schema: type, node: Any) -> Any:
         raise ConfigError(section, f"expected {_describe(schema)}, got {_show(node)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        # Ranges and finiteness before the dataclass is built: its __post_init__ compares fields,
+        # and a nan or an inf there would pass or fail for the wrong reason.
+        plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
+        check_node("", schema, plain)  # keys relative to `section`, prefixed below like __post_init__'s
         return OmegaConf.to_object(merged)
     except ConfigError as err:
         raise ConfigError(full(err.key), str(err).split(": ", 1)[1]) from None
@@ -216,6 +222,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         resume=top.resume,
     )
     _check_across_groups(run)
+    check_starting_points(run)  # reads only small files of local model directories, no weights
     if run.inputs.get("data"):
         run.data = _generated_data(run.data, run.inputs["data"])
     return run

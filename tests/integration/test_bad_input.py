@@ -15,6 +15,18 @@ would be valid, exit code 2, no traceback, and nothing already written is lost.
 | resume from a directory with no checkpoint   | here                                                         |
 | a fresh run over a run's checkpoints         | here                                                         |
 | a model that needs trust_remote_code         | here                                                         |
+| inf / nan / out-of-range numbers anywhere    | here (test_numbers_out_of_range), test_bounds (unit)         |
+| a data file: bad bytes, truncated, not rows  | here, test_corrupt_data (seeded random corruptions)          |
+| a conversation ending on a user turn         | here                                                         |
+| an unknown role, a non-numeric margin        | here                                                         |
+| a train_split a single file does not have    | here                                                         |
+| a column whose type changes at row 30        | here                                                         |
+| a reward model given as inputs.policy        | here                                                         |
+| a damaged pipeline file                      | here                                                         |
+| damaged run files (lineage, metrics,         | here: resume and eval refuse in one line, runs and report    |
+|   overrides, weights, trainer state)         |   list the run as broken and go on                           |
+| a pickled (unsafe) trainer state             | here: refused, never "weights_only=False"                    |
+| two signals after checkpoints exist          | here: the newest checkpoint is named                         |
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,17 +53,33 @@ def tree_digest(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_copy(tmp_path_factory):
-    """`model_copy(name)`: a fresh copy of a one-step tiny-model checkpoint, to be edited by a test."""
-    import sys
-
+def one_step_run(tmp_path_factory) -> Path:
+    """A finished one-step tiny-model run (lineage, metrics, checkpoint), never edited itself."""
     root = tmp_path_factory.mktemp("bad_input_model")
     done = run_process([sys.executable, "-m", "alignctl", "train", "recipe.max_steps=1", "data.eval_limit=4", f"hydra.run.dir={root / 'run'}"], cwd=root)
     assert done.returncode == 0, done.describe()
+    return root / "run"
+
+
+@pytest.fixture
+def model_copy(one_step_run, tmp_path):
+    """`model_copy(name)`: a fresh copy of a one-step tiny-model checkpoint, to be edited by a test."""
 
     def copy(name: str) -> Path:
-        target = root / name
-        shutil.copytree((root / "run" / "checkpoint").resolve(), target)
+        target = tmp_path / name
+        shutil.copytree((one_step_run / "checkpoint").resolve(), target)
+        return target
+
+    return copy
+
+
+@pytest.fixture
+def run_copy(one_step_run, tmp_path):
+    """`run_copy(name)`: a fresh copy of the whole one-step run directory, to be damaged by a test."""
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(one_step_run, target, symlinks=True)  # `checkpoint` stays a relative link
         return target
 
     return copy
@@ -140,3 +169,249 @@ def test_a_model_that_ships_its_own_code_needs_trust_remote_code(alignctl, tmp_p
     assert_one_line_error(result, str(custom), "model.trust_remote_code=true")
     assert "remote code ran" not in result.output
     assert_nothing_half_written(run_dir)
+
+
+
+# ----------------------------------------------------------------------------------------- numbers
+NUMBERS = {
+    "lr inf": (["recipe.lr=inf"], ["recipe.lr", "inf", "(0, 10]"]),
+    "dpo beta inf": (["recipe=dpo", "recipe.beta=inf"], ["recipe.beta", "inf", "(0, 1000]"]),
+    "negative seed": (["seed=-1"], ["seed", "-1", "[0, 4294967295]"]),
+    "nan optimiser argument": (["recipe.optimizer.eps=nan"], ["recipe.optimizer.eps", "nan", "finite"]),
+    "huge step count": (["recipe.max_steps=10000000000"], ["recipe.max_steps", "10000000000", "[0, 1000000000]"]),
+    "grpo temperature too high": (["recipe=grpo", "recipe.temperature=1e9"], ["recipe.temperature", "(0, 100]"]),
+}
+
+
+@pytest.mark.parametrize("overrides, culprits", list(NUMBERS.values()), ids=list(NUMBERS))
+def test_numbers_out_of_range(alignctl, tmp_path, overrides, culprits):
+    """Refused at start-up, before Hydra starts the job: no run directory, no model."""
+    run_dir = tmp_path / "run"
+    result = alignctl("train", *overrides, "recipe.eval_every=0", f"hydra.run.dir={run_dir}", timeout=120)
+    assert_one_line_error(result, *culprits)
+    assert not run_dir.exists()
+
+
+# -------------------------------------------------------------------------------------- data files
+def train_on(alignctl, tmp_path, data: Path, *extra: str):
+    run_dir = tmp_path / "run"
+    result = alignctl("train", "data=hf", f"data.path={data}", "recipe.max_steps=2", "data.eval_limit=8", "recipe.eval_every=0",
+                      f"hydra.run.dir={run_dir}", *extra)
+    return result, run_dir
+
+
+def sft_rows(count: int = 40) -> list[dict]:
+    return [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(count)]
+
+
+def chat_rows(count: int = 8) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}]} for i in range(count)]
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_data_file_with_a_latin1_byte(alignctl, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "caf\xe9 1+2=", "completion": "3"}\n')
+    result, run_dir = train_on(alignctl, tmp_path, data)
+    assert_one_line_error(result, f"{data}:2", "UTF-8")
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_truncated_json_file(alignctl, tmp_path):
+    data = tmp_path / "cut.json"
+    data.write_text(json.dumps(sft_rows())[:-25])
+    result, run_dir = train_on(alignctl, tmp_path, data)
+    assert_one_line_error(result, str(data), "malformed JSON", "truncated")
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_row_that_is_not_an_object(alignctl, tmp_path):
+    data = write_rows(tmp_path / "rows.jsonl", [*sft_rows(5), ["1+1=", "2"], *sft_rows(3)])
+    result, run_dir = train_on(alignctl, tmp_path, data)
+    assert_one_line_error(result, str(data), "row 5", "not an object")
+    assert_nothing_half_written(run_dir)
+
+
+# ---------------------------------------------------------------------------------- data semantics
+def test_a_conversation_that_ends_on_a_user_turn(alignctl, tmp_path):
+    rows = chat_rows()
+    rows[3]["messages"].append({"role": "user", "content": "and 2+2?"})
+    result, run_dir = train_on(alignctl, tmp_path, write_rows(tmp_path / "chat.jsonl", rows))
+    assert_one_line_error(result, "row 3", "'messages'", "'user'", "assistant")
+    assert_nothing_half_written(run_dir)
+
+
+def test_an_unknown_role(alignctl, tmp_path):
+    rows = chat_rows()
+    rows[5]["messages"][0]["role"] = "human"
+    result, run_dir = train_on(alignctl, tmp_path, write_rows(tmp_path / "chat.jsonl", rows))
+    assert_one_line_error(result, "row 5", "'human'", "system, user, assistant")
+    assert_nothing_half_written(run_dir)
+
+
+@pytest.mark.parametrize("margins", ["one row", "every row"])
+def test_a_margin_that_is_not_a_number(alignctl, tmp_path, margins):
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i), "margin": 1.0} for i in range(10)]
+    for row in rows[6:7] if margins == "one row" else rows:
+        row["margin"] = "large"
+    culprit = "row 6" if margins == "one row" else "row 0"
+    result, run_dir = train_on(alignctl, tmp_path, write_rows(tmp_path / "pairs.jsonl", rows), "recipe=reward")
+    assert_one_line_error(result, culprit, "'margin'", "number")
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_train_split_a_single_file_does_not_have(alignctl, tmp_path):
+    data = write_rows(tmp_path / "train.jsonl", sft_rows(8))
+    result, run_dir = train_on(alignctl, tmp_path, data, "data.train_split=validation")
+    assert_one_line_error(result, "data.train_split='validation'", str(data), "'train'")
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_column_whose_type_changes_names_the_row_that_changes_it(alignctl, tmp_path):
+    rows = sft_rows()
+    rows[30]["completion"] = 31
+    result, run_dir = train_on(alignctl, tmp_path, write_rows(tmp_path / "mixed.jsonl", rows))
+    line = assert_one_line_error(result, "row 30", "'completion'", "number", "string")
+    assert "row 0" not in line
+    assert_nothing_half_written(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_input_reward")
+    done = run_process([sys.executable, "-m", "alignctl", "train", "recipe=reward", "recipe.max_steps=2", "data.eval_limit=8",
+                        "recipe.eval_every=0", f"hydra.run.dir={root / 'run'}"], cwd=root)
+    assert done.returncode == 0, done.describe()
+    return root / "run"
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "sft"])
+def test_a_reward_model_given_as_the_policy(alignctl, tmp_path, reward_run, recipe):
+    run_dir = tmp_path / "run"
+    result = alignctl("train", f"recipe={recipe}", f"inputs.policy={reward_run}", "recipe.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(result, "inputs.policy", str(reward_run), "reward model", "inputs.init", "inputs.reward")
+    assert not run_dir.exists()
+
+
+# -------------------------------------------------------------------------------- pipeline files
+@pytest.mark.parametrize("content, culprits", [
+    (b"stages:\n  sft: {overrides: [recipe=sft]}\n  # caf\xe9\n", ["UTF-8"]),
+    (b"stages:\n  sft: {overrides: recipe=sft}\n", ["stage 'sft'", "overrides", "list"]),
+    (b"stages:\n  sft: {overrides: [recipe=sft]}\n  dpo: {overrides: [recipe=dpo], inputs: [sft]}\n", ["stage 'dpo'", "inputs"]),
+    (b"stages:\n  sft: {overrides: [recipe=sft\n", ["not valid YAML"]),
+], ids=["not utf-8", "overrides a string", "inputs a list", "truncated"])
+def test_a_damaged_pipeline_file(alignctl, tmp_path, content, culprits):
+    pipeline = tmp_path / "mine.yaml"
+    pipeline.write_bytes(content)
+    result = alignctl("pipeline", str(pipeline), f"pipeline.dir={tmp_path / 'runs'}", timeout=120)
+    assert_one_line_error(result, str(pipeline), *culprits)
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------- run files
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xffnot this file\n" * 4}[how])
+
+
+def resume(alignctl, run_dir: Path):
+    return alignctl("train", f"resume={run_dir}", "recipe.max_steps=3")
+
+
+@pytest.mark.parametrize("file, how, culprits", [
+    ("lineage.json", "truncate", ["lineage.json", "JSON"]),
+    (".hydra/overrides.yaml", "garbage", ["overrides.yaml"]),
+    ("checkpoint/model.safetensors", "truncate", ["model.safetensors", "truncated"]),
+    ("checkpoint/model.safetensors", "garbage", ["model.safetensors", "damaged"]),
+    ("checkpoint/trainer_state.pt", "truncate", ["trainer_state.pt", "truncated or corrupt"]),
+    ("checkpoint/alignctl.json", "truncate", ["alignctl.json", "JSON"]),
+], ids=lambda v: str(v))
+def test_a_damaged_run_file_stops_a_resume_in_one_line(alignctl, run_copy, file, how, culprits):
+    run_dir = run_copy("run")
+    damage((run_dir / file).resolve(), how)
+    before = tree_digest(run_dir)
+    assert_one_line_error(resume(alignctl, run_dir), *culprits)
+    assert tree_digest(run_dir) == before, "a refused resume must leave the run as it was"
+
+
+def test_a_pickled_trainer_state_is_refused_without_suggesting_to_unpickle_it(alignctl, run_copy, tmp_path):
+    run_dir = run_copy("run")
+    state = (run_dir / "checkpoint" / "trainer_state.pt").resolve()
+    marker = tmp_path / "code_ran"
+    code = ("import os, torch\n"
+            "class Payload:\n"
+            f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+            f"torch.save({{'step': 1, 'payload': Payload()}}, {str(state)!r})\n")
+    assert run_process([sys.executable, "-c", code]).returncode == 0
+    line = assert_one_line_error(resume(alignctl, run_dir), "trainer_state.pt", "refused")
+    assert "weights_only" not in line
+    assert not marker.exists()
+
+
+def test_damaged_weights_given_as_the_policy(alignctl, run_copy, tmp_path):
+    parent = run_copy("parent")
+    damage((parent / "checkpoint" / "model.safetensors").resolve(), "truncate")
+    run_dir = tmp_path / "run"
+    result = alignctl("train", "recipe=dpo", f"inputs.policy={parent}", "recipe.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(result, "inputs.policy", "model.safetensors", "truncated")
+    assert not run_dir.exists()
+
+
+def test_eval_of_a_run_with_damaged_files(alignctl, run_copy):
+    run_dir = run_copy("run")
+    damage(run_dir / "lineage.json", "garbage")
+    assert_one_line_error(alignctl("eval", f"run={run_dir}"), "lineage.json")
+
+
+@pytest.mark.parametrize("file", ["lineage.json", "metrics.jsonl", "eval.json"])
+def test_runs_and_report_show_a_broken_run_and_go_on(alignctl, run_copy, tmp_path, file):
+    run_copy("good")
+    broken = run_copy("broken")
+    damage(broken / file, "truncate")
+    listing = alignctl("runs", str(tmp_path), timeout=120)
+    assert listing.returncode == 0, listing.describe()
+    assert "Traceback" not in listing.output
+    text = " ".join(listing.stdout.split())
+    assert "good" in text and "finished" in text and "broken" in text, listing.stdout
+    report = alignctl("report", str(tmp_path), timeout=120)
+    assert report.returncode == 0, report.describe()
+    assert "Traceback" not in report.output
+    assert (tmp_path / "report" / "good.png").exists()
+    assert "broken" in report.stdout and file in " ".join(report.stdout.split()).replace(" ", "")
+
+
+# ----------------------------------------------------------------------------------------- signals
+def test_two_signals_after_a_checkpoint_name_the_checkpoint(tmp_path):
+    """The second signal stops at once (mid-step): the line and lineage.json still name the newest
+    checkpoint and the last finished step, not 'nothing to resume' and 'after step None'."""
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "alignctl", "train", "recipe.max_steps=2000", "recipe.save_every=2", "recipe.batch_size=64",
+         "data.eval_limit=8", "recipe.eval_every=0", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoint").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() is not None else "timed out"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    for line in process.stdout:  # the first signal is being handled: the run finishes this step
+        if "received signal" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "nothing to resume" not in lines[0] and "step None" not in lines[0], lines[0]
+    checkpoint = (run_dir / "checkpoint").resolve()
+    assert f"checkpoint {checkpoint}" in lines[0] and f"resume with: alignctl train resume={run_dir}" in lines[0], lines[0]
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["status"] == "interrupted" and "None" not in lineage["error"], lineage
