@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignctl.rundir import TRAINER_STATE, complete_checkpoints, latest_checkpoint  # noqa: F401 - latest_checkpoint: its callers import it from here
+# Where a run's checkpoints are: read without torch by the CLI (runfiles), re-exported for the stages.
+from alignctl.runfiles import TRAINER_STATE, complete_checkpoints, latest_checkpoint  # noqa: F401
 
 
 def _fsync_tree(root: Path) -> None:
