@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import run_process
 from tests.integration.test_cli_errors import assert_one_line_error
+from tests.integration.test_resume import wait_for
 
 QUICK = ["recipe.max_steps=2", "recipe.eval_every=0", "data.eval_limit=8"]
 # Long enough that a second command starts and is answered while it trains (it is stopped or waited for).
@@ -61,17 +61,6 @@ def sft_run(tmp_path_factory) -> Path:
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run_dir.parent)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before the condition held:\n{process.stderr.read()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 def steps_logged(run_dir: Path) -> list[int]:
