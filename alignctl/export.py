@@ -90,7 +90,7 @@ def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None)
     adapter, model_cfg, hardware = cfg.adapter, cfg.model, cfg.hardware
     quantized = adapter.kind == "qlora"
     # hardware.dtype=auto (a base stored in bf16 for training, alignctl/precision.py) exports in float32.
-    dtype_name = adapter.compute_dtype if quantized else hardware.dtype
+    dtype_name = adapter.compute_dtype if quantized else "float32" if hardware.dtype == "auto" else hardware.dtype
     dtype = DTYPES[dtype_name]
     auto = AutoModelForSequenceClassification if adapter_config.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
     extra = {"num_labels": 1} if auto is AutoModelForSequenceClassification else {}
