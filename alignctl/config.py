@@ -163,7 +163,7 @@ class HardwareConfig:
     gradient_checkpointing: bool
     num_threads: int | None = within("[1, 4096]", "null: torch's default")
     strategy: str  # none (one process) | ddp (data parallel) | fsdp (parameters sharded, FSDP2)
-    nproc: int = within("[1, 1024]")  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
+    nproc: int = within("[1, 65536]")  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda", "auto"), "device", f"must be one of cpu, cuda, auto, got {self.device!r}")
