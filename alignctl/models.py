@@ -100,6 +100,10 @@ def model_path(model: ModelConfig, policy_run: str | None = None) -> str:
         return resolve_checkpoint(policy_run)
     if model.name_or_path:
         return resolve_checkpoint(model.name_or_path)
+    if model.gguf_file:
+        from alignctl.gguf_models import build_from_gguf
+
+        return str(build_from_gguf(model.gguf_file, model.gguf_package))
     assert model.tiny is not None  # validated: source == "tiny" has a tiny section
     return str(build_tiny(model.tiny))
 
