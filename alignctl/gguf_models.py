@@ -104,37 +104,48 @@ def build_from_gguf(gguf_file: str, gguf_package: str | None = None) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """No progress bars on the user's console: transformers draws them with its own switch when it
+    saves, and with plain tqdm (which reads TQDM_DISABLE only at import) when it converts GGUF."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, plain_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _write(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    # transformers draws a bar per tensor with plain tqdm here, which only this variable silences.
-    hf_logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"], previous = "1", os.environ.get("TQDM_DISABLE")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a file it cannot read
-        raise ModelLoadError(f"model.gguf_file: transformers cannot read {source}: {str(err).splitlines()[0]}") from None
-    finally:
-        hf_logging.enable_progress_bar()
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-    # Dequantised, it is an ordinary float32 model: drop the GGUF marker that forbids saving it.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config._name_or_path = source.stem
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    with _quiet_progress():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+            model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a file it cannot read
+            raise ModelLoadError(f"model.gguf_file: transformers cannot read {source}: {str(err).splitlines()[0]}") from None
+        # Dequantised, it is an ordinary float32 model: drop the GGUF marker that forbids saving it.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = source.stem
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
