@@ -1,22 +1,20 @@
-"""Regenerate the built-in task's shipped splits (alignctl/tasks/data/*.jsonl).
+"""Regenerate the built-in tasks' shipped splits (alignctl/tasks/data/ and alignctl/tasks/chat_data/).
 
 Deterministic: the same seed always writes the same bytes, and a test checks that the shipped files
-match. Usage: python scripts/make_task_data.py [--seed 0] [--out alignctl/tasks/data]
+match. Usage: python scripts/make_task_data.py [--seed 0]
 """
 
 import argparse
-from pathlib import Path
-
-from alignctl.tasks.arithmetic import DATA_DIR, write_splits
+from alignctl.tasks import arithmetic, chat_arithmetic
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DATA_DIR)
     args = parser.parse_args()
-    for name, path in write_splits(args.out, args.seed).items():
-        print(f"{name:16s} {sum(1 for _ in path.open()):6d} rows  {path}")
+    for task in (arithmetic, chat_arithmetic):
+        for name, path in task.write_splits(task.DATA_DIR, args.seed).items():
+            print(f"{name:16s} {sum(1 for _ in path.open()):6d} rows  {path}")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,11 @@ def test_wheel_contents(wheel, repo_root):
         assert f"alignctl/conf/{path.relative_to(repo_root / 'conf').as_posix()}" in names
     for path in repo_root.joinpath("recipes").glob("*.yaml"):
         assert f"alignctl/recipes/{path.name}" in names
-    data = sorted(repo_root.joinpath("alignctl", "tasks", "data").glob("*.jsonl"))
-    assert data, "the built-in task data is missing from the source tree"
-    for path in data:
-        assert f"alignctl/tasks/data/{path.name}" in names
+    for folder in ("data", "chat_data"):
+        data = sorted(repo_root.joinpath("alignctl", "tasks", folder).glob("*.jsonl"))
+        assert data, f"the built-in task data ({folder}) is missing from the source tree"
+        for path in data:
+            assert f"alignctl/tasks/{folder}/{path.name}" in names
     assert "alignctl/stages/sft.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "alignctl = alignctl.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

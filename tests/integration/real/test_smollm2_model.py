@@ -30,3 +30,19 @@ def test_it_answers_and_stops_at_im_end(smollm2):
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer and answer.endswith("<|im_end|>")
+
+
+def test_rollouts_of_both_engines_stop_at_im_end(smollm2):
+    from alignctl.encode import encode_prompt
+    from alignctl.rollout import Sampling, sample
+
+    model, tok = smollm2
+    prompt = encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    for engine in ("native", "hf"):
+        torch.manual_seed(0)
+        sampling = Sampling(temperature=0.01, top_p=1.0, top_k=0, max_new_tokens=24, engine=engine)
+        done = sample(model, [prompt], 2, sampling, tok.pad_token_id, tok.eos_token_id)
+        assert done.truncated == [False, False], engine
+        for ids in done.completion_ids:
+            assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and ids.count(tok.eos_token_id) == 1
+            assert "Paris" in tok.decode(ids), (engine, tok.decode(ids))
