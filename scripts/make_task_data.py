@@ -5,6 +5,7 @@ match. Usage: python scripts/make_task_data.py [--seed 0]
 """
 
 import argparse
+
 from alignctl.tasks import arithmetic, chat_arithmetic
 
 
