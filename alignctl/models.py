@@ -192,6 +192,12 @@ def _requantized(model: torch.nn.Module, quantization, hardware: HardwareConfig)
     return keep_4bit_trainable(reloaded)
 
 
+def base_dir_of(cfg, run_dir: Path, *parts: str) -> Path | None:
+    """Where a run keeps the base its adapter names (anchor_base); None for an evaluation
+    (recipe.max_steps=0, alignctl eval), which saves no adapter and so needs no base on disk."""
+    return run_dir.joinpath(BASE_DIR, *parts) if getattr(cfg.recipe, "max_steps", 0) else None
+
+
 def anchor_base(built: torch.nn.Module, adapter, base_dir: Path | None) -> None:
     """Give an adapter a base that exists on disk.
 
