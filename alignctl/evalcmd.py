@@ -1,25 +1,28 @@
 """`alignctl eval run=<run dir> [overrides]`: evaluate a finished run's checkpoint, train nothing.
 
-It replays the run's own command line (from Hydra's record in <run>/.hydra/overrides.yaml), starts
-from the run's checkpoint, keeps the run's parent as the reference (so DPO/KTO rewards are measured
-against the policy the run started from), and sets recipe.max_steps=0: the stage builds everything,
-evaluates once, and writes <run>/eval/<time>/ (metrics.jsonl, eval.json, lineage.json). Extra
-overrides apply on top, e.g. data.eval_limit=200 or data=hf data.path=... data.eval_split=test.
+It replays the run's own command line (from Hydra's record in <run>/.hydra/overrides.yaml), so the
+stage builds the model, the reference and the data exactly as the run built them (the same parent,
+the same base, 4-bit for QLoRA, the reference the run resolved: its parent, or its base with the
+adapter switched off), then loads the run's trained weights into that model (`+inputs.evaluated`),
+evaluates once with recipe.max_steps=0, and writes <run>/eval/<time>/ (metrics.jsonl, eval.json,
+lineage.json). Nothing is saved there: no checkpoint, no merged base. Extra overrides apply on top,
+e.g. data.eval_limit=200 or data=hf data.path=... data.eval_split=test.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
-from alignctl.errors import UserError
+from alignctl.errors import ConfigError, UserError
 from alignctl.rundir import recorded_overrides
 from alignctl.runfiles import read_lineage
 
-# The role under which each stage takes the weights it starts from.
-START_ROLE = {"reward": "init"}
-# Keys of the original command that describe where it ran, not what it trained.
-NOT_REPLAYED = ("hydra.", "inputs.", "recipe.max_steps=", "resume=")
+# inputs.<EVALUATED>: the run whose checkpoint an evaluation loads (set by alignctl eval).
+EVALUATED = "evaluated"
+# Keys of the original command that describe where it ran or how long it trained, not what it built.
+NOT_REPLAYED = ("hydra.", "recipe.max_steps=", "resume=", f"inputs.{EVALUATED}=")
 
 
 def eval_args(args: list[str]) -> list[str]:
@@ -33,16 +36,32 @@ def eval_args(args: list[str]) -> list[str]:
         raise UserError(f"run={run}: not an alignctl run directory (no lineage.json)")
     if not (run / "checkpoint").exists():
         raise UserError(f"run={run}: has no checkpoint/ to evaluate (did it finish?)")
-    lineage = read_lineage(run)
-    stage = lineage.get("stage")
+    stage = read_lineage(run).get("stage")
     if not isinstance(stage, str):
         raise UserError(f"{lineage_file}: damaged: it names no stage")
     replayed = recorded_overrides(run, without=NOT_REPLAYED)
-    role = START_ROLE.get(stage, "policy")
-    extra = [f"inputs.{role}={run}", "recipe.max_steps=0", f"hydra.run.dir={run / 'eval' / time.strftime('%Y-%m-%d_%H-%M-%S')}"]
-    parent = lineage.get("parents", {}).get("policy")
-    if stage in ("dpo", "kto") and parent:
-        extra.append(f"inputs.reference={parent['run_dir']}")
+    extra = [f"+inputs.{EVALUATED}={run}", "recipe.max_steps=0", f"hydra.run.dir={run / 'eval' / time.strftime('%Y-%m-%d_%H-%M-%S')}"]
     if not any(a.startswith("recipe=") for a in replayed):
         extra.insert(0, f"recipe={stage}")
     return [*replayed, *extra, *(a for a in args if not a.startswith("run="))]
+
+
+def evaluated_run(run_config: Any) -> Path | None:
+    """The run an evaluation loads (inputs.evaluated), None for a training run."""
+    value = run_config.inputs.get(EVALUATED)
+    return Path(value).expanduser() if value else None
+
+
+def check_evaluation(run_config: Any) -> None:
+    """An evaluation trains nothing and needs something to evaluate on: refuse, in one line, one that
+    would train on top of the run's weights or whose data has no eval split."""
+    run = evaluated_run(run_config)
+    if run is None:
+        return
+    if getattr(run_config.recipe, "max_steps", None) != 0:
+        raise ConfigError(f"inputs.{EVALUATED}", "is set by alignctl eval, which trains nothing: it needs recipe.max_steps=0 "
+                                                 "(to train further from a run, give it as inputs.policy)")
+    data = run_config.data
+    if not data.eval_split and not data.eval_task:
+        raise ConfigError("data.eval_split", f"is null: the run {run} has no eval split, so there is nothing to evaluate; "
+                                             f"give one (alignctl eval run={run} data.eval_split=<split>) or a built-in task (data.eval_task=builtin:...)")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -192,6 +192,12 @@ def _requantized(model: torch.nn.Module, quantization, hardware: HardwareConfig)
     return keep_4bit_trainable(reloaded)
 
 
+def base_dir_of(cfg, run_dir: Path, *parts: str) -> Path | None:
+    """Where a run keeps the base its adapter names (anchor_base); None for an evaluation
+    (recipe.max_steps=0, alignctl eval), which saves no adapter and so needs no base on disk."""
+    return run_dir.joinpath(BASE_DIR, *parts) if getattr(cfg.recipe, "max_steps", 0) else None
+
+
 def anchor_base(built: torch.nn.Module, adapter, base_dir: Path | None) -> None:
     """Give an adapter a base that exists on disk.
 
@@ -216,6 +222,58 @@ def anchor_base(built: torch.nn.Module, adapter, base_dir: Path | None) -> None:
     built.name_or_path = built.config._name_or_path = str(base_dir.resolve())  # peft records name_or_path
 
 
+def anchor_4bit(lm: torch.nn.Module, source: str, model: ModelConfig, quantization, base_dir: Path | None) -> None:
+    """QLoRA over a model read from disk or the hub: the adapter trains on its 4-bit version, so that
+    (NF4 weights, quantization_config in config.json) is the base its checkpoint names, written once
+    to the cache per source and quantisation. Plain peft (AutoPeftModelForCausalLM) then loads the
+    model that trained, not the full-precision one, and `export merge=true` dequantises the same values.
+    Nothing for an evaluation (`base_dir` None): it saves no adapter."""
+    if base_dir is None:
+        return
+    import fcntl
+
+    from alignctl import distributed
+
+    root = Path(source)
+    weights = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")) if root.is_dir() else []
+    identity = {"source": str(root.resolve()) if root.is_dir() else source, "revision": model.revision,
+                "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights], "quantization": quantization.to_dict()}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{root.name}-4bit-{digest}"
+    if distributed.current().is_main and not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:  # parallel runs from one base: one writes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "config.json").exists():
+                tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+                lm.save_pretrained(tmp, safe_serialization=True)
+                tmp.rename(out)
+    distributed.barrier()
+    lm.name_or_path = lm.config._name_or_path = str(out)  # peft records name_or_path
+
+
+def quantized_on_disk(base: str) -> bool:
+    """Whether the model directory `base` holds quantised weights (quantization_config in its config.json)."""
+    config = Path(base) / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+def merged_checkpoint(path: str, auto, **kwargs) -> torch.nn.Module:
+    """A run's adapter checkpoint folded into the base it names (what AutoPeftModel + merge_and_unload
+    gives). A QLoRA checkpoint names its 4-bit base (anchor_4bit): the adapter goes into that base's
+    dequantised values, the model it trained as, not into NF4 weights that would be quantised again."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if quantized_on_disk(base):
+        from alignctl import bitsandbytes_gate
+
+        bitsandbytes_gate.release()
+        # Not repacked for bitsandbytes' CPU inference kernel: dequantize() reads the trained layout.
+        loaded = keep_4bit_trainable(auto.from_pretrained(base, device_map={"": "cpu"}, **kwargs)).dequantize()
+    else:
+        loaded = auto.from_pretrained(base, **kwargs)
+    return PeftModel.from_pretrained(loaded, path).merge_and_unload()
+
+
 def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adapter=None, base_dir: Path | None = None) -> torch.nn.Module:
     """Load a causal LM from safetensors (trust_remote_code only if asked), on the configured device;
     in 4 bits when `adapter` is qlora (the model that trains under the adapter). A run checkpoint
@@ -233,12 +291,13 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adap
         if (Path(path) / "adapter_config.json").exists():
             # A LoRA run's checkpoint: fold the adapter into its base so the next stage starts from
             # the trained weights (and may put an adapter of its own on top).
-            lm = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).merge_and_unload()
-            anchor_base(lm, adapter, base_dir)
+            lm = merged_checkpoint(path, AutoModelForCausalLM, **kwargs)
             if quantization:
                 lm = _requantized(lm, quantization, hardware)
+            anchor_base(lm, adapter, base_dir)  # QLoRA: in 4 bits, the model the adapter trains on
         elif quantization:
             lm = keep_4bit_trainable(AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map={"": device_of(hardware)}, **kwargs))
+            anchor_4bit(lm, path, model, quantization, base_dir)
         else:
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as err:
@@ -288,14 +347,16 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
     """
     adapter_file = Path(path) / "adapter_config.json"
     if adapter_file.exists() and json.loads(adapter_file.read_text()).get("task_type") == "SEQ_CLS":
-        scorer = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[hardware.dtype]).merge_and_unload()
+        scorer = merged_checkpoint(path, AutoModelForSequenceClassification, num_labels=1, dtype=DTYPES[hardware.dtype])
     elif adapter_file.exists():
         causal = load_causal_lm(path, model, hardware)
         scorer = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=DTYPES[hardware.dtype])
         scorer.base_model.load_state_dict(causal.base_model.state_dict())
+    quantization = four_bit_config(adapter, path, model, hardware)  # qlora: the scorer trains under the adapter
     if adapter_file.exists():
         scorer.config.pad_token_id = pad_token_id
-        anchor_base(scorer, adapter, base_dir)
+        if not quantization:
+            anchor_base(scorer, adapter, base_dir)
     else:
         try:
             scorer = AutoModelForSequenceClassification.from_pretrained(
@@ -305,8 +366,11 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
             raise ModelLoadError(f"cannot load a reward model from {path!r}: {str(err).splitlines()[0]}") from None
     # The classifier pools the last non-padding token, which it finds through the pad id.
     scorer.config.pad_token_id = pad_token_id
-    quantization = four_bit_config(adapter, path, model, hardware)  # qlora: the scorer trains under the adapter
-    return _requantized(scorer, quantization, hardware) if quantization else scorer.to(device_of(hardware))
+    if not quantization:
+        return scorer.to(device_of(hardware))
+    scorer = _requantized(scorer, quantization, hardware)
+    anchor_base(scorer, adapter, base_dir)  # the 4-bit scorer (its head still fresh) is the base the adapter names
+    return scorer
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from alignctl.config import Reference, RunConfig
 from alignctl.errors import ConfigError
-from alignctl.models import BASE_DIR, cache_dir, load_causal_lm, load_tokenizer, model_path
+from alignctl.models import base_dir_of, cache_dir, load_causal_lm, load_tokenizer, model_path
 
 
 def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool, own_reference: bool = False) -> Reference:
@@ -146,7 +146,7 @@ def precompute(
 def load_policy_and_reference(cfg: RunConfig, mode: Reference, tokenizer, policy_path: str, run_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module | None, str]:
     """The starting policy, the reference model when the mode holds one, and the reference's path
     (inputs.reference, else the starting policy's) for cache keys."""
-    policy = load_causal_lm(policy_path, cfg.model, cfg.hardware, cfg.adapter, base_dir=run_dir / BASE_DIR)
+    policy = load_causal_lm(policy_path, cfg.model, cfg.hardware, cfg.adapter, base_dir=base_dir_of(cfg, run_dir))
     reference_path = model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy"))
     reference = None
     if mode in (Reference.separate, Reference.precomputed):

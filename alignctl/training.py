@@ -16,7 +16,7 @@ import torch
 from transformers import get_scheduler
 
 from alignctl import distributed
-from alignctl.checkpoint import rng_state, save_checkpoint
+from alignctl.checkpoint import load_weights, rng_state, save_checkpoint
 from alignctl.config import HardwareConfig, TrainConfig
 from alignctl.errors import ConfigError, NonFiniteLoss
 from alignctl.fused_mlp import fuse_swiglu
@@ -88,17 +88,21 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     """Optimiser, schedule, the run directory (config.yaml, lineage.json with every set input as a
     parent) and the metrics logger. Called once everything that can fail on bad input has run, so a
     bad command leaves no half-claimed run directory."""
+    from alignctl.evalcmd import evaluated_run
     from alignctl.metrics import MetricsLogger
     from alignctl.precision import describe as describe_precision
     from alignctl.resume import find_resume_point
+    from alignctl.runfiles import latest_checkpoint
 
     if recipe.fused_mlp:
         fuse_swiglu(model)  # before sharding: FSDP wraps the layers whose MLPs this patches
     paged = getattr(cfg.adapter, "paged_optimizer", False)
     on_gpu = next(model.parameters()).device.type == "cuda"
     point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None
+    evaluated = evaluated_run(cfg)
+    if evaluated is not None:  # alignctl eval: the run's trained weights, in the model built as that run built it
+        load_weights(model, latest_checkpoint(evaluated))
     if cfg.hardware.strategy == "fsdp" and distributed.current().active:
-        from alignctl.checkpoint import load_weights
         from alignctl.sharding import shard
 
         if point is not None:  # whole weights first: every process reads them, then keeps its shard

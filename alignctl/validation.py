@@ -38,6 +38,7 @@ from alignctl.config import (
     TopLevelConfig,
 )
 from alignctl.errors import ConfigError
+from alignctl.evalcmd import check_evaluation
 from alignctl.starting_points import check_starting_points
 
 # Why a value is required and what it looks like, for the message when it is missing (`???` in the YAML).
@@ -225,6 +226,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     check_starting_points(run)  # reads only small files of local model directories, no weights
     if run.inputs.get("data"):
         run.data = _generated_data(run.data, run.inputs["data"])
+    check_evaluation(run)  # alignctl eval: nothing to train, something to evaluate on
     return run
 
 

@@ -40,7 +40,7 @@ from alignctl.losses import (
     masked_whiten,
     score_to_token_rewards,
 )
-from alignctl.models import BASE_DIR, load_reward_model, model_path
+from alignctl.models import base_dir_of, load_reward_model, model_path
 from alignctl.online_rl import (
     completion_tokens,
     greedy_evaluator,
@@ -131,7 +131,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         value_fn, value_from = value.values, "a second adapter on the policy's base"
     else:
         value = apply_adapter(load_reward_model(value_path, cfg.model, cfg.hardware, tokenizer.pad_token_id, cfg.adapter,
-                                                      base_dir=run_dir / BASE_DIR / "value_model"), cfg.adapter, "SEQ_CLS")
+                                                      base_dir=base_dir_of(cfg, run_dir, "value_model")), cfg.adapter, "SEQ_CLS")
         value_fn, value_from = (lambda batch: response_values(value, batch)), value_path
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)

@@ -31,9 +31,9 @@ from alignctl.errors import ConfigError
 from alignctl.last_token import top_layer_at_last_token
 from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
-    BASE_DIR,
     add_decoder_layers,
     backbone,
+    base_dir_of,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -118,7 +118,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set = encode_pairs(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_pairs(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]") if eval_raw else None
 
-    model = load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id, cfg.adapter, base_dir=run_dir / BASE_DIR)
+    model = load_reward_model(path, cfg.model, cfg.hardware, tokenizer.pad_token_id, cfg.adapter, base_dir=base_dir_of(cfg, run_dir))
     if recipe.extra_layers:
         add_decoder_layers(model, recipe.extra_layers)
     model = apply_adapter(model, cfg.adapter, "SEQ_CLS")

@@ -27,7 +27,7 @@ from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.evaluate import task_accuracy
 from alignctl.lm_head import final_hidden, output_head
 from alignctl.losses import sft_loss, sft_loss_from_hidden
-from alignctl.models import BASE_DIR, load_causal_lm, load_tokenizer, model_path
+from alignctl.models import base_dir_of, load_causal_lm, load_tokenizer, model_path
 from alignctl.registry import register_stage
 from alignctl.training import (
     start_process,
@@ -94,7 +94,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     train_set, dropped = encode_split(train_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]")
     eval_set = encode_split(eval_raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.eval_split}]")[0] if eval_raw else None
 
-    model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware, cfg.adapter, base_dir=run_dir / BASE_DIR), cfg.adapter)
+    model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware, cfg.adapter, base_dir=base_dir_of(cfg, run_dir)), cfg.adapter)
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
     stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
