@@ -22,6 +22,7 @@ from alignctl.models import check_reward_model, load_reward_model, load_tokenize
 from alignctl.reference import check_same_tokenizer
 from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
 from alignctl.rollout import Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.scored_text import completion_turn
 
 PROMPT_COLUMNS = ("prompt", "prompt_ids")
 
@@ -66,7 +67,7 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
         tokenizer = load_tokenizer(reward_path, cfg.model)
         check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
         scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
-        sources.append(model_source(scorer, tokenizer, recipe.max_length + 1, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
+        sources.append(model_source(scorer, tokenizer, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
     if not sources:
         raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
     return sources, reward_path
@@ -77,9 +78,9 @@ def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
     return {name: [v for v in values for _ in range(times)] for name, values in rows.items() if name not in PROMPT_COLUMNS}
 
 
-def score(sources: Sequence[RewardSource], prompts: list, texts: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+def score(sources: Sequence[RewardSource], prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
     started = time.perf_counter()
-    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    total, per_source = combined_rewards(sources, prompts, completions, columns)
     return total, per_source, time.perf_counter() - started
 
 
@@ -108,7 +109,7 @@ def evaluate_greedy(
     prompts = [row["prompt"] for row in eval_rows]
     texts = generate(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
-    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
     result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
@@ -145,7 +146,9 @@ def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], 
     generation_seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
     prompts = [p for p in rows["prompt"] for _ in range(group)]
-    rewards, per_source, scoring_seconds = score(sources, prompts, texts, repeat_columns(rows, group))
+    # Reward sources get TRL's form: one assistant message per completion after a chat prompt.
+    in_form = [completion_turn(p, t) for p, t in zip(prompts, texts)]
+    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, repeat_columns(rows, group))
     return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
 
 
