@@ -169,7 +169,7 @@ def kto_loss(
         beta, desirable_weight, undesirable_weight: as in the paper.
 
     Returns:
-        (B,) losses and {"rewards": (B,) beta * r}.
+        (B,) losses and {"rewards": (B,) beta * r, "kl": z, the reference point the losses used}.
     """
     ratio = policy_logps - ref_logps
     z = kl.detach().clamp(min=0)
@@ -178,7 +178,7 @@ def kto_loss(
         desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
         undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
     )
-    return losses, {"rewards": beta * ratio.detach()}
+    return losses, {"rewards": beta * ratio.detach(), "kl": z}
 
 
 # ------------------------------------------------------------------------------------ online RL

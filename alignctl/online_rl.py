@@ -1,16 +1,19 @@
 """What the online RL stages (grpo, ppo) share around the rollout: prompts, reward sources, rollout
-statistics, evaluation by greedy decoding, and the table of sample completions."""
+statistics, evaluation by greedy decoding, and the log of sample completions (a table, and samples.jsonl)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from rich.table import Table
+from rich.text import Text
 
 from alignctl import data as data_lib
 from alignctl import distributed
@@ -18,10 +21,12 @@ from alignctl.config import OnlineRLConfig, RunConfig
 from alignctl.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.errors import DataError
 from alignctl.evaluate import generate
+from alignctl.metrics import keep_until_step
 from alignctl.models import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.reference import check_same_tokenizer
 from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
-from alignctl.rollout import Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.scored_text import completion_turn
 
 PROMPT_COLUMNS = ("prompt", "prompt_ids")
 
@@ -66,7 +71,7 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
         tokenizer = load_tokenizer(reward_path, cfg.model)
         check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
         scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
-        sources.append(model_source(scorer, tokenizer, recipe.max_length + 1, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
+        sources.append(model_source(scorer, tokenizer, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
     if not sources:
         raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
     return sources, reward_path
@@ -77,9 +82,9 @@ def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
     return {name: [v for v in values for _ in range(times)] for name, values in rows.items() if name not in PROMPT_COLUMNS}
 
 
-def score(sources: Sequence[RewardSource], prompts: list, texts: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+def score(sources: Sequence[RewardSource], prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
     started = time.perf_counter()
-    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    total, per_source = combined_rewards(sources, prompts, completions, columns)
     return total, per_source, time.perf_counter() - started
 
 
@@ -108,7 +113,7 @@ def evaluate_greedy(
     prompts = [row["prompt"] for row in eval_rows]
     texts = generate(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
-    total, per_source = combined_rewards(sources, prompts, texts, columns)
+    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
     result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
@@ -117,14 +122,32 @@ def evaluate_greedy(
     return result
 
 
+def readable_prompt(prompt: str | list[dict]) -> str:
+    """A prompt as a person reads it in a log: a conversation's last user message, or the text."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
+
+
 def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Tensor, count: int = 6) -> Table:
-    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold")
-    table.add_column("prompt")
-    table.add_column("completion")
+    """The first `count` samples, whole: the prompt as `readable_prompt` shows it, the completion's full text."""
+    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold", show_lines=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column("completion", ratio=2)
     table.add_column("reward", justify="right")
     for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
-        table.add_row(str(prompt)[-60:], repr(text)[:60], f"{reward:.3f}")
+        # Text, not str: a completion's brackets are what the model wrote, never rich markup.
+        table.add_row(Text(readable_prompt(prompt)), Text(text), f"{reward:.3f}")
     return table
+
+
+def sample_records(step: int, rollout: ScoredRollout, rewards: torch.Tensor) -> list[dict]:
+    """One JSON-ready record per completion of a rollout: its step, prompt, completion and rewards."""
+    per_source = {name: values.tolist() for name, values in rollout.per_source.items()}
+    return [{"step": step, "prompt": prompt, "completion": text, "reward": reward, "rewards": {name: values[i] for name, values in per_source.items()},
+             "truncated": truncated}
+            for i, (prompt, text, reward, truncated) in enumerate(zip(rollout.prompts, rollout.texts, rewards.tolist(), rollout.completions.truncated))]
 
 
 @dataclass
@@ -145,7 +168,9 @@ def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], 
     generation_seconds = time.perf_counter() - started
     texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
     prompts = [p for p in rows["prompt"] for _ in range(group)]
-    rewards, per_source, scoring_seconds = score(sources, prompts, texts, repeat_columns(rows, group))
+    # Reward sources get TRL's form: one assistant message per completion after a chat prompt.
+    in_form = [completion_turn(p, t) for p, t in zip(prompts, texts)]
+    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, repeat_columns(rows, group))
     return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
 
 
@@ -186,9 +211,31 @@ def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[Rewar
     return evaluate
 
 
-def maybe_show_samples(logger, every: int, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
-    if every and (number - 1) % every == 0:
-        logger.note(samples_table(number, rollout.prompts, rollout.texts, rewards))
+class RolloutLog:
+    """What a run's log says about its rollouts: which engine sampled them (when it first does, and if
+    it changes), and every `every`-th rollout's samples: a table of a few, and all of them appended to
+    samples.jsonl in the run directory. `steps_per_rollout` optimiser steps follow each rollout."""
+
+    def __init__(self, logger, run_dir: Path, every: int, steps_per_rollout: int):
+        self.logger, self.path, self.every, self.steps_per_rollout = logger, Path(run_dir) / "samples.jsonl", every, steps_per_rollout
+        self.engine = ""
+        self.written = False
+
+    def after(self, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
+        """Log rollout `number` (1-based); `rewards` are the ones the update uses."""
+        if rollout.completions.engine != self.engine:
+            self.engine = rollout.completions.engine
+            self.logger.note(f"rollouts are sampled by {ENGINES.get(self.engine, self.engine)}")
+        if not self.every or (number - 1) % self.every:
+            return
+        step = (number - 1) * self.steps_per_rollout + 1  # the first optimiser step that trains on it
+        self.logger.note(samples_table(step, rollout.prompts, rollout.texts, rewards))
+        if self.logger.enabled:  # the main process only
+            if not self.written:  # a resumed run samples again from here on: drop what an earlier life logged from here
+                keep_until_step(self.path, step - 1)
+                self.written = True
+            with self.path.open("a") as file:
+                file.writelines(json.dumps(record) + "\n" for record in sample_records(step, rollout, rewards))
 
 
 def completion_tokens(batch: dict) -> int:

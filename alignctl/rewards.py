@@ -6,7 +6,9 @@ user code enters a run). It is called as TRL calls its reward functions::
     fn(prompts=[...], completions=[...], **columns) -> list[float]   # one number per completion
 
 where ``columns`` holds the dataset's other columns (``answer`` for the built-in task), one value
-per completion. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
+per completion. As in TRL, a completion is a string after a plain-text prompt and a list of one
+message, ``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
+messages); the built-ins take either. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
 Hydra builds a partial with the extra keyword arguments, so one function serves several settings.
 The built-ins below cover the built-in task: the verifier, a format check and a length penalty.
 """
@@ -18,7 +20,6 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,22 +36,31 @@ class RewardError(UserError):
 
 
 # ------------------------------------------------------------------------------------ built-ins
-def task_verifier(prompts: Sequence, completions: Sequence[str], answer: Sequence[str], **_: Any) -> list[float]:
+Completion = str | list[dict]  # text, or [{"role": "assistant", "content": text}] (TRL's conversational form)
+
+
+def completion_text(completion: Completion) -> str:
+    """The text of a completion in either of TRL's forms."""
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def task_verifier(prompts: Sequence, completions: Sequence[Completion], answer: Sequence[str], **_: Any) -> list[float]:
     """1.0 when the completion's first line is exactly the row's ``answer``, else 0.0."""
     from alignctl.tasks.arithmetic import verify
 
-    return [float(verify(c, a)) for c, a in zip(completions, answer)]
+    return [float(verify(completion_text(c), a)) for c, a in zip(completions, answer)]
 
 
-def format_check(prompts: Sequence, completions: Sequence[str], pattern: str = r"\d+", **_: Any) -> list[float]:
+def format_check(prompts: Sequence, completions: Sequence[Completion], pattern: str = r"\d+", **_: Any) -> list[float]:
     """1.0 when the whole completion is one line matching `pattern` (default: digits only), else 0.0."""
     compiled = re.compile(pattern)
-    return [float(compiled.fullmatch(c.strip()) is not None and "\n" not in c.strip()) for c in completions]
+    texts = [completion_text(c).strip() for c in completions]
+    return [float(compiled.fullmatch(t) is not None and "\n" not in t) for t in texts]
 
 
-def length_penalty(prompts: Sequence, completions: Sequence[str], max_chars: int = 8, **_: Any) -> list[float]:
+def length_penalty(prompts: Sequence, completions: Sequence[Completion], max_chars: int = 8, **_: Any) -> list[float]:
     """-(characters beyond max_chars) / max_chars: 0 for short enough completions, more negative as they ramble."""
-    return [-max(0, len(c) - max_chars) / max_chars for c in completions]
+    return [-max(0, len(completion_text(c)) - max_chars) / max_chars for c in completions]
 
 
 # -------------------------------------------------------------------------------------- sources
@@ -58,7 +68,7 @@ def length_penalty(prompts: Sequence, completions: Sequence[str], max_chars: int
 class RewardSource:
     name: str
     weight: float
-    score: Callable[[list, list[str], dict[str, list]], torch.Tensor]  # prompts, completions, columns -> (N,)
+    score: Callable[[list, list, dict[str, list]], torch.Tensor]  # prompts, completions (either form), columns -> (N,)
 
 
 DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*[.:][A-Za-z_]\w*")
@@ -93,8 +103,8 @@ def _build(entry: Any, where: str) -> tuple[str, Callable, float | None]:
     raise RewardError(f"{where}: expected a dotted path or {{_target_: path, weight: w, ...}}, got {entry!r}")
 
 
-def _checked(name: str, function: RewardFn) -> Callable[[list, list[str], dict[str, list]], torch.Tensor]:
-    def score(prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+def _checked(name: str, function: RewardFn) -> Callable[[list, list, dict[str, list]], torch.Tensor]:
+    def score(prompts: list, completions: list, columns: dict[str, list]) -> torch.Tensor:
         try:
             values = function(prompts=prompts, completions=completions, **columns)
         except Exception as err:  # user code: any failure is reported with the function's name
@@ -129,33 +139,29 @@ def function_sources(entries: Sequence[Any], weights: Sequence[float] | None) ->
     return sources
 
 
-def model_source(scorer: torch.nn.Module, tokenizer, max_length: int, batch_size: int, weight: float, trim_top_layer: bool = True) -> RewardSource:
-    """A reward model (from recipe=reward) as a source: it reads prompt + completion + EOS, the way it
-    was trained; with `trim_top_layer` its top layer runs at the scored position only (alignctl/last_token.py)."""
-    from alignctl.batching import pad
-    from alignctl.encode import encode_completion, encode_prompt
-    from alignctl.last_token import top_layer_at_last_token
+def model_source(scorer: torch.nn.Module, tokenizer, batch_size: int, weight: float, trim_top_layer: bool = True) -> RewardSource:
+    """A reward model (from recipe=reward) as a source: it reads each (prompt, completion) as reward
+    training did, text and position alike (alignctl/scored_text.py), padded on the tokenizer's side."""
+    from alignctl.scored_text import padded, scored_ids, sequence_scores
 
     device = next(scorer.parameters()).device
 
     @torch.no_grad()
-    def score(prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+    def score(prompts: list, completions: list, columns: dict[str, list]) -> torch.Tensor:
         scorer.eval()
-        sequences = [(encode_prompt(tokenizer, p) + encode_completion(tokenizer, p, c))[-max_length:] for p, c in zip(prompts, completions)]
+        # Not cut to recipe.max_length: a rollout fits it, and a cut row would be read differently than trained.
+        sequences = [scored_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
         out = []
         for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start : start + batch_size]
-            input_ids = pad(chunk, tokenizer.pad_token_id).to(device)
-            attention_mask = pad([[1] * len(s) for s in chunk], 0).to(device)
-            with top_layer_at_last_token(scorer, input_ids, attention_mask, tokenizer.pad_token_id) if trim_top_layer else nullcontext():
-                scores = scorer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            out.append(scores.squeeze(-1).float().cpu())
+            input_ids, attention_mask = padded(sequences[start : start + batch_size], tokenizer.pad_token_id, tokenizer.padding_side)
+            scores, _ = sequence_scores(scorer, input_ids.to(device), attention_mask.to(device), tokenizer.pad_token_id, trim_top_layer)
+            out.append(scores.cpu())
         return torch.cat(out)
 
     return RewardSource("reward_model", weight, score)
 
 
-def combined_rewards(sources: Sequence[RewardSource], prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def combined_rewards(sources: Sequence[RewardSource], prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of every source's rewards (N,), and each source's own rewards by name."""
     per_source = {source.name: source.score(prompts, completions, columns) for source in sources}
     total = sum(source.weight * per_source[source.name] for source in sources)

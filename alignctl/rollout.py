@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -43,6 +43,11 @@ class Completions:
     prompt_ids: list[list[int]]  # one per completion (a prompt's K completions repeat its ids)
     completion_ids: list[list[int]]  # each ends with EOS unless truncated
     truncated: list[bool]  # no EOS within max_new_tokens
+    engine: str = ""  # what sampled them: a key of ENGINES
+
+
+# What each engine is, as the run's log names it.
+ENGINES = {"native": "the native decoder (alignctl/decode.py)", "hf": "transformers generate", "vllm": "vLLM (alignctl/vllm_engine.py)"}
 
 
 @torch.no_grad()
@@ -57,14 +62,14 @@ def sample(
     """`num_generations` sampled completions per prompt, the K of a prompt consecutive."""
     model.eval()
     if sampling.engine == "vllm":
-        return vllm_sample(model, prompt_ids, num_generations, sampling, eos_id)
+        return replace(vllm_sample(model, prompt_ids, num_generations, sampling, eos_id), engine="vllm")
     device = next(model.parameters()).device
     input_ids = pad(prompt_ids, pad_id, side="left").to(device)
     attention_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
     if native_engine(model, sampling.engine, input_ids, attention_mask, sampling.max_new_tokens):
         new_tokens = decode.sample(model, input_ids, attention_mask, num_generations, sampling.temperature, sampling.top_k, sampling.top_p,
                                    sampling.max_new_tokens, eos_id, pad_id)
-        return completions_from(new_tokens, prompt_ids, num_generations, eos_id)
+        return replace(completions_from(new_tokens, prompt_ids, num_generations, eos_id), engine="native")
     cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
     if cache is not None:  # generate() then starts from the cache: K rows per prompt, one per completion
         input_ids, attention_mask = input_ids.repeat_interleave(num_generations, 0), attention_mask.repeat_interleave(num_generations, 0)
@@ -84,7 +89,7 @@ def sample(
         # FSDP: every process takes part in every forward, so all go on until the last one is done.
         synced_gpus=is_sharded(model),
     )
-    return completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id)
+    return replace(completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id), engine="hf")
 
 
 def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], num_generations: int, eos_id: int) -> Completions:

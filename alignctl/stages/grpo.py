@@ -29,11 +29,11 @@ from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, Reference, RunConfig
 from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
 from alignctl.online_rl import (
+    RolloutLog,
     completion_count,
     completion_tokens,
     greedy_evaluator,
     load_prompts,
-    maybe_show_samples,
     queue_steps,
     reward_sources,
     rollout_metric_shares,
@@ -77,6 +77,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
+    rollout_log = RolloutLog(logger, run_dir, cfg.logger.samples_every, recipe.steps_per_generation * recipe.num_iterations)
     pending: deque[list[dict]] = deque()  # the optimiser steps left from the current rollout
     rollouts = 0
 
@@ -100,7 +101,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         # Token-level aggregation is a mean over the step's completion tokens, sequence-level over its completions.
         items = completion_tokens if recipe.loss_aggregation.value == "token" else completion_count
         queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_iterations, per_token, per_sequence, stats, device, tokenizer.pad_token_id, items)
-        maybe_show_samples(logger, cfg.logger.samples_every, rollouts, rollout, rollout.rewards)
+        rollout_log.after(rollouts, rollout, rollout.rewards)
 
     def next_step() -> list[dict]:
         if not pending:

@@ -143,7 +143,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rewards, good, bad = out["rewards"], desirable.float(), (~desirable).float()
         # Sums and counts, as TRL logs them: means per class are sum / count over a whole step.
         return losses.sum() / num_items, {
-            "kl": kl.detach() * rows / num_items,
+            "kl": out["kl"] * rows / num_items,  # the reference point the loss used: the estimate clamped at 0
             "rewards/chosen_sum": (rewards * good).sum(),
             "rewards/rejected_sum": (rewards * bad).sum(),
             "logps/chosen_sum": (policy_logps.detach() * good).sum(),

@@ -27,10 +27,11 @@ from alignctl.online_rl import encode_prompts, repeat_columns, reward_sources, s
 from alignctl.registry import register_stage
 from alignctl.rollout import Sampling, sample
 from alignctl.rundir import RunDir, write_json_atomic
+from alignctl.scored_text import completion_turn
 from alignctl.training import start_process
 
 
-def best_and_worst(prompts: list, texts: list[str], rewards: torch.Tensor, group: int) -> list[dict]:
+def best_and_worst(prompts: list, texts: list, rewards: torch.Tensor, group: int) -> list[dict]:
     """One pair per prompt whose K completions do not all score the same: the highest against the lowest."""
     pairs = []
     for start in range(0, len(texts), group):
@@ -66,8 +67,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             sampled = sample(policy, rows["prompt_ids"], K, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
             repeated = [p for p in rows["prompt"] for _ in range(K)]
-            rewards, _, _ = score(sources, repeated, texts, repeat_columns(rows, K))
-            pairs += best_and_worst(repeated, texts, rewards, K)
+            # TRL's forms: after a chat prompt a completion is one assistant message, in scoring and in the pairs written.
+            in_form = [completion_turn(p, t) for p, t in zip(repeated, texts)]
+            rewards, _, _ = score(sources, repeated, in_form, repeat_columns(rows, K))
+            pairs += best_and_worst(repeated, in_form, rewards, K)
             reward_sum, completions = reward_sum + float(rewards.sum()), completions + len(texts)
         if not pairs:
             raise DataError(f"pairs: all {K} completions of every prompt scored the same; nothing to prefer (raise temperature or num_generations)")

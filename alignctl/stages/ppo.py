@@ -42,10 +42,10 @@ from alignctl.losses import (
 )
 from alignctl.models import base_dir_of, load_reward_model, model_path
 from alignctl.online_rl import (
+    RolloutLog,
     completion_tokens,
     greedy_evaluator,
     load_prompts,
-    maybe_show_samples,
     queue_steps,
     reward_sources,
     rollout_metric_shares,
@@ -145,6 +145,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
     kl_control = AdaptiveKLController(recipe.beta, recipe.kl_target, recipe.kl_horizon)
+    rollout_log = RolloutLog(logger, run_dir, cfg.logger.samples_every, recipe.steps_per_generation * recipe.num_ppo_epochs)
     pending: deque[list[dict]] = deque()
     rollouts = 0
 
@@ -190,7 +191,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         kl_control.update(float(sequence_kl.mean()), len(rollout.texts))
         # The loss is a mean over the step's completion tokens.
         queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_ppo_epochs, per_token, {}, stats, device, pad_id, completion_tokens)
-        maybe_show_samples(logger, cfg.logger.samples_every, rollouts, rollout, scores)
+        rollout_log.after(rollouts, rollout, scores)
 
     def next_step() -> list[dict]:
         if not pending:

@@ -6,14 +6,14 @@ Starts from: ``inputs.init=<run dir>`` (an SFT run: the backbone then already kn
 a fresh scalar head is added) or ``model``.
 Writes: checkpoint/ (loads as transformers.AutoModelForSequenceClassification), metrics.jsonl,
 eval.json (pair accuracy and mean margin on the eval pairs), lineage.json.
-Assumes: the score of a sequence is read at its last non-padding token (the pad id must differ
-from the tokens that end a sequence, or the score is read one token earlier, consistently).
+Scores: each side of a pair is the text alignctl/scored_text.py builds and is read where it says
+(transformers' pooling: the rightmost token that is not the pad id), the same text and position as
+PPO/GRPO rollout scoring uses.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,11 +24,10 @@ from transformers import AutoConfig
 from alignctl import data as data_lib
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, pad, split_micro
+from alignctl.batching import BatchStream, split_micro
 from alignctl.config import RewardConfig, RunConfig
 from alignctl.encode import IGNORE, encode_rows, preference_example
 from alignctl.errors import ConfigError
-from alignctl.last_token import top_layer_at_last_token
 from alignctl.losses import reward_model_loss, sft_loss
 from alignctl.models import (
     add_decoder_layers,
@@ -40,6 +39,7 @@ from alignctl.models import (
     model_path,
 )
 from alignctl.registry import register_stage
+from alignctl.scored_text import completion_turn, padded, sequence_scores
 from alignctl.training import (
     start_process,
     start_training,
@@ -52,7 +52,9 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConf
     has_margin = "margin" in dataset.column_names
 
     def encode(row: dict, index: int) -> dict | None:
-        example = preference_example(tokenizer, row, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
+        # A string answer to a conversational prompt is an assistant turn, as rollout scoring renders it.
+        sides = {side: completion_turn(row.get("prompt"), row[side]) for side in ("chosen", "rejected")}
+        example = preference_example(tokenizer, row | sides, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
         if example is None:
             return None
         prompt = example["prompt_ids"]
@@ -66,8 +68,7 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConf
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
     """Chosen sequences then rejected ones, right-padded, scored in one forward."""
     sequences = rows["chosen"] + rows["rejected"]
-    input_ids = pad(sequences, pad_id)
-    attention_mask = pad([[1] * len(s) for s in sequences], 0)
+    input_ids, attention_mask = padded(sequences, pad_id)
     width = input_ids.size(1)
     return {
         "input_ids": input_ids.to(device),
@@ -134,9 +135,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         with_lm = lm_weight is not None and "step_lm_tokens" in batch  # training steps only, not eval
         # The LM loss without extra layers reads the top layer's output at every position.
         trim = recipe.trim_top_layer and not (with_lm and recipe.extra_layers == 0)
-        with top_layer_at_last_token(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id) if trim else nullcontext():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=with_lm, use_cache=False)
-        scores = out.logits.squeeze(-1).float()
+        scores, out = sequence_scores(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id, trim, output_hidden_states=with_lm)
         pairs = batch["num_items"]
         chosen, rejected = scores[:pairs], scores[pairs:]
         losses = reward_model_loss(chosen, rejected, batch["margin"] if use_margin else None, recipe.center_rewards_coefficient)

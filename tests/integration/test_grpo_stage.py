@@ -7,6 +7,7 @@ must raise held-out greedy accuracy with the task verifier as the only reward.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 
@@ -26,6 +27,10 @@ def too_short(prompts, completions, **_):
 
 def not_a_number(prompts, completions, **_):
     return ["good"] * len(completions)
+
+def digits_only(completions, **kwargs):
+    # Written to TRL's documented form for conversational prompts: each completion is [{"role": "assistant", "content": ...}].
+    return [float(completion[0]["content"].strip().isdigit()) for completion in completions]
 '''
 
 
@@ -123,6 +128,25 @@ def test_user_reward_function_gets_columns_kwargs_and_weight(alignctl, tmp_path)
         assert record["rewards/scaled_target/mean"] == pytest.approx(1.5)  # scale x target
         assert record["reward"] == pytest.approx(3.0)  # weight x that
         assert record["frac_reward_zero_std"] == 1.0  # every completion earned the same
+
+
+def test_chat_prompts_with_a_trl_style_reward_function_and_the_samples_log(alignctl, tmp_path):
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    data = tmp_path / "chat_prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i:03d}+001="}]}) + "\n" for i in range(40)))
+    run_dir = tmp_path / "chat"
+    result = alignctl("train", "recipe=grpo", "data=hf", f"data.path={data}", "data.eval_split=null",
+                      "recipe.reward_funcs=[user_rewards.digits_only]", "recipe.max_steps=2", "recipe.batch_size=16",
+                      "recipe.num_generations=4", "logger.samples_every=1", f"hydra.run.dir={run_dir}")
+    run = StageRun("chat", run_dir, result)
+    run.assert_finished()
+    assert all(0 <= r["rewards/digits_only/mean"] <= 1 for r in run.train_records())
+    assert run.flat_output.count("rollouts are sampled by the native decoder") == 1
+    assert re.search(r"\d{3}\+001=", run.flat_output) and "'role'" not in run.flat_output  # the table shows the user's message
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 16 + [2] * 16  # every completion of each logged rollout
+    assert samples[0]["prompt"][0]["role"] == "user" and isinstance(samples[0]["completion"], str)
+    assert all(s["reward"] == s["rewards"]["digits_only"] for s in samples)
 
 
 @pytest.mark.parametrize(

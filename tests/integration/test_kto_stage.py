@@ -34,6 +34,7 @@ def test_kto_trains_from_sft_with_each_reference(alignctl, tmp_path, sft_run):
         train = [line for line in lines if "kl" in line and "loss" in line]
         assert len(train) == 3 and KTO_KEYS <= set(train[0]), train[0]
         assert all(math.isfinite(line["loss"]) for line in train)
+        assert all(line["kl"] >= 0 for line in train)  # the reference point the loss used, clamped at 0
         assert train[0]["count/chosen"] + train[0]["count/rejected"] == 8
         evals = [line for line in lines if "eval_rewards/margins" in line]
         assert evals[0]["step"] == 0 and evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_loss"] == pytest.approx(0.5)

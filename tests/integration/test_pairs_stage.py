@@ -59,3 +59,19 @@ def test_pairs_without_a_policy_that_ever_differs_is_one_line(alignctl, tmp_path
                       f"hydra.run.dir={tmp_path / 'p'}")
     assert result.returncode == 2, result.describe()
     assert "nothing to prefer" in result.stderr and len(result.stderr_lines()) == 1
+
+
+def test_pairs_of_chat_prompts_are_conversations_in_trls_form(alignctl, tmp_path):
+    data = tmp_path / "chat_prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i:03d}+001="}]}) + "\n" for i in range(12)))
+    run_dir = tmp_path / "chat"
+    result = alignctl("train", "recipe=pairs", "data=hf", f"data.path={data}", "data.eval_split=null", "recipe.num_prompts=8",
+                      "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 2}]", f"hydra.run.dir={run_dir}")
+    StageRun("chat", run_dir, result).assert_finished()
+    pairs = [json.loads(line) for line in (run_dir / "data.jsonl").read_text().splitlines()]
+    assert pairs
+    for pair in pairs:  # scored and written as assistant turns, so DPO and reward training render them as turns too
+        assert pair["prompt"][0]["role"] == "user"
+        for side in ("chosen", "rejected"):
+            assert [m["role"] for m in pair[side]] == ["assistant"] and isinstance(pair[side][0]["content"], str)
+        assert len(pair["chosen"][0]["content"]) < len(pair["rejected"][0]["content"])  # length_penalty prefers the shorter

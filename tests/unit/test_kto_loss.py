@@ -35,9 +35,15 @@ def test_hand_worked_with_a_kl_reference_point():
 def test_negative_kl_estimates_are_clamped_to_zero():
     policy, reference = torch.tensor([-1.0]), torch.tensor([-1.5])
     desirable = torch.tensor([True])
-    clamped, _ = kto_loss(policy, reference, desirable, torch.tensor(-3.0), beta=1.0)
+    clamped, out = kto_loss(policy, reference, desirable, torch.tensor(-3.0), beta=1.0)
     at_zero, _ = kto_loss(policy, reference, desirable, torch.tensor(0.0), beta=1.0)
     assert torch.equal(clamped, at_zero)
+    assert out["kl"].item() == 0.0  # what the stage logs as `kl`: the reference point used, not the raw -3
+
+
+def test_the_reference_point_used_is_returned_for_logging():
+    _, out = kto_loss(torch.tensor([-1.0]), torch.tensor([-1.5]), torch.tensor([True]), torch.tensor(0.25), beta=1.0)
+    assert out["kl"].item() == 0.25
 
 
 def test_gradients_push_desirable_up_and_undesirable_down_but_not_through_kl():

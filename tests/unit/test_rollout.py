@@ -158,6 +158,7 @@ def test_completions_end_at_their_first_eos_or_are_truncated(lm, engine):
         lm, SAMPLE_PROMPTS, 4, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, engine=engine), PAD, EOS
     )
     assert len(out.completion_ids) == len(out.truncated) == 12
+    assert out.engine == engine  # what the run's log names (online_rl.RolloutLog)
     for tokens, truncated in zip(out.completion_ids, out.truncated):
         if truncated:
             assert len(tokens) == 6 and EOS not in tokens
@@ -165,6 +166,11 @@ def test_completions_end_at_their_first_eos_or_are_truncated(lm, engine):
             assert tokens[-1] == EOS and tokens.count(EOS) == 1
     # this seed gives both kinds, so both branches above were checked
     assert any(out.truncated) and not all(out.truncated)
+
+
+def test_auto_names_the_engine_that_ran(lm):
+    out = sample(lm, SAMPLE_PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3, engine="auto"), PAD, EOS)
+    assert out.engine == "native"  # a Llama on sdpa: the native decoder applies
 
 
 @pytest.mark.parametrize("engine", ["hf", "native"])
