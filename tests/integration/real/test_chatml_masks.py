@@ -101,3 +101,21 @@ def test_a_completion_cut_by_max_length_is_counted(tok, capsys):
     assert len(kept) == 2 and max(len(ids) for ids in kept["input_ids"]) == short
     out = " ".join(capsys.readouterr().out.split())
     assert f"chat.jsonl: 1 of 2 rows have a completion cut short by recipe.max_length={short}" in out
+
+
+@pytest.mark.slow
+def test_the_readme_real_model_example_trains_with_the_defaults(smollm2_dir, alignctl, tmp_path):
+    """`recipe=sft model=... data=hf` on chat rows: the real-model defaults fit them (no row cut or refused)."""
+    import json
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}? Answer with the number only."},
+                                                     {"role": "assistant", "content": str(2 * i)}]}) + "\n" for i in range(20)))
+    run_dir = tmp_path / "run"
+    result = alignctl("train", "recipe=sft", "model=smollm2", "data=hf", f"data.path={data}", "data.eval_split=null",
+                      "recipe.max_steps=1", "recipe.batch_size=2", "hardware.num_threads=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.describe()
+    assert "cut short" not in result.output and "dropped and" not in result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 1
+    assert metrics[-1]["learning_rate"] > 0 and metrics[-1]["loss"] < 10  # lr 2e-5 schedule, a sane chat-model loss
