@@ -149,6 +149,7 @@ class DataConfig:
     num_proc: int | None = within("[1, 1024]", "null: one")
     eval_limit: int | None = within("[1, 1e12]", "null: all")  # use only the first N eval rows (None: all)
     eval_task: str | None  # a built-in task whose held-out prompts measure exact match (None: data.path's own)
+    system_prompt: str | None  # opens every conversation without a system message (None: as the rows are; "": an empty one)
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "path", "is required (builtin:arithmetic, a hub id, a directory or a data file)")

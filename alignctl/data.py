@@ -125,8 +125,8 @@ def load_split(data: DataConfig, fmt: str, split: str) -> Dataset:
             raise DataError(f"data.path: file or directory {data.path!r} does not exist")
         else:
             dataset = _load_dir_or_hub(data.path, data.config_name, split)
-    check_columns(dataset, fmt, where)
-    return dataset
+    columns = check_columns(dataset, fmt, where)
+    return with_system_prompt(dataset, data.system_prompt, columns, where)
 
 
 def _load_dir_or_hub(path: str, config_name: str | None, split: str) -> Dataset:
@@ -205,6 +205,31 @@ def _check_values(dataset: Dataset, columns: tuple[str, ...], where: str) -> Non
                 problem = _conversation_problem(value, column)
             if problem:
                 raise DataError(f"{where}: row {row_number}, column {column!r}: {problem}")
+
+
+def with_system_prompt(dataset: Dataset, system_prompt: str | None, columns: tuple[str, ...], where: str) -> Dataset:
+    """data.system_prompt: this system message opens every conversation that has none (null: rows as
+    they are, and the chat template may add its own default; "": an empty system message, which keeps
+    a template such as SmolLM2's from inserting its default one)."""
+    if system_prompt is None:
+        return dataset
+    # The conversation that opens a row: its prompt, its messages, or (without a prompt column) both sides of a pair.
+    targets = [c for c in ("prompt", "messages") if c in columns] or [c for c in ("chosen", "rejected") if c in columns]
+    if not all(isinstance(dataset[0][c], list) for c in targets):
+        raise DataError(f"data.system_prompt: {where} has plain-text prompts, which do not go through the chat template; "
+                        "give conversational rows (lists of {role, content} messages) or leave data.system_prompt=null")
+
+    def add(row: dict) -> dict:
+        out = {}
+        for column in targets:
+            messages = row[column]
+            if messages and messages[0]["role"] == "system":
+                out[column] = messages
+            else:  # the same keys as the row's messages, so datasets keeps one message type
+                out[column] = [{**dict.fromkeys(messages[0] if messages else ()), "role": "system", "content": system_prompt}, *messages]
+        return out
+
+    return dataset.map(add)
 
 
 def load_eval_split(data: DataConfig, fmt: str) -> Dataset | None:

@@ -35,6 +35,17 @@ def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
+def through_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[bool]:
+    """Which of an assistant turn's tokens carry the loss: everything up to and including the first EOS.
+
+    A template whose end of turn is EOS may follow it with more text (ChatML's ``<|im_end|>\\n``): the
+    model stops generating at EOS and never produces what comes after it, so training it would teach a
+    token no rollout contains."""
+    eos = tokenizer.eos_token_id
+    end = ids.index(eos) + 1 if eos in ids else len(ids)
+    return [i < end for i in range(len(ids))]
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
     """Token ids a generation call starts from (chat prompts end with the assistant header)."""
     if isinstance(prompt, str):
@@ -68,10 +79,10 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
         turn = _template(tokenizer, messages[: i + 1], generation_prompt=False)
         if not (head.startswith(rendered) and turn.startswith(head)):
             raise DataError("the chat template is not prefix-consistent across turns; cannot mask assistant turns")
-        for text, train in ((head[len(rendered) :], False), (turn[len(head) :], True)):
-            piece = _ids(tokenizer, text)
-            ids += piece
-            trainable += [train] * len(piece)
+        context = _ids(tokenizer, head[len(rendered) :])
+        piece = _ids(tokenizer, turn[len(head) :])
+        ids += context + piece
+        trainable += [False] * len(context) + through_eos(tokenizer, piece)
         rendered = turn
     tail = _ids(tokenizer, _template(tokenizer, messages, generation_prompt=False)[len(rendered) :])
     ids, trainable = ids + tail, trainable + [False] * len(tail)
@@ -115,8 +126,8 @@ def sft_example(
         if prompt_ids is None:
             return None
         completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])
-        ids = (prompt_ids + completion_ids)[:max_length]
-        trainable = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+        ids = prompt_ids + completion_ids
+        trainable = [False] * len(prompt_ids) + through_eos(tokenizer, completion_ids)
     elif tuple(columns) == ("messages",):
         ids, trainable = encode_messages(tokenizer, row["messages"])
         # Everything before the first assistant turn plays the prompt's part for data.overlong.
@@ -125,10 +136,13 @@ def sft_example(
         if kept_head is None:
             return None
         cut = head - len(kept_head)
-        ids, trainable = ids[cut:][:max_length], trainable[cut:][:max_length]
+        ids, trainable = ids[cut:], trainable[cut:]
     else:  # ("text",): plain language modelling on every token
-        ids = _with_eos(tokenizer, _ids(tokenizer, row["text"], special=True))[:max_length]
+        ids = _with_eos(tokenizer, _ids(tokenizer, row["text"], special=True))
         trainable = [True] * len(ids)
+    if any(trainable[max_length:]):  # a trained token does not fit: counted, never silent (encode_rows)
+        _ROW["completion_cut"] = True
+    ids, trainable = ids[:max_length], trainable[:max_length]
     if not completion_only:
         trainable = [True] * len(ids)
     labels = [token if train else IGNORE for token, train in zip(ids, trainable, strict=True)]
@@ -154,38 +168,51 @@ def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length
     room = max_length - len(prompt_ids)
     return {
         "prompt_ids": prompt_ids,
-        "chosen_ids": encode_completion(tokenizer, prompt, chosen)[:room],
-        "rejected_ids": encode_completion(tokenizer, prompt, rejected)[:room],
+        "chosen_ids": fit_completion(tokenizer, encode_completion(tokenizer, prompt, chosen), room),
+        "rejected_ids": fit_completion(tokenizer, encode_completion(tokenizer, prompt, rejected), room),
     }
 
 
-# Set by fit_prompt when it cuts the row being encoded, read by encode_rows. A plain dict: every
-# worker process of a parallel map has its own, and datasets can pickle it to fingerprint the map
-# (it is reset before each map, so the fingerprint does not depend on the previous one).
-_ROW = {"cut": False}
+def fit_completion(tokenizer: PreTrainedTokenizerBase, completion_ids: list[int], room: int) -> list[int]:
+    """The first `room` tokens of a completion; cutting into it (up to its EOS) is counted by encode_rows."""
+    if any(through_eos(tokenizer, completion_ids)[room:]):
+        _ROW["completion_cut"] = True
+    return completion_ids[:room]
+
+
+# Set by fit_prompt when it cuts the prompt of the row being encoded, and by sft_example/fit_completion
+# when max_length cuts into its completion; read by encode_rows. A plain dict: every worker process of
+# a parallel map has its own, and datasets can pickle it to fingerprint the map (it is reset before
+# each map, so the fingerprint does not depend on the previous one).
+_ROW = {"cut": False, "completion_cut": False}
 
 
 def encode_rows(dataset, encode, empty: dict, num_proc: int | None, where: str, max_length: int, minimum: int = 1):
     """Map `encode(row, index) -> dict | None` over a datasets.Dataset, dropping the rows it returns
     None for (data.overlong=drop). `empty` gives the columns a dropped row holds until it is filtered.
-    Prints how many rows data.overlong dropped or truncated (never silent).
-    Raises a DataError when fewer than `minimum` rows remain."""
+    Prints how many rows data.overlong dropped or truncated and how many completions max_length cut
+    (never silent). Raises a DataError when fewer than `minimum` rows remain."""
 
     def wrapped(row: dict, index: int) -> dict:
-        _ROW["cut"] = False
+        _ROW.update(cut=False, completion_cut=False)
         example = encode(row, index)
-        cut = _ROW["cut"]
-        return {**empty, "keep": False, "cut": False} if example is None else {**example, "keep": True, "cut": cut}
+        flags = {"cut": _ROW["cut"], "completion_cut": _ROW["completion_cut"]}
+        return {**empty, "keep": False, "cut": False, "completion_cut": False} if example is None else {**example, "keep": True, **flags}
 
-    _ROW["cut"] = False
+    _ROW.update(cut=False, completion_cut=False)
     encoded = dataset.map(wrapped, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc)
-    truncated = sum(encoded["cut"])
-    kept = encoded.filter(lambda row: row["keep"]).remove_columns(["keep", "cut"])
+    truncated, completions_cut = sum(encoded["cut"]), sum(encoded["completion_cut"])
+    kept = encoded.filter(lambda row: row["keep"]).remove_columns(["keep", "cut", "completion_cut"])
     if truncated or len(kept) < len(dataset):
         from alignctl.metrics import console
 
         console.print(f"{where}: {len(dataset) - len(kept)} rows dropped and {truncated} prompts truncated from the left "
                       f"to fit recipe.max_length={max_length} (data.overlong)")
+    if completions_cut:
+        from alignctl.metrics import console
+
+        console.print(f"{where}: {completions_cut} of {len(dataset)} rows have a completion cut short by recipe.max_length={max_length} "
+                      "(it loses its end, EOS included); raise recipe.max_length to keep them whole")
     if len(kept) < minimum:
         raise DataError(f"{where}: {len(kept)} rows fit recipe.max_length={max_length}; at least {minimum} needed")
     return kept

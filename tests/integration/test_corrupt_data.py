@@ -35,7 +35,7 @@ WRONG_VALUES = [7, 2.5, True, ["a", "b"], {"nested": 1}]
 
 def _data_config(path: Path) -> DataConfig:
     return DataConfig(path=str(path), config_name=None, train_split="train", eval_split=None, overlong=Overlong.error,
-                      num_proc=None, eval_limit=None, eval_task=None)
+                      num_proc=None, eval_limit=None, eval_task=None, system_prompt=None)
 
 
 def _write(path: Path, rows: list) -> bytes:

@@ -33,7 +33,7 @@ def tok():
 
 @pytest.fixture
 def data_config():
-    def make(path, train_split="train", eval_split=None, overlong=Overlong.error) -> DataConfig:
+    def make(path, train_split="train", eval_split=None, overlong=Overlong.error, system_prompt=None) -> DataConfig:
         return DataConfig(
             path=str(path),
             config_name=None,
@@ -43,6 +43,7 @@ def data_config():
             num_proc=None,
             eval_limit=None,
             eval_task=None,
+            system_prompt=system_prompt,
         )
 
     return make

@@ -164,3 +164,31 @@ def test_builtin_feedback_eval_unpairs_the_held_out_preference_pairs(data_config
 
 def test_an_unknown_builtin_task_lists_the_valid_ones(data_config):
     assert load_error(data_config("builtin:nope")) == "data.path: unknown built-in task 'nope'; valid: arithmetic"
+
+
+SYSTEM = {"role": "system", "content": "Answer in digits."}
+CHAT = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]
+
+
+def test_system_prompt_opens_every_conversation_without_one(tmp_path, data_config):
+    own = {"role": "system", "content": "Be terse."}
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": [own, *CHAT]}])
+    rows = load_split(data_config(path, system_prompt="Answer in digits."), "sft", "train")["messages"]
+    assert rows == [[SYSTEM, *CHAT], [own, *CHAT]]  # a row's own system message is kept
+    assert load_split(data_config(path), "sft", "train")["messages"][0] == CHAT  # null: rows as they are
+    assert load_split(data_config(path, system_prompt=""), "sft", "train")["messages"][0][0] == {"role": "system", "content": ""}
+
+
+def test_system_prompt_goes_into_the_prompt_or_both_sides_of_an_implicit_pair(tmp_path, data_config):
+    prompted = write_jsonl(tmp_path / "p.jsonl", [{"prompt": CHAT[:1], "chosen": CHAT[1:], "rejected": [{"role": "assistant", "content": "4"}]}])
+    row = load_split(data_config(prompted, system_prompt="Answer in digits."), "preference", "train")[0]
+    assert row["prompt"] == [SYSTEM, CHAT[0]] and row["chosen"] == CHAT[1:]
+    implicit = write_jsonl(tmp_path / "i.jsonl", [{"chosen": CHAT, "rejected": [CHAT[0], {"role": "assistant", "content": "4"}]}])
+    row = load_split(data_config(implicit, system_prompt="Answer in digits."), "preference", "train")[0]
+    assert row["chosen"][0] == SYSTEM and row["rejected"][0] == SYSTEM
+
+
+def test_system_prompt_with_plain_text_prompts_is_an_error(tmp_path, data_config):
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    message = load_error(data_config(path, system_prompt="Answer in digits."))
+    assert "data.system_prompt" in message and "plain-text prompts" in message and "data.system_prompt=null" in message

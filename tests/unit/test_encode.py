@@ -89,7 +89,11 @@ def test_a_template_that_ends_turns_with_eos_gets_no_second_eos(tok):
     )
     assert text_of(tok, encode_completion(tok, [USER], [REPLY])) == "2</s>\n"
     ids, trainable = encode_messages(tok, [USER, REPLY])
-    assert text_of(tok, [i for i, t in zip(ids, trainable, strict=True) if t]) == "2</s>\n"
+    assert text_of(tok, ids).endswith("2</s>\n")
+    # EOS ends the turn and is trained; the "\n" after it is never generated, so it carries no loss.
+    assert text_of(tok, [i for i, t in zip(ids, trainable, strict=True) if t]) == "2</s>"
+    row = example(tok, {"prompt": [USER], "completion": [REPLY]})
+    assert text_of(tok, [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE]) == "2</s>"
 
 
 def test_conversational_data_without_a_chat_template_is_a_data_error(tok):
@@ -149,3 +153,37 @@ def test_overlong_truncate_keeps_the_end_of_the_prompt(tok):
 
 def test_truncate_to_max_length_one_leaves_an_empty_prompt():
     assert fit_prompt([5, 6, 7], max_length=1, overlong="truncate", where="w") == []
+
+
+def test_completions_cut_by_max_length_are_counted_and_printed(tok, capsys):
+    from datasets import Dataset
+
+    from alignctl.encode import encode_rows, preference_example
+
+    rows = Dataset.from_list([{"prompt": "1+1=", "completion": "2"}, {"prompt": "1+1=", "completion": "123456"}])
+    # 4 prompt tokens + "2</s>" fit 8 tokens; "123456</s>" loses its last three, EOS included.
+    kept = encode_rows(rows, lambda row, i: example(tok, row, max_length=8), {"input_ids": [], "labels": []}, None, "d.jsonl", 8)
+    assert [len(ids) for ids in kept["input_ids"]] == [6, 8]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "d.jsonl: 1 of 2 rows have a completion cut short by recipe.max_length=8" in out
+
+    pairs = Dataset.from_list([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "1+1=", "chosen": "2", "rejected": "12345"}])
+    encode_rows(pairs, lambda row, i: preference_example(tok, row, 7, "error", "w"), {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []},
+                None, "p.jsonl", 7)
+    assert "p.jsonl: 1 of 2 rows have a completion cut" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_cut_that_removes_only_untrained_template_text_is_not_counted(tok, capsys):
+    from datasets import Dataset
+
+    from alignctl.encode import encode_rows
+
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    rows = Dataset.from_list([{"messages": [USER, REPLY]}])  # <|user|>1+1=</s>\n<|assistant|>2</s>\n: 11 tokens
+    kept = encode_rows(rows, lambda row, i: example(tok, row, columns=("messages",), max_length=10), {"input_ids": [], "labels": []},
+                       None, "m.jsonl", 10)
+    assert text_of(tok, kept[0]["input_ids"]).endswith("2</s>")  # only the masked "\n" went
+    assert "cut short" not in capsys.readouterr().out
