@@ -41,12 +41,14 @@ def native_bf16(device_type: str) -> bool:
     return device_type == "cpu" and cpu_has_native_bf16()
 
 
-def settle(cfg: Any, device_type: str) -> None:
+def settle(cfg: Any, device_type: str, native: bool | None = None) -> None:
     """Replace `auto` in cfg.hardware by what it means for this run on this device (explicit
-    settings are kept), so that every later reader sees plain values."""
+    settings are kept), so that every later reader sees plain values. `native`: whether the device
+    computes bf16 natively, when it is not this machine's (plan for a GPU from a laptop)."""
     hardware = cfg.hardware
     if hardware.autocast == "auto":
-        native = cfg.model.source != "tiny" and native_bf16(device_type)  # tiny: the same figures everywhere
+        native = native_bf16(device_type) if native is None else native
+        native = cfg.model.source != "tiny" and native  # tiny: the same figures everywhere
         hardware.autocast = "bf16" if native else None
     if hardware.dtype == "auto":
         adapted = getattr(cfg.adapter, "kind", "none") in ADAPTERS_OVER_A_BF16_BASE
