@@ -17,8 +17,8 @@ Memory, in bytes, per model:
   data's own token lengths (alignctl/plan_data.py) with the formulas of alignctl/plan_memory.py.
 The peak adds, to every model's weights and optimiser state, the largest of: the activations, the
 gradients with AdamW's step temporary, and an RL rollout's folded weights; on a CPU also the process
-itself and the transient of loading (plan_memory.py). Allocator slack is not counted: expect the
-real peak within about 30 %.
+itself, the moment of loading and, under glibc's malloc, its slack (plan_memory.py). Expect the real
+peak within about 30 %.
 """
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ class Peak:
     models: float  # every model's weights and optimiser state, plus their transients
     process: float  # CPU: the process itself (Python, torch, libraries)
     loading: float  # CPU: the largest moment of loading (all weights, one file mapped beside them)
+    slack: float = 0.0  # CPU under glibc's malloc: freed activations its heaps keep (plan_memory.py)
 
     @property
     def total(self) -> float:
-        return self.process + max(self.models, self.loading)
+        return self.process + max(self.models + self.slack, self.loading)
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -83,8 +84,12 @@ def peak(plans: list[ModelPlan], device: str) -> Peak:
     models = sum(p.memory for p in plans)
     if device != "cpu":  # device memory: the process and the host-side loading are not on it
         return Peak(models, 0.0, 0.0)
+    from alignctl import allocator
+
     loading = sum(p.weights for p in plans) + max((p.loading for p in plans), default=0.0)
-    return Peak(models, memory.process_bytes(), loading)
+    # plan runs under the allocator a training run would (the CLI picks it before either starts)
+    slack = sum(p.activations for p in plans) if allocator.active() == "system" else 0.0
+    return Peak(models, memory.process_bytes(), loading, slack)
 
 
 # ------------------------------------------------------------------------------------ the models
@@ -135,15 +140,20 @@ def planned_device(hardware: Any) -> str:
     return hardware.device
 
 
-def settle_for_plan(cfg: Any) -> str:
-    """Settle hardware.autocast/dtype=auto for the planned device and return it. A GPU that is not
-    visible here is planned as one that computes bf16 natively (Ampere or later)."""
+def absent_gpu_native(device: str) -> bool | None:
+    """A GPU that is not visible here is planned as one that computes bf16 natively (Ampere or later);
+    None: ask the device itself."""
     import torch
 
+    return True if device == "cuda" and not torch.cuda.is_available() else None
+
+
+def settle_for_plan(cfg: Any) -> str:
+    """Settle hardware.autocast/dtype=auto for the planned device, and return that device."""
     from alignctl.precision import settle
 
     device = planned_device(cfg.hardware)
-    settle(cfg, device, native=True if device == "cuda" and not torch.cuda.is_available() else None)
+    settle(cfg, device, native=absent_gpu_native(device))
     return device
 
 
@@ -307,7 +317,7 @@ def plan_command(args: list[str]) -> None:
     from alignctl.precision import describe
 
     device = settle_for_plan(cfg)
-    console.print(describe(cfg, device))
+    console.print(describe(cfg, device, absent_gpu_native(device)))
     table = Table(title=f"models held by recipe={cfg.recipe.stage} with adapter={cfg.adapter.kind} on {device} (memory in bytes, K/M/G = 2^10/20/30)")
     for column in ("model", "params", "trainable", "adapted", "weights", "grads", "optim", "activ", "peak"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -319,6 +329,8 @@ def plan_command(args: list[str]) -> None:
     if device == "cpu":
         table.add_row("the process (Python, torch, libraries)", "", "", "", "", "", "", "", size(estimate.process))
         table.add_row("loading (weights, one file mapped beside them)", "", "", "", "", "", "", "", size(estimate.loading))
+        if estimate.slack:
+            table.add_row("allocator slack (glibc malloc keeps freed activations)", "", "", "", "", "", "", "", size(estimate.slack))
     table.add_row("peak", "", "", "", "", "", "", "", size(estimate.total))
     console.print(table)
     shape = next((p.shape for p in plans if p.shape is not None), None)

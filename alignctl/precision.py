@@ -55,10 +55,12 @@ def settle(cfg: Any, device_type: str, native: bool | None = None) -> None:
         hardware.dtype = "bfloat16" if adapted and hardware.autocast == "bf16" else "float32"
 
 
-def describe(cfg: Any, device_type: str) -> str:
-    """The run header's precision line, from settled values."""
+def describe(cfg: Any, device_type: str, native: bool | None = None) -> str:
+    """The run header's precision line, from settled values (`native` as for `settle`)."""
     hardware, kind = cfg.hardware, getattr(cfg.adapter, "kind", "none")
-    if hardware.autocast:
+    if native is not None:  # a device that is not this machine's
+        mixed = f"{hardware.autocast} mixed precision (on a {device_type.upper()} that computes bf16 natively)" if hardware.autocast else "float32"
+    elif hardware.autocast:
         native = "native" if native_bf16(device_type) or hardware.autocast == "fp16" else "emulated, slow"
         mixed = f"{hardware.autocast} mixed precision ({native} on this {device_type.upper()})"
     else:

@@ -172,3 +172,29 @@ def test_under_bf16_an_adapter_s_base_loads_in_bf16_its_adapter_in_float32_and_p
     assert frozen == (set() if adapter == "none" else {torch.bfloat16})
     loaded = sum(p.numel() * p.element_size() for p in model.parameters())
     assert plan_model("policy", str(tiny_dir), cfg, trained=True).weights == loaded
+
+
+def test_activations_are_sized_from_the_data_s_longest_batch_not_max_length(tiny_dir):
+    from alignctl.data import load_split
+    from alignctl.models import load_tokenizer
+    from alignctl.plan_data import batch_shape
+    from alignctl.stages.sft import encode_split
+
+    cfg = config(tiny_dir, "recipe=sft", "recipe.max_length=64", "recipe.batch_size=4")
+    encoded = encode_split(load_split(cfg.data, "sft", "train"), load_tokenizer(str(tiny_dir), cfg.model), cfg.recipe, cfg, "task")[0]
+    lengths = sorted((len(ids) for ids in encoded["input_ids"]), reverse=True)
+    shape = batch_shape(cfg, str(tiny_dir))
+    assert (shape.rows, shape.width) == (4, lengths[0]) and lengths[0] < 64
+    assert "token lengths" in shape.source
+    unreadable = config(tiny_dir, "recipe=sft", "recipe.max_length=64", "recipe.batch_size=4", "data=hf", "data.path=/nonexistent.jsonl")
+    wider = plan_model("policy", str(tiny_dir), unreadable, trained=True, shape=batch_shape(unreadable, str(tiny_dir)))
+    assert "recipe.max_length (the data could not be read here" in wider.shape.source and wider.shape.width == 64
+    narrow = plan_model("policy", str(tiny_dir), cfg, trained=True, shape=shape)
+    assert narrow.activations < wider.activations
+
+
+def test_dpo_batches_hold_chosen_and_rejected_with_left_padded_prompts(tiny_dir):
+    from alignctl.plan_data import batch_shape
+
+    shape = batch_shape(config(tiny_dir, "recipe=dpo", "recipe.max_length=64", "recipe.batch_size=3"), str(tiny_dir))
+    assert shape.rows == 6 and shape.width <= 2 * 64 and shape.positions < shape.rows * shape.width
