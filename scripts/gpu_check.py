@@ -79,8 +79,10 @@ def planned_peak(args: list[str], env: dict) -> float:
 def measured_peak(args: list[str], run_dir: Path, env: dict) -> tuple[float, float]:
     """(peak device memory in bytes, seconds) of one training run, in a worker process."""
     start = time.monotonic()
+    # The system allocator: the CLI would otherwise re-execute itself under jemalloc as `python -m alignctl`,
+    # leaving this worker (host memory does not change what the GPU holds).
     done = subprocess.run([sys.executable, __file__, "--worker", *args, f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, env=env)
+                          text=True, timeout=RUN_TIMEOUT, env={**env, "ALIGNCTL_ALLOCATOR": "system"})
     found = [line for line in done.stdout.splitlines() if line.startswith(MARKER)]
     if done.returncode != 0 or not found:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
