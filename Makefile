@@ -44,8 +44,10 @@ test-slow: install $(BIN)/.bench-deps
 test-real: install
 	$(BIN)/python -m pytest -q -m real
 
+# On a machine with one CUDA GPU and no network: the gpu-marked tests, then bf16 SFT, DPO and GRPO steps
+# of the real model (LoRA and full) with their peak device memory beside `alignctl plan`'s (scripts/gpu_check.py).
 test-gpu: install
-	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python scripts/gpu_check.py
 
 # alignctl against TRL on the same model, data and hyperparameters (scripts/bench.py): writes
 # bench/results.json and bench/results.md, and the table into README.md's Performance section.

@@ -13,10 +13,11 @@ Memory, in bytes, per model:
   value with double quantisation and 4.5 without (Dettmers et al. 2023), the rest in the compute dtype;
 - gradients: trainable parameters x their dtype size (adapters train in float32);
 - optimiser: AdamW keeps two states per trainable parameter (one byte each with paged 8-bit AdamW);
-- activations (trained models only): per layer s*b*h*(34 + 5*a*s/h) bytes in 16 bits (Korthikanti
-  et al. 2022, no flash attention), scaled to the compute dtype; with gradient checkpointing 2*s*b*h
-  per layer plus one layer; plus the logits, b*s*V in float32, and their gradient.
-It is an estimate (allocator overhead, buffers and temporary copies are not counted): expect the real
+- activations (trained models only): what the widest micro-batch keeps for backward, sized from the
+  data's own token lengths (alignctl/plan_data.py) with the formulas of alignctl/plan_memory.py.
+The peak adds, to every model's weights and optimiser state, the largest of: the activations, the
+gradients with AdamW's step temporary, and an RL rollout's folded weights; on a CPU also the process
+itself, the moment of loading and, under glibc's malloc, its slack (plan_memory.py). Expect the real
 peak within about 30 %.
 """
 
@@ -27,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignctl import plan_memory as memory
 from alignctl.errors import UserError
+from alignctl.plan_data import BatchShape, batch_shape
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BITS = {True: 4.127, False: 4.5}  # bits per value with / without double quantisation
 HEAD_NAMES = ("lm_head", "score", "classifier")
 
@@ -45,10 +47,31 @@ class ModelPlan:
     gradients: float
     optimizer: float
     activations: float
+    step_temporary: float = 0.0  # foreach AdamW's temporary, the size of the trainable parameters
+    rollout: float = 0.0  # the native rollout engine's copy of the linear weights, adapters folded in
+    loading: float = 0.0  # CPU: the checkpoint file mapped while its weights load in another dtype
+    shape: BatchShape | None = None  # the widest micro-batch it trains on
+
+    @property
+    def transient(self) -> float:
+        """What comes and goes within a step: its largest moment."""
+        return max(self.activations, self.gradients + self.step_temporary, self.rollout)
 
     @property
     def memory(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.optimizer + self.transient
+
+
+@dataclass
+class Peak:
+    models: float  # every model's weights and optimiser state, plus their transients
+    process: float  # CPU: the process itself (Python, torch, libraries)
+    loading: float  # CPU: the largest moment of loading (all weights, one file mapped beside them)
+    slack: float = 0.0  # CPU under glibc's malloc: freed activations its heaps keep (plan_memory.py)
+
+    @property
+    def total(self) -> float:
+        return self.process + max(self.models + self.slack, self.loading)
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -57,11 +80,16 @@ def adapter_parameters(shapes: list[tuple[int, int]], r: int, dora: bool) -> int
     return sum(r * (d_in + d_out) + (d_out if dora else 0) for d_in, d_out in shapes)
 
 
-def activation_bytes(batch: int, seq: int, hidden: int, heads: int, layers: int, vocab: int, dtype_bytes: int, checkpointing: bool) -> float:
-    """Activations kept for the backward pass (Korthikanti et al. 2022, eq. 2) plus float32 logits and their gradient."""
-    full_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden) * dtype_bytes / 2
-    per_model = (2 * seq * batch * hidden * dtype_bytes * layers + full_layer) if checkpointing else full_layer * layers
-    return per_model + 2 * batch * seq * vocab * 4
+def peak(plans: list[ModelPlan], device: str) -> Peak:
+    models = sum(p.memory for p in plans)
+    if device != "cpu":  # device memory: the process and the host-side loading are not on it
+        return Peak(models, 0.0, 0.0)
+    from alignctl import allocator
+
+    loading = sum(p.weights for p in plans) + max((p.loading for p in plans), default=0.0)
+    # plan runs under the allocator a training run would (the CLI picks it before either starts)
+    slack = sum(p.activations for p in plans) if allocator.active() == "system" else 0.0
+    return Peak(models, memory.process_bytes(), loading, slack)
 
 
 # ------------------------------------------------------------------------------------ the models
@@ -103,14 +131,39 @@ def linear_shapes(model: Any, target_modules: Any) -> list[tuple[int, int]]:
     return shapes
 
 
-def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = False, extra_layers: int = 0,
-               batch: int = 0, seq: int = 0, shared_base: bool = False) -> ModelPlan:
-    """Parameters and memory of one model the recipe holds; `trained` ones get the adapter (if any).
-    `shared_base`: a second adapter on another model's base (PPO's value with LoRA), so no base weights."""
-    from alignctl.models import device_type
+def planned_device(hardware: Any) -> str:
+    """The device the run would train on; a plan for hardware.device=cuda needs no GPU here."""
+    import torch
+
+    if hardware.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return hardware.device
+
+
+def absent_gpu_native(device: str) -> bool | None:
+    """A GPU that is not visible here is planned as one that computes bf16 natively (Ampere or later);
+    None: ask the device itself."""
+    import torch
+
+    return True if device == "cuda" and not torch.cuda.is_available() else None
+
+
+def settle_for_plan(cfg: Any) -> str:
+    """Settle hardware.autocast/dtype=auto for the planned device, and return that device."""
     from alignctl.precision import settle
 
-    settle(cfg, device_type(cfg.hardware))  # what hardware.autocast/dtype=auto mean on this machine
+    device = planned_device(cfg.hardware)
+    settle(cfg, device, native=absent_gpu_native(device))
+    return device
+
+
+def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = False, extra_layers: int = 0,
+               shape: BatchShape | None = None, shared_base: bool = False, rollout: bool = False) -> ModelPlan:
+    """Parameters and memory of one model the recipe holds; `trained` ones get the adapter (if any).
+    `shape`: the widest micro-batch the model trains on (no activations without one).
+    `shared_base`: a second adapter on another model's base (PPO's value with LoRA), so no base weights.
+    `rollout`: the policy of an RL recipe, whose weights the native rollout engine reads into a copy."""
+    device = settle_for_plan(cfg)
     model = meta_model(path, cfg.model, seq_cls, extra_layers)
     config = model.config
     total = sum(p.numel() for p in model.parameters())
@@ -118,7 +171,8 @@ def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = Fa
     kind = adapter.kind if adapter is not None else "none"
     quantized = kind == "qlora"
     dtype = adapter.compute_dtype if quantized else cfg.hardware.dtype
-    size = DTYPE_BYTES[dtype]
+    size = memory.DTYPE_BYTES[dtype]
+    file_size = memory.file_dtype_bytes(config)
     if kind != "none":
         from alignctl.adapters import check_targets
 
@@ -131,24 +185,51 @@ def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = Fa
         adapter_params = adapter_parameters(shapes, adapter.r, kind == "dora")
         head = config.hidden_size * config.num_labels if seq_cls else 0  # peft trains a copy of the scalar head
         trainable = adapter_params + head
+    linear = sum(d_in * d_out for d_in, d_out in linear_shapes(model, "all-linear"))
     weights = total * size
     if quantized:  # the adapted-able base matrices in NF4, the rest (embeddings, norms, head) in the compute dtype
-        stored = sum(d_in * d_out for d_in, d_out in linear_shapes(model, "all-linear"))
-        weights -= stored * size - stored * NF4_BITS[adapter.double_quant] / 8
+        weights -= linear * size - linear * NF4_BITS[adapter.double_quant] / 8
+        if device == "cpu" and size == file_size:
+            # The rest loads as views of the mapped file, which keeps the float32 pages read for quantising resident.
+            weights += linear * file_size
+    loading = total * file_size if device == "cpu" and size != file_size and not shared_base else 0.0
     if shared_base:  # its parameters are the adapter and the head; the base is the policy's
         weights, total = 0.0, 0
     weights += (adapter_params + head) * 4  # adapters and a trained head are kept in float32 (precision.py)
     total += adapter_params + head  # as the loaded model counts: the base, the adapter, peft's copy of the head
     grad_size = 4 if kind != "none" else size
     gradients = trainable * grad_size if trained else 0.0
-    paged = quantized and adapter.paged_optimizer and cfg.hardware.device == "cuda"
+    paged = quantized and adapter.paged_optimizer and device == "cuda"
     optimizer = trainable * (2 if paged else 2 * grad_size) if trained else 0.0
+    step_temporary = 0.0 if paged or not trained else trainable * grad_size
     activations = 0.0
-    activation_size = 2 if cfg.hardware.autocast in ("bf16", "fp16") else size  # autocast's matmul outputs
-    if trained and batch:
-        activations = activation_bytes(batch, seq, config.hidden_size, config.num_attention_heads, config.num_hidden_layers,
-                                       config.vocab_size if not seq_cls else 1, activation_size, cfg.hardware.gradient_checkpointing)
-    return ModelPlan(role, path, total, trainable, len(shapes), weights, gradients, optimizer, activations)
+    if trained and shape is not None and shape.rows:
+        activations = model_activations(cfg, config, kind, size, shape, seq_cls, linear)
+    from alignctl.decode import SUPPORTED_MODEL_TYPES
+
+    copy = 0.0
+    if rollout and not quantized and getattr(config, "model_type", "") in SUPPORTED_MODEL_TYPES and cfg.recipe.rollout_engine.value in ("auto", "native"):
+        copy = linear * (4 if kind != "none" else size)  # a bf16 weight plus a float32 update is float32
+    return ModelPlan(role, path, total, trainable, len(shapes), weights, gradients, optimizer, activations, step_temporary, copy, loading,
+                     shape if trained else None)
+
+
+def model_activations(cfg: Any, config: Any, kind: str, size: int, shape: BatchShape, seq_cls: bool, linear: int) -> float:
+    """Saved activations of the widest micro-batch (alignctl/plan_memory.py), with the 16-bit copies
+    autocast makes of float32 weights that train."""
+    sixteen = cfg.hardware.autocast in ("bf16", "fp16")
+    compute = 2 if sixteen else size
+    precision = memory.Precision(compute=compute, casts_inputs=sixteen and size == 4, four_bit=kind == "qlora", norms_trained=kind == "none")
+    shapes = memory.Shapes.of(config)
+    if seq_cls:  # a scalar head: no vocabulary-wide logits
+        shapes = memory.Shapes(shapes.hidden, shapes.kv, shapes.intermediate, shapes.layers, 1)
+    recipe = cfg.recipe
+    chunk = getattr(recipe, "lm_head_chunk", 0) if not seq_cls else 0
+    total = memory.activation_bytes(shape.rows, shape.width, shape.positions, shapes, precision, getattr(recipe, "fused_mlp", False),
+                                    chunk, cfg.hardware.gradient_checkpointing)
+    if kind == "none" and sixteen and size == 4:
+        total += linear * 2  # autocast's bf16 copy of each trained linear weight, saved for backward
+    return total
 
 
 def recipe_models(cfg: Any) -> list[ModelPlan]:
@@ -159,18 +240,16 @@ def recipe_models(cfg: Any) -> list[ModelPlan]:
     recipe, stage = cfg.recipe, cfg.recipe.stage
     policy_path = model_path(cfg.model, cfg.inputs.get("policy"))
     reward_path = model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else None
-    # Rows whose activations the trained model holds per micro-batch: chosen + rejected (dpo, reward);
-    # kto's KL rows go through it without gradient, so only the batch itself.
-    micro = 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size
-    seq = getattr(recipe, "max_length", 0)
     plans: list[ModelPlan] = []
     if stage == "reward":
         init = model_path(cfg.model, cfg.inputs.get("init"))
-        return [plan_model("reward model (trained)", init, cfg, True, seq_cls=True, extra_layers=recipe.extra_layers, batch=micro, seq=seq)]
+        shape = batch_shape(cfg, init)
+        return [plan_model("reward model (trained)", init, cfg, True, seq_cls=True, extra_layers=recipe.extra_layers, shape=shape)]
     if stage == "pairs":
         plans.append(plan_model("policy (sampling)", policy_path, cfg, False))
     else:
-        plans.append(plan_model("policy (trained)", policy_path, cfg, True, batch=micro, seq=seq))
+        shape = batch_shape(cfg, policy_path)
+        plans.append(plan_model("policy (trained)", policy_path, cfg, True, shape=shape, rollout=stage in ("grpo", "ppo")))
     if stage in ("dpo", "kto", "grpo", "ppo"):
         beta_zero = stage in ("grpo", "ppo") and recipe.beta == 0
         has_reference = bool(cfg.inputs.get("reference"))
@@ -182,7 +261,7 @@ def recipe_models(cfg: Any) -> list[ModelPlan]:
         value_path = model_path(cfg.model, cfg.inputs["init"]) if cfg.inputs.get("init") else (reward_path or policy_path)
         shared = cfg.adapter.kind != "none" and value_path == policy_path  # adapters.SharedBaseValue
         plans.append(plan_model("value (adapter on the policy's base)" if shared else "value (trained)", value_path, cfg, True,
-                                seq_cls=True, batch=recipe.batch_size, seq=seq, shared_base=shared))
+                                seq_cls=True, shape=shape, shared_base=shared))
     if reward_path:
         plans.append(plan_model("reward model (scoring)", reward_path, cfg, False, seq_cls=True))
     return plans
@@ -211,9 +290,11 @@ def batch_rows(cfg: Any) -> list[tuple[str, str]]:
 
 # -------------------------------------------------------------------------------------- command
 def size(value: float) -> str:
+    """Three significant figures: 1.28G, 266M, 9.3M."""
     for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
         if value >= scale:
-            return f"{value / scale:.1f}{unit}"
+            scaled = value / scale
+            return f"{scaled:.{2 if scaled < 10 else 1 if scaled < 100 else 0}f}{unit}"
     return f"{value:.0f}"
 
 
@@ -233,19 +314,29 @@ def plan_command(args: list[str]) -> None:
     cfg = validate(composed)
     console.print(OmegaConf.to_yaml(hydra_app.without_hydra(composed)), markup=False)
     plans = recipe_models(cfg)
-    from alignctl.models import device_type
     from alignctl.precision import describe
 
-    console.print(describe(cfg, device_type(cfg.hardware)))
-    table = Table(title=f"models held by recipe={cfg.recipe.stage} with adapter={cfg.adapter.kind} (memory in bytes, K/M/G = 2^10/20/30)")
-    for column in ("model", "params", "trainable", "adapted", "weights", "grads", "optim", "activ", "total"):
+    device = settle_for_plan(cfg)
+    console.print(describe(cfg, device, absent_gpu_native(device)))
+    table = Table(title=f"models held by recipe={cfg.recipe.stage} with adapter={cfg.adapter.kind} on {device} (memory in bytes, K/M/G = 2^10/20/30)")
+    for column in ("model", "params", "trainable", "adapted", "weights", "grads", "optim", "activ", "peak"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for p in plans:
         share = f" ({100 * p.trainable / p.total:.1f}%)" if p.total else ""
         table.add_row(p.role, f"{p.total:,}", f"{p.trainable:,}{share}", str(p.adapted_matrices),
                       size(p.weights), size(p.gradients), size(p.optimizer), size(p.activations), size(p.memory))
-    table.add_row("all", "", "", "", "", "", "", "", size(sum(p.memory for p in plans)))
+    estimate = peak(plans, device)
+    if device == "cpu":
+        table.add_row("the process (Python, torch, libraries)", "", "", "", "", "", "", "", size(estimate.process))
+        table.add_row("loading (weights, one file mapped beside them)", "", "", "", "", "", "", "", size(estimate.loading))
+        if estimate.slack:
+            table.add_row("allocator slack (glibc malloc keeps freed activations)", "", "", "", "", "", "", "", size(estimate.slack))
+    table.add_row("peak", "", "", "", "", "", "", "", size(estimate.total))
     console.print(table)
+    shape = next((p.shape for p in plans if p.shape is not None), None)
+    if shape is not None:
+        console.print(f"activations: micro-batches of up to {shape.rows} x {shape.width} tokens, {shape.positions} of them reaching the "
+                      f"output layer (from {shape.source})")
     if cfg.adapter.kind != "none":
         formula = "r x (d_in + d_out)" + (" + d_out" if cfg.adapter.kind == "dora" else "")
         console.print(f"{cfg.adapter.kind}: {formula} per adapted matrix, r = {cfg.adapter.r}")
@@ -253,4 +344,5 @@ def plan_command(args: list[str]) -> None:
     for name, value in batch_rows(cfg):
         arithmetic.add_row(name, value)
     console.print(arithmetic)
-    console.print("memory is an estimate (see alignctl/plan.py); expect the real peak within about 30 %")
+    what = "resident set (RSS)" if device == "cpu" else "torch.cuda.max_memory_allocated"
+    console.print(f"peak is an estimate of the {what} (see alignctl/plan.py); expect the real peak within about 30 %")

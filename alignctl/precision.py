@@ -41,22 +41,26 @@ def native_bf16(device_type: str) -> bool:
     return device_type == "cpu" and cpu_has_native_bf16()
 
 
-def settle(cfg: Any, device_type: str) -> None:
+def settle(cfg: Any, device_type: str, native: bool | None = None) -> None:
     """Replace `auto` in cfg.hardware by what it means for this run on this device (explicit
-    settings are kept), so that every later reader sees plain values."""
+    settings are kept), so that every later reader sees plain values. `native`: whether the device
+    computes bf16 natively, when it is not this machine's (plan for a GPU from a laptop)."""
     hardware = cfg.hardware
     if hardware.autocast == "auto":
-        native = cfg.model.source != "tiny" and native_bf16(device_type)  # tiny: the same figures everywhere
+        native = native_bf16(device_type) if native is None else native
+        native = cfg.model.source != "tiny" and native  # tiny: the same figures everywhere
         hardware.autocast = "bf16" if native else None
     if hardware.dtype == "auto":
         adapted = getattr(cfg.adapter, "kind", "none") in ADAPTERS_OVER_A_BF16_BASE
         hardware.dtype = "bfloat16" if adapted and hardware.autocast == "bf16" else "float32"
 
 
-def describe(cfg: Any, device_type: str) -> str:
-    """The run header's precision line, from settled values."""
+def describe(cfg: Any, device_type: str, native: bool | None = None) -> str:
+    """The run header's precision line, from settled values (`native` as for `settle`)."""
     hardware, kind = cfg.hardware, getattr(cfg.adapter, "kind", "none")
-    if hardware.autocast:
+    if native is not None:  # a device that is not this machine's
+        mixed = f"{hardware.autocast} mixed precision (on a {device_type.upper()} that computes bf16 natively)" if hardware.autocast else "float32"
+    elif hardware.autocast:
         native = "native" if native_bf16(device_type) or hardware.autocast == "fp16" else "emulated, slow"
         mixed = f"{hardware.autocast} mixed precision ({native} on this {device_type.upper()})"
     else:

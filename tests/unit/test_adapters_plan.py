@@ -10,7 +10,8 @@ import torch
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.hydra_app import compose_config
 from alignctl.models import load_causal_lm, load_reward_model
-from alignctl.plan import activation_bytes, adapter_parameters, linear_shapes, plan_model
+from alignctl.plan import adapter_parameters, linear_shapes, plan_model
+from alignctl.plan_memory import Precision, Shapes, activation_bytes, layer_bytes_per_token
 from alignctl.validation import validate
 
 # The tiny model: 6 layers, hidden 96, MLP 384; per layer q, k, v, o are 96 -> 96, gate and up
@@ -58,11 +59,18 @@ def test_planner_counts_match_the_loaded_reward_model(tiny_dir, adapter):
 
 
 def test_qlora_weights_take_about_an_eighth_of_float32(tiny_dir):
-    full = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=lora", "hardware.autocast=null"), trained=True)
-    quantized = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=qlora"), trained=True)
+    on_gpu = ("hardware=gpu", "hardware.autocast=null")  # device memory: no mapped file
+    full = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=lora", *on_gpu), trained=True)
+    quantized = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=qlora", *on_gpu), trained=True)
     linear = 6 * sum(i * o for i, o in PER_LAYER)
     # The adapted matrices go from 4 bytes to 4.127 bits a value; the rest (embeddings, norms, adapter) is unchanged.
     assert full.weights - quantized.weights == pytest.approx(linear * (4 - 4.127 / 8))
+    # On a CPU, a float32 compute dtype loads the rest as views of the float32 file, which then stays mapped
+    # with the pages read for quantising: the float32 linear weights stay resident beside their 4-bit copies.
+    on_cpu = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=qlora"), trained=True)
+    assert on_cpu.weights - quantized.weights == pytest.approx(linear * 4)
+    bf16 = plan_model("policy", str(tiny_dir), config(tiny_dir, "adapter=qlora", "adapter.compute_dtype=bfloat16"), trained=True)
+    assert bf16.loading == 4 * (bf16.total - bf16.trainable)  # converted while the file is mapped, then unmapped
 
 
 def test_under_bf16_autocast_an_adapter_s_base_is_counted_in_bf16_and_the_adapter_in_float32(tiny_dir):
@@ -86,11 +94,39 @@ def test_linear_shapes_of_all_linear_skip_the_output_head(tiny_dir):
 
 
 def test_activation_bytes_by_hand():
-    # One layer, s=2, b=1, h=4, a=1, fp16: s*b*h*(34 + 5*a*s/h) = 8 * 36.5 = 292; logits 2*b*s*V*4 = 2*1*2*10*4 = 160.
-    assert activation_bytes(batch=1, seq=2, hidden=4, heads=1, layers=1, vocab=10, dtype_bytes=2, checkpointing=False) == 292 + 160
-    # float32 doubles the layer term; checkpointing keeps 2*s*b*h*bytes per layer plus one whole layer.
-    assert activation_bytes(1, 2, 4, 1, 3, 10, 4, checkpointing=False) == 3 * 584 + 160
-    assert activation_bytes(1, 2, 4, 1, 3, 10, 4, checkpointing=True) == 3 * (2 * 2 * 1 * 4 * 4) + 584 + 160
+    s = Shapes(hidden=4, kv=2, intermediate=8, layers=1, vocab=10)
+    bf16_base = Precision(compute=2, casts_inputs=False, four_bit=False, norms_trained=False)
+    # norms 2*4h = 32; linear inputs c(3h + I) = 40; q, k, v, out 4ch = 32; gate and up 2cI = 32.
+    assert layer_bytes_per_token(s, bf16_base, fused_mlp=True) == 136
+    assert layer_bytes_per_token(s, bf16_base, fused_mlp=False) == 136 + 16  # silu(gate) kept too
+    # float32 weights trained under bf16 autocast: normalised outputs 2ch = 16 more, each linear casts its input: c(6h + I) = 64.
+    full = Precision(compute=2, casts_inputs=True, four_bit=False, norms_trained=True)
+    assert layer_bytes_per_token(s, full, fused_mlp=True) == 32 + 16 + 64 + 32 + 32
+    # A 4-bit base keeps two more float32 (tokens x h) tensors a layer: 2*4h = 32.
+    four_bit = Precision(compute=2, casts_inputs=True, four_bit=True, norms_trained=False)
+    assert layer_bytes_per_token(s, four_bit, fused_mlp=True) == 32 + 64 + 32 + 32 + 32
+    # 1 x 2 tokens: 272 for the layer; float32 logits and their gradient 2*2*V*4 = 160, or one chunk of
+    # positions (logits, exponentials, gradient: 3*1*V*4 = 120) with lm_head_chunk.
+    assert activation_bytes(1, 2, 2, s, bf16_base, True, head_chunk=0, checkpointing=False) == 272 + 160
+    assert activation_bytes(1, 2, 2, s, bf16_base, True, head_chunk=1, checkpointing=False) == 272 + 120
+    # Checkpointing: each of 3 layers keeps its input (2 tokens x ch = 16), and one layer is whole again.
+    three = Shapes(hidden=4, kv=2, intermediate=8, layers=3, vocab=10)
+    assert activation_bytes(1, 2, 2, three, bf16_base, True, 0, checkpointing=True) == 3 * 16 + 272 + 160
+    assert activation_bytes(1, 2, 2, three, bf16_base, True, 0, checkpointing=False) == 3 * 272 + 160
+
+
+def test_plan_for_a_gpu_needs_no_gpu_and_stores_an_adapter_s_base_in_bf16(tiny_dir, monkeypatch):
+    """hardware=gpu planned on a machine without one: a GPU with native bf16 is assumed, so LoRA's
+    frozen base counts 2 bytes a value and full fine-tuning keeps float32 master weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lora_cfg = config(tiny_dir, "adapter=lora", "hardware=gpu")  # model=hf: not the built-in tiny model
+    lora = plan_model("policy", str(tiny_dir), lora_cfg, trained=True)
+    assert (lora_cfg.hardware.autocast, lora_cfg.hardware.dtype) == ("bf16", "bfloat16")
+    assert lora.weights == 2 * (lora.total - lora.trainable) + 4 * lora.trainable
+    assert lora.loading == 0  # device memory: loading happens on the host
+    full_cfg = config(tiny_dir, "adapter=none", "hardware=gpu")
+    full = plan_model("policy", str(tiny_dir), full_cfg, trained=True)
+    assert full_cfg.hardware.dtype == "float32" and full.weights == 4 * full.total
 
 
 def test_qlora_without_bitsandbytes_is_one_clear_error(tiny_dir, monkeypatch):
@@ -118,3 +154,47 @@ def test_qlora_gradients_reach_the_first_layer_after_an_evaluation(tiny_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     first = [p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_B" in n]
     assert first and float(first[0].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora", "dora"])
+def test_under_bf16_an_adapter_s_base_loads_in_bf16_its_adapter_in_float32_and_plan_counts_those_bytes(tiny_dir, adapter):
+    """What a stage loads once hardware.dtype=auto is settled under bf16 autocast (as hardware=gpu and
+    hardware=cpu settle it where bf16 is native): the frozen base in bf16, every trained parameter in
+    float32 (peft's autocast_adapter_dtype), full fine-tuning in float32; plan's weights are those bytes."""
+    from alignctl.precision import settle
+
+    cfg = config(tiny_dir, f"adapter={adapter}", "hardware.autocast=bf16")
+    settle(cfg, "cpu")
+    model = apply_adapter(load_causal_lm(str(tiny_dir), cfg.model, cfg.hardware, cfg.adapter), cfg.adapter)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32}
+    assert frozen == (set() if adapter == "none" else {torch.bfloat16})
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan_model("policy", str(tiny_dir), cfg, trained=True).weights == loaded
+
+
+def test_activations_are_sized_from_the_data_s_longest_batch_not_max_length(tiny_dir):
+    from alignctl.data import load_split
+    from alignctl.models import load_tokenizer
+    from alignctl.plan_data import batch_shape
+    from alignctl.stages.sft import encode_split
+
+    cfg = config(tiny_dir, "recipe=sft", "recipe.max_length=64", "recipe.batch_size=4")
+    encoded = encode_split(load_split(cfg.data, "sft", "train"), load_tokenizer(str(tiny_dir), cfg.model), cfg.recipe, cfg, "task")[0]
+    lengths = sorted((len(ids) for ids in encoded["input_ids"]), reverse=True)
+    shape = batch_shape(cfg, str(tiny_dir))
+    assert (shape.rows, shape.width) == (4, lengths[0]) and lengths[0] < 64
+    assert "token lengths" in shape.source
+    unreadable = config(tiny_dir, "recipe=sft", "recipe.max_length=64", "recipe.batch_size=4", "data=hf", "data.path=/nonexistent.jsonl")
+    wider = plan_model("policy", str(tiny_dir), unreadable, trained=True, shape=batch_shape(unreadable, str(tiny_dir)))
+    assert "recipe.max_length (the data could not be read here" in wider.shape.source and wider.shape.width == 64
+    narrow = plan_model("policy", str(tiny_dir), cfg, trained=True, shape=shape)
+    assert narrow.activations < wider.activations
+
+
+def test_dpo_batches_hold_chosen_and_rejected_with_left_padded_prompts(tiny_dir):
+    from alignctl.plan_data import batch_shape
+
+    shape = batch_shape(config(tiny_dir, "recipe=dpo", "recipe.max_length=64", "recipe.batch_size=3"), str(tiny_dir))
+    assert shape.rows == 6 and shape.width <= 2 * 64 and shape.positions < shape.rows * shape.width
