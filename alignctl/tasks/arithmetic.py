@@ -141,18 +141,27 @@ def generate_splits(seed: int = 0) -> dict[str, list[dict]]:
     return splits
 
 
-def write_splits(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+def write_jsonl_splits(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, Path]:
+    """One <split>.jsonl per split (shared by every built-in task)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in generate_splits(seed).items():
+    for name, rows in splits.items():
         path = out_dir / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths[name] = path
     return paths
 
 
-def split_path(name: str) -> Path:
-    path = DATA_DIR / f"{name}.jsonl"
+def shipped_split(data_dir: Path, name: str) -> Path:
+    path = data_dir / f"{name}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"built-in task split '{name}' is missing at {path}; run scripts/make_task_data.py")
     return path
+
+
+def write_splits(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    return write_jsonl_splits(generate_splits(seed), out_dir)
+
+
+def split_path(name: str) -> Path:
+    return shipped_split(DATA_DIR, name)

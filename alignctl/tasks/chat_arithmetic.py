@@ -14,11 +14,10 @@ have the arithmetic task's names and formats (so every recipe runs on it) and co
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from alignctl.tasks.arithmetic import verify  # noqa: F401 - the same rule: the first line is the answer
+from alignctl.tasks.arithmetic import shipped_split, verify, write_jsonl_splits  # noqa: F401 - verify: the same rule, the first line is the answer
 
 DATA_DIR = Path(__file__).parent / "chat_data"
 MAX_OPERAND = 99
@@ -68,17 +67,8 @@ def generate_splits(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_splits(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in generate_splits(seed).items():
-        path = out_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        paths[name] = path
-    return paths
+    return write_jsonl_splits(generate_splits(seed), out_dir)
 
 
 def split_path(name: str) -> Path:
-    path = DATA_DIR / f"{name}.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"built-in task split '{name}' is missing at {path}; run scripts/make_task_data.py")
-    return path
+    return shipped_split(DATA_DIR, name)
