@@ -31,3 +31,11 @@ class StageRun:
 
     def train_records(self) -> list[dict]:
         return [r for r in self.records() if "loss" in r]
+
+
+def merge_at_twice_the_scale(trained):
+    """A wrong merge for the export tests: every LoRA update added twice."""
+    for module in trained.modules():
+        if isinstance(getattr(module, "scaling", None), dict):
+            module.scaling = {key: 2 * value for key, value in module.scaling.items()}
+    return trained.merge_and_unload()

@@ -12,6 +12,7 @@ import torch
 from alignctl.errors import UserError
 from alignctl.export import TOLERANCE, merge_check
 from tests.integration.conftest import run_process
+from tests.integration.stage_runs import merge_at_twice_the_scale
 
 
 def test_merge_check_is_relative_to_the_largest_logit():
@@ -49,13 +50,7 @@ def test_a_correct_merge_passes_and_records_its_figures(lora_run, tmp_path):
 def test_a_wrong_merge_is_refused_in_one_line(lora_run, tmp_path, monkeypatch):
     from alignctl import export
 
-    def twice_the_scale(trained):
-        for module in trained.modules():
-            if isinstance(getattr(module, "scaling", None), dict):
-                module.scaling = {name: 2 * value for name, value in module.scaling.items()}
-        return trained.merge_and_unload()
-
-    monkeypatch.setattr(export, "merge", twice_the_scale)
+    monkeypatch.setattr(export, "merge", merge_at_twice_the_scale)
     out = tmp_path / "merged"
     with pytest.raises(UserError) as refused:
         export.export_command([f"run={lora_run}", f"out={out}", "merge=true"])

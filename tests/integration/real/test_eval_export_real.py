@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import run_process
+from tests.integration.stage_runs import merge_at_twice_the_scale
 
 pytestmark = pytest.mark.slow
 
@@ -89,13 +90,7 @@ def test_a_wrong_merge_of_the_real_model_is_refused(runs, tmp_path, monkeypatch)
     from alignctl import export
     from alignctl.errors import UserError
 
-    def twice_the_scale(trained):
-        for module in trained.modules():
-            if isinstance(getattr(module, "scaling", None), dict):
-                module.scaling = {key: 2 * value for key, value in module.scaling.items()}
-        return trained.merge_and_unload()
-
-    monkeypatch.setattr(export, "merge", twice_the_scale)
+    monkeypatch.setattr(export, "merge", merge_at_twice_the_scale)
     with pytest.raises(UserError) as refused:
         export.export_command([f"run={runs / 'dpo_lora'}", f"out={tmp_path / 'merged'}", "merge=true"])
     assert "\n" not in str(refused.value) and "of the largest logit" in str(refused.value)
