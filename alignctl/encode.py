@@ -46,6 +46,16 @@ def through_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[bool
     return [i < end for i in range(len(ids))]
 
 
+def sampled_part(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """The tokens of a completion a sampler can produce: through its first EOS, where generation stops.
+
+    Preference losses (DPO, KTO) sum the policy's log-probs over these, as PPO and GRPO do over their
+    rollouts; the template's tail after EOS (ChatML's ``\\n``) is text the policy never chooses, and
+    its log-prob ratio would only add noise to the margin. Reward models keep the tail: their score is
+    read after it, in training and in rollout scoring alike (alignctl/scored_text.py)."""
+    return ids[: sum(through_eos(tokenizer, ids))]
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
     """Token ids a generation call starts from (chat prompts end with the assistant header)."""
     if isinstance(prompt, str):
@@ -54,7 +64,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) ->
 
 
 def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, completion: str | Messages) -> list[int]:
-    """Token ids of a completion that follows `prompt`, ending with EOS."""
+    """Token ids of a completion that follows `prompt`, ending with EOS (and whatever the template
+    writes after it to close the turn, ChatML's ``\\n``: see `sampled_part`)."""
     if isinstance(completion, str):
         return _with_eos(tokenizer, _ids(tokenizer, completion))
     head = _template(tokenizer, prompt if isinstance(prompt, list) else [], generation_prompt=True)
@@ -149,8 +160,13 @@ def sft_example(
     return {"input_ids": ids, "labels": labels}
 
 
-def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length: int, overlong: str, where: str) -> dict | None:
+def preference_example(
+    tokenizer: PreTrainedTokenizerBase, row: dict, max_length: int, overlong: str, where: str, turn_tail: bool = False
+) -> dict | None:
     """prompt_ids, chosen_ids, rejected_ids for one preference row (None when data.overlong=drop removes it).
+
+    Each side ends at its EOS (`sampled_part`), unless `turn_tail` keeps what the template writes after
+    it (the reward model, which is read there).
 
     Rows without a prompt column must be conversational: the prompt is the turns before the last
     message, which chosen and rejected must share (TRL's implicit-prompt format).
@@ -166,11 +182,12 @@ def preference_example(tokenizer: PreTrainedTokenizerBase, row: dict, max_length
     if prompt_ids is None:
         return None
     room = max_length - len(prompt_ids)
-    return {
-        "prompt_ids": prompt_ids,
-        "chosen_ids": fit_completion(tokenizer, encode_completion(tokenizer, prompt, chosen), room),
-        "rejected_ids": fit_completion(tokenizer, encode_completion(tokenizer, prompt, rejected), room),
-    }
+
+    def side(completion: str | Messages) -> list[int]:
+        ids = encode_completion(tokenizer, prompt, completion)
+        return fit_completion(tokenizer, ids if turn_tail else sampled_part(tokenizer, ids), room)
+
+    return {"prompt_ids": prompt_ids, "chosen_ids": side(chosen), "rejected_ids": side(rejected)}
 
 
 def fit_completion(tokenizer: PreTrainedTokenizerBase, completion_ids: list[int], room: int) -> list[int]:

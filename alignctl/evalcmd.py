@@ -39,11 +39,27 @@ def eval_args(args: list[str]) -> list[str]:
     stage = read_lineage(run).get("stage")
     if not isinstance(stage, str):
         raise UserError(f"{lineage_file}: damaged: it names no stage")
-    replayed = recorded_overrides(run, without=NOT_REPLAYED)
+    launched_from = read_lineage(run).get("launched_from")
+    replayed = [anchored(o, Path(launched_from)) if launched_from else o for o in recorded_overrides(run, without=NOT_REPLAYED)]
     extra = [f"+inputs.{EVALUATED}={run}", "recipe.max_steps=0", f"hydra.run.dir={run / 'eval' / time.strftime('%Y-%m-%d_%H-%M-%S')}"]
     if not any(a.startswith("recipe=") for a in replayed):
         extra.insert(0, f"recipe={stage}")
     return [*replayed, *extra, *(a for a in args if not a.startswith("run="))]
+
+
+# Keys whose value may be a local path, written relative to where the run was launched.
+PATH_KEYS = ("inputs.", "data.path=", "model.name_or_path=", "model.gguf_file=")
+
+
+def anchored(override: str, launched_from: Path) -> str:
+    """`override` with a relative local path made absolute against the directory the run was launched
+    from, so an evaluation started elsewhere reads the same parent, data and model. A value that is not
+    a path there (a hub id, builtin:..., null) is kept as written."""
+    key, sep, value = override.partition("=")
+    if not sep or not override.lstrip("+~").startswith(PATH_KEYS) or not value or Path(value).expanduser().is_absolute():
+        return override
+    candidate = launched_from / value
+    return f"{key}={candidate}" if candidate.exists() else override
 
 
 def evaluated_run(run_config: Any) -> Path | None:

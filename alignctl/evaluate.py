@@ -20,9 +20,21 @@ def generate(
     batch_size: int,
 ) -> list[str]:
     """Greedy completions (decoded, special tokens removed) for `prompts`, batched with a KV cache."""
+    return tokenizer.batch_decode(greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size), skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_ids(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy completion token ids for `prompts`, each through its EOS (or max_new_tokens long)."""
     model.eval()
     device = next(model.parameters()).device
-    completions: list[str] = []
+    completions: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         # Left padding keeps every prompt's last token at the same position, where generation starts.
@@ -36,7 +48,8 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        completions += tokenizer.batch_decode(out[:, input_ids.size(1) :], skip_special_tokens=True)
+        for row in out[:, input_ids.size(1) :].tolist():  # rows that stopped early are padded after their EOS
+            completions.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
     return completions
 
 

@@ -309,7 +309,11 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adap
     except OSError as err:
         raise ModelLoadError(f"cannot load a model from {path!r}: {str(err).splitlines()[0]}") from None
     if hardware.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed it (the old name warns until v6); older versions know only the old one.
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
     return lm if quantization else lm.to(device_of(hardware))
 

@@ -20,11 +20,11 @@ from alignctl import distributed
 from alignctl.config import OnlineRLConfig, RunConfig
 from alignctl.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.errors import DataError
-from alignctl.evaluate import generate
+from alignctl.evaluate import greedy_ids
 from alignctl.metrics import keep_until_step
 from alignctl.models import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.reference import check_same_tokenizer
-from alignctl.rewards import RewardSource, combined_rewards, function_sources, model_source
+from alignctl.rewards import RewardSource, RewardState, combined_rewards, function_sources, model_source
 from alignctl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
 from alignctl.scored_text import completion_turn
 
@@ -82,6 +82,11 @@ def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
     return {name: [v for v in values for _ in range(times)] for name, values in rows.items() if name not in PROMPT_COLUMNS}
 
 
+def trl_extras(completion_ids: list[list[int]], state: RewardState) -> dict:
+    """What TRL passes every reward function besides prompts, completions and the dataset's columns."""
+    return {"completion_ids": completion_ids, "trainer_state": state}
+
+
 def score(sources: Sequence[RewardSource], prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
     started = time.perf_counter()
     total, per_source = combined_rewards(sources, prompts, completions, columns)
@@ -104,15 +109,18 @@ def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], co
 
 
 def evaluate_greedy(
-    policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig
+    policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig,
+    step: int = 0,
 ) -> dict[str, float]:
     """Greedy completions of the eval prompts: eval_reward (weighted sum), each source's mean and,
     on a built-in task, eval_exact_match."""
     if not eval_rows:
         return {}
     prompts = [row["prompt"] for row in eval_rows]
-    texts = generate(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
+    ids = greedy_ids(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
+    columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
     total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
     result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
@@ -161,7 +169,8 @@ class ScoredRollout:
     times: dict[str, float]
 
 
-def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, sources: Sequence[RewardSource]) -> ScoredRollout:
+def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, sources: Sequence[RewardSource],
+                     state: RewardState) -> ScoredRollout:
     """Sample `group` completions per prompt of `rows` and score them; times the two phases."""
     started = time.perf_counter()
     completions = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -170,7 +179,8 @@ def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], 
     prompts = [p for p in rows["prompt"] for _ in range(group)]
     # Reward sources get TRL's form: one assistant message per completion after a chat prompt.
     in_form = [completion_turn(p, t) for p, t in zip(prompts, texts)]
-    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, repeat_columns(rows, group))
+    columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state)
+    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns)
     return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
 
 
@@ -203,7 +213,7 @@ def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[Rewar
                      recipe: OnlineRLConfig, logger) -> Callable[[int], dict[str, float]]:
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe)
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe, step)
         if result:
             logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result

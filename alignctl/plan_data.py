@@ -37,7 +37,7 @@ def batch_shape(cfg: Any, tokenizer_path: str) -> BatchShape:
     """The shape of the widest micro-batch of the trained model (policy, or reward model)."""
     recipe, stage = cfg.recipe, cfg.recipe.stage
     rows = 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size
-    if stage not in ("sft", "dpo", "grpo", "ppo"):
+    if stage not in ("sft", "dpo", "reward", "kto", "grpo", "ppo"):
         return from_max_length(cfg, rows, f"recipe={stage} is not sized from its data")
     try:
         return _from_data(cfg, tokenizer_path, rows)
@@ -52,7 +52,7 @@ def _from_data(cfg: Any, tokenizer_path: str, rows: int) -> BatchShape:
     recipe, stage = cfg.recipe, cfg.recipe.stage
     tokenizer = load_tokenizer(tokenizer_path, cfg.model)
     where = f"{cfg.data.path} [{cfg.data.train_split}]"
-    fmt = {"sft": "sft", "dpo": "preference", "grpo": "prompt", "ppo": "prompt"}[stage]
+    fmt = {"sft": "sft", "dpo": "preference", "reward": "preference", "kto": "feedback", "grpo": "prompt", "ppo": "prompt"}[stage]
     raw = data_lib.load_split(cfg.data, fmt, cfg.data.train_split)
     source = f"the {len(raw):,} training rows' token lengths"
     if stage == "sft":
@@ -76,6 +76,21 @@ def _from_data(cfg: Any, tokenizer_path: str, rows: int) -> BatchShape:
         # Left-padded prompts, right-padded responses: the width is the longest prompt plus the longest response.
         prompt, response = max(len(p) for p in encoded["prompt_ids"]), max(responses)
         return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, source)
+    if stage == "reward":
+        from alignctl.stages.reward import encode_pairs as encode_scored_pairs
+
+        encoded = encode_scored_pairs(raw, tokenizer, recipe, cfg, where)
+        sides = longest([len(ids) for side in ("chosen", "rejected") for ids in encoded[side]], rows)
+        # Chosen and rejected sequences right-padded together; one score is read per sequence.
+        return BatchShape(len(sides), sides[0], len(sides), source)
+    if stage == "kto":
+        from alignctl.stages.kto import encode_feedback
+
+        encoded = encode_feedback(raw, tokenizer, recipe, cfg, where)
+        # The trained half (the mismatched half runs without gradient): whole sequences left-padded.
+        widest = longest([len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["completion_ids"])], rows)
+        completion = max(len(c) for c in encoded["completion_ids"])
+        return BatchShape(len(widest), widest[0], len(widest) * completion, source)
     from alignctl.online_rl import encode_prompts
 
     encoded = encode_prompts(raw, tokenizer, recipe, cfg, where, 1)

@@ -3,10 +3,12 @@
 A reward function is any callable named by dotted path in ``recipe.reward_funcs`` (the only way
 user code enters a run). It is called as TRL calls its reward functions::
 
-    fn(prompts=[...], completions=[...], **columns) -> list[float]   # one number per completion
+    fn(prompts=[...], completions=[...], completion_ids=[...], trainer_state=..., **columns) -> list[float]
 
-where ``columns`` holds the dataset's other columns (``answer`` for the built-in task), one value
-per completion. As in TRL, a completion is a string after a plain-text prompt and a list of one
+one number per completion, where ``columns`` holds the dataset's other columns (``answer`` for the
+built-in task), one value per completion; ``completion_ids`` are the sampled token ids (through EOS)
+and ``trainer_state`` (`RewardState`) says where training is, for rewards that follow a schedule.
+A function should take ``**kwargs`` for what it does not use, as TRL asks. As in TRL, a completion is a string after a plain-text prompt and a list of one
 message, ``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
 messages); the built-ins take either. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
 Hydra builds a partial with the extra keyword arguments, so one function serves several settings.
@@ -33,6 +35,14 @@ RewardFn = Callable[..., Sequence[float]]
 
 class RewardError(UserError):
     """A reward function that cannot be loaded or that returned something unusable."""
+
+
+@dataclass(frozen=True)
+class RewardState:
+    """Passed as ``trainer_state``: the fields of TRL's TrainerState that reward functions read."""
+
+    global_step: int  # optimiser steps taken before these completions were sampled
+    max_steps: int
 
 
 # ------------------------------------------------------------------------------------ built-ins

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from alignctl import decode, vllm_engine
 from alignctl.batching import pad
 from alignctl.errors import ConfigError
+from alignctl.kv_cache import CACHE_ARG
 from alignctl.ops import left_padded_batch
 from alignctl.sharding import is_sharded
 
@@ -76,7 +77,7 @@ def sample(
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        **{CACHE_ARG: cache},
         do_sample=True,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
@@ -162,7 +163,7 @@ def shared_prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+          **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(copies)
     return cache
 

@@ -85,6 +85,8 @@ class RunDir:
             "stage": stage,
             "status": "running",
             "run_dir": str(path.resolve()),
+            # Relative paths on the command line (inputs.policy=runs/sft) are relative to this: `alignctl eval` replays them from anywhere.
+            "launched_from": os.getcwd(),
             "config_hash": config_hash(cfg),
             # unset inputs are not parents; each parent with the checkpoint it resolved to (alignctl/parents.py)
             "parents": {role: parent_record(p) for role, p in parent_paths(parents).items()} if enabled else {},

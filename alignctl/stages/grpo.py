@@ -44,6 +44,7 @@ from alignctl.ops import response_token_logps
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
 from alignctl.resume import to_device
+from alignctl.rewards import RewardState
 from alignctl.rollout import Sampling, per_token_values
 from alignctl.training import (
     start_process,
@@ -87,7 +88,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def new_rollout() -> None:
         nonlocal rollouts
         rollouts += 1
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources)
+        # Each rollout feeds steps_per_generation x num_iterations steps: the optimiser steps already taken.
+        state = RewardState((rollouts - 1) * recipe.steps_per_generation * recipe.num_iterations, recipe.max_steps)
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state)
         per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones

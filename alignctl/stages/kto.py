@@ -25,7 +25,14 @@ from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, split_micro
 from alignctl.config import KTOConfig, Reference, RunConfig
-from alignctl.encode import encode_completion, encode_prompt, encode_rows, fit_completion, fit_prompt
+from alignctl.encode import (
+    encode_completion,
+    encode_prompt,
+    encode_rows,
+    fit_completion,
+    fit_prompt,
+    sampled_part,
+)
 from alignctl.evaluate import task_accuracy
 from alignctl.losses import kto_loss
 from alignctl.models import load_tokenizer, model_path
@@ -52,7 +59,8 @@ def encode_feedback(dataset: Dataset, tokenizer, recipe: KTOConfig, cfg: RunConf
         prompt_ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
         if prompt_ids is None:
             return None
-        completion_ids = fit_completion(tokenizer, encode_completion(tokenizer, row["prompt"], row["completion"]), recipe.max_length - len(prompt_ids))
+        completion = sampled_part(tokenizer, encode_completion(tokenizer, row["prompt"], row["completion"]))
+        completion_ids = fit_completion(tokenizer, completion, recipe.max_length - len(prompt_ids))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"])}
 
     empty = {"prompt_ids": [], "completion_ids": [], "label": False}

@@ -23,8 +23,9 @@ from alignctl.config import PairsConfig, RunConfig
 from alignctl.errors import DataError
 from alignctl.metrics import console, summary_table
 from alignctl.models import load_causal_lm, load_tokenizer, model_path
-from alignctl.online_rl import encode_prompts, repeat_columns, reward_sources, score
+from alignctl.online_rl import encode_prompts, repeat_columns, reward_sources, score, trl_extras
 from alignctl.registry import register_stage
+from alignctl.rewards import RewardState
 from alignctl.rollout import Sampling, sample
 from alignctl.rundir import RunDir, write_json_atomic
 from alignctl.scored_text import completion_turn
@@ -69,7 +70,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             repeated = [p for p in rows["prompt"] for _ in range(K)]
             # TRL's forms: after a chat prompt a completion is one assistant message, in scoring and in the pairs written.
             in_form = [completion_turn(p, t) for p, t in zip(repeated, texts)]
-            rewards, _, _ = score(sources, repeated, in_form, repeat_columns(rows, K))
+            columns = repeat_columns(rows, K) | trl_extras(sampled.completion_ids, RewardState(0, 0))  # this stage takes no optimiser step
+            rewards, _, _ = score(sources, repeated, in_form, columns)
             pairs += best_and_worst(repeated, in_form, rewards, K)
             reward_sum, completions = reward_sum + float(rewards.sum()), completions + len(texts)
         if not pairs:

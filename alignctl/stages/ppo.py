@@ -56,6 +56,7 @@ from alignctl.ops import response_token_logps, response_values
 from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
 from alignctl.registry import register_stage
 from alignctl.resume import to_device
+from alignctl.rewards import RewardState
 from alignctl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.training import (
     start_process,
@@ -155,7 +156,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def new_rollout() -> None:
         nonlocal rollouts
         rollouts += 1
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources)
+        # Each rollout feeds steps_per_generation x num_ppo_epochs steps: the optimiser steps already taken.
+        state = RewardState((rollouts - 1) * recipe.steps_per_generation * recipe.num_ppo_epochs, recipe.max_steps)
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, state)
         completions, scores = rollout.completions, rollout.rewards
         if recipe.missing_eos_penalty:
             scores = scores - recipe.missing_eos_penalty * torch.tensor(completions.truncated, dtype=torch.float32)

@@ -54,7 +54,8 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConf
     def encode(row: dict, index: int) -> dict | None:
         # A string answer to a conversational prompt is an assistant turn, as rollout scoring renders it.
         sides = {side: completion_turn(row.get("prompt"), row[side]) for side in ("chosen", "rejected")}
-        example = preference_example(tokenizer, row | sides, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}")
+        # turn_tail: the score is read after the turn's closing text, as rollout scoring reads it.
+        example = preference_example(tokenizer, row | sides, recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}", turn_tail=True)
         if example is None:
             return None
         prompt = example["prompt_ids"]

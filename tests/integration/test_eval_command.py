@@ -49,7 +49,8 @@ def dpo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_dpo")
     plan = {
         "sft_full": ["recipe=sft", "recipe.max_steps=6", "recipe.lr=3e-3"],
-        "dpo_full": ["recipe=dpo", "recipe.max_steps=6", "recipe.lr=1e-3", f"inputs.policy={root / 'sft_full'}"],
+        # A relative parent, as typed from the runs' directory: eval (started elsewhere) must find it.
+        "dpo_full": ["recipe=dpo", "recipe.max_steps=6", "recipe.lr=1e-3", "inputs.policy=sft_full"],
         "dpo_lora": ["recipe=dpo", "adapter=lora", "recipe.max_steps=6", "recipe.lr=1e-2"],
     }
     for name, args in plan.items():

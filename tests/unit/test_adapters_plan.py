@@ -198,3 +198,21 @@ def test_dpo_batches_hold_chosen_and_rejected_with_left_padded_prompts(tiny_dir)
 
     shape = batch_shape(config(tiny_dir, "recipe=dpo", "recipe.max_length=64", "recipe.batch_size=3"), str(tiny_dir))
     assert shape.rows == 6 and shape.width <= 2 * 64 and shape.positions < shape.rows * shape.width
+
+
+def test_reward_and_kto_batches_are_sized_from_their_data(tiny_dir):
+    from alignctl.data import load_split
+    from alignctl.models import load_tokenizer
+    from alignctl.plan_data import batch_shape
+    from alignctl.stages.reward import encode_pairs
+
+    cfg = config(tiny_dir, "recipe=reward", "recipe.max_length=64", "recipe.batch_size=3")
+    encoded = encode_pairs(load_split(cfg.data, "preference", "train"), load_tokenizer(str(tiny_dir), cfg.model), cfg.recipe, cfg, "task")
+    reward = batch_shape(cfg, str(tiny_dir))
+    # Three pairs: six sequences right-padded to the longest side in the data; one score read from each.
+    assert (reward.rows, reward.width, reward.positions) == (6, max(len(ids) for side in ("chosen", "rejected") for ids in encoded[side]), 6)
+    assert "token lengths" in reward.source and reward.width < 64
+
+    kto = batch_shape(config(tiny_dir, "recipe=kto", "recipe.max_length=64", "recipe.batch_size=3"), str(tiny_dir))
+    assert kto.rows == 3 and kto.width < 64 and "token lengths" in kto.source
+    assert 0 < kto.positions < kto.rows * kto.width  # completion tokens only reach the output layer

@@ -1,5 +1,6 @@
-"""alignctl.online_rl: reward functions get completions in TRL's form, and the run's log of rollouts
-(the engine that sampled them, a readable table of samples, every logged sample in samples.jsonl)."""
+"""alignctl.online_rl: reward functions get completions (with completion_ids and trainer_state) in
+TRL's form, and the run's log of rollouts (the engine that sampled them, a readable table of samples,
+every logged sample in samples.jsonl)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from rich.console import Console
 
 from alignctl.online_rl import RolloutLog, ScoredRollout, readable_prompt, sample_and_score, samples_table
-from alignctl.rewards import format_check, function_sources, length_penalty, task_verifier
+from alignctl.rewards import RewardState, format_check, function_sources, length_penalty, task_verifier
 from alignctl.rollout import Completions, Sampling
 
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "12+30="}]
@@ -26,8 +27,9 @@ def trl_style(completions, **kwargs):
     contents = [completion[0]["content"] for completion in completions]
     return [1.0 if re.fullmatch(r"[0-9]+", c.strip()) else 0.0 for c in contents]
 
-def record_forms(prompts, completions, **kwargs):
+def record_forms(prompts, completions, completion_ids, trainer_state, **kwargs):
     record_forms.seen = list(completions)
+    record_forms.extras = (completion_ids, trainer_state.global_step, trainer_state.max_steps)
     return [0.0] * len(completions)
 '''
 
@@ -65,8 +67,11 @@ def test_reward_functions_get_trl_completions(tok, user_module, monkeypatch, cha
     monkeypatch.setattr("alignctl.online_rl.sample", lambda *a, **k: Completions([[5], [5]], completion_ids, [False, False], "native"))
     prompt = CHAT if chat else "12+30="
     sources = function_sources([f"{user_module}.record_forms"] + ([f"{user_module}.trl_style"] if chat else []), None)
-    rollout = sample_and_score(ScriptedPolicy(), tok, {"prompt": [prompt], "prompt_ids": [[5]]}, 2, Sampling(1.0, 1.0, 0, 4), sources)
+    rollout = sample_and_score(ScriptedPolicy(), tok, {"prompt": [prompt], "prompt_ids": [[5]]}, 2, Sampling(1.0, 1.0, 0, 4), sources,
+                               RewardState(global_step=6, max_steps=10))
     seen = sys.modules[user_module].record_forms.seen
+    # TRL's other keyword arguments: the sampled ids (through EOS) and where training is.
+    assert sys.modules[user_module].record_forms.extras == (completion_ids, 6, 10)
     if chat:  # TRL: a list of one assistant message per completion
         assert seen == [[{"role": "assistant", "content": a}] for a in answers]
         assert rollout.per_source["trl_style"].tolist() == [1.0, 0.0]

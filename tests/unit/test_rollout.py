@@ -168,6 +168,15 @@ def test_completions_end_at_their_first_eos_or_are_truncated(lm, engine):
     assert any(out.truncated) and not all(out.truncated)
 
 
+def test_the_hf_engine_passes_its_shared_prompt_cache_without_a_deprecation_warning(lm):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(lm, SAMPLE_PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3, engine="hf"), PAD, EOS)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_auto_names_the_engine_that_ran(lm):
     out = sample(lm, SAMPLE_PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3, engine="auto"), PAD, EOS)
     assert out.engine == "native"  # a Llama on sdpa: the native decoder applies

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from alignctl.data import with_system_prompt
-from alignctl.encode import IGNORE, encode_rows, sft_example
+from alignctl.encode import IGNORE, encode_rows, preference_example, sft_example
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT = [
@@ -101,6 +101,16 @@ def test_a_completion_cut_by_max_length_is_counted(tok, capsys):
     assert len(kept) == 2 and max(len(ids) for ids in kept["input_ids"]) == short
     out = " ".join(capsys.readouterr().out.split())
     assert f"chat.jsonl: 1 of 2 rows have a completion cut short by recipe.max_length={short}" in out
+
+
+def test_preference_sides_end_at_im_end_and_the_reward_model_keeps_the_tail(tok):
+    """DPO and KTO sum log-probs over what a sampler produces (through <|im_end|>, as rollouts end);
+    the reward model is read after the turn's closing newline, as rollout scoring reads it."""
+    row = {"prompt": CHAT[:1], "chosen": CHAT[1:2], "rejected": [{"role": "assistant", "content": "5"}]}
+    sampled = preference_example(tok, row, 1024, "error", "row 0")
+    assert [tok.decode(sampled[k]) for k in ("chosen_ids", "rejected_ids")] == ["4<|im_end|>", "5<|im_end|>"]
+    scored = preference_example(tok, row, 1024, "error", "row 0", turn_tail=True)
+    assert [tok.decode(scored[k]) for k in ("chosen_ids", "rejected_ids")] == ["4<|im_end|>\n", "5<|im_end|>\n"]
 
 
 @pytest.mark.slow
