@@ -1,5 +1,6 @@
-"""Hydra plumbing for the CLI: find conf/, check every job's overrides before anything runs, and turn
-Hydra's and our validation errors into one line each.
+"""The CLI's front door: parse the command, check every job's overrides before anything runs, and
+turn Hydra's and our validation errors into one line each (composition through Hydra's public API in
+alignctl/hydra_compose.py, Hydra's error texts read in alignctl/hydra_errors.py).
 
 `alignctl train` is a plain `@hydra.main` application, so -m, --cfg job, hydra.run.dir=... and
 launcher plugins all behave as Hydra documents. Before handing over to Hydra, each job of the
@@ -12,20 +13,29 @@ Nothing here imports torch: a bad command line fails in well under a second.
 from __future__ import annotations
 
 import difflib
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
+from alignctl import hydra_compose
 from alignctl.errors import ConfigError, UserError
+from alignctl.hydra_compose import (  # noqa: F401 - the CLI's names for them
+    DEFAULT_CONFIG,
+    compose_config,
+    conf_dir,
+    expand_sweep,
+    group_options,
+    groups,
+    recipes_dir,
+    without_hydra,
+)
+from alignctl.hydra_errors import explain
 from alignctl.outputs import check_output, evaluated_runs
-from alignctl.validation import unknown_key_message, validate
+from alignctl.validation import validate
 
 SUBCOMMANDS = {
     "train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]",
@@ -46,27 +56,6 @@ TAKES_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--conf
 NO_JOB_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version", "--experimental-rerun"}
 # Hydra accepts only one of these per command.
 EXCLUSIVE_FLAGS = [("-m", "--multirun"), ("--cfg", "-c"), ("--info", "-i"), ("--shell-completion", "-sc"), ("--run", "-r")]
-DEFAULT_CONFIG = "config"
-
-
-def conf_dir() -> Path:
-    """conf/ inside an installed wheel (alignctl/conf), else the source tree's top-level conf/."""
-    package = Path(__file__).resolve().parent
-    return package / "conf" if (package / "conf" / "config.yaml").exists() else package.parent / "conf"
-
-
-def recipes_dir() -> Path:
-    package = Path(__file__).resolve().parent
-    return package / "recipes" if (package / "recipes").is_dir() else package.parent / "recipes"
-
-
-def group_options(group: str) -> list[str]:
-    """Options a user can pick for a config group (files starting with '_' are shared fragments)."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_") and list(p.glob("*.yaml")))
 
 
 def fail(message: str) -> NoReturn:
@@ -186,192 +175,13 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
     return command, rest
 
 
-# ------------------------------------------------------------------------------- composition
-@contextmanager
-def _hydra(config_dir: str | None = None) -> Iterator[Any]:
-    """A Hydra instance over conf/ (plus --config-dir, searched first, as Hydra's own main does)."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    search_path = create_config_search_path(str(conf_dir()))
-    if config_dir is not None:
-        extra = Path(config_dir).expanduser().resolve()
-        if not extra.is_dir():
-            fail(f"--config-dir {config_dir}: no such directory")
-        search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
-    backup = get_gh_backup()
-    try:
-        yield Hydra.create_main_hydra2(task_name="alignctl", config_search_path=search_path)
-    finally:
-        GlobalHydra.instance().clear()
-        restore_gh_from_backup(backup)
-
-
-def _compose(hydra: Any, config_name: str, overrides: list[str], multirun: bool = False) -> DictConfig:
-    from hydra.types import RunMode
-
-    return hydra.compose_config(
-        config_name,
-        overrides,
-        run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
-        with_log_configuration=False,
-        validate_sweep_overrides=not multirun,
-    )
-
-
-def compose_config(overrides: list[str], config_name: str = DEFAULT_CONFIG, config_dir: str | None = None) -> DictConfig:
-    """The job config `alignctl train <overrides>` would run with (without the `hydra` node)."""
-    with _hydra(config_dir) as hydra:
-        return without_hydra(_compose(hydra, config_name, overrides))
-
-
-def without_hydra(cfg: DictConfig) -> DictConfig:
-    """The job's own config: `cfg` without Hydra's `hydra` node."""
-    with _writable(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-@contextmanager
-def _writable(cfg: DictConfig) -> Iterator[None]:
-    from omegaconf import open_dict, read_write
-
-    with read_write(cfg), open_dict(cfg):
-        yield
-
-
-def expand_sweep(overrides: list[str], multirun: bool, hydra: Any = None, sweep_params: dict | None = None) -> list[list[str]]:
-    """Every job's override list: one job, or the cartesian product of a -m sweep.
-
-    Mirrors Hydra's basic sweeper: `hydra.sweeper.params` first, then the command line (a key given
-    twice keeps its last value); glob() over a group needs `hydra` (for its config loader).
-    """
-    if not multirun:
-        return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    params = [f"{k}={v}" for k, v in (sweep_params or {}).items()]
-    loader = hydra.config_loader if hydra is not None else None
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + overrides)
-    return BasicSweeper.split_arguments(parsed, None)[0]
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _options_in_message(text: str) -> list[str]:
-    block = text.split("Available options in", 1)[1] if "Available options in" in text else ""
-    block = block.split("Config search path", 1)[0]
-    return sorted(line.strip() for line in block.splitlines()[1:] if line.strip() and not line.strip().startswith("_"))
-
-
-def _suggest(word: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(word, valid, n=1)
-    return f"did you mean {close[0]}? " if close else ""
-
-
-def explain(err: Exception, overrides: list[str], hydra: Any = None, config_name: str = DEFAULT_CONFIG) -> str:
-    """One line for a Hydra composition error, naming the culprit and what would be valid."""
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else type(err).__name__
-
-    if isinstance(err, MissingConfigException):
-        found = re.search(r"Could not find '(.+)/([^/']*)'", text)
-        if found:
-            group, option = found.groups()
-            valid = _options_in_message(text) or group_options(group)
-            if not option:
-                return f"{group}=: no {group} option given; valid: {', '.join(valid)}"
-            return f"{group}={option}: unknown {group} option; {_suggest(option, valid)}valid: {', '.join(valid)}"
-        primary = re.search(r"Cannot find primary config '([^']+)'", text)
-        if primary:
-            names = sorted(p.stem for p in conf_dir().glob("*.yaml"))
-            return f"--config-name {primary.group(1)}: no such config; valid: {', '.join(names)}"
-
-    if isinstance(err, OverrideParseException):
-        for override in overrides:
-            try:
-                OverridesParser.create().parse_overrides([override])
-            except HydraException as bad:
-                detail = [ln for ln in str(bad).splitlines() if ln.strip() and not ln.startswith(("Error parsing", "See "))]
-                reason = detail[0] if detail else "not valid override syntax"
-                return f"cannot parse {override!r}: {reason}; overrides look like key=value (quote values with special characters)"
-        return f"cannot parse the overrides: {first}"
-
-    ambiguous = re.search(r"Ambiguous value for argument '([^']+)'", text)
-    if ambiguous:
-        line = ambiguous.group(1)
-        key = _key(line)
-        return f"{line}: a comma-separated value is a sweep and needs -m; for a list write {key}=[a,b], for a string quote it: {key}='a,b'"
-
-    multiple = re.search(r"Multiple values for (\S+?)\.", text)
-    if multiple:
-        group = multiple.group(1)
-        return f"+{group}=...: {group} already has an option by default; choose one with {group}=<option> (without '+')"
-
-    if "Config group override must be a string or a list" in text:
-        for override in overrides:
-            if _key(override) in groups():
-                value = override.split("=", 1)[1] if "=" in override else ""
-                if value not in group_options(_key(override)):
-                    group = _key(override)
-                    return f"{override}: unknown {group} option; valid: {', '.join(group_options(group))}"
-
-    deleted = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
-    bad = re.search(r"Could not override '([^']+)'", text)
-    if deleted or bad:
-        key = (deleted or bad).group(1)
-        prefix = "~" if deleted else ""
-        return f"{prefix}{key}: " + _unknown_key(key, overrides, hydra, config_name)
-    if isinstance(err, AssertionError) or not text:
-        return f"cannot apply the overrides {' '.join(overrides)} ({type(err).__name__}: {first})"
-    return first
-
-
-def _unknown_key(key: str, overrides: list[str], hydra: Any, config_name: str) -> str:
-    """Why `key` is not in the config, with the valid keys next to it."""
-    parent, _, leaf = key.replace("/", ".").rpartition(".")
-    choices = [o for o in overrides if "=" in o and _key(o) in groups() and not o.startswith("~")]
-    try:
-        with _hydra() if hydra is None else nullcontext(hydra) as h:
-            cfg = _compose(h, config_name, choices, multirun=True)
-    except Exception:  # noqa: BLE001 - only for a friendlier message; fall back to a plain one
-        return "unknown key (see alignctl train --cfg job)"
-    if not parent:
-        valid = groups() + sorted(str(k) for k in cfg if str(k) not in groups() and k != "hydra")
-        return "unknown key or group; " + _suggest(leaf, valid) + f"valid: {', '.join(valid)}"
-    node = OmegaConf.select(cfg, parent)
-    if not isinstance(node, DictConfig):
-        return f"unknown key: {parent} is not a section with keys"
-    message = unknown_key_message(f"{parent}.{leaf}", [str(k) for k in node.keys()])
-    group = parent.split(".", 1)[0]
-    if "." not in parent and group in groups():
-        current = cfg.hydra.runtime.choices.get(group) if "hydra" in cfg else None
-        elsewhere = [o for o in group_options(group) if o != current and _option_has_key(group, o, leaf)]
-        if elsewhere:
-            message += f" ({leaf} is a key of {' / '.join(f'{group}={o}' for o in elsewhere)}; pick it first)"
-    return message
-
-
-def _option_has_key(group: str, option: str, key: str) -> bool:
-    try:
-        node = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
-    except Exception:  # noqa: BLE001
-        return False
-    return isinstance(node, DictConfig) and key in node
-
-
 def _set_hydra_config(cfg: DictConfig, job_num: int | None) -> None:
     """Let `${hydra:...}` interpolations in the job config resolve while it is validated."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
         if job_num is not None:  # what Hydra's launcher sets for each job of a sweep
-            with _writable(cfg):
+            with hydra_compose.writable(cfg):
                 cfg.hydra.job.num = job_num
                 cfg.hydra.job.id = str(job_num)
         HydraConfig.instance().set_config(cfg)
@@ -433,32 +243,34 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
     def report(message: str) -> NoReturn:  # fail(), naming where the job comes from
         fail(f"{label}: {message}" if label else message)
 
-    with _hydra(config_dir) as hydra:
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        fail(f"--config-dir {config_dir}: no such directory")
+    with hydra_compose.session(config_dir) as session:
         try:
-            primary = _compose(hydra, name, overrides, multirun=True)
+            primary = session.compose(name, overrides, multirun=True)
             mode = OmegaConf.select(primary, "hydra.mode")
             multirun = multirun or str(mode).endswith("MULTIRUN")
             basic = str(OmegaConf.select(primary, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")
             params = OmegaConf.select(primary, "hydra.sweeper.params", default=None) if basic else None
             params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
         except Exception as err:  # noqa: BLE001 - every composition failure is a bad command line
-            report(explain(err, overrides, hydra, name))
+            report(explain(err, overrides, session, name))
         if multirun:
             _check_sweep_targets(overrides)
             _check_launcher(primary, report)
         try:
             # Another sweeper (optuna, ...) picks its own values: check the fixed overrides only.
-            jobs = expand_sweep(overrides, multirun and basic, hydra, params)
+            jobs = expand_sweep(overrides, multirun and basic, session, params)
+        except hydra_compose.SweepTypeError:
+            report(f"{' '.join(overrides)}: the basic sweeper only sweeps over a,b,c lists, range() and choice()")
         except HydraException as err:
-            if "does not support sweep type" in str(err):
-                report(f"{' '.join(overrides)}: the basic sweeper only sweeps over a,b,c lists, range() and choice()")
-            report(explain(err, overrides, hydra, name) if isinstance(err, OverrideParseException) else str(err).splitlines()[0])
+            report(explain(err, overrides, session, name) if isinstance(err, OverrideParseException) else str(err).splitlines()[0])
         if multirun and not basic:
-            jobs = [[o for o in overrides if not OverridesParser.create().parse_override(o).is_sweep_override()]]
+            jobs = [hydra_compose.fixed_overrides(overrides)]
         composed = []
         for num, job in enumerate(jobs):
             try:
-                cfg = _compose(hydra, name, job)
+                cfg = session.compose(name, job)
                 _set_hydra_config(cfg, num if multirun else None)
                 run_config = validate(cfg)
                 key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -467,6 +279,6 @@ def check_jobs(overrides: list[str], multirun: bool, config_name: str | None = N
             except UserError as err:
                 report(str(err))
             except Exception as err:  # noqa: BLE001
-                report(explain(err, job, hydra, name))
+                report(explain(err, job, session, name))
             composed.append(cfg)
     return composed
