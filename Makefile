@@ -55,9 +55,9 @@ test-gpu: install
 	$(BIN)/python scripts/gpu_check.py
 
 # alignctl against TRL on the same model, data and hyperparameters (scripts/bench.py): writes
-# bench/results.json and bench/results.md, and the table into README.md's Performance section.
+# bench/results.json and bench/results.md, and the table into docs/performance.md.
 bench: install $(BIN)/.bench-deps
-	$(BIN)/python scripts/bench.py --readme
+	$(BIN)/python scripts/bench.py --docs
 
 # jemalloc is the allocator alignctl picks on its own where installed (alignctl/allocator.py); the
 # benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.

@@ -10,7 +10,7 @@ Quoted figures are medians:
 - the alignctl/TRL ratios, each side's first and final loss;
 - MFU: 6 N + 12 L d T model FLOPs per token (PaLM's convention) against a float32 matmul timed in this run.
 
-Writes <out>/results.json and <out>/results.md; --readme also replaces the README's Performance table.
+Writes <out>/results.json and <out>/results.md; --docs also replaces the table in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from alignctl import allocator
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
 SAME_ALLOCATOR = "trl+allocator"  # TRL under alignctl's allocator
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"  # its table sits between these markers
+TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 WORDS = "the a of to and in is it that for on with as was at by be this from or have an they which one you were her all".split()
 
 
@@ -250,11 +251,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + table + text[end:])
+def check_doc(doc: Path) -> None:
+    """Before the first measurement, not 45 minutes later: the page must be there with both markers."""
+    text = doc.read_text() if doc.is_file() else ""
+    if TABLE_START not in text or TABLE_END not in text or text.index(TABLE_START) > text.index(TABLE_END):
+        raise SystemExit(f"bench: {doc} has no {TABLE_START} ... {TABLE_END} block for the table; add one, or run without --docs")
+
+
+def update_doc(table: str, doc: Path = PERFORMANCE_DOC) -> None:
+    """Replace what lies between the markers with the table, leaving the rest of the page as it is."""
+    text = doc.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    doc.write_text(text[:start] + "\n" + table + text[end:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--readme", action="store_true", help="also write the table into README.md's Performance section")
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
     args = parser.parse_args(argv)
     names = QUICK if args.quick else args.cases.split(",")
     if args.quick:
@@ -277,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - {c.name for c in CASES})
     if unknown:
         raise SystemExit(f"bench: unknown case {', '.join(unknown)}; valid: {', '.join(c.name for c in CASES)}")
+    if args.docs:
+        check_doc(PERFORMANCE_DOC)
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -298,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(report)
     (args.out / "results.md").write_text(table)
     print(table)
-    if args.readme:
-        update_readme(table)
+    if args.docs:
+        update_doc(table)
 
 
 if __name__ == "__main__":

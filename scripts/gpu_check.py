@@ -4,7 +4,7 @@
 2. bf16 SFT, DPO and GRPO steps of the real model (model=smollm2, hardware=gpu), with LoRA and in
    full, each in a process of its own: its peak device memory (torch.cuda.max_memory_allocated)
    beside what `alignctl plan` predicts for the same overrides, in one table, and whether each is
-   within the README's 30 %.
+   within 30 % (the bound docs/guide-adapters-precision.md's plan table is held to).
 
 Exit status 0 when the tests pass and every run trains within 30 % of its plan; 1 otherwise; 2 (one
 line) where there is no GPU or the model cannot be built offline. Under 10 minutes on one H100.

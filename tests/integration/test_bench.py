@@ -1,7 +1,7 @@
 """scripts/bench.py end to end in its quick mode (slow tier: make test-slow installs TRL for it).
 
 No timing is asserted: the test checks that both sides trained the same case on the same data and
-that every reported figure is a measurement (positive, finite), and that the README table is written."""
+that every reported figure is a measurement (positive, finite), and that docs/performance.md's table is written."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow
 
 def test_quick_benchmark_measures_both_sides(tmp_path, repo_root, run_cmd):
     pytest.importorskip("trl")
-    repo = tmp_path / "repo"  # a copy, so that --readme writes into a README of its own
+    repo = tmp_path / "repo"  # a copy, so that --docs writes into a performance page of its own
     shutil.copytree(repo_root / "scripts", repo / "scripts")
-    shutil.copy(repo_root / "README.md", repo / "README.md")
+    (repo / "docs").mkdir()
+    shutil.copy(repo_root / "docs" / "performance.md", repo / "docs" / "performance.md")
     out = tmp_path / "out"
-    result = run_cmd([sys.executable, str(repo / "scripts" / "bench.py"), "--quick", "--out", str(out), "--readme"], cwd=repo_root, timeout=1200)
+    result = run_cmd([sys.executable, str(repo / "scripts" / "bench.py"), "--quick", "--out", str(out), "--docs"], cwd=repo_root, timeout=1200)
     assert result.returncode == 0, result.describe()
 
     report = json.loads((out / "results.json").read_text())
@@ -48,5 +49,5 @@ def test_quick_benchmark_measures_both_sides(tmp_path, repo_root, run_cmd):
     dpo = report["rows"][1]
     assert dpo["alignctl"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert dpo["trl"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
-    readme = (repo / "README.md").read_text()
-    assert "| dpo-lora |" in readme and (out / "results.md").read_text().strip() in readme
+    page = (repo / "docs" / "performance.md").read_text()
+    assert "| dpo-lora |" in page and (out / "results.md").read_text().strip() in page

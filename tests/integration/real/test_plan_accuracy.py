@@ -1,5 +1,5 @@
 """`alignctl plan` against the measured peak of the run it plans, on the real model (model=smollm2, CPU):
-the README promises the peak within 30 %.
+docs/guide-adapters-precision.md quotes plan against the measured peak; it holds within 30 %.
 
 Each case plans a short run (batch 2, max_length 128, 3 steps) and then trains it, in a process of
 its own whose peak resident set size the kernel reports (os.wait4's ru_maxrss): the process itself,
