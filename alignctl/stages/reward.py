@@ -150,7 +150,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         loss = losses.sum() / num_items
         if with_lm:
             # Keep the initial model's next-token predictions alive where the extra layers read them:
-            # without this, the scalar head alone never learns exact checks (see README, reward model).
+            # without this, the scalar head alone never learns exact checks (see docs/results.md, reward model).
             hidden = top_of_initial_body(model, out.hidden_states, recipe.extra_layers)[:pairs]
             lm_loss = sft_loss(torch.nn.functional.linear(hidden, lm_weight), batch["lm_labels"], batch["step_lm_tokens"])[0]
             loss = loss + recipe.lm_loss_coef * lm_loss
