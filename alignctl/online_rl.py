@@ -23,7 +23,10 @@ from alignctl.errors import DataError
 from alignctl.evaluate import greedy_ids
 from alignctl.metrics import keep_until_step
 from alignctl.models import check_reward_model, load_reward_model, load_tokenizer, model_path
+from alignctl.plan_data import BatchShape, PlanData
 from alignctl.reference import check_same_tokenizer
+from alignctl.registry import HeldModel
+from alignctl.resume import to_device
 from alignctl.rewards import RewardSource, RewardState, combined_rewards, function_sources, model_source
 from alignctl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
 from alignctl.scored_text import completion_turn
@@ -75,6 +78,27 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
     if not sources:
         raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
     return sources, reward_path
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    """GRPO and PPO: prompts left-padded to the longest, completions that may run to max_new_tokens."""
+    encoded = encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)
+    prompt = max(len(ids) for ids in encoded["prompt_ids"])
+    new = cfg.recipe.max_new_tokens
+    return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
+
+
+def held_policy(cfg: RunConfig, trained: bool = True) -> HeldModel:
+    """The policy an online stage samples from (and, when `trained`, trains)."""
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    return HeldModel("policy (trained)", path, trained=True, samples=True) if trained else HeldModel("policy (sampling)", path, trained=False)
+
+
+def held_reward_model(cfg: RunConfig) -> list[HeldModel]:
+    """inputs.reward's reward model, frozen, when one is given."""
+    if not cfg.inputs.get("reward"):
+        return []
+    return [HeldModel("reward model (scoring)", model_path(cfg.model, cfg.inputs["reward"]), trained=False, scalar_head=True)]
 
 
 def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
@@ -184,22 +208,47 @@ def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], 
     return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
 
 
-def queue_steps(
-    pending: deque, rollout: ScoredRollout, number: int, seed: int, recipe: OnlineRLConfig, passes: int,
-    per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor], stats: dict[str, float], device: torch.device, pad_id: int,
-    items: Callable[[dict], int],
-) -> None:
-    """Append the optimiser steps rollout `number` feeds to `pending`: `passes` shuffled passes of
-    `steps_per_generation` steps. `items(batch)` counts what the stage's loss is a mean over (tokens
-    or completions). Every step carries the rollout's statistics; the first also its times."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
-    steps = plan_steps(len(rollout.texts), recipe.steps_per_generation, recipe.grad_accum, passes, generator)
-    for n, step in enumerate(steps):
-        micro = [training_batch(rollout.completions, indices, pad_id, device, per_token, per_sequence) for indices in step]
-        for batch in micro:
-            batch["num_items"] = items(batch)
-        micro[0]["rollout_metrics"] = stats | (rollout.times if n == 0 else {})
-        pending.append(micro)
+class StepQueue:
+    """The optimiser steps rollouts feed, one step at a time: each rollout gives `passes` shuffled
+    passes of recipe.steps_per_generation steps over its completions. The rollout count and the steps
+    left travel with every checkpoint (`state` / `restore`), so a resumed run trains on the same samples.
+
+    `items(batch)` counts what the stage's loss is a mean over (tokens or completions)."""
+
+    def __init__(self, recipe: OnlineRLConfig, passes: int, seed: int, device: torch.device, pad_id: int, items: Callable[[dict], int]):
+        self.recipe, self.passes, self.seed, self.device, self.pad_id, self.items = recipe, passes, seed, device, pad_id, items
+        self.pending: deque[list[dict]] = deque()
+        self.rollouts = 0  # rollouts sampled so far, this one included once `start_rollout` ran
+
+    def start_rollout(self) -> RewardState:
+        """Count a new rollout; where training stands for its reward functions (TRL's trainer_state)."""
+        self.rollouts += 1
+        steps_before = (self.rollouts - 1) * self.recipe.steps_per_generation * self.passes
+        return RewardState(steps_before, self.recipe.max_steps)
+
+    def add(self, rollout: ScoredRollout, per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor], stats: dict[str, float]) -> None:
+        """Queue the steps of the rollout just started; every step carries its statistics, the first also its times."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        steps = plan_steps(len(rollout.texts), self.recipe.steps_per_generation, self.recipe.grad_accum, self.passes, generator)
+        for n, step in enumerate(steps):
+            micro = [training_batch(rollout.completions, indices, self.pad_id, self.device, per_token, per_sequence) for indices in step]
+            for batch in micro:
+                batch["num_items"] = self.items(batch)
+            micro[0]["rollout_metrics"] = stats | (rollout.times if n == 0 else {})
+            self.pending.append(micro)
+
+    def next(self, new_rollout: Callable[[], None]) -> list[dict]:
+        """The next step's micro-batches, sampling a new rollout (`new_rollout`) when none are left."""
+        if not self.pending:
+            new_rollout()
+        return self.pending.popleft()
+
+    def state(self) -> dict:
+        return {"rollouts": self.rollouts, "pending": list(self.pending)}
+
+    def restore(self, state: dict) -> None:
+        self.rollouts = state["rollouts"]
+        self.pending.extend(to_device(state["pending"], self.device))
 
 
 def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:

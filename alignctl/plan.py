@@ -233,38 +233,15 @@ def model_activations(cfg: Any, config: Any, kind: str, size: int, shape: BatchS
 
 
 def recipe_models(cfg: Any) -> list[ModelPlan]:
-    """Every model the recipe holds in memory while it trains."""
-    from alignctl.models import model_path
-    from alignctl.reference import resolve_mode
+    """Every model the recipe holds in memory while it trains, as its stage declares them
+    (`held_models` beside each stage's run). Trained models are sized on the widest micro-batch of
+    the data, read with the first model's tokenizer."""
+    from alignctl.registry import stage
 
-    recipe, stage = cfg.recipe, cfg.recipe.stage
-    policy_path = model_path(cfg.model, cfg.inputs.get("policy"))
-    reward_path = model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else None
-    plans: list[ModelPlan] = []
-    if stage == "reward":
-        init = model_path(cfg.model, cfg.inputs.get("init"))
-        shape = batch_shape(cfg, init)
-        return [plan_model("reward model (trained)", init, cfg, True, seq_cls=True, extra_layers=recipe.extra_layers, shape=shape)]
-    if stage == "pairs":
-        plans.append(plan_model("policy (sampling)", policy_path, cfg, False))
-    else:
-        shape = batch_shape(cfg, policy_path)
-        plans.append(plan_model("policy (trained)", policy_path, cfg, True, shape=shape, rollout=stage in ("grpo", "ppo")))
-    if stage in ("dpo", "kto", "grpo", "ppo"):
-        beta_zero = stage in ("grpo", "ppo") and recipe.beta == 0
-        has_reference = bool(cfg.inputs.get("reference"))
-        simpo = getattr(getattr(recipe, "loss_type", None), "value", None) == "simpo"
-        mode = "none" if beta_zero else resolve_mode(recipe.reference, cfg.adapter.kind, simpo, has_reference).value
-        if mode == "separate":
-            plans.append(plan_model("reference (separate copy)", model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy")), cfg, False))
-    if stage == "ppo":
-        value_path = model_path(cfg.model, cfg.inputs["init"]) if cfg.inputs.get("init") else (reward_path or policy_path)
-        shared = cfg.adapter.kind != "none" and value_path == policy_path  # adapters.SharedBaseValue
-        plans.append(plan_model("value (adapter on the policy's base)" if shared else "value (trained)", value_path, cfg, True,
-                                seq_cls=True, shape=shape, shared_base=shared))
-    if reward_path:
-        plans.append(plan_model("reward model (scoring)", reward_path, cfg, False, seq_cls=True))
-    return plans
+    held = stage(cfg.recipe.stage).models(cfg)
+    shape = batch_shape(cfg, held[0].path) if held[0].trained else None
+    return [plan_model(m.role, m.path, cfg, m.trained, seq_cls=m.scalar_head, extra_layers=m.extra_layers, shape=shape if m.trained else None,
+                       shared_base=m.shared_base, rollout=m.samples) for m in held]
 
 
 def batch_rows(cfg: Any) -> list[tuple[str, str]]:

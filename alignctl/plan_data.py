@@ -1,8 +1,8 @@
 """The widest micro-batch a run will put through its trained model, from the data's own token lengths.
 
 `plan` sizes activations from this shape rather than from recipe.max_length: real rows are often far
-shorter than the limit, and activations grow with the padded width of the widest batch. The rows are
-encoded by the stage's own functions (so the lengths are exactly the ones the run will see, and
+shorter than the limit, and activations grow with the padded width of the widest batch. Each stage
+declares how (its `planned_batch`, registered beside its run); the rows are encoded by the stage's own functions (so the lengths are exactly the ones the run will see, and
 `datasets` caches the encoding for the run). Where the data cannot be read here (a hub dataset
 offline, a tokenizer not downloaded) or the stage is not covered, the shape falls back to
 recipe.max_length and says so.
@@ -33,67 +33,35 @@ def longest(lengths: list[int], count: int) -> list[int]:
     return sorted(lengths, reverse=True)[:count]
 
 
+@dataclass(frozen=True)
+class PlanData:
+    """A run's training split as its stage will encode it."""
+
+    tokenizer: Any
+    raw: Any  # the datasets.Dataset of the training split
+    where: str  # how errors name it
+    source: str  # how plan names the sizing
+
+
 def batch_shape(cfg: Any, tokenizer_path: str) -> BatchShape:
-    """The shape of the widest micro-batch of the trained model (policy, or reward model)."""
-    recipe, stage = cfg.recipe, cfg.recipe.stage
-    rows = 2 * recipe.batch_size if stage in ("dpo", "reward") else recipe.batch_size
-    if stage not in ("sft", "dpo", "reward", "kto", "grpo", "ppo"):
-        return from_max_length(cfg, rows, f"recipe={stage} is not sized from its data")
+    """The shape of the widest micro-batch of the trained model (policy, or reward model), from the
+    stage's own `planned_batch` (registered beside its run)."""
+    from alignctl.registry import stage
+
+    spec = stage(cfg.recipe.stage)
+    rows = spec.sequences_per_row * cfg.recipe.batch_size
+    if spec.planned_batch is None:
+        return from_max_length(cfg, rows, f"recipe={spec.name} is not sized from its data")
     try:
-        return _from_data(cfg, tokenizer_path, rows)
+        return spec.planned_batch(cfg, _read(cfg, tokenizer_path, spec.data_format), rows)
     except (UserError, OSError, ValueError) as err:
         return from_max_length(cfg, rows, f"the data could not be read here: {str(err).strip().splitlines()[0][:120]}")
 
 
-def _from_data(cfg: Any, tokenizer_path: str, rows: int) -> BatchShape:
+def _read(cfg: Any, tokenizer_path: str, data_format: str) -> PlanData:
     from alignctl import data as data_lib
     from alignctl.models import load_tokenizer
 
-    recipe, stage = cfg.recipe, cfg.recipe.stage
     tokenizer = load_tokenizer(tokenizer_path, cfg.model)
-    where = f"{cfg.data.path} [{cfg.data.train_split}]"
-    fmt = {"sft": "sft", "dpo": "preference", "reward": "preference", "kto": "feedback", "grpo": "prompt", "ppo": "prompt"}[stage]
-    raw = data_lib.load_split(cfg.data, fmt, cfg.data.train_split)
-    source = f"the {len(raw):,} training rows' token lengths"
-    if stage == "sft":
-        from alignctl.encode import IGNORE
-        from alignctl.stages.sft import encode_split
-
-        encoded = encode_split(raw, tokenizer, recipe, cfg, where)[0]
-        if recipe.packing:
-            return BatchShape(rows, recipe.max_length, rows * recipe.max_length, "packed blocks of recipe.max_length")
-        labelled = sorted(((len(ids), sum(t != IGNORE for t in labels)) for ids, labels in zip(encoded["input_ids"], encoded["labels"])), reverse=True)[:rows]
-        positions = sum(n for _, n in labelled)
-        if recipe.padding_free:  # the rows end to end in one sequence
-            return BatchShape(1, sum(length for length, _ in labelled), positions, source)
-        return BatchShape(len(labelled), labelled[0][0], positions, source)
-    if stage == "dpo":
-        from alignctl.stages.dpo import encode_pairs
-
-        encoded = encode_pairs(raw, tokenizer, recipe, cfg, where)
-        responses = [max(len(c), len(r)) for c, r in zip(encoded["chosen_ids"], encoded["rejected_ids"])]
-        pairs = min(recipe.batch_size, len(responses))
-        # Left-padded prompts, right-padded responses: the width is the longest prompt plus the longest response.
-        prompt, response = max(len(p) for p in encoded["prompt_ids"]), max(responses)
-        return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, source)
-    if stage == "reward":
-        from alignctl.stages.reward import encode_pairs as encode_scored_pairs
-
-        encoded = encode_scored_pairs(raw, tokenizer, recipe, cfg, where)
-        sides = longest([len(ids) for side in ("chosen", "rejected") for ids in encoded[side]], rows)
-        # Chosen and rejected sequences right-padded together; one score is read per sequence.
-        return BatchShape(len(sides), sides[0], len(sides), source)
-    if stage == "kto":
-        from alignctl.stages.kto import encode_feedback
-
-        encoded = encode_feedback(raw, tokenizer, recipe, cfg, where)
-        # The trained half (the mismatched half runs without gradient): whole sequences left-padded.
-        widest = longest([len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["completion_ids"])], rows)
-        completion = max(len(c) for c in encoded["completion_ids"])
-        return BatchShape(len(widest), widest[0], len(widest) * completion, source)
-    from alignctl.online_rl import encode_prompts
-
-    encoded = encode_prompts(raw, tokenizer, recipe, cfg, where, 1)
-    prompt = max(len(ids) for ids in encoded["prompt_ids"])
-    # Completions may run to max_new_tokens; the prompts are left-padded to the longest.
-    return BatchShape(rows, prompt + recipe.max_new_tokens, rows * recipe.max_new_tokens, f"{source} and recipe.max_new_tokens")
+    raw = data_lib.load_split(cfg.data, data_format, cfg.data.train_split)
+    return PlanData(tokenizer, raw, f"{cfg.data.path} [{cfg.data.train_split}]", f"the {len(raw):,} training rows' token lengths")

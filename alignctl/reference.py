@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -23,6 +24,7 @@ from datasets import Dataset
 from alignctl.config import Reference, RunConfig
 from alignctl.errors import ConfigError
 from alignctl.models import base_dir_of, cache_dir, load_causal_lm, load_tokenizer, model_path
+from alignctl.registry import HeldModel
 
 
 def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool, own_reference: bool = False) -> Reference:
@@ -39,6 +41,24 @@ def resolve_mode(mode: Reference, adapter_kind: str, reference_free_loss: bool, 
     if mode == Reference.adapter_disabled and own_reference:
         raise ConfigError("recipe.reference", "adapter_disabled uses the starting policy as reference; with inputs.reference use separate or precomputed")
     return mode
+
+
+def reference_for(cfg: Any) -> Reference:
+    """The reference a run holds, from its config: none when the KL weight is 0 (GRPO, PPO with
+    recipe.beta=0: nothing to compare with) or the loss is reference-free (SimPO), else
+    recipe.reference resolved. (DPO and KTO validate beta > 0, so the first case is RL's alone.)"""
+    recipe = cfg.recipe
+    if getattr(recipe, "beta", None) == 0:
+        return Reference.none
+    reference_free = getattr(getattr(recipe, "loss_type", None), "value", None) == "simpo"
+    return resolve_mode(recipe.reference, cfg.adapter.kind, reference_free, own_reference=bool(cfg.inputs.get("reference")))
+
+
+def held_reference(cfg: Any) -> list[HeldModel]:
+    """The reference as a held model: only a separate copy costs memory of its own."""
+    if reference_for(cfg) != Reference.separate:
+        return []
+    return [HeldModel("reference (separate copy)", model_path(cfg.model, cfg.inputs.get("reference") or cfg.inputs.get("policy")), trained=False)]
 
 
 def check_same_tokenizer(policy_tokenizer, reference_tokenizer, reference_path: str) -> None:

@@ -75,7 +75,6 @@ class RunDir:
                  resumed_from: int | None = None, enabled: bool = True):
         self.path = path
         self.enabled = enabled  # False in every process but rank 0 of a multi-process run
-        self.resume_point: Any = None  # set by training.start_training when the run resumes
         path.mkdir(parents=True, exist_ok=True)
         earlier = read_lineage(path) if resumed_from is not None else {}
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainConfig) -> An
     )
 
 
-def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: Any, run_dir: Path, stage: str, data_fingerprint: str | None) -> tuple[torch.optim.Optimizer, Any, RunDir, Any]:
-    """Optimiser, schedule, the run directory (config.yaml, lineage.json with every set input as a
-    parent) and the metrics logger. Called once everything that can fail on bad input has run, so a
-    bad command leaves no half-claimed run directory."""
+@dataclass
+class TrainingSession:
+    """What a stage trains with, built by `start_training` once its model, tokenizer and data stream
+    are ready: the optimiser, its schedule, the run directory and the metrics logger beside them.
+    `train` runs the shared loop on it with the stage's own step functions."""
+
+    run: RunDir
+    recipe: TrainConfig
+    hardware: HardwareConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    stream: Any  # a batching.BatchStream: its position is saved with every checkpoint
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    logger: Any  # a metrics.MetricsLogger
+    resume_point: Any = None  # a resume.ResumePoint: restored by `train` once the stage has built everything
+
+    def train(self, evaluate: Callable[[int], dict[str, float]], next_step: Callable[[], list[dict]], step_fn: Callable,
+              shown: tuple[str, ...], extra_state: Callable[[], dict[str, Any]] | None = None,
+              restore_extra: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
+        """Run the loop to recipe.max_steps (resuming first if the run was started with resume), record
+        the outcome in lineage.json and print the summary (the `shown` metrics).
+
+        `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL
+        coefficient and its pending rollout); `restore_extra` takes it back on resume."""
+        return _train_and_finish(self, evaluate, next_step, step_fn, shown, extra_state, restore_extra)
+
+
+def start_training(model: torch.nn.Module, tokenizer: Any, stream: Any, cfg: Any, raw: Any, run_dir: Path, stage: str,
+                   data_fingerprint: str | None) -> TrainingSession:
+    """The session a stage trains in: optimiser, schedule, the run directory (config.yaml,
+    lineage.json with every set input as a parent) and the metrics logger. Called once everything that
+    can fail on bad input has run, so a bad command leaves no half-claimed run directory."""
+    recipe: TrainConfig = cfg.recipe
     from alignctl.evalcmd import evaluated_run
     from alignctl.metrics import MetricsLogger
     from alignctl.precision import describe as describe_precision
@@ -112,12 +143,11 @@ def start_training(model: torch.nn.Module, recipe: TrainConfig, cfg: Any, raw: A
     scheduler = build_scheduler(optimizer, recipe)
     main = distributed.current().is_main  # one process writes the run directory and logs
     run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None, enabled=main)
-    run.resume_point = point  # train_and_finish restores it once the stage has built everything
     logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main)
     logger.note(describe_precision(cfg, next(model.parameters()).device.type))
     if paged and not on_gpu:
         logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")
-    return optimizer, scheduler, run, logger
+    return TrainingSession(run, recipe, cfg.hardware, model, tokenizer, stream, optimizer, scheduler, logger, point)
 
 
 def checkpoint_writer(
@@ -176,28 +206,15 @@ def sum_over_batches(dataset: Any, batch_size: int, make_batch: Callable[[dict],
     return totals
 
 
-def train_and_finish(
-    run: RunDir,
-    recipe: TrainConfig,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    logger: Any,
-    stream: Any,
+def _train_and_finish(
+    session: TrainingSession,
     evaluate: Callable[[int], dict[str, float]],
     next_step: Callable[[], list[dict]],
     step_fn: Callable,
-    hardware: HardwareConfig,
     shown: tuple[str, ...],
-    extra_state: Callable[[], dict[str, Any]] | None = None,
-    restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None,
+    restore_extra: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, float]:
-    """Run the shared loop with checkpointing (resuming first if the run was started with resume),
-    record the outcome in lineage.json, print the summary.
-
-    `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL
-    coefficient and its pending rollout); `restore_extra` takes it back on resume."""
     from alignctl.checkpoint import latest_checkpoint
     from alignctl.interrupt import Interrupted
     from alignctl.loop import (  # the loop imports metrics; keep this module's import light
@@ -207,27 +224,29 @@ def train_and_finish(
     from alignctl.resume import restore
     from alignctl.sharding import is_sharded
 
+    run, recipe, hardware, model, stream, logger = session.run, session.recipe, session.hardware, session.model, session.stream, session.logger
+    optimizer, scheduler = session.optimizer, session.scheduler
     device_type = next(model.parameters()).device.type
     group = distributed.current()
     # DDP: rank 0 evaluates while the others go on to the next step's all-reduce. FSDP: a sharded
     # forward needs every process, so all evaluate (the same rows, the same result); rank 0 reports.
     everyone = hardware.strategy == "fsdp"
     evaluate_on_main = evaluate if group.is_main or everyone else (lambda step: {})
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, lambda step: None, hardware.autocast, device_type,
-                      sharded=is_sharded(model))
 
-    def trainer_state() -> dict[str, Any]:
+    def trainer_state() -> dict[str, Any]:  # called at each save, once ctx below exists
         counters = {"tokens_seen": ctx.tokens_seen, "skipped_steps": ctx.skipped_steps}
         return {"data": stream.state_dict(), **counters, **(extra_state() if extra_state else {})}
 
     meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
-    ctx.save = checkpoint_writer(run.path, model, tokenizer, optimizer, scheduler, trainer_state, meta, recipe.keep_last)
+    save = checkpoint_writer(run.path, model, session.tokenizer, optimizer, scheduler, trainer_state, meta, recipe.keep_last)
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, save, hardware.autocast, device_type, sharded=is_sharded(model))
     start_step = 0
-    ctx.step = run.resume_point.step if run.resume_point is not None else 0  # where the run stands while it restores
+    point = session.resume_point
+    ctx.step = point.step if point is not None else 0  # where the run stands while it restores
     try:
-        if run.resume_point is not None:
-            start_step = restore(run.resume_point, model, optimizer, scheduler, stream, ctx, restore_extra)
-            logger.note(f"resumed from {run.resume_point.checkpoint} (step {start_step} of {recipe.max_steps})")
+        if point is not None:
+            start_step = restore(point, model, optimizer, scheduler, stream, ctx, restore_extra)
+            logger.note(f"resumed from {point.checkpoint} (step {start_step} of {recipe.max_steps})")
         final = train_loop(ctx, recipe, next_step, step_fn, start_step)
     except Interrupted as err:
         if err.step is None:  # a second signal, raised at once mid-step: the run stands after the last finished step

@@ -30,22 +30,23 @@ from alignctl.evaluate import task_accuracy
 from alignctl.losses import dpo_loss
 from alignctl.models import load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, packed_response_batch, packed_response_logps, response_logps
+from alignctl.plan_data import BatchShape, PlanData
 from alignctl.reference import (
     cache_key,
+    held_reference,
     load_policy_and_reference,
     model_identity,
     precompute,
+    reference_for,
     reference_logps,
-    resolve_mode,
 )
-from alignctl.registry import register_stage
+from alignctl.registry import HeldModel, register_stage
 from alignctl.shared_prompt import applies as shared_prompt_applies
 from alignctl.shared_prompt import shared_prompt_batch, shared_prompt_logps
 from alignctl.training import (
     start_process,
     start_training,
     sum_over_batches,
-    train_and_finish,
 )
 
 LENGTH_NORMALISED = (DPOLossType.ipo, DPOLossType.simpo)  # these compare per-token log-probs (as TRL does)
@@ -86,11 +87,24 @@ def pair_logps(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.T
     return response_logps(model, batch, chunk)
 
 
-@register_stage("dpo")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True), *held_reference(cfg)]
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    encoded = encode_pairs(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
+    responses = [max(len(c), len(r)) for c, r in zip(encoded["chosen_ids"], encoded["rejected_ids"])]
+    pairs = min(cfg.recipe.batch_size, len(responses))
+    # Left-padded prompts, right-padded responses: the width is the longest prompt plus the longest response.
+    prompt, response = max(len(p) for p in encoded["prompt_ids"]), max(responses)
+    return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, data.source)
+
+
+@register_stage("dpo", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: DPOConfig = cfg.recipe
     device = start_process(cfg)
-    mode = resolve_mode(recipe.reference, cfg.adapter.kind, recipe.loss_type == DPOLossType.simpo, own_reference=bool(cfg.inputs.get("reference")))
+    mode = reference_for(cfg)
 
     train_raw = data_lib.load_split(cfg.data, "preference", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "preference")
@@ -125,7 +139,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(policy)
     step_rows = recipe.batch_size * recipe.grad_accum
     stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "dpo", train_raw._fingerprint)
+    session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "dpo", train_raw._fingerprint)
+    logger = session.logger
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
@@ -168,8 +183,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items() if k in SHOWN_EVAL))
         return result
 
-    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, pair_metrics,
-                            cfg.hardware, shown=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
+    return session.train(evaluate, next_step, pair_metrics, shown=("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"))
 
 
 SHOWN_EVAL = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")

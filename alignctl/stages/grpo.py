@@ -17,7 +17,6 @@ Evaluates: greedy completions of the eval prompts (eval_reward, and eval_exact_m
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -26,39 +25,43 @@ from omegaconf import DictConfig
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
-from alignctl.config import GRPOConfig, Reference, RunConfig
+from alignctl.config import GRPOConfig, RunConfig
 from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
 from alignctl.online_rl import (
     RolloutLog,
+    StepQueue,
     completion_count,
     completion_tokens,
     greedy_evaluator,
+    held_policy,
+    held_reward_model,
     load_prompts,
-    queue_steps,
+    planned_batch,
     reward_sources,
     rollout_metric_shares,
     rollout_metrics,
     sample_and_score,
 )
 from alignctl.ops import response_token_logps
-from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
-from alignctl.registry import register_stage
-from alignctl.resume import to_device
-from alignctl.rewards import RewardState
+from alignctl.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
+from alignctl.registry import HeldModel, register_stage
 from alignctl.rollout import Sampling, per_token_values
 from alignctl.training import (
     start_process,
     start_training,
-    train_and_finish,
 )
 
 
-@register_stage("grpo")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    return [held_policy(cfg), *held_reference(cfg), *held_reward_model(cfg)]
+
+
+@register_stage("grpo", held_models, data_format="prompt", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: GRPOConfig = cfg.recipe
     device = start_process(cfg)
     # beta = 0: no KL term, so no reference model is loaded at all, whatever recipe.reference says.
-    mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
+    mode = reference_for(cfg)  # none with beta = 0: no KL term, so no reference model is loaded at all
 
     K = recipe.num_generations
     completions_per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
@@ -70,7 +73,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "grpo", prompts.raw._fingerprint)
+    session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "grpo", prompts.raw._fingerprint)
+    logger = session.logger
     logger.note(
         f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "
         f"{recipe.advantage.value} advantages, beta {recipe.beta} (reference {mode.value}), rewards "
@@ -79,18 +83,15 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
     rollout_log = RolloutLog(logger, run_dir, cfg.logger.samples_every, recipe.steps_per_generation * recipe.num_iterations)
-    pending: deque[list[dict]] = deque()  # the optimiser steps left from the current rollout
-    rollouts = 0
+    # Token-level aggregation is a mean over the step's completion tokens, sequence-level over its completions.
+    items = completion_tokens if recipe.loss_aggregation.value == "token" else completion_count
+    queue = StepQueue(recipe, recipe.num_iterations, cfg.seed, device, tokenizer.pad_token_id, items)
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def new_rollout() -> None:
-        nonlocal rollouts
-        rollouts += 1
-        # Each rollout feeds steps_per_generation x num_iterations steps: the optimiser steps already taken.
-        state = RewardState((rollouts - 1) * recipe.steps_per_generation * recipe.num_iterations, recipe.max_steps)
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state)
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, queue.start_rollout())
         per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
@@ -101,15 +102,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                                                       tokenizer.pad_token_id, device, recipe.batch_size)
         rollout.times["time/reference"] = time.perf_counter() - started
         stats = rollout_metrics(rollout.rewards, rollout.per_source, rollout.completions, K)
-        # Token-level aggregation is a mean over the step's completion tokens, sequence-level over its completions.
-        items = completion_tokens if recipe.loss_aggregation.value == "token" else completion_count
-        queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_iterations, per_token, per_sequence, stats, device, tokenizer.pad_token_id, items)
-        rollout_log.after(rollouts, rollout, rollout.rewards)
-
-    def next_step() -> list[dict]:
-        if not pending:
-            new_rollout()
-        return pending.popleft()
+        queue.add(rollout, per_token, per_sequence, stats)
+        rollout_log.after(queue.rollouts, rollout, rollout.rewards)
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
@@ -124,13 +118,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics |= rollout_metric_shares(batch)
         return aggregate(per_token, mask, level, num_items), metrics
 
-    def restore_rollouts(state: dict) -> None:
-        nonlocal rollouts
-        rollouts = state["rollouts"]
-        pending.extend(to_device(state["pending"], device))
-
     evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
     # A checkpoint keeps the steps left from the current rollout, so a resumed run trains on the same samples.
-    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
-                            cfg.hardware, shown=("loss", "reward", "objective/kl", "completions/mean_length"),
-                            extra_state=lambda: {"rollouts": rollouts, "pending": list(pending)}, restore_extra=restore_rollouts)
+    return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "reward", "objective/kl", "completions/mean_length"),
+                         extra_state=queue.state, restore_extra=queue.restore)

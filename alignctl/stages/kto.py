@@ -37,20 +37,21 @@ from alignctl.evaluate import task_accuracy
 from alignctl.losses import kto_loss
 from alignctl.models import load_tokenizer, model_path
 from alignctl.ops import left_padded_batch, response_logps
+from alignctl.plan_data import BatchShape, PlanData, longest
 from alignctl.reference import (
     cache_key,
+    held_reference,
     load_policy_and_reference,
     model_identity,
     precompute,
+    reference_for,
     reference_logps,
-    resolve_mode,
 )
-from alignctl.registry import register_stage
+from alignctl.registry import HeldModel, register_stage
 from alignctl.training import (
     start_process,
     start_training,
     sum_over_batches,
-    train_and_finish,
 )
 
 
@@ -96,11 +97,23 @@ def halves(batch: dict) -> tuple[dict, dict]:
     return {k: batch[k] for k in SEQUENCE_KEYS}, {k: batch[MISMATCHED + k] for k in SEQUENCE_KEYS}
 
 
-@register_stage("kto")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True), *held_reference(cfg)]
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    encoded = encode_feedback(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
+    # The trained half (the mismatched half runs without gradient): whole sequences left-padded.
+    widest = longest([len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["completion_ids"])], rows)
+    completion = max(len(c) for c in encoded["completion_ids"])
+    return BatchShape(len(widest), widest[0], len(widest) * completion, data.source)
+
+
+@register_stage("kto", held_models, data_format="feedback", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: KTOConfig = cfg.recipe
     device = start_process(cfg)
-    mode = resolve_mode(recipe.reference, cfg.adapter.kind, reference_free_loss=False, own_reference=bool(cfg.inputs.get("reference")))
+    mode = reference_for(cfg)
 
     train_raw = data_lib.load_split(cfg.data, "feedback", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "feedback")
@@ -133,7 +146,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(policy)
     stream = BatchStream([len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"])],
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(policy, recipe, cfg, raw, run_dir, "kto", train_raw._fingerprint)
+    session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "kto", train_raw._fingerprint)
+    logger = session.logger
     desirable_share = sum(train_set["label"]) / len(train_set)
     logger.note(f"kto: {len(train_set)} rows ({100 * desirable_share:.0f}% desirable), beta {recipe.beta}, reference {mode.value}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
@@ -178,5 +192,4 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    return train_and_finish(run, recipe, policy, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, feedback_loss,
-                            cfg.hardware, shown=("loss", "kl"))
+    return session.train(evaluate, next_step, feedback_loss, shown=("loss", "kl"))

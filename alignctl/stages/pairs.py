@@ -23,8 +23,16 @@ from alignctl.config import PairsConfig, RunConfig
 from alignctl.errors import DataError
 from alignctl.metrics import console, summary_table
 from alignctl.models import load_causal_lm, load_tokenizer, model_path
-from alignctl.online_rl import encode_prompts, repeat_columns, reward_sources, score, trl_extras
-from alignctl.registry import register_stage
+from alignctl.online_rl import (
+    encode_prompts,
+    held_policy,
+    held_reward_model,
+    repeat_columns,
+    reward_sources,
+    score,
+    trl_extras,
+)
+from alignctl.registry import HeldModel, register_stage
 from alignctl.rewards import RewardState
 from alignctl.rollout import Sampling, sample
 from alignctl.rundir import RunDir, write_json_atomic
@@ -43,7 +51,11 @@ def best_and_worst(prompts: list, texts: list, rewards: torch.Tensor, group: int
     return pairs
 
 
-@register_stage("pairs")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    return [held_policy(cfg, trained=False), *held_reward_model(cfg)]
+
+
+@register_stage("pairs", held_models)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PairsConfig = cfg.recipe
     device = start_process(cfg)

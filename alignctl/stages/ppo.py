@@ -21,7 +21,6 @@ from a reward model is another network and gets its own adapter.
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -43,25 +42,25 @@ from alignctl.losses import (
 from alignctl.models import base_dir_of, load_reward_model, model_path
 from alignctl.online_rl import (
     RolloutLog,
+    StepQueue,
     completion_tokens,
     greedy_evaluator,
+    held_policy,
+    held_reward_model,
     load_prompts,
-    queue_steps,
+    planned_batch,
     reward_sources,
     rollout_metric_shares,
     rollout_metrics,
     sample_and_score,
 )
 from alignctl.ops import response_token_logps, response_values
-from alignctl.reference import load_policy_and_reference, reference_logps, resolve_mode
-from alignctl.registry import register_stage
-from alignctl.resume import to_device
-from alignctl.rewards import RewardState
+from alignctl.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
+from alignctl.registry import HeldModel, register_stage
 from alignctl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.training import (
     start_process,
     start_training,
-    train_and_finish,
 )
 
 
@@ -111,11 +110,33 @@ class AdaptiveKLController:
             self.beta *= 1 + error * completions / self.horizon
 
 
-@register_stage("ppo")
+def value_model_path(cfg: RunConfig, policy_path: str) -> str:
+    """Where the value model starts: inputs.init, else the reward model (inputs.reward), else the policy."""
+    if cfg.inputs.get("init"):
+        return model_path(cfg.model, cfg.inputs["init"])
+    return model_path(cfg.model, cfg.inputs["reward"]) if cfg.inputs.get("reward") else policy_path
+
+
+def shares_the_policy_base(cfg: RunConfig, value_path: str, policy_path: str) -> bool:
+    """With an adapter, a value model that would start from the policy itself is a second adapter on
+    the policy's frozen base (adapters.SharedBaseValue): one base in memory."""
+    return cfg.adapter.kind != "none" and value_path == policy_path
+
+
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    policy = held_policy(cfg)
+    value_path = value_model_path(cfg, policy.path)
+    shared = shares_the_policy_base(cfg, value_path, policy.path)
+    value = HeldModel("value (adapter on the policy's base)" if shared else "value (trained)", value_path, trained=True, scalar_head=True,
+                      shared_base=shared)
+    return [policy, *held_reference(cfg), value, *held_reward_model(cfg)]
+
+
+@register_stage("ppo", held_models, data_format="prompt", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PPOConfig = cfg.recipe
     device = start_process(cfg)
-    mode = Reference.none if recipe.beta == 0 else resolve_mode(recipe.reference, cfg.adapter.kind, False, bool(cfg.inputs.get("reference")))
+    mode = reference_for(cfg)
 
     per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
     prompts = load_prompts(cfg, recipe, per_rollout)
@@ -124,10 +145,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
-    value_path = model_path(cfg.model, cfg.inputs.get("init")) if cfg.inputs.get("init") else (reward_path or path)
-    if cfg.adapter.kind != "none" and value_path == path:
-        # The value model would start from the policy itself: train it as a second adapter on the
-        # policy's frozen base (one base in memory) with its own scalar head.
+    value_path = value_model_path(cfg, path)
+    if shares_the_policy_base(cfg, value_path, path):
         value = SharedBaseValue(policy)
         value_fn, value_from = value.values, "a second adapter on the policy's base"
     else:
@@ -137,7 +156,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)
     stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(both, recipe, cfg, raw, run_dir, "ppo", prompts.raw._fingerprint)
+    session = start_training(both, tokenizer, stream, cfg, raw, run_dir, "ppo", prompts.raw._fingerprint)
+    logger = session.logger
     logger.note(
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"
         f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model: {value_from}, rewards "
@@ -147,18 +167,13 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
     kl_control = AdaptiveKLController(recipe.beta, recipe.kl_target, recipe.kl_horizon)
     rollout_log = RolloutLog(logger, run_dir, cfg.logger.samples_every, recipe.steps_per_generation * recipe.num_ppo_epochs)
-    pending: deque[list[dict]] = deque()
-    rollouts = 0
+    queue = StepQueue(recipe, recipe.num_ppo_epochs, cfg.seed, device, tokenizer.pad_token_id, completion_tokens)  # a mean over completion tokens
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def new_rollout() -> None:
-        nonlocal rollouts
-        rollouts += 1
-        # Each rollout feeds steps_per_generation x num_ppo_epochs steps: the optimiser steps already taken.
-        state = RewardState((rollouts - 1) * recipe.steps_per_generation * recipe.num_ppo_epochs, recipe.max_steps)
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, state)
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, queue.start_rollout())
         completions, scores = rollout.completions, rollout.rewards
         if recipe.missing_eos_penalty:
             scores = scores - recipe.missing_eos_penalty * torch.tensor(completions.truncated, dtype=torch.float32)
@@ -192,14 +207,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         }
         rollout.times["time/values"] = time.perf_counter() - started
         kl_control.update(float(sequence_kl.mean()), len(rollout.texts))
-        # The loss is a mean over the step's completion tokens.
-        queue_steps(pending, rollout, rollouts, cfg.seed, recipe, recipe.num_ppo_epochs, per_token, {}, stats, device, pad_id, completion_tokens)
-        rollout_log.after(rollouts, rollout, scores)
-
-    def next_step() -> list[dict]:
-        if not pending:
-            new_rollout()
-        return pending.popleft()
+        queue.add(rollout, per_token, {}, stats)
+        rollout_log.after(queue.rollouts, rollout, scores)
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
@@ -217,14 +226,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics |= rollout_metric_shares(batch)
         return aggregate(policy_loss + recipe.vf_coef * value_loss, mask, "token", num_items), metrics
 
-    def restore_rollouts(state: dict) -> None:
-        nonlocal rollouts
-        kl_control.beta, rollouts = state["beta"], state["rollouts"]
-        pending.extend(to_device(state["pending"], device))
+    def restore(state: dict) -> None:
+        kl_control.beta = state["beta"]
+        queue.restore(state)
 
     evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
     # A checkpoint keeps the KL coefficient and the steps left from the current rollout (exact resume).
-    return train_and_finish(run, recipe, both, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, step_fn,
-                            cfg.hardware, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
-                            extra_state=lambda: {"beta": kl_control.beta, "rollouts": rollouts, "pending": list(pending)},
-                            restore_extra=restore_rollouts)
+    return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
+                         extra_state=lambda: {"beta": kl_control.beta, **queue.state()}, restore_extra=restore)

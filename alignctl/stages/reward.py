@@ -38,13 +38,13 @@ from alignctl.models import (
     load_tokenizer,
     model_path,
 )
-from alignctl.registry import register_stage
+from alignctl.plan_data import BatchShape, PlanData, longest
+from alignctl.registry import HeldModel, register_stage
 from alignctl.scored_text import completion_turn, padded, sequence_scores
 from alignctl.training import (
     start_process,
     start_training,
     sum_over_batches,
-    train_and_finish,
 )
 
 
@@ -107,7 +107,19 @@ def top_of_initial_body(model: torch.nn.Module, hidden_states: tuple[torch.Tenso
     return backbone(model).norm(hidden_states[-1 - extra_layers])
 
 
-@register_stage("reward")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    path = model_path(cfg.model, cfg.inputs.get("init"))
+    return [HeldModel("reward model (trained)", path, trained=True, scalar_head=True, extra_layers=cfg.recipe.extra_layers)]
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    encoded = encode_pairs(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
+    sides = longest([len(ids) for side in ("chosen", "rejected") for ids in encoded[side]], rows)
+    # Chosen and rejected sequences right-padded together; one score is read per sequence.
+    return BatchShape(len(sides), sides[0], len(sides), data.source)
+
+
+@register_stage("reward", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: RewardConfig = cfg.recipe
     device = start_process(cfg)
@@ -128,7 +140,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(model)
     stream = BatchStream([max(len(c), len(r)) for c, r in zip(train_set["chosen"], train_set["rejected"])],
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "reward", train_raw._fingerprint)
+    session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "reward", train_raw._fingerprint)
+    logger = session.logger
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
                 f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
 
@@ -171,5 +184,4 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={result[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin")))
         return result
 
-    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, score_pairs,
-                            cfg.hardware, shown=("loss", "accuracy", "margin"))
+    return session.train(evaluate, next_step, score_pairs, shown=("loss", "accuracy", "margin"))

@@ -28,11 +28,11 @@ from alignctl.evaluate import task_accuracy
 from alignctl.lm_head import final_hidden, output_head
 from alignctl.losses import sft_loss, sft_loss_from_hidden
 from alignctl.models import base_dir_of, load_causal_lm, load_tokenizer, model_path
-from alignctl.registry import register_stage
+from alignctl.plan_data import BatchShape, PlanData
+from alignctl.registry import HeldModel, register_stage
 from alignctl.training import (
     start_process,
     start_training,
-    train_and_finish,
 )
 from alignctl.varlen_attention import packed_attention
 
@@ -79,7 +79,23 @@ def packed_batch(rows: dict[str, list], device: torch.device) -> dict:
     return {**{k: v.to(device) for k, v in batch.items()}, "num_items": sum(t != IGNORE for t in labels), "num_tokens": len(ids)}
 
 
-@register_stage("sft")
+def held_models(cfg: RunConfig) -> list[HeldModel]:
+    return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True)]
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    recipe = cfg.recipe
+    if recipe.packing:
+        return BatchShape(rows, recipe.max_length, rows * recipe.max_length, "packed blocks of recipe.max_length")
+    encoded = encode_split(data.raw, data.tokenizer, recipe, cfg, data.where)[0]
+    labelled = sorted(((len(ids), sum(t != IGNORE for t in labels)) for ids, labels in zip(encoded["input_ids"], encoded["labels"])), reverse=True)[:rows]
+    positions = sum(n for _, n in labelled)
+    if recipe.padding_free:  # the rows end to end in one sequence
+        return BatchShape(1, sum(length for length, _ in labelled), positions, data.source)
+    return BatchShape(len(labelled), labelled[0][0], positions, data.source)
+
+
+@register_stage("sft", held_models, data_format="sft", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: SFTConfig = cfg.recipe
     device = start_process(cfg)
@@ -98,7 +114,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
     stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
-    optimizer, scheduler, run, logger = start_training(model, recipe, cfg, raw, run_dir, "sft", train_raw._fingerprint)
+    session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "sft", train_raw._fingerprint)
+    logger = session.logger
     logger.note(
         f"sft: {len(train_set)} train rows ({dropped} dropped as overlong), model {path}, "
         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), run dir {run_dir}"
@@ -133,5 +150,4 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    return train_and_finish(run, recipe, model, tokenizer, optimizer, scheduler, logger, stream, evaluate, next_step, loss_of,
-                            cfg.hardware, shown=("loss", "mean_token_accuracy", "epoch"))
+    return session.train(evaluate, next_step, loss_of, shown=("loss", "mean_token_accuracy", "epoch"))
