@@ -29,6 +29,7 @@ from alignctl.recipe_config import (  # noqa: F401
     NonFinite,
     OnlineRLConfig,
     PairsConfig,
+    PolicyLoss,
     PPOConfig,
     Reference,
     RewardConfig,

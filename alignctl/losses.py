@@ -8,6 +8,8 @@ Metrics are returned the same way, as additive shares.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -211,6 +213,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "g
       by the std over-weights prompts that are almost always right or almost always wrong.
     - ``rloo`` (Ahmadian et al. 2024): r minus the mean of the *other* K - 1 completions.
     - ``reinforce``: plain REINFORCE with one baseline, the mean reward of the whole batch.
+    - ``reinforce_pp`` (REINFORCE++-baseline, Hu et al. 2025): r - mean_group, divided by the std of
+      those over the whole batch.
 
     Args:
         rewards: (N,) one scalar per completion; N must be a multiple of `group_size`.
@@ -235,7 +239,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "g
         return (groups - others).view(-1)
     if estimator == "reinforce":
         return rewards - rewards.mean()
-    raise ValueError(f"unknown advantage estimator {estimator!r}; valid: grpo, dr_grpo, rloo, reinforce")
+    if estimator == "reinforce_pp":
+        # REINFORCE++-baseline (Hu et al. 2025, "REINFORCE++", sec. 3): the group mean as baseline, then
+        # the whole batch's std as scale (global, not per group: per-group scaling is what biases GRPO).
+        centred = groups - mean
+        return (centred / (centred.std() + eps) if centred.numel() > 1 else centred).view(-1)
+    raise ValueError(f"unknown advantage estimator {estimator!r}; valid: grpo, dr_grpo, rloo, reinforce, reinforce_pp")
 
 
 def clipped_surrogate(
@@ -258,6 +267,86 @@ def clipped_surrogate(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon, upper) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped).detach()
+
+
+@dataclass
+class Surrogate:
+    """A policy-gradient loss per token and what its importance ratios did (all (B, T))."""
+
+    loss: torch.Tensor  # per-token loss, to `aggregate`
+    weight: torch.Tensor  # the importance ratio each token's gradient is weighted by (detached)
+    clipped_low: torch.Tensor  # bool: clipped below (ratio < 1 - eps with A < 0): no gradient from this token
+    clipped_high: torch.Tensor  # bool: clipped above (ratio > 1 + eps_high with A > 0), or CISPO's capped weight
+
+
+def _clip(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float | None) -> Surrogate:
+    upper = 1 + (epsilon if epsilon_high is None else epsilon_high)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon, upper) * advantages
+    taken = (clipped < unclipped).detach()
+    return Surrogate(-torch.min(unclipped, clipped), ratio.detach(), taken & (advantages < 0), taken & (advantages > 0))
+
+
+def token_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                    epsilon_high: float | None = None) -> Surrogate:
+    """PPO's clipped surrogate per token (`clipped_surrogate`), with the clipped tokens split by side."""
+    return _clip(torch.exp(logps - old_logps), _per_token(advantages), epsilon, epsilon_high)
+
+
+def gspo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                   epsilon_high: float | None = None) -> Surrogate:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eqs. 5-7 and 13): one importance
+    ratio per completion, s_i = exp(mean_t log(pi / pi_old)) over its tokens, clipped as PPO clips a
+    token's: -min(s_i A_i, clip(s_i, 1 - eps, 1 + eps_high) A_i).
+
+    In the GSPO-token form (eq. 13) every token carries s_i,t = sg(s_i) pi(y_t) / sg(pi(y_t)): its value
+    is s_i, its gradient s_i grad log pi(y_t). Averaged over a completion's tokens (loss_aggregation=
+    sequence) that is exactly the gradient of the sequence objective, s_i A_i mean_t grad log pi(y_t).
+    With s_i = 1 (one pass over a fresh rollout) it is the on-policy gradient, length-normalised.
+    The paper's clip ranges are far smaller than PPO's (eps 3e-4, eps_high 4e-4): a sequence ratio
+    moves much less than a token's."""
+    mask = mask.to(logps.dtype)
+    sequence_log_ratio = ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(sequence_log_ratio.detach() + logps - logps.detach())
+    return _clip(ratio, _per_token(advantages), epsilon, epsilon_high)
+
+
+def cispo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_high: float) -> Surrogate:
+    """CISPO (MiniMax-M1, MiniMax 2025, eq. 4): -sg(min(r, 1 + eps_high)) A log pi, r = pi / pi_old.
+
+    The importance weight is capped and detached, but no token loses its gradient: PPO's clip zeroes
+    the gradient of a clipped token, which drops exactly the rare tokens that open new reasoning paths.
+    With r = 1 it is REINFORCE with the group advantage."""
+    weight = torch.exp(logps - old_logps).detach()
+    capped = weight.clamp(max=1 + epsilon_high)
+    advantages = _per_token(advantages)
+    none = torch.zeros_like(weight, dtype=torch.bool)
+    return Surrogate(-capped * advantages * logps, capped, none, weight > 1 + epsilon_high)
+
+
+def policy_surrogate(kind: str, logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                     epsilon: float, epsilon_high: float | None = None) -> Surrogate:
+    """recipe.policy_loss: ``ppo_clip`` (`token_surrogate`), ``gspo`` or ``cispo`` (whose cap is 1 + eps_high, or 1 + eps)."""
+    if kind == "gspo":
+        return gspo_surrogate(logps, old_logps, mask, advantages, epsilon, epsilon_high)
+    if kind == "cispo":
+        return cispo_surrogate(logps, old_logps, advantages, epsilon if epsilon_high is None else epsilon_high)
+    if kind == "ppo_clip":
+        return token_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
+    raise ValueError(f"unknown policy loss {kind!r}; valid: ppo_clip, gspo, cispo")
+
+
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    return advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward added per completion:
+    0 up to max_length - buffer tokens, then falling linearly to -1 at max_length (and -1 beyond), so a
+    completion cut at the limit is punished without a cliff between almost-too-long and too-long."""
+    lengths = lengths.float()
+    start = max_length - buffer
+    return ((start - lengths) / buffer).clamp(min=-1.0, max=0.0) if buffer > 0 else torch.zeros_like(lengths)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, level: str, num_items: int | torch.Tensor) -> torch.Tensor:

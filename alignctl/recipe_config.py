@@ -48,6 +48,7 @@ class Advantage(str, Enum):
     dr_grpo = "dr_grpo"  # r - group mean (no std scaling)
     rloo = "rloo"  # r - mean of the other K - 1 completions
     reinforce = "reinforce"  # r - batch mean
+    reinforce_pp = "reinforce_pp"  # REINFORCE++-baseline: r - group mean, over the batch's std
 
 
 class RolloutEngine(str, Enum):
@@ -55,6 +56,12 @@ class RolloutEngine(str, Enum):
     native = "native"  # alignctl.decode: fused weights, preallocated cache, finished rows leave the batch
     hf = "hf"  # transformers' generate
     vllm = "vllm"  # vLLM colocated in the training process (GPU, `pip install vllm`): alignctl/vllm_engine.py
+
+
+class PolicyLoss(str, Enum):
+    ppo_clip = "ppo_clip"  # PPO's clipped surrogate per token (GRPO, DAPO)
+    gspo = "gspo"  # one clipped importance ratio per completion (GSPO)
+    cispo = "cispo"  # capped, detached importance weights, every token keeps its gradient (CISPO)
 
 
 class LossAggregation(str, Enum):
@@ -181,9 +188,13 @@ class GRPOConfig(OnlineRLConfig):
     epsilon_high: float | None = within("(0, 10]", "null: epsilon")  # separate upper clip (DAPO's clip-higher)
     advantage: Advantage
     loss_aggregation: LossAggregation
+    policy_loss: PolicyLoss
+    overlong_buffer: int = within("[0, 1e7]", "0: off")  # DAPO's soft overlong punishment over the last N tokens of max_new_tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
+               f"the punished window must fit in max_new_tokens ({self.max_new_tokens}), got {self.overlong_buffer}")
         if self.epsilon_high is not None:
             _check(self.epsilon_high >= self.epsilon, "epsilon_high", f"must be >= epsilon ({self.epsilon}), got {self.epsilon_high}")
         step = self.batch_size * self.grad_accum

@@ -26,7 +26,7 @@ from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, RunConfig
-from alignctl.losses import aggregate, clipped_surrogate, group_advantages, kl_penalty
+from alignctl.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
 from alignctl.online_rl import (
     RolloutLog,
     StepQueue,
@@ -92,6 +92,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def new_rollout() -> None:
         rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, queue.start_rollout())
+        if recipe.overlong_buffer:  # DAPO: completions near max_new_tokens lose reward smoothly, logged as a source
+            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids])
+            rollout.per_source["overlong_penalty"] = overlong_penalty(lengths, recipe.max_new_tokens, recipe.overlong_buffer)
+            rollout.rewards = rollout.rewards + rollout.per_source["overlong_penalty"]
         per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
@@ -108,9 +112,15 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        per_token, clipped = clipped_surrogate(logps, old, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
-        level = recipe.loss_aggregation.value
-        metrics = {"objective/entropy": aggregate(entropy, mask, level, num_items), "policy/clipfrac": aggregate(clipped.float(), mask, level, num_items)}
+        surrogate = policy_surrogate(recipe.policy_loss.value, logps, old, mask, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
+        per_token, level = surrogate.loss, recipe.loss_aggregation.value
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return aggregate(values.float(), mask, level, num_items)
+
+        metrics = {"objective/entropy": mean(entropy), "policy/clipfrac": mean(surrogate.clipped_low | surrogate.clipped_high),
+                   "clip_ratio/low_mean": mean(surrogate.clipped_low), "clip_ratio/high_mean": mean(surrogate.clipped_high),
+                   "policy/importance_weight": mean(surrogate.weight)}
         if recipe.beta > 0:
             kl = kl_penalty(logps, batch["ref_logps"], "k3")
             per_token = per_token + recipe.beta * kl

@@ -114,6 +114,28 @@ def test_grpo_with_lora_kl_and_several_passes_per_rollout(alignctl, tmp_path):
     assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
 
 
+@pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
+def test_the_grpo_family_trains_with_its_metrics(alignctl, tmp_path, policy_loss):
+    """GSPO or CISPO, with REINFORCE++ advantages and DAPO's overlong punishment, over two passes per
+    rollout (so importance ratios differ from 1): the policy moves and each mechanism shows in the log."""
+    run_dir = tmp_path / policy_loss
+    result = alignctl("train", "recipe=grpo", f"recipe.policy_loss={policy_loss}", "recipe.advantage=reinforce_pp",
+                      "recipe.overlong_buffer=3", "recipe.max_new_tokens=6", "recipe.num_iterations=2", "recipe.batch_size=16",
+                      "recipe.num_generations=4", "recipe.max_steps=4", "recipe.lr=1e-2", "recipe.epsilon=0.01",
+                      "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 2}]", "recipe.eval_every=0",
+                      "data.eval_limit=16", f"hydra.run.dir={run_dir}")
+    run = StageRun(policy_loss, run_dir, result)
+    run.assert_finished()
+    train = run.train_records()
+    for record in train:
+        assert {"clip_ratio/low_mean", "clip_ratio/high_mean", "policy/importance_weight", "rewards/overlong_penalty/mean"} <= record.keys()
+        assert record["rewards/overlong_penalty/mean"] <= 0
+    # The first pass over a rollout is on-policy (weights 1, nothing clipped); the second is not.
+    assert train[0]["policy/importance_weight"] == pytest.approx(1.0, abs=1e-6) and train[0]["policy/clipfrac"] == 0
+    assert any(r["policy/importance_weight"] != pytest.approx(1.0, abs=1e-6) for r in train[1:])
+    assert any(r["policy/clipfrac"] > 0 for r in train[1:])  # a tight epsilon (or CISPO's cap) is reached
+
+
 def test_user_reward_function_gets_columns_kwargs_and_weight(alignctl, tmp_path):
     (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
     data = tmp_path / "prompts.jsonl"
