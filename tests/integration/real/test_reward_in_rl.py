@@ -35,7 +35,7 @@ def test_grpo_rewards_are_the_reward_models_training_scores(alignctl, smollm2_di
                       f"hydra.run.dir={reward_dir}")
     StageRun("reward", reward_dir, reward).assert_finished()
     grpo = alignctl("train", "recipe=grpo", *common, f"data.path={tmp_path / 'prompts.jsonl'}", f"inputs.reward={reward_dir}",
-                    "recipe.reward_funcs=[]", "recipe.max_steps=1", "recipe.batch_size=4", "recipe.num_generations=2",
+                    "recipe.reward_funcs=[]", "recipe.max_steps=1", "recipe.batch_size=4", "recipe.grad_accum=1", "recipe.num_generations=2",
                     "recipe.max_length=128", "recipe.max_new_tokens=12", "logger.samples_every=1", f"hydra.run.dir={grpo_dir}")
     StageRun("grpo", grpo_dir, grpo).assert_finished()
     samples = [json.loads(line) for line in (grpo_dir / "samples.jsonl").read_text().splitlines()]
