@@ -190,6 +190,8 @@ class GRPOConfig(OnlineRLConfig):
     loss_aggregation: LossAggregation
     policy_loss: PolicyLoss
     overlong_buffer: int = within("[0, 1e7]", "0: off")  # DAPO's soft overlong punishment over the last N tokens of max_new_tokens
+    dynamic_sampling: bool  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
+    max_draws: int = within("[1, 1e4]")  # dynamic sampling: batches of prompts drawn per rollout at most
 
     def __post_init__(self) -> None:
         super().__post_init__()

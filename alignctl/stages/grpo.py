@@ -26,9 +26,11 @@ from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream
 from alignctl.config import GRPOConfig, RunConfig
+from alignctl.dynamic_sampling import fill_with_informative_groups
 from alignctl.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
 from alignctl.online_rl import (
     RolloutLog,
+    ScoredRollout,
     StepQueue,
     completion_count,
     completion_tokens,
@@ -45,6 +47,7 @@ from alignctl.online_rl import (
 from alignctl.ops import response_token_logps
 from alignctl.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.registry import HeldModel, register_stage
+from alignctl.rewards import RewardState
 from alignctl.rollout import Sampling, per_token_values
 from alignctl.training import (
     start_process,
@@ -90,12 +93,19 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
-    def new_rollout() -> None:
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, queue.start_rollout())
+    def draw(state: RewardState) -> ScoredRollout:
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state)
         if recipe.overlong_buffer:  # DAPO: completions near max_new_tokens lose reward smoothly, logged as a source
             lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids])
             rollout.per_source["overlong_penalty"] = overlong_penalty(lengths, recipe.max_new_tokens, recipe.overlong_buffer)
             rollout.rewards = rollout.rewards + rollout.per_source["overlong_penalty"]
+        return rollout
+
+    def new_rollout() -> None:
+        state = queue.start_rollout()
+        rollout, sampling_stats = draw(state), {}
+        if recipe.dynamic_sampling:
+            rollout, sampling_stats = fill_with_informative_groups(rollout, lambda: draw(state), K, recipe.max_draws)
         per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
@@ -105,7 +115,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             per_token["ref_logps"] = per_token_values(lambda b: reference_logps(mode, policy, reference, b, token_logps), rollout.completions,
                                                       tokenizer.pad_token_id, device, recipe.batch_size)
         rollout.times["time/reference"] = time.perf_counter() - started
-        stats = rollout_metrics(rollout.rewards, rollout.per_source, rollout.completions, K)
+        stats = rollout_metrics(rollout.rewards, rollout.per_source, rollout.completions, K) | sampling_stats
         queue.add(rollout, per_token, per_sequence, stats)
         rollout_log.after(queue.rollouts, rollout, rollout.rewards)
 

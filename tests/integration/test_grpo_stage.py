@@ -136,6 +136,23 @@ def test_the_grpo_family_trains_with_its_metrics(alignctl, tmp_path, policy_loss
     assert any(r["policy/clipfrac"] > 0 for r in train[1:])  # a tight epsilon (or CISPO's cap) is reached
 
 
+def test_dynamic_sampling_trains_on_informative_groups_only(alignctl, tmp_path):
+    """DAPO's dynamic sampling: a reward for two digits in a row leaves many of the untrained model's
+    groups constant; rollouts draw more prompts, and a full rollout holds no constant group."""
+    run_dir = tmp_path / "dynamic"
+    result = alignctl("train", "recipe=grpo", "recipe.dynamic_sampling=true", "recipe.max_draws=3", "recipe.batch_size=8",
+                      "recipe.num_generations=4", "recipe.max_steps=4", "recipe.lr=1e-3", "recipe.eval_every=0", "data.eval_limit=16",
+                      "recipe.reward_funcs=[{_target_: alignctl.rewards.format_check, pattern: '.*[0-9][0-9].*'}]", f"hydra.run.dir={run_dir}")
+    run = StageRun("dynamic", run_dir, result)
+    run.assert_finished()
+    train = run.train_records()
+    assert max(r["dynamic_sampling/draws"] for r in train) > 1, train
+    assert any(r["dynamic_sampling/informative"] < 1 for r in train)
+    for r in train:
+        if r["dynamic_sampling/kept_groups"] == 1:
+            assert r["frac_reward_zero_std"] == 0  # never a constant group once the rollout is full
+
+
 def test_user_reward_function_gets_columns_kwargs_and_weight(alignctl, tmp_path):
     (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
     data = tmp_path / "prompts.jsonl"

@@ -56,6 +56,8 @@ def assert_same_trajectory(reference: Path, resumed: Path, from_step: int) -> No
 # An untrained model never solves the task: reward length instead, so samples differ in reward and
 # a resume that sampled other completions would show in the losses.
 GRADED_REWARD = "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 1}]"
+# 1 when a completion holds two digits in a row: the untrained model's groups are often all 0 (see test_grpo_stage).
+TWO_DIGITS_REWARD = "recipe.reward_funcs=[{_target_: alignctl.rewards.format_check, pattern: '.*[0-9][0-9].*'}]"
 
 # Each case: overrides of a short run that saves mid-way, and the step to resume from.
 CASES = {
@@ -72,6 +74,11 @@ CASES = {
     "grpo mid-rollout": (["recipe=grpo", "recipe.max_steps=8", "recipe.save_every=3", "recipe.steps_per_generation=2", "recipe.num_iterations=2",
                           "recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1", "recipe.lr=1e-3", "data.eval_limit=20",
                           GRADED_REWARD], 3),
+    # DAPO's dynamic sampling: many groups of the untrained model are constant, so rollouts draw more
+    # prompts (the stream moves on unevenly) before they are full or at their bound.
+    "grpo dynamic sampling": (["recipe=grpo", "recipe.max_steps=4", "recipe.save_every=2", "recipe.batch_size=8", "recipe.num_generations=4",
+                               "recipe.dynamic_sampling=true", "recipe.max_draws=3", "recipe.lr=1e-3", "data.eval_limit=20",
+                               TWO_DIGITS_REWARD], 2),
     # LoRA policy with the value model as a second adapter on the same base, adaptive KL coefficient.
     "ppo lora, adaptive beta": (["recipe=ppo", "adapter=lora", "recipe.max_steps=6", "recipe.save_every=3", "recipe.batch_size=8",
                                  "recipe.steps_per_generation=2", "recipe.num_ppo_epochs=1", "recipe.kl_target=0.01", "recipe.kl_horizon=100",
