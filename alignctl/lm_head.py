@@ -21,7 +21,7 @@ import torch
 @dataclass
 class HeadOutputs:
     logps: torch.Tensor  # (N,) log p(target), differentiable
-    entropy: torch.Tensor | None  # (N,) entropy of the next-token distribution, no gradient
+    entropy: torch.Tensor | None  # (N,) entropy of the next-token distribution, differentiable (an entropy bonus)
     correct: torch.Tensor | None  # (N,) bool: the target is the argmax, no gradient
 
 
@@ -56,24 +56,32 @@ class _LinearLogps(torch.autograd.Function):
                 entropy[start:end] = chunk_lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
             if with_argmax:
                 correct[start:end] = logits.argmax(-1) == targets[start:end]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else lse.new_empty(0))
         ctx.chunk, ctx.temperature = chunk, temperature
-        ctx.mark_non_differentiable(*[t for t in (entropy, correct) if t is not None])
+        if correct is not None:
+            ctx.mark_non_differentiable(correct)
+        ctx.set_materialize_grads(False)  # an output the loss does not use (entropy as a metric) costs nothing in backward
         return logps, entropy, correct
 
     @staticmethod
-    def backward(ctx, grad_logps, *_):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_entropy, _):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.size(0), ctx.chunk):
             end = min(start + ctx.chunk, hidden.size(0))
             rows = hidden[start:end]
             logits = (rows @ weight.T).float() / ctx.temperature
-            upstream = grad_logps[start:end, None].float()
-            # d log p(y) / d logits = onehot(y) - softmax(logits), and logits = h W^T / temperature.
-            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-upstream)
-            grad_logits.scatter_add_(-1, targets[start:end, None], upstream)
+            probs = torch.exp(logits - lse[start:end, None])
+            grad_logits = torch.zeros_like(logits)
+            if grad_logps is not None:
+                # d log p(y) / d logits = onehot(y) - softmax(logits), and logits = h W^T / temperature.
+                upstream = grad_logps[start:end, None].float()
+                grad_logits.add_(probs * -upstream).scatter_add_(-1, targets[start:end, None], upstream)
+            if grad_entropy is not None:
+                # H = -sum p log p: dH / d logits_j = -p_j (log p_j + H).
+                log_p = logits - lse[start:end, None]
+                grad_logits.add_(-probs * (log_p + entropy[start:end, None]) * grad_entropy[start:end, None].float())
             grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
@@ -97,8 +105,8 @@ def linear_logps(
 
     Args:
         hidden: (N, d) final hidden states (after the model's last norm); weight: (V, d); targets: (N,).
-        with_entropy / with_argmax: also return each row's entropy / whether its target is the argmax
-            (no gradient).
+        with_entropy / with_argmax: also return each row's entropy (differentiable) / whether its
+            target is the argmax (no gradient).
     """
     logps, entropy, correct = _LinearLogps.apply(hidden, weight, targets, max(int(chunk), 1), float(temperature), with_entropy, with_argmax)
     return HeadOutputs(logps, entropy, correct)

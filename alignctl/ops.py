@@ -10,6 +10,7 @@ the whole sequence is ever built.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,7 @@ def response_token_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int = 0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of each row's response under `model`, over the last W positions.
 
@@ -60,7 +62,9 @@ def response_token_logps(
         batch: from `left_padded_batch` (on the model's device).
         temperature: logits are divided by it first, so that log-probs match the sampling
             distribution of a rollout drawn at that temperature.
-        with_entropy: also return the entropy of the next-token distribution at each position.
+        with_entropy: also return the entropy of the next-token distribution at each position
+            (differentiable on the chunked path; on the plain path only with `entropy_grad`, since
+            it keeps the (B, W, vocab) log-softmax for backward).
         chunk: > 0 computes the output layer over the response tokens only, that many at a time,
             never holding their logits whole (alignctl/lm_head.py; recipe.lm_head_chunk); 0 is the
             plain path.
@@ -92,7 +96,7 @@ def response_token_logps(
     per_token = token_logps(logits, targets) * keep
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with contextlib.nullcontext() if entropy_grad else torch.no_grad():
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1) * keep
     return per_token, keep, entropy

@@ -190,6 +190,7 @@ class GRPOConfig(OnlineRLConfig):
     loss_aggregation: LossAggregation
     policy_loss: PolicyLoss
     overlong_buffer: int = within("[0, 1e7]", "0: off")  # DAPO's soft overlong punishment over the last N tokens of max_new_tokens
+    entropy_coef: float = within("[0, 1e3]", "0: off")  # an entropy bonus: the loss minus coef x mean entropy of the sampled positions
     dynamic_sampling: bool  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
     max_draws: int = within("[1, 1e4]")  # dynamic sampling: batches of prompts drawn per rollout at most
 

@@ -120,15 +120,18 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rollout_log.after(queue.rollouts, rollout, rollout.rewards)
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk,
+                                                    entropy_grad=recipe.entropy_coef > 0)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         surrogate = policy_surrogate(recipe.policy_loss.value, logps, old, mask, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
         per_token, level = surrogate.loss, recipe.loss_aggregation.value
+        if recipe.entropy_coef > 0:  # only then does backward go through the entropy
+            per_token = per_token - recipe.entropy_coef * entropy
 
         def mean(values: torch.Tensor) -> torch.Tensor:
             return aggregate(values.float(), mask, level, num_items)
 
-        metrics = {"objective/entropy": mean(entropy), "policy/clipfrac": mean(surrogate.clipped_low | surrogate.clipped_high),
+        metrics = {"objective/entropy": mean(entropy.detach()), "policy/clipfrac": mean(surrogate.clipped_low | surrogate.clipped_high),
                    "clip_ratio/low_mean": mean(surrogate.clipped_low), "clip_ratio/high_mean": mean(surrogate.clipped_high),
                    "policy/importance_weight": mean(surrogate.weight)}
         if recipe.beta > 0:

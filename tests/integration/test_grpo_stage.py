@@ -117,10 +117,12 @@ def test_grpo_with_lora_kl_and_several_passes_per_rollout(alignctl, tmp_path):
 @pytest.mark.parametrize("policy_loss", ["gspo", "cispo"])
 def test_the_grpo_family_trains_with_its_metrics(alignctl, tmp_path, policy_loss):
     """GSPO or CISPO, with REINFORCE++ advantages and DAPO's overlong punishment, over two passes per
-    rollout (so importance ratios differ from 1): the policy moves and each mechanism shows in the log."""
+    rollout (so importance ratios differ from 1): the policy moves and each mechanism shows in the log.
+    The GSPO run adds an entropy bonus on the plain output layer (the chunked one is tested in test_lm_head)."""
     run_dir = tmp_path / policy_loss
     result = alignctl("train", "recipe=grpo", f"recipe.policy_loss={policy_loss}", "recipe.advantage=reinforce_pp",
                       "recipe.overlong_buffer=3", "recipe.max_new_tokens=6", "recipe.num_iterations=2", "recipe.batch_size=16",
+                      f"recipe.entropy_coef={0.01 if policy_loss == 'gspo' else 0}", f"recipe.lm_head_chunk={0 if policy_loss == 'gspo' else 64}",
                       "recipe.num_generations=4", "recipe.max_steps=4", "recipe.lr=1e-2", "recipe.epsilon=0.01",
                       "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 2}]", "recipe.eval_every=0",
                       "data.eval_limit=16", f"hydra.run.dir={run_dir}")

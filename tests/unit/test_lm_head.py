@@ -41,6 +41,24 @@ def test_chunked_log_probs_and_gradients_equal_the_plain_path(chunk, temperature
     assert grad_w.abs().max() > 0.1  # the comparison is not between two zeros
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_the_entropy_s_gradient_equals_the_plain_path_s(chunk):
+    """An entropy bonus (recipe.entropy_coef) differentiates the chunked entropy: dH/dz = -p (log p + H)."""
+    torch.manual_seed(1)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = (3 * torch.randn(500, 16)).requires_grad_()
+    targets = torch.randint(0, 500, (7,))
+    on_logps, on_entropy = torch.randn(7), torch.randn(7)
+    expected, entropy, _ = plain(hidden, weight, targets, 0.7)
+    want = torch.autograd.grad((expected * on_logps + entropy * on_entropy).sum(), [hidden, weight])
+    out = linear_logps(hidden, weight, targets, chunk, 0.7, with_entropy=True)
+    got = torch.autograd.grad((out.logps * on_logps + out.entropy * on_entropy).sum(), [hidden, weight], retain_graph=True)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-4)
+    only_entropy = torch.autograd.grad(out.entropy.sum(), hidden)[0]
+    assert only_entropy.abs().max() > 1e-3  # the entropy alone moves the hidden states
+
+
 def tiny_lm(vocab: int = 300) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
