@@ -28,6 +28,10 @@ class AdapterError(UserError):
     """An adapter that does not fit the model."""
 
 
+class DiskFull(UserError):
+    """A save that ran out of disk space: names the directory; the previous checkpoint is kept."""
+
+
 class NonFiniteLoss(RuntimeError):
     """A step whose loss or gradient norm is nan or inf, with recipe.nonfinite=stop (not bad input: exit 1)."""
 
