@@ -239,6 +239,7 @@ class PairsConfig:
     reward_funcs: list[Any]
     reward_weights: list[float] | None = within("[-1e6, 1e6]")
     reward_model_weight: float = within("[0, 1e6]")
+    reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
     eval_batch_size: int = within("[1, 1e6]")  # completions per reward-model forward
 
     def __post_init__(self) -> None:
