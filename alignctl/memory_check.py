@@ -5,7 +5,8 @@ an adapter that does not fit the model, e.g. a rank above its matrices' width, i
 It is compared with what is free now: on a CPU, MemAvailable (or the cgroup's room, if smaller) plus
 this process's own resident set, which the estimate counts; on a GPU, the device's free memory. Only
 an estimate above MARGIN x that is refused: plan expects the real peak within about 30 %, and a run
-near the edge should get its chance. `hardware.memory_check=false` skips the check.
+near the edge should get its chance. `hardware.memory_check=false` skips the check (the adapter's rank
+is then checked when the adapter is applied, still before peft allocates it).
 
 The screen is cheap: models on the meta device and micro-batches as wide as the recipe allows; only
 when that bound does not fit is the data read to size the widest batch it really holds.
@@ -21,7 +22,7 @@ from alignctl.errors import AdapterError, UserError
 MARGIN = 1.2
 
 
-class OutOfMemoryError(UserError):
+class NotEnoughMemory(UserError):
     """A run whose estimated peak memory is clearly more than the machine has free."""
 
 
@@ -91,7 +92,7 @@ def ways_to_reduce(cfg: Any, plans: list) -> list[str]:
 
 
 def check_memory(cfg: Any) -> None:
-    """Raise OutOfMemoryError when `alignctl plan`'s peak estimate is above MARGIN x the free memory
+    """Raise NotEnoughMemory when `alignctl plan`'s peak estimate is above MARGIN x the free memory
     (x hardware.nproc on a CPU, where the processes share it); an adapter that does not fit the model
     raises its AdapterError. Nothing is checked where the configs cannot be read here (the stage then
     reports the model in its own words) or the free memory is unknown."""
@@ -109,7 +110,7 @@ def check_memory(cfg: Any) -> None:
             plans = plan.recipe_models(cfg, shape_of)
         except AdapterError:
             raise
-        except (UserError, OSError, ValueError):
+        except Exception:  # an estimate that cannot be made here never stops a run: the stage reports a bad model itself
             return 0.0, []
         return plan.peak(plans, device).total * processes, plans
 
@@ -120,7 +121,7 @@ def check_memory(cfg: Any) -> None:
     if estimate <= MARGIN * free[0]:
         return
     each = f" ({processes} processes)" if processes > 1 else ""
-    raise OutOfMemoryError(
+    raise NotEnoughMemory(
         f"not enough memory: alignctl plan estimates a peak of {plan.size(estimate)}{each} on {device}, "
         f"{estimate / free[0]:.1f}x the {plan.size(free[0])} available ({free[1]}); "
         f"lower it with {', '.join(ways_to_reduce(cfg, plans))}, or hardware.memory_check=false to start anyway"

@@ -79,7 +79,7 @@ def test_a_run_that_fits_starts_and_one_clearly_too_big_is_refused_with_knobs(ti
     free_memory(monkeypatch, need / memory_check.MARGIN * 1.01)  # the estimate just inside the margin: it still starts
     memory_check.check_memory(cfg)
     free_memory(monkeypatch, need / 2)
-    with pytest.raises(memory_check.OutOfMemoryError) as caught:
+    with pytest.raises(memory_check.NotEnoughMemory) as caught:
         memory_check.check_memory(cfg)
     message = str(caught.value)
     assert "not enough memory" in message and "available (test)" in message and f"{plan.size(need / 2)} available" in message, message
@@ -99,7 +99,7 @@ def test_the_data_sized_estimate_decides_when_the_quick_bound_does_not_fit(tiny_
 def test_memory_check_false_skips_the_check(tiny_dir, monkeypatch):
     free_memory(monkeypatch, 1.0)
     memory_check.check_memory(run_config(tiny_dir, "hardware.memory_check=false"))
-    with pytest.raises(memory_check.OutOfMemoryError):
+    with pytest.raises(memory_check.NotEnoughMemory):
         memory_check.check_memory(run_config(tiny_dir))
 
 
