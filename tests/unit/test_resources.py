@@ -196,6 +196,29 @@ def test_another_failure_during_a_save_removes_the_partial_directory_and_is_rais
     assert list((tmp_path / "checkpoints").iterdir()) == [] and not (tmp_path / "checkpoint").exists()
 
 
+@pytest.fixture
+def signal_handlers():
+    """`reported` installs alignctl's SIGINT/SIGTERM handlers: put pytest's back afterwards."""
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_full_disk_anywhere_else_is_one_line_naming_the_file(capsys, signal_handlers):
+    from alignctl.exits import reported
+
+    with pytest.raises(SystemExit) as caught, reported():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
+    assert caught.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignctl: error: /runs/x/metrics.jsonl: no space left on device"), lines
+    with pytest.raises(PermissionError), reported():  # other OS errors are not disguised as a full disk
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs/x")
+
+
 # ------------------------------------------------------------------------------------ shown
 class Color(str, Enum):
     red = "red"
