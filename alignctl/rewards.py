@@ -123,10 +123,12 @@ def _within(timeout: float | None, name: str, call: Callable[[], Any]) -> Any:
     if timeout is None:
         return call()
     outcome: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()  # thread-local in torch: the call runs as it would in the caller's thread
 
     def target() -> None:
         try:
-            outcome["value"] = call()
+            with torch.set_grad_enabled(grad):
+                outcome["value"] = call()
         except BaseException as err:  # handed to the caller's thread, which reports it
             outcome["error"] = err
 

@@ -118,6 +118,10 @@ def never_returns(prompts, completions, **kwargs):
 def quick(prompts, completions, **kwargs):
     return [1.0] * len(completions)
 
+def grad_mode(prompts, completions, **kwargs):
+    import torch
+    return [float(torch.is_grad_enabled())] * len(completions)
+
 def raises(prompts, completions, **kwargs):
     raise RuntimeError("boom")
 """
@@ -146,6 +150,10 @@ def test_a_timeout_leaves_working_and_failing_functions_as_they_were(slow):
     assert quick.score(["p", "p"], ["a", "b"], {}).tolist() == [1.0, 1.0]
     with pytest.raises(RewardError, match=f"reward function {slow}.raises raised RuntimeError: boom"):
         failing.score(["p"], ["a"], {})
+    (grad_mode,) = function_sources([f"{slow}.grad_mode"], None, timeout=5)
+    with torch.no_grad():  # as rollouts are scored: the function's own thread sees the caller's mode
+        assert grad_mode.score(["p"], ["a"], {}).tolist() == [0.0]
+    assert grad_mode.score(["p"], ["a"], {}).tolist() == [1.0]
 
 
 # ------------------------------------------------------------------------------- disk full
