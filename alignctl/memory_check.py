@@ -114,10 +114,19 @@ def check_memory(cfg: Any) -> None:
             return 0.0, []
         return plan.peak(plans, device).total * processes, plans
 
+    def agreed(value: Any) -> Any:
+        """Rank 0's figures (each process measures slightly different ones): with several processes
+        every one makes the same decision, and a refusal is the same line from each (said once)."""
+        from alignctl import distributed
+
+        return distributed.gather_objects(value)[0]
+
     estimate, plans = need(widest_possible)  # also checks the adapter against the model's config
+    estimate, free = agreed((estimate, free))
     if free is None or estimate <= MARGIN * free[0]:
         return
     estimate, plans = need(plan.batch_shape)
+    estimate = agreed(estimate)
     if estimate <= MARGIN * free[0]:
         return
     each = f" ({processes} processes)" if processes > 1 else ""
