@@ -10,7 +10,8 @@ built-in task), one value per completion; ``completion_ids`` are the sampled tok
 and ``trainer_state`` (`RewardState`) says where training is, for rewards that follow a schedule.
 A function should take ``**kwargs`` for what it does not use, as TRL asks; a call that has not
 returned after ``recipe.reward_timeout`` seconds stops the run, naming the function. As in TRL, a
-completion is a string after a plain-text prompt and a list of one message, ``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
+completion is a string after a plain-text prompt and a list of one message,
+``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
 messages); the built-ins take either. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
 Hydra builds a partial with the extra keyword arguments, so one function serves several settings.
 The built-ins below cover the built-in task: the verifier, a format check and a length penalty.
