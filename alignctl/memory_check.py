@@ -5,8 +5,8 @@ an adapter that does not fit the model, e.g. a rank above its matrices' width, i
 It is compared with what is free now: on a CPU, MemAvailable (or the cgroup's room, if smaller) plus
 this process's own resident set, which the estimate counts; on a GPU, the device's free memory. Only
 an estimate above MARGIN x that is refused: plan expects the real peak within about 30 %, and a run
-near the edge should get its chance. `hardware.memory_check=false` skips the check (the adapter's rank
-is then checked when the adapter is applied, still before peft allocates it).
+near the edge should get its chance. `hardware.memory_check=false` skips the comparison (not the
+adapter's check).
 
 The screen is cheap: models on the meta device and micro-batches as wide as the recipe allows; only
 when that bound does not fit is the data read to size the widest batch it really holds.
@@ -94,15 +94,12 @@ def ways_to_reduce(cfg: Any, plans: list) -> list[str]:
 def check_memory(cfg: Any) -> None:
     """Raise NotEnoughMemory when `alignctl plan`'s peak estimate is above MARGIN x the free memory
     (x hardware.nproc on a CPU, where the processes share it); an adapter that does not fit the model
-    raises its AdapterError. Nothing is checked where the configs cannot be read here (the stage then
+    raises its AdapterError (with hardware.memory_check=false too). Nothing is checked where the configs cannot be read here (the stage then
     reports the model in its own words) or the free memory is unknown."""
-    if not cfg.hardware.memory_check:
-        return
     from alignctl import plan
     from alignctl.plan_data import widest_possible
 
     device = plan.planned_device(cfg.hardware)
-    free = available_memory(device)
     processes = cfg.hardware.nproc if device == "cpu" else 1
 
     def need(shape_of) -> tuple[float, list]:
@@ -121,8 +118,10 @@ def check_memory(cfg: Any) -> None:
 
         return distributed.gather_objects(value)[0]
 
-    estimate, plans = need(widest_possible)  # also checks the adapter against the model's config
-    estimate, free = agreed((estimate, free))
+    estimate, plans = need(widest_possible)  # also checks the adapter against the model's config, always
+    if not cfg.hardware.memory_check:
+        return
+    estimate, free = agreed((estimate, available_memory(device)))
     if free is None or estimate <= MARGIN * free[0]:
         return
     estimate, plans = need(plan.batch_shape)

@@ -101,6 +101,8 @@ def test_memory_check_false_skips_the_check(tiny_dir, monkeypatch):
     memory_check.check_memory(run_config(tiny_dir, "hardware.memory_check=false"))
     with pytest.raises(memory_check.NotEnoughMemory):
         memory_check.check_memory(run_config(tiny_dir))
+    with pytest.raises(AdapterError, match="adapter.r: 200"):  # the adapter is still checked against the model
+        memory_check.check_memory(run_config(tiny_dir, "adapter=lora", "adapter.r=200", "hardware.memory_check=false"))
 
 
 def test_available_memory_on_this_cpu_is_a_plausible_figure():
