@@ -22,6 +22,8 @@ from alignctl.errors import AdapterError
 from alignctl.lora_linear import FusedLoraLinear
 from alignctl.precision import trainable_in_float32
 
+HEAD_NAMES = ("lm_head", "score", "classifier")  # output layers: never adapted by all-linear
+
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
@@ -42,6 +44,33 @@ def check_targets(model: torch.nn.Module, targets: Any) -> str | list[str]:
     return targets
 
 
+def adapted_linears(model: torch.nn.Module, targets: Any) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, layer) of the linear layers an adapter with `targets` adapts (all-linear: every linear
+    layer but the output head, as peft chooses). Works on a meta-device model (alignctl plan)."""
+    chosen = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if (leaf not in HEAD_NAMES) if targets == "all-linear" else (leaf in list(targets)):
+                chosen.append((name, module))
+    return chosen
+
+
+def check_rank(model: torch.nn.Module, targets: Any, r: int) -> None:
+    """Refuse, naming the narrowest adapted matrix, a rank above min(d_in, d_out): B A could not reach
+    it, and the oversized A and B only cost memory (r=100000 on a width-96 model asks for gigabytes)."""
+    adapted = adapted_linears(model, targets)
+    if not adapted:
+        return
+    name, layer = min(adapted, key=lambda item: min(item[1].in_features, item[1].out_features))
+    limit = min(layer.in_features, layer.out_features)
+    if r > limit:
+        raise AdapterError(
+            f"adapter.r: {r} is more than {name} ({layer.in_features} in, {layer.out_features} out) can use; "
+            f"valid: 1 to {limit}, the smaller dimension of the narrowest adapted matrix"
+        )
+
+
 def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap `model` with the configured adapter (or return it unchanged for adapter=none).
 
@@ -50,6 +79,7 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
     if adapter.kind == "none":
         return model
     targets = check_targets(model, adapter.target_modules)
+    check_rank(model, targets, adapter.r)
     if adapter.kind == "qlora":
         # Gradient checkpointing, if asked for, was switched on when the model loaded.
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignctl.errors import ConfigError
+from alignctl.errors import ConfigError, shown
 
 RANGE = "alignctl_range"  # the field-metadata key
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
@@ -83,10 +83,6 @@ def field_range(f: dataclasses.Field) -> Range | None:
     return f.metadata.get(RANGE)
 
 
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -108,9 +104,9 @@ def check_value(key: str, value: Any, bounds: Range | None) -> None:
         return
     integer = isinstance(value, int)
     if bounds is None:
-        raise ConfigError(key, f"must be a finite number, got {_show(value)}")
+        raise ConfigError(key, f"must be a finite number, got {shown(value)}")
     wording = bounds.wording(integer)
-    raise ConfigError(key, f"must be {'' if finite else 'a finite number '}{wording}, got {_show(value)} (valid range {bounds.interval()})")
+    raise ConfigError(key, f"must be {'' if finite else 'a finite number '}{wording}, got {shown(value)} (valid range {bounds.interval()})")
 
 
 def _dataclass_of(hint: Any) -> type | None:

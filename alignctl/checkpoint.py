@@ -7,11 +7,13 @@ Layout inside a run directory::
 
 A checkpoint is written to a hidden temporary directory, flushed to disk, then renamed into place;
 the `checkpoint` link is swapped with an atomic rename. A crash at any moment leaves the previous
-checkpoint intact and linked. `transformers`/`peft` load `checkpoint/` without alignctl.
+checkpoint intact and linked; a save that fails (a full disk: one line naming the directory) removes its
+temporary directory. `transformers`/`peft` load `checkpoint/` without alignctl.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from alignctl.errors import DiskFull
 
 # Where a run's checkpoints are: read without torch by the CLI (runfiles), re-exported for the stages.
 from alignctl.runfiles import TRAINER_STATE, complete_checkpoints, latest_checkpoint  # noqa: F401
@@ -75,15 +79,24 @@ def save_checkpoint(
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     for stale in folder.glob(".tmp-*"):  # a save cut short by a kill (one writer per run directory)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    # A fresh id per save: caches keyed on a model's weights (precomputed reference log-probs) must not
-    # mistake a run retrained in place, with the same config and step, for the old one.
-    identity = {"step": step, "save_id": uuid.uuid4().hex, **meta}
-    (tmp / "alignctl.json").write_text(json.dumps(identity, indent=2, default=str))
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        # A fresh id per save: caches keyed on a model's weights (precomputed reference log-probs) must not
+        # mistake a run retrained in place, with the same config and step, for the old one.
+        identity = {"step": step, "save_id": uuid.uuid4().hex, **meta}
+        (tmp / "alignctl.json").write_text(json.dumps(identity, indent=2, default=str))
+        _fsync_tree(tmp)
+    except BaseException as err:
+        # Never leave half a checkpoint: the previous one stays the run's newest, still linked.
+        reason = disk_full(err, folder) if isinstance(err, Exception) else None
+        written = _tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if reason:
+            raise DiskFull(_disk_full_message(run_dir, step, written, reason)) from None
+        raise
     if final.exists():  # the same step saved again (e.g. the end of a run that just saved)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -96,6 +109,49 @@ def save_checkpoint(
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+# How a full disk or quota reads where the errno did not survive (safetensors' Rust error wraps it).
+DISK_FULL_WORDS = {"No space left on device": "no space left on device", "StorageFull": "no space left on device",
+                   "Disk quota exceeded": "disk quota exceeded", "QuotaExceeded": "disk quota exceeded"}
+
+
+def disk_full(err: BaseException, folder: Path) -> str | None:
+    """Why a failed write ran out of space (ENOSPC, EDQUOT, their text in a library's error, or a
+    filesystem left with almost nothing free), or None when it did not."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os.strerror(err.errno).lower()
+    text = str(err)
+    found = next((reason for words, reason in DISK_FULL_WORDS.items() if words in text), None)
+    if found:
+        return found
+    try:  # torch's zip writer drops the errno ("iostream error", "file write failed"): judge by what is left
+        return "no space left on device" if shutil.disk_usage(folder).free < 2**20 else None
+    except OSError:
+        return None
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def _disk_full_message(run_dir: Path, step: int, written: int, reason: str) -> str:
+    from alignctl.plan import size
+    from alignctl.resume import resume_command
+
+    folder = run_dir / "checkpoints"
+    previous = latest_checkpoint(run_dir)
+    try:
+        free = f", {size(shutil.disk_usage(folder).free)} is free there now"
+    except OSError:
+        free = ""
+    if previous is not None:
+        needed = f"a checkpoint needs about {size(_tree_bytes(previous))} (the size of {previous.name})"
+        kept = f"the previous checkpoint {previous.name} is intact and `checkpoint` still points to it; free space and resume with: {resume_command(run_dir)}"
+    else:
+        needed = f"it needs more than the {size(written)} written before the disk filled"
+        kept = "the run has no earlier checkpoint; free space (or choose another hydra.run.dir) and start it again"
+    return f"{folder}: disk full while saving the checkpoint of step {step} ({reason}); {needed}{free}; the partial save was removed; {kept}"
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

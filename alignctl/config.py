@@ -169,6 +169,7 @@ class HardwareConfig:
     num_threads: int | None = within("[1, 4096]", "null: torch's default")
     strategy: str  # none (one process) | ddp (data parallel) | fsdp (parameters sharded, FSDP2)
     nproc: int = within("[1, 65536]")  # processes on this node; > 1 starts torchrun (alignctl/distributed.py)
+    memory_check: bool  # refuse a run whose `plan` estimate is clearly above the free memory (alignctl/memory_check.py)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda", "auto"), "device", f"must be one of cpu, cuda, auto, got {self.device!r}")

@@ -1,11 +1,13 @@
 """How a command that stops early ends: one line on stderr and an exit code, never a traceback.
 
-Bad input exits 2 (hydra_app.fail), a non-finite loss 1, a signal 128 + its number, with the
+Bad input (and a full disk) exits 2 (hydra_app.fail), a non-finite loss 1, a signal 128 + its number, with the
 command that resumes (alignctl/interrupt.py).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,13 @@ def reported(resume_hint: str | None = None) -> Iterator[None]:
             print(f"alignctl: interrupted by {err.signal_name} after step {err.step}, before its first checkpoint was "
                   "complete; nothing to resume (start it again)", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk outside a checkpoint save (metrics, lineage, eval.json): still one line; a save
+        # itself says more (alignctl/checkpoint.py).
+        hydra_app.fail(f"{err.filename or 'a file'}: {os.strerror(err.errno).lower()} while writing it; free space there "
+                       "and run again (a run's checkpoints are kept: resume=<run dir> continues from the newest)")
     except NonFiniteLoss as err:
         print(f"alignctl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -24,6 +24,7 @@ peak within about 30 %.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ from alignctl.errors import UserError
 from alignctl.plan_data import BatchShape, batch_shape
 
 NF4_BITS = {True: 4.127, False: 4.5}  # bits per value with / without double quantisation
-HEAD_NAMES = ("lm_head", "score", "classifier")
 
 
 @dataclass
@@ -118,17 +118,9 @@ def meta_model(path: str, model_cfg: Any, seq_cls: bool, extra_layers: int = 0) 
 def linear_shapes(model: Any, target_modules: Any) -> list[tuple[int, int]]:
     """(d_in, d_out) of the linear layers an adapter with `target_modules` adapts (all-linear: every
     linear layer but the output head, as peft chooses)."""
-    import torch
+    from alignctl.adapters import adapted_linears
 
-    shapes = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        chosen = leaf not in HEAD_NAMES if target_modules == "all-linear" else leaf in list(target_modules)
-        if chosen:
-            shapes.append((module.in_features, module.out_features))
-    return shapes
+    return [(layer.in_features, layer.out_features) for _, layer in adapted_linears(model, target_modules)]
 
 
 def planned_device(hardware: Any) -> str:
@@ -174,9 +166,9 @@ def plan_model(role: str, path: str, cfg: Any, trained: bool, seq_cls: bool = Fa
     size = memory.DTYPE_BYTES[dtype]
     file_size = memory.file_dtype_bytes(config)
     if kind != "none":
-        from alignctl.adapters import check_targets
+        from alignctl.adapters import check_rank, check_targets
 
-        check_targets(model, adapter.target_modules)
+        check_rank(model, check_targets(model, adapter.target_modules), adapter.r)
     shapes = linear_shapes(model, adapter.target_modules) if kind != "none" else []
     if kind == "none":
         trainable = total if trained else 0
@@ -232,14 +224,15 @@ def model_activations(cfg: Any, config: Any, kind: str, size: int, shape: BatchS
     return total
 
 
-def recipe_models(cfg: Any) -> list[ModelPlan]:
+def recipe_models(cfg: Any, shape_of: Callable[[Any, str], BatchShape] = batch_shape) -> list[ModelPlan]:
     """Every model the recipe holds in memory while it trains, as its stage declares them
-    (`held_models` beside each stage's run). Trained models are sized on the widest micro-batch of
-    the data, read with the first model's tokenizer."""
+    (`held_models` beside each stage's run). Trained models are sized on the widest micro-batch
+    `shape_of(cfg, tokenizer path)` gives: of the data, read with the first model's tokenizer (or
+    plan_data.widest_possible, an upper bound without the data)."""
     from alignctl.registry import stage
 
     held = stage(cfg.recipe.stage).models(cfg)
-    shape = batch_shape(cfg, held[0].path) if held[0].trained else None
+    shape = shape_of(cfg, held[0].path) if held[0].trained else None
     return [plan_model(m.role, m.path, cfg, m.trained, seq_cls=m.scalar_head, extra_layers=m.extra_layers, shape=shape if m.trained else None,
                        shared_base=m.shared_base, rollout=m.samples) for m in held]
 

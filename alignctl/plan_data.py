@@ -43,6 +43,18 @@ class PlanData:
     source: str  # how plan names the sizing
 
 
+def widest_possible(cfg: Any, tokenizer_path: str) -> BatchShape:
+    """A shape no micro-batch exceeds, without reading the data: full rows of recipe.max_length (DPO's
+    twice that: its longest prompt and longest response may come from different rows)."""
+    from alignctl.registry import stage
+
+    rows = stage(cfg.recipe.stage).sequences_per_row * cfg.recipe.batch_size
+    shape = from_max_length(cfg, rows, "the widest the recipe allows")
+    if cfg.recipe.stage == "dpo":
+        return BatchShape(rows, 2 * shape.width, 2 * shape.positions, shape.source)
+    return shape
+
+
 def batch_shape(cfg: Any, tokenizer_path: str) -> BatchShape:
     """The shape of the widest micro-batch of the trained model (policy, or reward model), from the
     stage's own `planned_batch` (registered beside its run)."""

@@ -170,6 +170,7 @@ class OnlineRLConfig(TrainConfig):
     reward_funcs: list[Any]  # dotted paths, or {_target_: path, weight: w, **kwargs} mappings
     reward_weights: list[float] | None = within("[-1e6, 1e6]")  # one per reward function (null: each entry's weight, else 1)
     reward_model_weight: float = within("[0, 1e6]")  # weight of inputs.reward's score, when a reward model is given
+    reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -241,6 +242,7 @@ class PairsConfig:
     reward_funcs: list[Any]
     reward_weights: list[float] | None = within("[-1e6, 1e6]")
     reward_model_weight: float = within("[0, 1e6]")
+    reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
     eval_batch_size: int = within("[1, 1e6]")  # completions per reward-model forward
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignctl.errors import UserError
+from alignctl.errors import UserError, shown
 from alignctl.rundir import recorded_overrides
 from alignctl.runfiles import read_json, read_lineage
 
@@ -112,12 +112,12 @@ def check_same_run(cfg: Any, run_dir: Path) -> None:
         found = OmegaConf.select(config, key, default=_ABSENT)
         return OmegaConf.to_container(found, resolve=True) if isinstance(found, DictConfig | ListConfig) else found
 
-    for key, shown in IDENTITY.items():
+    for key, label in IDENTITY.items():
         run_value, given = value(theirs, key), value(cfg, key)
         if run_value is _ABSENT or _same(key, run_value, None if given is _ABSENT else given):
             continue
-        raise UserError(f"resume={run_dir}: {shown} would change: the run has {shown}={_show(run_value)}, this command gives "
-                        f"{shown}={_show(None if given is _ABSENT else given)}; a resume continues a run as it was started "
+        raise UserError(f"resume={run_dir}: {label} would change: the run has {label}={shown(run_value, quote_strings=False)}, this command gives "
+                        f"{label}={shown(None if given is _ABSENT else given, quote_strings=False)}; a resume continues a run as it was started "
                         "(recipe, model, adapter, inputs, data); train it in a new directory instead (nothing was changed)")
 
 
@@ -127,16 +127,6 @@ def _same(key: str, a: Any, b: Any) -> bool:
     if key.startswith("inputs.") and isinstance(a, str) and isinstance(b, str):  # one directory, spelled two ways
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     return False
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    return str(value)
 
 
 @dataclass

@@ -8,8 +8,10 @@ user code enters a run). It is called as TRL calls its reward functions::
 one number per completion, where ``columns`` holds the dataset's other columns (``answer`` for the
 built-in task), one value per completion; ``completion_ids`` are the sampled token ids (through EOS)
 and ``trainer_state`` (`RewardState`) says where training is, for rewards that follow a schedule.
-A function should take ``**kwargs`` for what it does not use, as TRL asks. As in TRL, a completion is a string after a plain-text prompt and a list of one
-message, ``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
+A function should take ``**kwargs`` for what it does not use, as TRL asks; a call that has not
+returned after ``recipe.reward_timeout`` seconds stops the run, naming the function. As in TRL, a
+completion is a string after a plain-text prompt and a list of one message,
+``[{"role": "assistant", "content": text}]``, after a conversational prompt (a list of
 messages); the built-ins take either. An entry may also be a mapping ``{_target_: dotted.path, weight: 0.5, **kwargs}``:
 Hydra builds a partial with the extra keyword arguments, so one function serves several settings.
 The built-ins below cover the built-in task: the verifier, a format check and a length penalty.
@@ -21,6 +23,7 @@ import importlib
 import math
 import numbers
 import re
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,10 +116,40 @@ def _build(entry: Any, where: str) -> tuple[str, Callable, float | None]:
     raise RewardError(f"{where}: expected a dotted path or {{_target_: path, weight: w, ...}}, got {entry!r}")
 
 
-def _checked(name: str, function: RewardFn) -> Callable[[list, list, dict[str, list]], torch.Tensor]:
+def _within(timeout: float | None, name: str, call: Callable[[], Any]) -> Any:
+    """`call()`, refused in one line if it has not returned after `timeout` seconds (None: no limit).
+
+    It runs in a daemon thread: Python cannot stop a thread, but a daemon one does not keep the
+    process alive, so the run reports the error and exits while the hung call is abandoned."""
+    if timeout is None:
+        return call()
+    outcome: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()  # thread-local in torch: the call runs as it would in the caller's thread
+
+    def target() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                outcome["value"] = call()
+        except BaseException as err:  # handed to the caller's thread, which reports it
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target, name=f"reward {name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardError(f"reward function {name} did not return within recipe.reward_timeout={timeout:g} seconds; "
+                          "fix the function, or raise recipe.reward_timeout if it is this slow by design")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _checked(name: str, function: RewardFn, timeout: float | None = None) -> Callable[[list, list, dict[str, list]], torch.Tensor]:
     def score(prompts: list, completions: list, columns: dict[str, list]) -> torch.Tensor:
         try:
-            values = function(prompts=prompts, completions=completions, **columns)
+            values = _within(timeout, name, lambda: function(prompts=prompts, completions=completions, **columns))
+        except RewardError:
+            raise
         except Exception as err:  # user code: any failure is reported with the function's name
             raise RewardError(f"reward function {name} raised {type(err).__name__}: {err}") from None
         if isinstance(values, Iterable) and not isinstance(values, str | bytes):
@@ -132,8 +165,9 @@ def _checked(name: str, function: RewardFn) -> Callable[[list, list, dict[str, l
     return score
 
 
-def function_sources(entries: Sequence[Any], weights: Sequence[float] | None) -> list[RewardSource]:
-    """Reward sources from recipe.reward_funcs (and recipe.reward_weights, which must match in length)."""
+def function_sources(entries: Sequence[Any], weights: Sequence[float] | None, timeout: float | None = None) -> list[RewardSource]:
+    """Reward sources from recipe.reward_funcs (and recipe.reward_weights, which must match in length);
+    a call that has not returned after `timeout` seconds (recipe.reward_timeout) stops the run."""
     if weights is not None and len(weights) != len(entries):
         raise RewardError(f"recipe.reward_weights has {len(weights)} values for {len(entries)} reward functions")
     sources: list[RewardSource] = []
@@ -145,7 +179,7 @@ def function_sources(entries: Sequence[Any], weights: Sequence[float] | None) ->
         name, taken = path.rsplit(".", 1)[-1], {s.name for s in sources}
         if name in taken:
             name = next(f"{name}_{n}" for n in range(2, len(entries) + 2) if f"{name}_{n}" not in taken)
-        sources.append(RewardSource(name, float(weight), _checked(path, function)))
+        sources.append(RewardSource(name, float(weight), _checked(path, function, timeout)))
     return sources
 
 

@@ -43,14 +43,18 @@ PAGED_ADAMW = "bitsandbytes.optim.PagedAdamW8bit"
 
 
 def start_process(cfg: Any) -> torch.device:
-    """What every stage does first: torch threads/TF32, the seed, and this process's device."""
+    """What every stage does first: torch threads/TF32, the seed, this process's device, and the
+    check that the run can fit (alignctl/memory_check.py)."""
+    from alignctl.memory_check import check_memory
     from alignctl.models import device_of, device_type
     from alignctl.precision import settle
 
     settle(cfg, device_type(cfg.hardware))  # hardware.autocast/dtype=auto -> what they mean here
     configure_torch(cfg.hardware)
     seed_everything(cfg.seed)
-    return device_of(cfg.hardware)
+    device = device_of(cfg.hardware)
+    check_memory(cfg)  # before any weights load: an adapter that cannot fit the model, a run that cannot fit the machine
+    return device
 
 
 def build_optimizer(model: torch.nn.Module, recipe: TrainConfig, paged: bool = False) -> torch.optim.Optimizer:

@@ -37,7 +37,7 @@ from alignctl.config import (
     RunConfig,
     TopLevelConfig,
 )
-from alignctl.errors import ConfigError
+from alignctl.errors import ConfigError, shown
 from alignctl.evalcmd import check_evaluation
 from alignctl.starting_points import check_starting_points
 
@@ -46,19 +46,6 @@ REQUIRED_HINTS = {
     "model.name_or_path": ("required with model=hf", "a hub id or a local model directory"),
     "data.path": ("required with data=hf", "a hub id, a dataset directory or a .jsonl/.json/.parquet/.csv file"),
 }
-
-
-def _show(value: Any) -> str:
-    """A value as a user would type it: 'abc', 1.5, true, null, [1, 2]."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, Enum):
-        return repr(value.value)
-    if isinstance(value, str):
-        return repr(value)
-    return str(value)
 
 
 def _describe(hint: Any) -> str:
@@ -141,7 +128,7 @@ def _typed(section: str, schema: type, node: Any) -> Any:
         return f"{section}.{key}" if section and key else (key or section)
 
     if not isinstance(node, DictConfig):
-        raise ConfigError(section, f"expected {_describe(schema)}, got {_show(node)}")
+        raise ConfigError(section, f"expected {_describe(schema)}, got {shown(node)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         # Ranges and finiteness before the dataclass is built: its __post_init__ compares fields,
@@ -165,13 +152,13 @@ def _typed(section: str, schema: type, node: Any) -> Any:
             why, wanted = REQUIRED_HINTS.get(key) or ("has no value", _describe(hint) if hint is not None else "a value")
             raise ConfigError(key, f"{why}; set {key}=<{wanted}>") from None
         if isinstance(err, InterpolationResolutionError):
-            raise ConfigError(key, f"cannot resolve {_show(_raw_value(node, path))}: {message}") from None
+            raise ConfigError(key, f"cannot resolve {shown(_raw_value(node, path))}: {message}") from None
         if "Could not create instance" in message:  # a __post_init__ check tripped over a wrong type
             detail = message.split(": ", 1)[-1]
             raise ConfigError(key or section, f"invalid value ({detail})") from None
         if hint is not None:
             value = _raw_value(node, path)
-            got = "" if value is dataclasses.MISSING else f", got {_show(value)}"
+            got = "" if value is dataclasses.MISSING else f", got {shown(value)}"
             raise ConfigError(key, f"expected {_describe(hint)}{got}") from None
         raise ConfigError(key, message) from None
 
@@ -179,7 +166,7 @@ def _typed(section: str, schema: type, node: Any) -> Any:
 def _pick(section: str, selector: str, node: Any, schemas: dict[str, type]) -> type:
     name = node.get(selector) if isinstance(node, DictConfig) else None
     if name not in schemas:
-        raise ConfigError(f"{section}.{selector}", f"unknown value {_show(name)}; valid: {', '.join(sorted(schemas))}")
+        raise ConfigError(f"{section}.{selector}", f"unknown value {shown(name)}; valid: {', '.join(sorted(schemas))}")
     return schemas[name]
 
 

@@ -27,12 +27,17 @@ would be valid, exit code 2, no traceback, and nothing already written is lost.
 |   overrides, weights, trainer state)         |   list the run as broken and go on                           |
 | a pickled (unsafe) trainer state             | here: refused, never "weights_only=False"                    |
 | two signals after checkpoints exist          | here: the newest checkpoint is named                         |
+| an adapter rank above the model's matrices   | here: refused from the config, before weights load           |
+| a run clearly too big for the free memory    | here, test_resources (the arithmetic, unit)                  |
+| a reward function that never returns         | here (recipe.reward_timeout), test_resources                 |
+| a disk that fills up during a save           | here (a small tmpfs), test_resources (ENOSPC simulated)      |
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -415,3 +420,90 @@ def test_two_signals_after_a_checkpoint_name_the_checkpoint(tmp_path):
     assert f"checkpoint {checkpoint}" in lines[0] and f"resume with: alignctl train resume={run_dir}" in lines[0], lines[0]
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert lineage["status"] == "interrupted" and "None" not in lineage["error"], lineage
+
+
+# ---------------------------------------------------------------------------------- resources
+def test_an_adapter_rank_the_models_matrices_cannot_hold(alignctl, tmp_path):
+    run_dir = tmp_path / "run"
+    # Within the schema's range (r <= 65536), but the width-96 model's matrices cannot use it.
+    result = alignctl("train", "adapter=lora", "adapter.r=5000", "recipe.max_steps=1", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(result, "adapter.r: 5000", "q_proj (96 in, 96 out)", "valid: 1 to 96")
+    assert_nothing_half_written(run_dir)
+
+
+def test_a_run_clearly_too_big_for_the_memory_is_refused_before_loading(alignctl, tmp_path):
+    run_dir = tmp_path / "run"
+    data = write_rows(tmp_path / "few.jsonl", sft_rows(8))  # few rows: the estimate reads them quickly
+    # 1,000 packed rows of 100,000 tokens: terabytes of activations on any machine.
+    result = alignctl("train", "data=hf", f"data.path={data}", "data.eval_split=null", "recipe.packing=true", "recipe.batch_size=1000",
+                      "recipe.max_length=100000", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(result, "not enough memory", "alignctl plan estimates", "available (", "recipe.batch_size",
+                          "hardware.gradient_checkpointing=true", "hardware.memory_check=false")
+    assert_nothing_half_written(run_dir)
+
+
+NEVER_RETURNS = """
+import time
+
+def never_returns(prompts, completions, **kwargs):
+    time.sleep(3600)
+"""
+
+
+def test_a_reward_function_that_never_returns(alignctl, tmp_path):
+    (tmp_path / "hung_rewards.py").write_text(NEVER_RETURNS)  # the CLI runs in tmp_path: importable
+    run_dir = tmp_path / "run"
+    result = alignctl("train", "recipe=grpo", "recipe.reward_funcs=[hung_rewards.never_returns]", "recipe.reward_timeout=0.5",
+                      "recipe.max_steps=1", "recipe.batch_size=8", "recipe.num_generations=4", "data.eval_limit=4",
+                      f"hydra.run.dir={run_dir}", timeout=300)
+    assert_one_line_error(result, "reward function hung_rewards.never_returns did not return within recipe.reward_timeout=0.5 seconds")
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["status"] == "failed" and "hung_rewards.never_returns" in lineage["error"], lineage
+
+
+FILL_AND_RESUME = """
+set -u
+mount -t tmpfs -o size=256m tmpfs "$MNT" || exit 97
+cp -a "$SRC" "$MNT/run"
+used=$(df -B1 --output=used "$MNT" | tail -1)
+mount -o remount,size=$(( used + CHECKPOINT / 2 )) tmpfs "$MNT" || exit 98
+"$PYTHON" -m alignctl train resume="$MNT/run" recipe.max_steps=2
+code=$?
+cp -a "$MNT/run" "$OUT"
+exit $code
+"""
+
+
+def small_filesystems_can_be_made() -> str | None:
+    """Why a test cannot mount a small tmpfs of its own (a user and mount namespace), or None."""
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()[:120]}"
+
+
+def test_a_disk_that_fills_up_during_a_save(run_copy, tmp_path):
+    """A resumed run on a tmpfs with room for half a checkpoint more: the save of step 2 fails."""
+    reason = small_filesystems_can_be_made()
+    if reason:
+        pytest.skip(reason)
+    source = run_copy("source")
+    first = (source / "checkpoint").resolve()
+    before = tree_digest(first)
+    checkpoint_bytes = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
+    (tmp_path / "mnt").mkdir()
+    script = tmp_path / "fill.sh"
+    script.write_text(FILL_AND_RESUME)
+    after = tmp_path / "after"
+    env = {"MNT": str(tmp_path / "mnt"), "SRC": str(source), "OUT": str(after), "CHECKPOINT": str(checkpoint_bytes), "PYTHON": sys.executable}
+    result = run_process(["unshare", "-rm", "bash", str(script)], cwd=tmp_path, env=env)
+    run_dir = tmp_path / "mnt" / "run"  # as the run saw it
+    assert_one_line_error(result, f"{run_dir / 'checkpoints'}: disk full while saving the checkpoint of step 2",
+                          "a checkpoint needs about", "step-000001 is intact", f"resume with: alignctl train resume={run_dir}")
+    assert sorted(p.name for p in (after / "checkpoints").iterdir()) == ["step-000001"]  # no .tmp-step-*
+    assert os.readlink(after / "checkpoint") == "checkpoints/step-000001"
+    assert tree_digest(after / "checkpoints" / "step-000001") == before
+    lineage = json.loads((after / "lineage.json").read_text())
+    assert lineage["status"] == "failed" and "disk full" in lineage["error"], lineage
