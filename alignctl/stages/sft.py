@@ -24,6 +24,7 @@ from alignctl.adapters import apply_adapter, parameter_counts
 from alignctl.batching import BatchStream, collate_lm, split_micro
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, encode_rows, sft_example
+from alignctl.errors import DataError
 from alignctl.evaluate import task_accuracy
 from alignctl.lm_head import final_hidden, output_head
 from alignctl.losses import sft_loss, sft_loss_from_hidden
@@ -46,7 +47,14 @@ def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig,
 
     kept = encode_rows(dataset, encode, {"input_ids": [], "labels": []}, cfg.data.num_proc, where, recipe.max_length)
     dropped = len(dataset) - len(kept)
-    return (pack(kept, recipe.max_length) if recipe.packing else kept), dropped
+    if not recipe.packing:
+        return kept, dropped
+    packed = pack(kept, recipe.max_length)
+    if not len(packed):
+        tokens = sum(len(ids) for ids in kept["input_ids"])
+        raise DataError(f"{where}: recipe.packing=true needs at least one block of recipe.max_length={recipe.max_length} tokens, "
+                        f"and the {len(kept)} rows hold {tokens}; lower recipe.max_length, add rows or set recipe.packing=false")
+    return packed, dropped
 
 
 def pack(dataset: Dataset, block: int) -> Dataset:

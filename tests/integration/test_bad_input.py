@@ -218,6 +218,16 @@ def write_rows(path: Path, rows: list) -> Path:
     return path
 
 
+def test_packing_data_shorter_than_one_block(alignctl, tmp_path):
+    data = tmp_path / "short.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n')
+    run_dir = tmp_path / "run"
+    result = alignctl("train", "data=hf", f"data.path={data}", "data.eval_split=null", "recipe.packing=true", "recipe.max_length=64",
+                      f"hydra.run.dir={run_dir}")
+    assert_one_line_error(result, str(data), "recipe.packing=true", "recipe.max_length=64", "recipe.packing=false")
+    assert_nothing_half_written(run_dir)
+
+
 def test_a_data_file_with_a_latin1_byte(alignctl, tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "caf\xe9 1+2=", "completion": "3"}\n')
