@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from alignctl import data as data_lib
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, split_micro
+from alignctl.batching import BatchStream, column_lengths, split_micro
 from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
 from alignctl.encode import encode_rows, preference_example
 from alignctl.evaluate import task_accuracy
@@ -138,7 +139,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
     step_rows = recipe.batch_size * recipe.grad_accum
-    stream = BatchStream([len(p) + max(len(c), len(r)) for p, c, r in zip(train_set["prompt_ids"], train_set["chosen_ids"], train_set["rejected_ids"])], step_rows, cfg.seed, **distributed.current().shard)
+    stream = BatchStream((column_lengths(train_set, "prompt_ids") + np.maximum(column_lengths(train_set, "chosen_ids"), column_lengths(train_set, "rejected_ids"))).tolist(), step_rows, cfg.seed, **distributed.current().shard)
     session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "dpo", train_raw._fingerprint)
     logger = session.logger
     logger.note(f"dpo: {len(train_set)} pairs, {recipe.loss_type.value} loss, beta {recipe.beta}, reference {mode.value}, "

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream
+from alignctl.batching import BatchStream, column_lengths
 from alignctl.config import GRPOConfig, RunConfig
 from alignctl.dynamic_sampling import fill_with_informative_groups
 from alignctl.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
-    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], completions_per_rollout // K, cfg.seed, group_by_length=False, **distributed.current().shard)
+    stream = BatchStream(column_lengths(train_set, "prompt_ids").tolist(), completions_per_rollout // K, cfg.seed, group_by_length=False, **distributed.current().shard)
     session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "grpo", prompts.raw._fingerprint)
     logger = session.logger
     logger.note(

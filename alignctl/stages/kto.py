@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from alignctl import data as data_lib
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, split_micro
+from alignctl.batching import BatchStream, column_lengths, split_micro
 from alignctl.config import KTOConfig, Reference, RunConfig
 from alignctl.encode import (
     encode_completion,
@@ -144,7 +144,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     policy = apply_adapter(policy, cfg.adapter)
     trainable, total = parameter_counts(policy)
-    stream = BatchStream([len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"])],
+    stream = BatchStream((column_lengths(train_set, "prompt_ids") + column_lengths(train_set, "completion_ids")).tolist(),
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
     session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "kto", train_raw._fingerprint)
     logger = session.logger

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from alignctl import distributed
 from alignctl.adapters import SharedBaseValue, apply_adapter, parameter_counts
-from alignctl.batching import BatchStream
+from alignctl.batching import BatchStream, column_lengths
 from alignctl.checkpoint import load_weights
 from alignctl.config import PPOConfig, Reference, RunConfig
 from alignctl.losses import (
@@ -155,7 +155,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         value_fn, value_from = (lambda batch: response_values(value, batch)), value_path
     both = PolicyAndValue(policy, value)
     trainable, total = parameter_counts(both)
-    stream = BatchStream([len(ids) for ids in train_set["prompt_ids"]], per_rollout, cfg.seed, group_by_length=False, **distributed.current().shard)
+    stream = BatchStream(column_lengths(train_set, "prompt_ids").tolist(), per_rollout, cfg.seed, group_by_length=False, **distributed.current().shard)
     session = start_training(both, tokenizer, stream, cfg, raw, run_dir, "ppo", prompts.raw._fingerprint)
     logger = session.logger
     logger.note(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -24,7 +25,7 @@ from transformers import AutoConfig
 from alignctl import data as data_lib
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, split_micro
+from alignctl.batching import BatchStream, column_lengths, split_micro
 from alignctl.config import RewardConfig, RunConfig
 from alignctl.encode import IGNORE, encode_rows, preference_example
 from alignctl.errors import ConfigError
@@ -138,7 +139,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     model = apply_adapter(model, cfg.adapter, "SEQ_CLS")
     lm_weight = lm_head_weight(model, path, cfg) if recipe.lm_loss_coef else None
     trainable, total = parameter_counts(model)
-    stream = BatchStream([max(len(c), len(r)) for c, r in zip(train_set["chosen"], train_set["rejected"])],
+    stream = BatchStream(np.maximum(column_lengths(train_set, "chosen"), column_lengths(train_set, "rejected")).tolist(),
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
     session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "reward", train_raw._fingerprint)
     logger = session.logger

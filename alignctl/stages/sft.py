@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from alignctl import data as data_lib
 from alignctl import distributed
 from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, collate_lm, split_micro
+from alignctl.batching import BatchStream, collate_lm, column_lengths, split_micro
 from alignctl.config import RunConfig, SFTConfig
 from alignctl.encode import IGNORE, encode_rows, sft_example
 from alignctl.errors import DataError
@@ -121,7 +121,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware, cfg.adapter, base_dir=base_dir_of(cfg, run_dir)), cfg.adapter)
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
-    stream = BatchStream([len(x) for x in train_set["input_ids"]], step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
+    stream = BatchStream(column_lengths(train_set, "input_ids").tolist(), step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
     session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "sft", train_raw._fingerprint)
     logger = session.logger
     logger.note(

@@ -103,3 +103,12 @@ def test_collate_lm_right_pads_ids_mask_and_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_column_lengths_read_from_arrow_equal_python_lengths_after_a_filter():
+    from datasets import Dataset
+
+    from alignctl.batching import column_lengths
+
+    rows = Dataset.from_dict({"ids": [[1] * (i % 5 + 1) for i in range(40)]}).filter(lambda row, i: i % 3 != 0, with_indices=True)
+    assert column_lengths(rows, "ids").tolist() == [len(ids) for ids in rows["ids"]]  # the filter's index mapping applies
