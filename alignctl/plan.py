@@ -268,6 +268,18 @@ def size(value: float) -> str:
     return f"{value:.0f}"
 
 
+def plan_record(cfg: Any, plans: list[ModelPlan], estimate: Peak, device: str) -> dict[str, Any]:
+    """`alignctl plan --json`: every figure the tables show, memory in bytes."""
+    shape = next((p.shape for p in plans if p.shape is not None), None)
+    models = [{"model": p.role, "source": p.source, "params": p.total, "trainable": p.trainable, "adapted_matrices": p.adapted_matrices,
+               "weights": p.weights, "gradients": p.gradients, "optimizer": p.optimizer, "activations": p.activations, "peak": p.memory}
+              for p in plans]
+    return {"recipe": cfg.recipe.stage, "adapter": cfg.adapter.kind, "device": device, "models": models,
+            "peak": {"total": estimate.total, "models": estimate.models, "process": estimate.process, "loading": estimate.loading, "slack": estimate.slack},
+            "batch": dict(batch_rows(cfg)), "activations_shape": None if shape is None else {"rows": shape.rows, "width": shape.width,
+                                                                                             "positions": shape.positions, "source": shape.source}}
+
+
 def plan_command(args: list[str]) -> None:
     from omegaconf import OmegaConf
     from rich.table import Table
@@ -276,12 +288,18 @@ def plan_command(args: list[str]) -> None:
     from alignctl.metrics import console
     from alignctl.validation import validate
 
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
     flags = [a for a in args if a.startswith("-")]
     if flags:
-        raise UserError(f"plan: unknown flag {flags[0]}; plan takes the overrides of alignctl train (key=value ...)")
+        raise UserError(f"plan: unknown flag {flags[0]}; plan takes the overrides of alignctl train (key=value ...) and --json")
     (composed,) = hydra_app.check_jobs(args, multirun=False)
     hydra_app.quiet_libraries()
     cfg = validate(composed)
+    if as_json:  # for scripts: the same figures, in bytes, and nothing else on stdout
+        plans, device = recipe_models(cfg), settle_for_plan(cfg)
+        print(json.dumps(plan_record(cfg, plans, peak(plans, device), device), indent=2))
+        return
     console.print(OmegaConf.to_yaml(hydra_app.without_hydra(composed)), markup=False)
     plans = recipe_models(cfg)
     from alignctl.precision import describe

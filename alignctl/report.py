@@ -6,6 +6,7 @@ Everything here reads run directories only (lineage.json, metrics.jsonl, eval.js
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,39 +98,51 @@ def accuracy_table(title: str, stages: list[tuple[str, Path, bool]], runs: list[
     return table
 
 
-def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> Table:
-    """Every run under `root`; with `sort`, ranked by that final metric (eval.json, else the last
-    train value), best first, and with each run's command-line overrides (what a sweep varied)."""
-    table = Table(title=f"runs under {root}" + (f", ranked by {sort}" if sort else ""), header_style="bold")
-    columns = ["run", "stage", "status", "parents", "headline", "steps"] + ([sort, "overrides"] if sort else [])
-    for column in columns:
-        table.add_column(column, overflow="fold")  # a run path must stay whole, even on a narrow terminal
-    rows = []
+def run_records(root: Path, sort: str | None = None, ascending: bool = False) -> list[dict[str, Any]]:
+    """Every run under `root` as a record (what `alignctl runs` shows, and `--json` prints); with
+    `sort`, ranked by that final metric (eval.json, else the last train value), best first, each with
+    its command-line overrides (what a sweep varied)."""
+    records = []
     for run_dir in find_runs(root):
         run = read_run(run_dir)
         lineage = run["lineage"]
-        parents = ", ".join(f"{role}: {Path(p['run_dir']).name}" for role, p in lineage.get("parents", {}).items()) or "-"
         metric, _, after = _headline(run)
-        steps = run["eval"].get("step", "-")
-        status = {"finished": "[green]finished[/]", "failed": "[red]failed[/]"}.get(lineage.get("status"), lineage.get("status", "?"))
-        if "error" in run:  # a damaged file: say which, keep listing the others
-            status = f"[red]broken[/]: {escape(run['error'])}"
         try:
             name = str(run_dir.relative_to(root.resolve()))
         except ValueError:
             name = str(run_dir)
-        row = [name, lineage.get("stage", "?"), status, parents, f"{metric.removeprefix('eval_')} {_fmt(after)}" if metric else "-", str(steps)]
-        value = None
+        record = {"run": name, "stage": lineage.get("stage", "?"), "status": "broken" if "error" in run else lineage.get("status", "?"),
+                  "parents": {role: p["run_dir"] for role, p in lineage.get("parents", {}).items()},
+                  "headline": {metric.removeprefix("eval_"): after} if metric else {}, "steps": run["eval"].get("step")}
+        if "error" in run:  # a damaged file: say which, keep listing the others
+            record["error"] = run["error"]
         if sort:
-            value = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
-            row += ["-" if value is None else f"{value:.4g}", _overrides(run_dir)]
-        rows.append((value, row))
+            record[sort] = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
+            record["overrides"] = _overrides(run_dir)
+        records.append(record)
     if sort:
-        if all(value is None for value, _ in rows):
+        if all(r[sort] is None for r in records):
             raise UserError(f"runs --sort {sort}: no run under {root} has that metric (e.g. eval_exact_match, eval_loss, loss)")
-        known = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0], reverse=not ascending)
-        rows = known + [r for r in rows if r[0] is None]
-    for _, row in rows:
+        known = sorted((r for r in records if r[sort] is not None), key=lambda r: r[sort], reverse=not ascending)
+        records = known + [r for r in records if r[sort] is None]
+    return records
+
+
+def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> Table:
+    """`run_records` as a table."""
+    table = Table(title=f"runs under {root}" + (f", ranked by {sort}" if sort else ""), header_style="bold")
+    columns = ["run", "stage", "status", "parents", "headline", "steps"] + ([sort, "overrides"] if sort else [])
+    for column in columns:
+        table.add_column(column, overflow="fold")  # a run path must stay whole, even on a narrow terminal
+    for r in run_records(root, sort, ascending):
+        status = {"finished": "[green]finished[/]", "failed": "[red]failed[/]"}.get(r["status"], r["status"])
+        if "error" in r:
+            status = f"[red]broken[/]: {escape(r['error'])}"
+        parents = ", ".join(f"{role}: {Path(p).name}" for role, p in r["parents"].items()) or "-"
+        headline = " ".join(f"{k} {_fmt(v)}" for k, v in r["headline"].items()) or "-"
+        row = [r["run"], r["stage"], status, parents, headline, "-" if r["steps"] is None else str(r["steps"])]
+        if sort:
+            row += ["-" if r[sort] is None else f"{r[sort]:.4g}", escape(r["overrides"])]
         table.add_row(*row)
     return table
 
@@ -138,7 +151,7 @@ def _overrides(run_dir: Path) -> str:
     try:
         return " ".join(recorded_overrides(run_dir, without=("hydra.", "resume=")))
     except DamagedFile as err:
-        return f"(broken: {escape(str(err))})"
+        return f"(broken: {err})"
 
 
 def plot_run(run: dict[str, Any], out: Path) -> Path | None:
@@ -220,11 +233,11 @@ def write_report(root: Path) -> tuple[Table, list[Path]]:
 
 
 def runs_command(args: list[str]) -> None:
-    """`alignctl runs [DIR] [--sort METRIC [--ascending]]`."""
+    """`alignctl runs [DIR] [--sort METRIC [--ascending]] [--json]`."""
     from alignctl.metrics import console
 
-    ascending = "--ascending" in args
-    args = [a for a in args if a != "--ascending"]
+    ascending, as_json = "--ascending" in args, "--json" in args
+    args = [a for a in args if a not in ("--ascending", "--json")]
     sort = None
     if "--sort" in args:
         at = args.index("--sort")
@@ -234,8 +247,12 @@ def runs_command(args: list[str]) -> None:
         args = args[:at] + args[at + 2 :]
     unknown = [a for a in args if a.startswith("-")]
     if unknown or len(args) > 1:
-        raise UserError(f"runs: unexpected {' '.join(unknown or args[1:])}; usage: alignctl runs [DIR] [--sort METRIC [--ascending]]")
-    console.print(runs_table(Path(args[0] if args else "runs"), sort, ascending))
+        raise UserError(f"runs: unexpected {' '.join(unknown or args[1:])}; usage: alignctl runs [DIR] [--sort METRIC [--ascending]] [--json]")
+    root = Path(args[0] if args else "runs")
+    if as_json:  # for scripts: one JSON list on stdout
+        print(json.dumps(run_records(root, sort, ascending), indent=2))
+        return
+    console.print(runs_table(root, sort, ascending))
 
 
 def report_command(args: list[str]) -> None:

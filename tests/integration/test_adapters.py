@@ -185,6 +185,18 @@ def test_plan_lists_every_model_a_recipe_holds(tmp_path):
     assert "reference (separate copy)" in full.stdout
 
 
+def test_plan_json_gives_the_same_figures_to_scripts(tmp_path):
+    import json
+
+    result = run_process([sys.executable, "-m", "alignctl", "plan", "recipe=ppo", "adapter=lora", "--json"], cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    plan = json.loads(result.stdout)  # nothing but the JSON on stdout
+    assert [m["model"] for m in plan["models"]] == ["policy (trained)", "value (adapter on the policy's base)"]
+    assert plan["models"][0]["trainable"] < plan["models"][0]["params"]
+    assert plan["peak"]["total"] >= plan["peak"]["models"] >= sum(m["peak"] for m in plan["models"])
+    assert "prompts per rollout" in plan["batch"] and plan["activations_shape"]["rows"] > 0
+
+
 def test_plan_bad_input_is_one_line(tmp_path):
     result = run_process([sys.executable, "-m", "alignctl", "plan", "adapter=lora", "adapter.r=0"], cwd=tmp_path)
     assert_one_line_error(result, "adapter.r", "positive")

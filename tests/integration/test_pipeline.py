@@ -94,6 +94,13 @@ def test_runs_lists_every_run_with_its_parents(chain, alignctl):
         assert stage in text
     assert text.count("finished") == 5
 
+    listed = alignctl("runs", str(out), "--json", cwd=root)  # the same, for scripts
+    assert listed.returncode == 0, listed.describe()
+    records = json.loads(listed.stdout)
+    assert len(records) == 5 and {r["status"] for r in records} == {"finished"} and {"sft", "dpo", "kto"} <= {r["stage"] for r in records}
+    for record in (r for r in records if r["run"].startswith("feedback")):  # KTO from a DPO run of the chain
+        assert Path(record["parents"]["policy"]).name.startswith("prefs") and Path(record["parents"]["policy"]).is_dir()
+
 
 def test_report_writes_pngs_and_a_table_matching_the_eval_files(chain, alignctl):
     root, out, *_ = chain
