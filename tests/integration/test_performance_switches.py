@@ -6,17 +6,17 @@ built-in task."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from stage_runs import StageRun
+
+from tests.integration.conftest import run_cli
 
 STEPS = ["recipe.max_steps=4", "recipe.eval_every=0", "data.eval_limit=8", "recipe.batch_size=16"]
 
 
 def train(run_cmd, tmp_path, name: str, *overrides: str) -> list[dict]:
     run_dir = tmp_path / name
-    result = run_cmd([sys.executable, "-m", "alignctl", "train", *STEPS, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli(["train", *STEPS, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     run = StageRun(name, run_dir, result)
     run.assert_finished()
     return run.train_records()

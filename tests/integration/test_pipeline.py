@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import run_cli
+
 CHAIN = """
 description: a small chain for tests
 stages:
@@ -29,7 +31,7 @@ SMALL = ["recipe.eval_every=0", "recipe.batch_size=8", "data.eval_limit=8"]
 
 
 def _pipeline(run_cmd, root: Path, *args: str):
-    return run_cmd([sys.executable, "-m", "alignctl", "pipeline", str(root / "chain.yaml"), f"pipeline.dir={root / 'out'}", *SMALL, *args], cwd=root)
+    return run_cli(["pipeline", str(root / "chain.yaml"), f"pipeline.dir={root / 'out'}", *SMALL, *args], cwd=root)
 
 
 def _lineage(run_dir: Path) -> dict:

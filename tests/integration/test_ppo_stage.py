@@ -13,10 +13,12 @@ import textwrap
 import pytest
 from stage_runs import StageRun
 
+from tests.integration.conftest import run_cli
+
 
 def _train(run_cmd, run_dir, *overrides):
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    result = run_cmd([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    result = run_cli(["train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
     return StageRun(run_dir.name, run_dir, result)
 
 
