@@ -129,11 +129,14 @@ def _captured_fds() -> Iterator[list[str]]:
 @contextlib.contextmanager
 def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     """What a CLI run changes in its process, put back afterwards: working directory, environment,
-    argv, signal handlers, torch threads, warning filters, logging, Hydra's global state and the
+    argv, sys.path and the modules imported from the working directory (a user's reward functions),
+    signal handlers, torch threads, warning filters, logging, Hydra's global state and the
     bitsandbytes gate."""
     from hydra.core.global_hydra import GlobalHydra
 
-    saved_cwd, saved_env, saved_argv = os.getcwd(), dict(os.environ), list(sys.argv)
+    saved_cwd, saved_env, saved_argv, saved_path = os.getcwd(), dict(os.environ), list(sys.argv), list(sys.path)
+    cwd = Path(cwd).resolve()
+    modules_before = set(sys.modules)
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     saved_bnb = sys.modules.get("bitsandbytes", KeyError)
     torch = sys.modules.get("torch")
@@ -144,6 +147,7 @@ def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     GlobalHydra.instance().clear()
     try:
         os.chdir(cwd)
+        sys.path.insert(0, str(cwd))  # as `python -m` puts the working directory first
         os.environ.update(env)
         # The in-process run stays in this interpreter: no re-exec under another allocator.
         os.environ["ALIGNCTL_ALLOCATOR_SET"] = "1"
@@ -162,6 +166,11 @@ def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
         os.environ.clear()
         os.environ.update(saved_env)
         sys.argv[:] = saved_argv
+        sys.path[:] = saved_path
+        if not {REPO, Path(sys.prefix).resolve()} & {cwd, *cwd.parents}:  # a scratch directory, not the code's
+            for name in set(sys.modules) - modules_before:  # a fresh process would import them again
+                if cwd in Path(getattr(sys.modules[name], "__file__", None) or "/").resolve().parents:
+                    del sys.modules[name]
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
         if saved_bnb is KeyError and sys.modules.get("bitsandbytes", KeyError) is None:
@@ -192,6 +201,13 @@ def _unblock_bitsandbytes() -> None:
         getattr(check, "cache_clear", lambda: None)()
 
 
+def _at_exit() -> None:
+    """What alignctl leaves to the interpreter's exit (atexit): the run directories' locks it holds."""
+    runlock = sys.modules.get("alignctl.runlock")
+    if runlock is not None:
+        runlock._release_all()
+
+
 def run_inprocess(args: list[str], cwd: Path | None = None, env: dict | None = None) -> CliResult:
     """`alignctl <args>` in this interpreter: cli.main() with this argv, its output captured at the
     file descriptors and its exit code taken from SystemExit, as `python -m alignctl` would give.
@@ -215,6 +231,8 @@ def run_inprocess(args: list[str], cwd: Path | None = None, env: dict | None = N
         except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
             traceback.print_exc()
             code = 1
+        finally:
+            _at_exit()
     return CliResult(code, out[0], out[1], time.monotonic() - start)
 
 
