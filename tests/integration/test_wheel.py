@@ -13,11 +13,11 @@ import shutil
 import site
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 # Build from a copy: a build writes build/ and *.egg-info next to the sources it reads.
 COPY_IGNORE = shutil.ignore_patterns(
