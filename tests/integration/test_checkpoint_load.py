@@ -19,7 +19,7 @@ ADAPTERS = ["none", "lora"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, run_cmd) -> dict[str, Path]:
+def runs(tmp_path_factory) -> dict[str, Path]:
     """One finished run directory per adapter (trained once for the whole module)."""
     root = tmp_path_factory.mktemp("sft_runs")
     found = {}

@@ -12,7 +12,7 @@ from tests.integration.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def runs(learned_sft_run, run_cmd, tmp_path_factory):
+def runs(learned_sft_run, tmp_path_factory):
     sft_dir, sft_result = learned_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     root = tmp_path_factory.mktemp("pairs")
