@@ -237,7 +237,8 @@ def run_inprocess(args: list[str], cwd: Path | None = None, env: dict | None = N
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = TRAIN_TIMEOUT, env: dict | None = None, inprocess: bool = True) -> CliResult:
-    """`alignctl <args>`: in this process by default, in a fresh `python -m alignctl` with inprocess=False."""
+    """`alignctl <args>`: in this process by default, in a fresh `python -m alignctl` with inprocess=False
+    (`timeout` bounds a subprocess only: an in-process run cannot be stopped from outside)."""
     if inprocess:
         return run_inprocess(list(args), cwd=cwd, env=env)
     return run_process([sys.executable, "-m", "alignctl", *args], cwd=cwd, timeout=timeout, env=env)
