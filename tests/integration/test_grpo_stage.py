@@ -1,9 +1,7 @@
 """recipe=grpo through the real CLI: sampled groups, group-relative advantages, reward functions.
 
 The learning test starts from the shared SFT run (conftest.learned_sft_run, ~65 % exact match) and
-must raise held-out greedy accuracy with the task verifier as the only reward. Its 100 steps, and the
-tests that read them, go with the slow tier (make test-slow); the default tier checks the same run's
-metrics and lineage on a few steps.
+must raise held-out greedy accuracy with the task verifier as the only reward.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ def digits_only(completions, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def learned(learned_sft_run, tmp_path_factory):
+def learned(learned_sft_run, run_cmd, tmp_path_factory):
     sft_dir, sft_result = learned_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     run_dir = tmp_path_factory.mktemp("grpo") / "learn"
@@ -51,7 +49,6 @@ def learned(learned_sft_run, tmp_path_factory):
     return StageRun("learn", run_dir, result), sft_dir
 
 
-@pytest.mark.slow
 def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     run, sft_dir = learned
     run.assert_finished()
@@ -66,30 +63,6 @@ def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     assert "samples at step 1" in run.flat_output  # logger.samples_every shows a table of completions
 
 
-def test_a_few_grpo_steps_from_sft_log_rollout_metrics_and_lineage(learned_sft_run, tmp_path):
-    """The learning run's command for 4 steps: what the slow tier checks over 100 steps, per step."""
-    sft_dir, sft_result = learned_sft_run
-    assert sft_result.returncode == 0, sft_result.describe()
-    run_dir = tmp_path / "short"
-    args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", "recipe.max_steps=4", "recipe.eval_every=0",
-            "data.eval_limit=16", "logger.samples_every=10", f"hydra.run.dir={run_dir}"]
-    run = StageRun("short", run_dir, run_cli(args, cwd=tmp_path))
-    run.assert_finished()
-    train = run.train_records()
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for record in train:
-        assert 0 <= record["reward"] <= 1 and record["reward"] == record["rewards/task_verifier/mean"]
-        assert record["completions/mean_length"] > 0 and 0 <= record["frac_reward_zero_std"] <= 1
-        assert record["time/generation"] > 0 and record["time/training"] > 0 and record["objective/entropy"] > 0
-        assert record["time/generation"] + record["time/training"] <= record["step_seconds"]
-        assert "objective/kl" not in record  # beta = 0: no KL term and no reference model
-    lineage = json.loads((run.dir / "lineage.json").read_text())
-    assert lineage["stage"] == "grpo" and lineage["parents"]["policy"]["stage"] == "sft"
-    assert "eval_exact_match" in json.loads((run.dir / "eval.json").read_text())
-    assert "samples at step 1" in run.flat_output
-
-
-@pytest.mark.slow
 def test_grpo_logs_rollout_metrics_with_trl_names(learned):
     run, _ = learned
     train = run.train_records()
@@ -104,7 +77,6 @@ def test_grpo_logs_rollout_metrics_with_trl_names(learned):
     assert mean_reward > sum(r["reward"] for r in train[:10]) / 10, "sampled reward should rise as well"
 
 
-@pytest.mark.slow
 def test_grpo_checkpoint_generates_in_plain_transformers(learned, run_cmd):
     run, _ = learned
     script = textwrap.dedent(f"""
