@@ -1,13 +1,25 @@
-"""Fixtures for the integration tests: the real `alignctl` CLI in subprocesses, offline, with one
-tiny-model cache per test session (built by the first run that needs it, reused by the rest)."""
+"""Fixtures for the integration tests: the real `alignctl` CLI, offline, with one tiny-model cache per
+test session (built by the first run that needs it, reused by the rest).
+
+The CLI runs either in a subprocess (`python -m alignctl`, the real process: exit codes, signals,
+torchrun, stderr as a user sees it) or in this process (`run_inprocess`): the same entry point and
+arguments, without the ~8 s a fresh interpreter spends importing torch, transformers and peft.
+Tests about a stage's behaviour (losses, checkpoints, lineage, metrics) run in-process; tests about
+the process itself keep the subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +85,165 @@ def run_process(args: list[str], cwd: Path | None = None, timeout: float = TRAIN
     return CliResult(done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
+# What a fresh interpreter starts with (before pytest wraps each test in its own warning capture).
+_WARNING_FILTERS = list(warnings.filters)
+
+
+def _alignctl_command(args: list[str]) -> list[str] | None:
+    """The CLI arguments of `args` when it is `python -m alignctl ...`, else None."""
+    if len(args) >= 3 and args[0] == sys.executable and args[1:3] == ["-m", "alignctl"]:
+        return list(args[3:])
+    return None
+
+
+@contextlib.contextmanager
+def _captured_fds() -> Iterator[list[str]]:
+    """Capture file descriptors 1 and 2 (Python's prints and anything C code writes), as a
+    subprocess's pipes would; yields a list that holds [stdout, stderr] afterwards."""
+    out: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
+    saved_streams = sys.stdout, sys.stderr
+    files = [tempfile.TemporaryFile(mode="w+b"), tempfile.TemporaryFile(mode="w+b")]
+    try:
+        for fd, file in zip((1, 2), files):
+            os.dup2(file.fileno(), fd)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
+        yield out
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, saved in zip((1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for file in files:
+            file.seek(0)
+            out.append(file.read().decode("utf-8", errors="replace"))
+            file.close()
+
+
+@contextlib.contextmanager
+def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """What a CLI run changes in its process, put back afterwards: working directory, environment,
+    argv, sys.path and the modules imported from the working directory (a user's reward functions),
+    signal handlers, torch threads, warning filters, logging, Hydra's global state and the
+    bitsandbytes gate."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_cwd, saved_env, saved_argv, saved_path = os.getcwd(), dict(os.environ), list(sys.argv), list(sys.path)
+    cwd = Path(cwd).resolve()
+    modules_before = set(sys.modules)
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved_bnb = sys.modules.get("bitsandbytes", KeyError)
+    torch = sys.modules.get("torch")
+    saved_threads = torch.get_num_threads() if torch is not None else None
+    root = logging.getLogger()
+    saved_root = root.handlers[:], root.level
+    saved_loggers = {name: (lg.level, lg.disabled) for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    GlobalHydra.instance().clear()
+    try:
+        os.chdir(cwd)
+        sys.path.insert(0, str(cwd))  # as `python -m` puts the working directory first
+        os.environ.update(env)
+        # The in-process run stays in this interpreter: no re-exec under another allocator.
+        os.environ["ALIGNCTL_ALLOCATOR_SET"] = "1"
+        if torch is not None:  # a fresh process would read OMP_NUM_THREADS when torch starts
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or saved_threads))
+        root.handlers = []  # as in a fresh process: warnings go to stderr (logging's last resort)
+        with warnings.catch_warnings():
+            warnings.filters[:] = _WARNING_FILTERS
+            warnings.showwarning = warnings._showwarning_orig  # pytest records them; a process prints them
+            warnings.onceregistry.clear()
+            warnings._filters_mutated()  # forget which warnings were already shown once
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:] = saved_argv
+        sys.path[:] = saved_path
+        if not {REPO, Path(sys.prefix).resolve()} & {cwd, *cwd.parents}:  # a scratch directory, not the code's
+            for name in set(sys.modules) - modules_before:  # a fresh process would import them again
+                if cwd in Path(getattr(sys.modules[name], "__file__", None) or "/").resolve().parents:
+                    del sys.modules[name]
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        if saved_bnb is KeyError and sys.modules.get("bitsandbytes", KeyError) is None:
+            _unblock_bitsandbytes()  # held back by the run; one that imported it keeps it (it cannot be unimported)
+        if torch is not None:
+            torch.set_num_threads(saved_threads)
+        root.handlers, root.level = saved_root
+        for name, (level, disabled) in saved_loggers.items():
+            logger = logging.root.manager.loggerDict.get(name)
+            if isinstance(logger, logging.Logger):
+                logger.level, logger.disabled = level, disabled
+
+
+def _unblock_bitsandbytes() -> None:
+    """Undo the CLI's bitsandbytes gate (alignctl/bitsandbytes_gate.py) in this process, without
+    importing bitsandbytes: drop the placeholder and the availability answers cached meanwhile."""
+    del sys.modules["bitsandbytes"]
+    checks = []
+    if "peft.import_utils" in sys.modules:
+        from peft import import_utils
+
+        checks += [import_utils.is_bnb_available, import_utils.is_bnb_4bit_available]
+    if "transformers.utils.import_utils" in sys.modules:
+        from transformers.utils import import_utils
+
+        checks.append(import_utils.is_bitsandbytes_available)
+    for check in checks:
+        getattr(check, "cache_clear", lambda: None)()
+
+
+def _at_exit() -> None:
+    """What alignctl leaves to the interpreter's exit (atexit): the run directories' locks it holds."""
+    runlock = sys.modules.get("alignctl.runlock")
+    if runlock is not None:
+        runlock._release_all()
+
+
+def run_inprocess(args: list[str], cwd: Path | None = None, env: dict | None = None) -> CliResult:
+    """`alignctl <args>` in this interpreter: cli.main() with this argv, its output captured at the
+    file descriptors and its exit code taken from SystemExit, as `python -m alignctl` would give.
+    An uncaught exception prints its traceback and exits 1, as the interpreter does."""
+    from alignctl import cli
+
+    start = time.monotonic()
+    code = 0
+    with _process_state(cwd or Path.cwd(), {k: str(v) for k, v in (env or {}).items()}), _captured_fds() as out:
+        sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *args]
+        try:
+            cli.main()
+        except SystemExit as done:
+            if done.code is None:
+                code = 0
+            elif isinstance(done.code, int):
+                code = done.code
+            else:
+                print(done.code, file=sys.stderr)
+                code = 1
+        except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            code = 1
+        finally:
+            _at_exit()
+    return CliResult(code, out[0], out[1], time.monotonic() - start)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = TRAIN_TIMEOUT, env: dict | None = None, inprocess: bool = True) -> CliResult:
+    """`alignctl <args>`: in this process by default, in a fresh `python -m alignctl` with inprocess=False
+    (`timeout` bounds a subprocess only: an in-process run cannot be stopped from outside)."""
+    if inprocess:
+        return run_inprocess(list(args), cwd=cwd, env=env)
+    return run_process([sys.executable, "-m", "alignctl", *args], cwd=cwd, timeout=timeout, env=env)
+
+
 @pytest.fixture(scope="session")
 def run_cmd() -> Callable[..., CliResult]:
     """`run_cmd(args, cwd=None, timeout=..., env=None)`: run any command, capture its output and time."""
@@ -86,10 +257,11 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def alignctl(tmp_path) -> Callable[..., CliResult]:
-    """Run `python -m alignctl <args>` (the real CLI, in a fresh interpreter) from a scratch directory."""
+    """Run `alignctl <args>` from a scratch directory: in this process (`run_inprocess`), or with
+    inprocess=False in a fresh `python -m alignctl` (where the process itself is under test)."""
 
-    def run(*args: str, cwd: Path | None = None, timeout: float = TRAIN_TIMEOUT) -> CliResult:
-        return run_process([sys.executable, "-m", "alignctl", *args], cwd=cwd or tmp_path, timeout=timeout)
+    def run(*args: str, cwd: Path | None = None, timeout: float = TRAIN_TIMEOUT, env: dict | None = None, inprocess: bool = True) -> CliResult:
+        return run_cli(list(args), cwd=cwd or tmp_path, timeout=timeout, env=env, inprocess=inprocess)
 
     return run
 
@@ -104,5 +276,5 @@ def learned_sft_run(tmp_path_factory) -> tuple[Path, CliResult]:
     run_dir = tmp_path_factory.mktemp("learned") / "sft"
     args = ["train", "recipe=sft", f"recipe.max_steps={SFT_STEPS}", "recipe.eval_every=0", "data.eval_limit=500", f"hydra.run.dir={run_dir}"]
     # This run is about learning, not about sharing the CPU: let torch use both cores.
-    result = run_process([sys.executable, "-m", "alignctl", *args], cwd=run_dir.parent, env={"OMP_NUM_THREADS": "2"})
+    result = run_cli(args, cwd=run_dir.parent, env={"OMP_NUM_THREADS": "2"})
     return run_dir, result

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import run_process
+from tests.integration.conftest import run_cli, run_process
 from tests.integration.stage_runs import StageRun
 from tests.integration.test_cli_errors import assert_one_line_error
 
@@ -44,7 +44,7 @@ def runs(tmp_path_factory) -> dict[str, StageRun]:
     done = {}
     for name, args in RUNS.items():  # in order: a chained run comes after its parent
         args = [a.replace("{root}", str(root)) for a in args]
-        result = run_process([sys.executable, "-m", "alignctl", "train", *args, *QUICK, f"hydra.run.dir={root / name}"], cwd=root)
+        result = run_cli(["train", *args, *QUICK, f"hydra.run.dir={root / name}"], cwd=root)
         done[name] = StageRun(name, root / name, result)
     return done
 
@@ -110,7 +110,7 @@ def test_a_lora_run_from_a_lora_run_loads_as_the_chain(runs):
 
 # ---------------------------------------------------------------------------------------- export
 def export(*args: str, cwd: Path):
-    return run_process([sys.executable, "-m", "alignctl", "export", *args], cwd=cwd)
+    return run_cli(["export", *args], cwd=cwd)
 
 
 @pytest.mark.parametrize("name", ["dpo_lora_chain", "sft_qlora", "sft_dora", "reward_qlora"])
@@ -166,7 +166,7 @@ def test_export_bad_input(runs, tmp_path):
 # ------------------------------------------------------------------------------------------ plan
 def test_plan_counts_match_the_trained_runs(runs, tmp_path):
     for name, adapter in (("sft_dora", "dora"), ("sft_qlora", "qlora"), ("sft_full", "none")):
-        result = run_process([sys.executable, "-m", "alignctl", "plan", "recipe=sft", f"adapter={adapter}"], cwd=tmp_path, env={"COLUMNS": "200"})
+        result = run_cli(["plan", "recipe=sft", f"adapter={adapter}"], cwd=tmp_path, env={"COLUMNS": "200"})
         assert result.returncode == 0, result.describe()
         trained = re.search(r"([\d,]+) of ([\d,]+) parameters", runs[name].flat_output)
         row = next(line for line in result.stdout.splitlines() if "policy (trained)" in line)
@@ -177,11 +177,11 @@ def test_plan_counts_match_the_trained_runs(runs, tmp_path):
 
 
 def test_plan_lists_every_model_a_recipe_holds(tmp_path):
-    result = run_process([sys.executable, "-m", "alignctl", "plan", "recipe=ppo", "adapter=lora"], cwd=tmp_path, env={"COLUMNS": "200"})
+    result = run_cli(["plan", "recipe=ppo", "adapter=lora"], cwd=tmp_path, env={"COLUMNS": "200"})
     assert result.returncode == 0, result.describe()
     assert "policy (trained)" in result.stdout and "value (adapter on the policy's base)" in result.stdout
     assert "prompts per rollout" in result.stdout
-    full = run_process([sys.executable, "-m", "alignctl", "plan", "recipe=dpo"], cwd=tmp_path, env={"COLUMNS": "200"})
+    full = run_cli(["plan", "recipe=dpo"], cwd=tmp_path, env={"COLUMNS": "200"})
     assert "reference (separate copy)" in full.stdout
 
 
@@ -198,9 +198,9 @@ def test_plan_json_gives_the_same_figures_to_scripts(tmp_path):
 
 
 def test_plan_bad_input_is_one_line(tmp_path):
-    result = run_process([sys.executable, "-m", "alignctl", "plan", "adapter=lora", "adapter.r=0"], cwd=tmp_path)
+    result = run_cli(["plan", "adapter=lora", "adapter.r=0"], cwd=tmp_path)
     assert_one_line_error(result, "adapter.r", "positive")
-    assert_one_line_error(run_process([sys.executable, "-m", "alignctl", "plan", "adapter=lora", "adapter.target_modules=[nope]"], cwd=tmp_path),
+    assert_one_line_error(run_cli(["plan", "adapter=lora", "adapter.target_modules=[nope]"], cwd=tmp_path),
                           "nope")
 
 

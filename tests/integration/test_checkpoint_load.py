@@ -12,21 +12,22 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignctl import allocator
+from tests.integration.conftest import run_cli
 
 STEPS = 3
 ADAPTERS = ["none", "lora"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, run_cmd) -> dict[str, Path]:
+def runs(tmp_path_factory) -> dict[str, Path]:
     """One finished run directory per adapter (trained once for the whole module)."""
     root = tmp_path_factory.mktemp("sft_runs")
     found = {}
     for adapter in ADAPTERS:
         run_dir = root / adapter
-        result = run_cmd(
+        result = run_cli(
             [
-                sys.executable, "-m", "alignctl", "train", "recipe=sft", f"adapter={adapter}",
+                "train", "recipe=sft", f"adapter={adapter}",
                 f"recipe.max_steps={STEPS}", "recipe.eval_every=0", "data.eval_limit=20", f"hydra.run.dir={run_dir}",
             ],
             cwd=root,

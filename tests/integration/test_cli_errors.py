@@ -3,6 +3,7 @@ what would be valid, exit code 2, no traceback, and nothing run (no run director
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -56,6 +57,13 @@ CONFIG_ERRORS = {
 
 if importlib.util.find_spec("vllm") is None:  # a machine without vLLM (this one) is told before anything runs
     CONFIG_ERRORS["vllm engine without vllm"] = (["recipe=grpo", "recipe.rollout_engine=vllm"], ["recipe.rollout_engine", "pip install vllm", "native"])
+
+
+@pytest.fixture
+def alignctl(alignctl):
+    """This module is the CLI's contract as a user meets it: every command in a process of its own
+    (the other modules run most commands in the test process, conftest.run_inprocess)."""
+    return functools.partial(alignctl, inprocess=False)
 
 
 def assert_one_line_error(result, *culprits: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import run_process
+from tests.integration.conftest import run_cli, run_process
 from tests.integration.stage_runs import StageRun
 from tests.integration.test_cli_errors import assert_one_line_error
 
@@ -33,20 +33,32 @@ def metric(run_dir: Path, key: str) -> list[float]:
     return [r[key] for r in records if key in r and "loss" in r]
 
 
+class Trajectories:
+    """`trajectories[recipe, layout]`: that run, trained on first use (the DPO ones only by the slow tier).
+    The command runs in the test process; a multi-process layout's torchrun and workers are processes."""
+
+    STEPS = {"sft": 4, "dpo": 3}
+
+    def __init__(self, root: Path):
+        self.root, self.done = root, {}
+
+    def __getitem__(self, key: tuple[str, str]) -> StageRun:
+        if key not in self.done:
+            recipe, layout = key
+            run_dir = self.root / f"{recipe}_{layout}"
+            cmd = ["train", f"recipe={recipe}", f"recipe.max_steps={self.STEPS[recipe]}", "recipe.save_every=2", "recipe.keep_last=5",
+                   *LAYOUTS[layout], *QUICK, f"hydra.run.dir={run_dir}"]
+            self.done[key] = StageRun(layout, run_dir, run_cli(cmd, cwd=self.root))
+        return self.done[key]
+
+
 @pytest.fixture(scope="module")
-def trajectories(tmp_path_factory) -> dict[tuple[str, str], StageRun]:
-    root = tmp_path_factory.mktemp("ddp")
-    runs = {}
-    for recipe, steps in (("sft", 4), ("dpo", 3)):
-        for layout, args in LAYOUTS.items():
-            run_dir = root / f"{recipe}_{layout}"
-            cmd = ["train", f"recipe={recipe}", f"recipe.max_steps={steps}", "recipe.save_every=2", "recipe.keep_last=5", *args, *QUICK,
-                   f"hydra.run.dir={run_dir}"]
-            runs[recipe, layout] = StageRun(layout, run_dir, run_process([sys.executable, "-m", "alignctl", *cmd], cwd=root))
-    return runs
+def trajectories(tmp_path_factory) -> Trajectories:
+    return Trajectories(tmp_path_factory.mktemp("ddp"))
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+# One DDP and one FSDP equivalence by default (SFT); DPO's goes with the slow tier.
+@pytest.mark.parametrize("recipe", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_two_processes_train_as_one_process_with_the_whole_batch(trajectories, recipe):
     runs = {layout: trajectories[recipe, layout] for layout in LAYOUTS}
     for run in runs.values():

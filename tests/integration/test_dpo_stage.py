@@ -1,12 +1,13 @@
 """The DPO stage end to end through the real CLI: every loss type, the reference modes, the
 precomputed reference cache, bad input, and a checkpoint that plain transformers loads.
 
-Every run is a real `python -m alignctl train recipe=dpo ...` subprocess of one to three optimiser
-steps on a small preference dataset (64 train and 16 eval pairs of the built-in arithmetic task,
-saved to a temporary directory), starting from one short SFT run. As in test_sft_stage.py, the runs
-the selected tests need are started up front, two at a time (one torch thread each, see conftest);
-a run that needs another (the SFT run, or a first precomputed run whose cache it reuses) waits for
-it. A run's failure is reported by the tests that use it.
+Every run is a real `alignctl train recipe=dpo ...` (in the test process: conftest's run_cli) of one
+to three optimiser steps on a small preference dataset (64 train and 16 eval pairs of the built-in
+arithmetic task, saved to a temporary directory), starting from one short SFT run. As in
+test_sft_stage.py, the runs the selected tests need are run up front, in JOBS order (a run that
+needs another, the SFT run or a first precomputed run whose cache it reuses, comes after it); the
+checkpoint-loading script runs in a process of its own. A run's failure is reported by the tests
+that use it.
 
 A second, smaller SFT run is repeated in its own run directory on other rows, to check that the
 precomputed reference cache notices a policy retrained in place.
@@ -17,19 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from stage_runs import StageRun
 
-PARALLEL = max(1, min(2, os.cpu_count() or 1))
+from tests.integration.conftest import run_cli
+
 LN2 = math.log(2)
 BETA = 0.1  # recipe.beta of recipe=dpo
 TRL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -213,20 +213,18 @@ class Run(StageRun):
 
 
 class Runs:
-    """Starts the runs up front, PARALLEL at a time; `runs[name]` waits for one and returns it."""
+    """Runs the needed runs up front, in JOBS order (a job comes after the jobs it waits for);
+    `runs[name]` returns one."""
 
     def __init__(self, root: Path, run_cmd, needed: set[str]):
         self.root, self.run_cmd = root, run_cmd
-        self.pool = ThreadPoolExecutor(max_workers=PARALLEL)
-        self.futures: dict[str, Future] = {}
-        for name in JOBS:  # in order: a job is submitted after the jobs it waits for
+        self.done: dict[str, Run] = {}
+        for name in JOBS:
             if name in needed:
-                self.futures[name] = self.pool.submit(self._run, name)
+                self.done[name] = self._run(name)  # a failure shows in the tests that read it
 
     def _run(self, name: str) -> Run:
         job = JOBS[name]
-        for dependency in job.after:
-            self.futures[dependency].result()  # its failure shows in the tests that read it
         if job.prepare is not None:
             job.prepare(self.root)
         run_dir = self.root / "runs" / (job.dir or name)
@@ -235,14 +233,11 @@ class Runs:
             result = self.run_cmd([sys.executable, "-c", LOAD_SCRIPT, *args], cwd=self.root)
         else:
             args.append(f"hydra.run.dir={run_dir}")
-            result = self.run_cmd([sys.executable, "-m", "alignctl", "train", *args], cwd=self.root)
+            result = run_cli(["train", *args], cwd=self.root)
         return Run(name, run_dir, result)
 
     def __getitem__(self, name: str) -> Run:
-        return self.futures[name].result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        return self.done[name]
 
 
 def with_dependencies(names: set[str]) -> set[str]:
@@ -261,9 +256,7 @@ def runs(request, tmp_path_factory, run_cmd, offline_env) -> Runs:
     write_datasets(root)
     selected = [item for item in request.session.items if getattr(item, "module", None) is request.module]
     needed = set().union(*(USES.get(getattr(item, "originalname", item.name), set()) for item in selected))
-    started = Runs(root, run_cmd, with_dependencies(needed))
-    yield started
-    started.close()
+    return Runs(root, run_cmd, with_dependencies(needed))
 
 
 def finished(runs: Runs, name: str) -> Run:

@@ -42,9 +42,7 @@ def test_eval_reproduces_the_runs_final_evaluation(alignctl, tmp_path):
 def dpo_runs(tmp_path_factory):
     """A full DPO run from a full SFT run (reference: that parent, a separate model) and a LoRA DPO
     run from the model itself (reference: the same base with the adapter switched off)."""
-    import sys
-
-    from tests.integration.conftest import run_process
+    from tests.integration.conftest import run_cli
 
     root = tmp_path_factory.mktemp("eval_dpo")
     plan = {
@@ -54,7 +52,7 @@ def dpo_runs(tmp_path_factory):
         "dpo_lora": ["recipe=dpo", "adapter=lora", "recipe.max_steps=6", "recipe.lr=1e-2"],
     }
     for name, args in plan.items():
-        done = run_process([sys.executable, "-m", "alignctl", "train", *args, *QUICK, f"hydra.run.dir={root / name}"], cwd=root)
+        done = run_cli(["train", *args, *QUICK, f"hydra.run.dir={root / name}"], cwd=root)
         assert done.returncode == 0, done.describe()
     return root
 

@@ -4,14 +4,13 @@ one (here: the adapter folded in at twice its scale) is refused in one line and 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from alignctl.errors import UserError
 from alignctl.export import TOLERANCE, merge_check
-from tests.integration.conftest import run_process
+from tests.integration.conftest import run_cli
 from tests.integration.stage_runs import merge_at_twice_the_scale
 
 
@@ -33,7 +32,7 @@ def test_merge_check_is_relative_to_the_largest_logit():
 def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_merge")
     args = ["recipe=sft", "adapter=lora", "recipe.max_steps=4", "recipe.lr=1e-2", "data.eval_limit=8", "recipe.eval_every=0"]
-    done = run_process([sys.executable, "-m", "alignctl", "train", *args, f"hydra.run.dir={root / 'run'}"], cwd=root)
+    done = run_cli(["train", *args, f"hydra.run.dir={root / 'run'}"], cwd=root)
     assert done.returncode == 0, done.describe()
     return root / "run"
 

@@ -14,6 +14,8 @@ import textwrap
 import pytest
 from stage_runs import StageRun
 
+from tests.integration.conftest import run_cli
+
 USER_REWARDS = '''
 def scaled_target(prompts, completions, target, scale=1.0, **_):
     assert len(prompts) == len(completions) == len(target)
@@ -43,7 +45,7 @@ def learned(learned_sft_run, run_cmd, tmp_path_factory):
     # +3 to +8.5 by seed and by the machine's float rounding.
     args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", "recipe.max_steps=100", "recipe.eval_every=0",
             "data.eval_limit=400", "logger.samples_every=10", f"hydra.run.dir={run_dir}"]
-    result = run_cmd([sys.executable, "-m", "alignctl", *args], cwd=run_dir.parent)
+    result = run_cli(args, cwd=run_dir.parent)
     return StageRun("learn", run_dir, result), sft_dir
 
 

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from stage_runs import StageRun
 
 from alignctl.tasks.arithmetic import format_answer, parse_prompt, verify
+from tests.integration.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def runs(learned_sft_run, run_cmd, tmp_path_factory):
+def runs(learned_sft_run, tmp_path_factory):
     sft_dir, sft_result = learned_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     root = tmp_path_factory.mktemp("pairs")
 
     def train(name, *overrides):
-        result = run_cmd([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={root / name}"], cwd=root)
+        result = run_cli(["train", *overrides, f"hydra.run.dir={root / name}"], cwd=root)
         return StageRun(name, root / name, result)
 
     pairs = train("pairs", "recipe=pairs", f"inputs.policy={sft_dir}", "recipe.num_prompts=200", "recipe.num_generations=4")

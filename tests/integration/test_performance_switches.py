@@ -6,17 +6,17 @@ built-in task."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from stage_runs import StageRun
+
+from tests.integration.conftest import run_cli
 
 STEPS = ["recipe.max_steps=4", "recipe.eval_every=0", "data.eval_limit=8", "recipe.batch_size=16"]
 
 
-def train(run_cmd, tmp_path, name: str, *overrides: str) -> list[dict]:
+def train(tmp_path, name: str, *overrides: str) -> list[dict]:
     run_dir = tmp_path / name
-    result = run_cmd([sys.executable, "-m", "alignctl", "train", *STEPS, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli(["train", *STEPS, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     run = StageRun(name, run_dir, result)
     run.assert_finished()
     return run.train_records()
@@ -32,56 +32,56 @@ def assert_same_training(plain: list[dict], switched: list[dict], keys: tuple[st
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_the_chunked_output_layer_trains_like_the_plain_logits(run_cmd, tmp_path, stage):
-    plain = train(run_cmd, tmp_path, "plain", f"recipe={stage}", "recipe.lm_head_chunk=0")
-    chunked = train(run_cmd, tmp_path, "chunked", f"recipe={stage}", "recipe.lm_head_chunk=5")
+def test_the_chunked_output_layer_trains_like_the_plain_logits(tmp_path, stage):
+    plain = train(tmp_path, "plain", f"recipe={stage}", "recipe.lm_head_chunk=0")
+    chunked = train(tmp_path, "chunked", f"recipe={stage}", "recipe.lm_head_chunk=5")
     assert_same_training(plain, chunked, ("loss", "grad_norm", "mean_token_accuracy") if stage == "sft" else ("loss", "grad_norm", "rewards/margins"))
 
 
-def test_padding_free_batches_train_like_padded_ones(run_cmd, tmp_path):
+def test_padding_free_batches_train_like_padded_ones(tmp_path):
     # Loss on every token: a row's first token is then labelled, and must not become the target of the
     # previous row's last position once the rows are end to end.
-    padded = train(run_cmd, tmp_path, "padded", "recipe=sft", "recipe.completion_only_loss=false")
-    packed = train(run_cmd, tmp_path, "packed", "recipe=sft", "recipe.completion_only_loss=false", "recipe.padding_free=true")
+    padded = train(tmp_path, "padded", "recipe=sft", "recipe.completion_only_loss=false")
+    packed = train(tmp_path, "packed", "recipe=sft", "recipe.completion_only_loss=false", "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "mean_token_accuracy", "num_loss_tokens"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
 
 
-def test_padding_free_pairs_train_like_padded_ones(run_cmd, tmp_path):
+def test_padding_free_pairs_train_like_padded_ones(tmp_path):
     # LoRA, so the reference (the disabled adapter) also runs on the packed row.
     lora = ("recipe=dpo", "adapter=lora", "recipe.lr=3e-3")
-    padded = train(run_cmd, tmp_path, "padded", *lora)
-    packed = train(run_cmd, tmp_path, "packed", *lora, "recipe.padding_free=true")
+    padded = train(tmp_path, "padded", *lora)
+    packed = train(tmp_path, "packed", *lora, "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
 
 
-def test_shared_prompts_train_like_two_rows_a_pair(run_cmd, tmp_path):
+def test_shared_prompts_train_like_two_rows_a_pair(tmp_path):
     # LoRA, so the reference is the disabled adapter on the same layout; the plain logits path, so the
     # first response token's log-prob comes from the prompt forward's own logits.
     lora = ("recipe=dpo", "adapter=lora", "recipe.lr=3e-3", "recipe.lm_head_chunk=0")  # a high rate: LoRA moves the loss within 4 steps
-    rows = train(run_cmd, tmp_path, "rows", *lora, "recipe.share_prompt=false")
-    shared = train(run_cmd, tmp_path, "shared", *lora, "recipe.share_prompt=true")
+    rows = train(tmp_path, "rows", *lora, "recipe.share_prompt=false")
+    shared = train(tmp_path, "shared", *lora, "recipe.share_prompt=true")
     assert_same_training(rows, shared, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"))
     assert shared[-1]["num_tokens"] == rows[-1]["num_tokens"]  # tokens are counted as the pairs' rows either way
 
 
-def test_the_fused_mlp_trains_like_the_models_own(run_cmd, tmp_path):
+def test_the_fused_mlp_trains_like_the_models_own(tmp_path):
     # LoRA DPO: gradients reach the adapters on gate, up and down through SiluMul's own backward.
     lora = ("recipe=dpo", "adapter=lora", "recipe.lr=3e-3")
-    own = train(run_cmd, tmp_path, "own", *lora, "recipe.fused_mlp=false")
-    fused = train(run_cmd, tmp_path, "fused", *lora, "recipe.fused_mlp=true")
+    own = train(tmp_path, "own", *lora, "recipe.fused_mlp=false")
+    fused = train(tmp_path, "fused", *lora, "recipe.fused_mlp=true")
     assert_same_training(own, fused, ("loss", "grad_norm", "rewards/margins", "logps/chosen"))
 
 
 @pytest.mark.parametrize("shape", ["plain", "extra_layers"])
-def test_a_trimmed_top_layer_trains_the_reward_model_like_the_full_one(run_cmd, tmp_path, shape):
+def test_a_trimmed_top_layer_trains_the_reward_model_like_the_full_one(tmp_path, shape):
     # plain: the Bradley-Terry model alone (the top layer is the backbone's); SGD, because from a random
     # init Adam turns float32 rounding in near-zero gradients into whole steps. extra_layers: the
     # default recipe, whose LM loss reads below the two fresh layers, the top one trimmed.
     plain = ("recipe.extra_layers=0", "recipe.lm_loss_coef=0.0", "recipe.optimizer._target_=torch.optim.SGD",
              "~recipe.optimizer.betas", "~recipe.optimizer.eps", "recipe.lr=0.5")
     recipe = ("recipe=reward", *(plain if shape == "plain" else ()))
-    full = train(run_cmd, tmp_path, "full", *recipe, "recipe.trim_top_layer=false")
-    trimmed = train(run_cmd, tmp_path, "trimmed", *recipe, "recipe.trim_top_layer=true")
+    full = train(tmp_path, "full", *recipe, "recipe.trim_top_layer=false")
+    trimmed = train(tmp_path, "trimmed", *recipe, "recipe.trim_top_layer=true")
     assert_same_training(full, trimmed, ("loss", "grad_norm", "accuracy", "margin", "rewards/chosen"))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import run_cli
+
 CHAIN = """
 description: a small chain for tests
 stages:
@@ -28,8 +30,8 @@ stages:
 SMALL = ["recipe.eval_every=0", "recipe.batch_size=8", "data.eval_limit=8"]
 
 
-def _pipeline(run_cmd, root: Path, *args: str):
-    return run_cmd([sys.executable, "-m", "alignctl", "pipeline", str(root / "chain.yaml"), f"pipeline.dir={root / 'out'}", *SMALL, *args], cwd=root)
+def _pipeline(root: Path, *args: str):
+    return run_cli(["pipeline", str(root / "chain.yaml"), f"pipeline.dir={root / 'out'}", *SMALL, *args], cwd=root)
 
 
 def _lineage(run_dir: Path) -> dict:
@@ -37,14 +39,14 @@ def _lineage(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chain(run_cmd, tmp_path_factory):
+def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     (root / "chain.yaml").write_text(CHAIN)
-    first = _pipeline(run_cmd, root, "base.recipe.max_steps=7")
+    first = _pipeline(root, "base.recipe.max_steps=7")
     out = root / "out"
     snapshot = {p.name: _lineage(p)["started_at"] for p in out.iterdir() if p.is_dir() and not p.is_symlink() and (p / "lineage.json").exists()}
-    again = _pipeline(run_cmd, root, "base.recipe.max_steps=7")
-    changed = _pipeline(run_cmd, root, "base.recipe.max_steps=7", "prefs.recipe.beta=0.3")
+    again = _pipeline(root, "base.recipe.max_steps=7")
+    changed = _pipeline(root, "base.recipe.max_steps=7", "prefs.recipe.beta=0.3")
     return root, out, first, again, changed, snapshot
 
 

@@ -1,7 +1,8 @@
 """recipe=ppo through the real CLI: policy + value model, reward model or verifier, KL penalty, GAE.
 
 Mechanics run on a reward model trained a few steps from the shared SFT run; the learning test uses
-the task verifier as the reward (cheap and exact) and must raise held-out greedy accuracy.
+the task verifier as the reward (cheap and exact) and must raise held-out greedy accuracy (its 100
+steps run in-process in about 25 s; the learning run is trained only when that test is selected).
 """
 
 from __future__ import annotations
@@ -13,37 +14,51 @@ import textwrap
 import pytest
 from stage_runs import StageRun
 
+from tests.integration.conftest import run_cli
 
-def _train(run_cmd, run_dir, *overrides):
+
+def _train(run_dir, *overrides):
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    result = run_cmd([sys.executable, "-m", "alignctl", "train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    result = run_cli(["train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
     return StageRun(run_dir.name, run_dir, result)
 
 
+class Trained(dict):
+    """name -> StageRun; a name in `later` is trained on first use only."""
+
+    def __init__(self, runs: dict, later: dict):
+        super().__init__(runs)
+        self.later = later
+
+    def __missing__(self, name: str) -> StageRun:
+        self[name] = self.later.pop(name)()
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def runs(learned_sft_run, run_cmd, tmp_path_factory):
+def runs(learned_sft_run, tmp_path_factory):
     sft_dir, sft_result = learned_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     root = tmp_path_factory.mktemp("ppo")
-    reward = _train(run_cmd, root / "reward", "recipe=reward", f"inputs.init={sft_dir}", "recipe.max_steps=20", "recipe.batch_size=32",
+    reward = _train(root / "reward", "recipe=reward", f"inputs.init={sft_dir}", "recipe.max_steps=20", "recipe.batch_size=32",
                     "recipe.eval_every=0", "data.eval_limit=32")
     reward.assert_finished()
     small = ["recipe.batch_size=16", "recipe.eval_every=0", "data.eval_limit=32"]
     out = {
-        "rlhf": _train(run_cmd, root / "rlhf", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
+        "rlhf": lambda: _train(root / "rlhf", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
                        "recipe.max_steps=4", "recipe.steps_per_generation=2", "recipe.num_ppo_epochs=2", *small),
-        "adaptive": _train(run_cmd, root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
+        "adaptive": lambda: _train(root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
                            "recipe.max_steps=3", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
                            "recipe.lr=1e-3", *small),
-        "shared": _train(run_cmd, root / "shared", "recipe=ppo", "adapter=lora", f"inputs.policy={sft_dir}",
+        "shared": lambda: _train(root / "shared", "recipe=ppo", "adapter=lora", f"inputs.policy={sft_dir}",
                          "recipe.reward_funcs=[alignctl.rewards.task_verifier]", "recipe.max_steps=2", "recipe.num_ppo_epochs=2",
                          "recipe.lr=1e-2", *small),
         # 50 rollouts of 64, two epochs each: +6.5 to +7.5 points over seeds 0-2 here, where 30 steps at
         # the recipe's rate (8 rollouts) gained +1.5 on one machine's float rounding and +5 on another's.
-        "learn": _train(run_cmd, root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
+        "learn": lambda: _train(root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
                         "recipe.max_steps=100", "recipe.num_ppo_epochs=2", "recipe.lr=1e-4", "recipe.eval_every=0", "data.eval_limit=400"),
     }
-    return out, reward
+    return Trained({name: train() for name, train in out.items() if name != "learn"}, {"learn": out["learn"]}), reward
 
 
 def test_ppo_with_the_verifier_raises_held_out_exact_match(runs):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import run_cli
 from tests.integration.stage_runs import StageRun
 
 TOLERANCE = 1e-6
@@ -145,8 +146,7 @@ SIGNAL_RUN = ["recipe=sft", "recipe.max_steps=80", "recipe.batch_size=4", "data.
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("signals") / "whole"
-    done = subprocess.run([sys.executable, "-m", "alignctl", "train", *SIGNAL_RUN, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    done = run_cli(["train", *SIGNAL_RUN, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
     assert done.returncode == 0, done.stderr
     return run_dir
 

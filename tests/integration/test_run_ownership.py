@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import run_process
+from tests.integration.conftest import run_cli
 from tests.integration.test_cli_errors import assert_one_line_error
 from tests.integration.test_resume import wait_for
 
@@ -53,7 +53,7 @@ def weights_sha256(checkpoint: Path) -> str:
 def sft_run(tmp_path_factory) -> Path:
     """A finished 2-step SFT run; the tests that use it only read it (or are refused)."""
     run_dir = tmp_path_factory.mktemp("ownership") / "sft"
-    done = run_process([sys.executable, "-m", "alignctl", "train", "recipe=sft", *QUICK, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    done = run_cli(["train", "recipe=sft", *QUICK, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
     assert done.returncode == 0, done.describe()
     return run_dir
 

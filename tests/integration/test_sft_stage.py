@@ -2,11 +2,11 @@
 gradient accumulation, metrics.jsonl, checkpoints, TensorBoard, data formats, packing, sweeps,
 determinism and overlong prompts.
 
-Every run is a real `python -m alignctl train ...` subprocess of a few optimiser steps, mostly on
-small arithmetic datasets written to a temporary directory. Starting a process (importing torch,
-transformers, peft, datasets) costs most of a run's time, so the module starts the runs its
-selected tests need up front, two at a time (one torch thread each, see conftest), and each test
-waits for the runs it inspects. A run's failure is reported by the tests that use it.
+Every run is a real `alignctl train ...` of a few optimiser steps, in the test process (conftest's
+run_cli: a fresh interpreter would spend most of a run's time importing torch, transformers, peft
+and datasets), mostly on small arithmetic datasets written to a temporary directory. The module runs
+the runs its selected tests need up front, one after the other, and each test reads the runs it
+inspects. A run's failure is reported by the tests that use it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import math
 import os
 import random
 import re
-import sys
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +25,8 @@ import pytest
 from omegaconf import OmegaConf
 from stage_runs import StageRun
 
-# Runs in flight at once: one per core (each run uses one torch thread, OMP_NUM_THREADS=1).
-PARALLEL = max(1, min(2, os.cpu_count() or 1))
+from tests.integration.conftest import run_cli
+
 MAX_LENGTH = 16  # recipe.max_length of recipe=sft; the overlong rows below are longer
 TRAIN_KEYS = {"loss", "learning_rate", "grad_norm", "tokens_per_second", "mean_token_accuracy", "num_tokens"}
 
@@ -39,8 +37,7 @@ def hf(path: str) -> list[str]:
     return ["data=hf", f"data.path={{root}}/{path}"]
 
 
-# name -> overrides of `alignctl train` ({root} is the module's scratch directory). Listed roughly
-# longest first so that the two workers finish together.
+# name -> overrides of `alignctl train` ({root} is the module's scratch directory), run in this order.
 JOBS: dict[str, list[str]] = {
     "metrics": [  # built-in task: the only data with an exact-match verifier
         "recipe.max_steps=4", "recipe.eval_every=2", "data.eval_limit=16", "recipe.batch_size=16",
@@ -163,45 +160,37 @@ class Run(StageRun):
 
 
 class Runs:
-    """Starts the runs up front, PARALLEL at a time; `runs[name]` waits for one and returns it."""
+    """Runs the needed runs up front, in JOBS order; `runs[name]` returns one (running it if it was
+    not among them)."""
 
-    def __init__(self, root: Path, run_cmd, needed: set[str]):
-        self.root, self.run_cmd = root, run_cmd
-        self.pool = ThreadPoolExecutor(max_workers=PARALLEL)
-        self.futures: dict[str, Future] = {}
+    def __init__(self, root: Path, needed: set[str]):
+        self.root = root
+        self.done: dict[str, Run] = {}
         for name in JOBS:
             if name in needed:
-                self._submit(name)
-
-    def _submit(self, name: str) -> Future:
-        if name not in self.futures:
-            self.futures[name] = self.pool.submit(self._run, name)
-        return self.futures[name]
+                self[name]
 
     def _run(self, name: str) -> Run:
         run_dir = self.root / "runs" / name
         args = [a.format(root=self.root) for a in JOBS[name]]
         if "-m" not in args:
             args.append(f"hydra.run.dir={run_dir}")
-        result = self.run_cmd([sys.executable, "-m", "alignctl", "train", *args], cwd=self.root)
+        result = run_cli(["train", *args], cwd=self.root)
         return Run(name, run_dir, result)
 
     def __getitem__(self, name: str) -> Run:
-        return self._submit(name).result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if name not in self.done:
+            self.done[name] = self._run(name)
+        return self.done[name]
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory, run_cmd, offline_env) -> Runs:
+def runs(request, tmp_path_factory, offline_env) -> Runs:
     root = tmp_path_factory.mktemp("sft_stage")
     write_datasets(root)
     selected = [item for item in request.session.items if getattr(item, "module", None) is request.module]
     needed = set().union(*(USES.get(getattr(item, "originalname", item.name), set()) for item in selected))
-    started = Runs(root, run_cmd, needed)
-    yield started
-    started.close()
+    return Runs(root, needed)
 
 
 def tiny_model_dir(run: Run) -> Path:

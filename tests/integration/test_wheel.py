@@ -1,9 +1,14 @@
 """The wheel is self-contained: built from the repository, installed into a fresh venv (reusing the
 dev venv's dependencies, no download), it runs `alignctl --help` and a short training run from a
-directory outside the source tree, with conf/, recipes/ and the task data coming from the wheel."""
+directory outside the source tree, with conf/, recipes/ and the task data coming from the wheel.
+
+Building and installing the wheel takes minutes: those tests go with the slow tier (make test-slow).
+The default tier checks the same contents without a build: pyproject.toml's packages and
+package-data patterns, applied to the source tree, cover every file the wheel must carry."""
 
 from __future__ import annotations
 
+import glob
 import shutil
 import site
 import sys
@@ -12,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 # Build from a copy: a build writes build/ and *.egg-info next to the sources it reads.
 COPY_IGNORE = shutil.ignore_patterns(
@@ -36,6 +42,31 @@ def wheel(tmp_path_factory, run_cmd, repo_root) -> Path:
     return wheels[0]
 
 
+def test_pyproject_packs_every_config_recipe_task_file_and_module(repo_root):
+    setuptools = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs, packages, data = setuptools["package-dir"], setuptools["packages"], setuptools["package-data"]
+
+    def source(package: str) -> Path:
+        top, _, rest = package.partition(".")
+        if package in dirs:
+            return repo_root / dirs[package]
+        return repo_root / dirs[top] / rest.replace(".", "/")
+
+    packed = {p.resolve() for package in packages for p in source(package).glob("*.py")}
+    for package, patterns in data.items():
+        packed |= {Path(f).resolve() for pattern in patterns for f in glob.glob(str(source(package) / pattern))}
+    wanted = [*(repo_root / "conf").rglob("*.yaml"), *(repo_root / "recipes").glob("*.yaml"), *(repo_root / "alignctl").rglob("*.py")]
+    for folder in ("data", "chat_data"):
+        found = sorted((repo_root / "alignctl" / "tasks" / folder).glob("*.jsonl"))
+        assert found, f"the built-in task data ({folder}) is missing from the source tree"
+        wanted += found
+    missing = sorted(str(p.relative_to(repo_root)) for p in wanted if p.resolve() not in packed and "__pycache__" not in p.parts)
+    assert not missing, f"not in the wheel: {missing}"
+    scripts = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["alignctl"] == "alignctl.cli:main"
+
+
+@pytest.mark.slow
 def test_wheel_contents(wheel, repo_root):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in sorted(repo_root.joinpath("conf").rglob("*.yaml")):
@@ -73,6 +104,7 @@ def venv(wheel, tmp_path_factory, run_cmd) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_installed_wheel_is_the_one_imported(venv, tmp_path, run_cmd):
     code = "import alignctl, alignctl.hydra_app as h; print(alignctl.__file__); print(h.conf_dir())"
     result = run_cmd([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path)
@@ -82,6 +114,7 @@ def test_installed_wheel_is_the_one_imported(venv, tmp_path, run_cmd):
     assert venv.resolve() in conf.resolve().parents, f"conf/ read from {conf}"
 
 
+@pytest.mark.slow
 def test_wheel_cli_help_and_training(venv, tmp_path, run_cmd):
     alignctl = str(venv / "bin" / "alignctl")
     work = tmp_path / "elsewhere"
