@@ -48,6 +48,14 @@ def release() -> None:
 
 
 def _forget_cached_availability() -> None:
+    forget_cached_answers()
+    if "peft.helpers" in sys.modules:  # it bound `bnb = None` when the import failed
+        import bitsandbytes
+
+        sys.modules["peft.helpers"].bnb = bitsandbytes
+
+
+def forget_cached_answers() -> None:
     """peft and transformers cache 'is bitsandbytes installed?' (functools.lru_cache) on first ask."""
     checks = []
     if "peft.import_utils" in sys.modules:
@@ -60,7 +68,3 @@ def _forget_cached_availability() -> None:
         checks.append(hf_import_utils.is_bitsandbytes_available)
     for check in checks:
         getattr(check, "cache_clear", lambda: None)()
-    if "peft.helpers" in sys.modules:  # it bound `bnb = None` when the import failed
-        import bitsandbytes
-
-        sys.modules["peft.helpers"].bnb = bitsandbytes

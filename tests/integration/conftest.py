@@ -187,18 +187,10 @@ def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
 def _unblock_bitsandbytes() -> None:
     """Undo the CLI's bitsandbytes gate (alignctl/bitsandbytes_gate.py) in this process, without
     importing bitsandbytes: drop the placeholder and the availability answers cached meanwhile."""
+    from alignctl.bitsandbytes_gate import forget_cached_answers
+
     del sys.modules["bitsandbytes"]
-    checks = []
-    if "peft.import_utils" in sys.modules:
-        from peft import import_utils
-
-        checks += [import_utils.is_bnb_available, import_utils.is_bnb_4bit_available]
-    if "transformers.utils.import_utils" in sys.modules:
-        from transformers.utils import import_utils
-
-        checks.append(import_utils.is_bitsandbytes_available)
-    for check in checks:
-        getattr(check, "cache_clear", lambda: None)()
+    forget_cached_answers()
 
 
 def _at_exit() -> None:

@@ -66,3 +66,25 @@ def tiny_dir(tmp_path_factory) -> Path:
         path = build_tiny(TinyModelConfig(**tiny))
         assert str(path).startswith(str(tmp_path_factory.getbasetemp()))
         yield path
+
+
+@pytest.fixture
+def module_from_source(tmp_path, monkeypatch):
+    """Write `source` as an importable module `name` (user code, e.g. reward functions named by dotted
+    path); it is forgotten again after the test."""
+    import sys
+    import textwrap
+
+    written: list[str] = []
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        sys.modules.pop(name, None)
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -35,12 +34,8 @@ def record_forms(prompts, completions, completion_ids, trainer_state, **kwargs):
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    (tmp_path / "trl_style_rewards.py").write_text(textwrap.dedent(TRL_STYLE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("trl_style_rewards", None)
-    yield "trl_style_rewards"
-    sys.modules.pop("trl_style_rewards", None)
+def user_module(module_from_source):
+    return module_from_source("trl_style_rewards", TRL_STYLE)
 
 
 # ------------------------------------------------------------------------------ completion forms

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
-import textwrap
 import time
 from enum import Enum
 from pathlib import Path
@@ -130,12 +128,8 @@ def raises(prompts, completions, **kwargs):
 
 
 @pytest.fixture
-def slow(tmp_path, monkeypatch):
-    (tmp_path / "slow_rewards.py").write_text(textwrap.dedent(SLOW_REWARDS))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("slow_rewards", None)
-    yield "slow_rewards"
-    sys.modules.pop("slow_rewards", None)
+def slow(module_from_source):
+    return module_from_source("slow_rewards", SLOW_REWARDS)
 
 
 def test_a_reward_function_that_never_returns_stops_after_the_timeout(slow):
