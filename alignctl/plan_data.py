@@ -48,11 +48,10 @@ def widest_possible(cfg: Any, tokenizer_path: str) -> BatchShape:
     twice that: its longest prompt and longest response may come from different rows)."""
     from alignctl.registry import stage
 
-    rows = stage(cfg.recipe.stage).sequences_per_row * cfg.recipe.batch_size
-    shape = from_max_length(cfg, rows, "the widest the recipe allows")
-    if cfg.recipe.stage == "dpo":
-        return BatchShape(rows, 2 * shape.width, 2 * shape.positions, shape.source)
-    return shape
+    spec = stage(cfg.recipe.stage)
+    shape = from_max_length(cfg, spec.sequences_per_row * cfg.recipe.batch_size, "the widest the recipe allows")
+    k = spec.max_length_multiple
+    return BatchShape(shape.rows, k * shape.width, k * shape.positions, shape.source)
 
 
 def batch_shape(cfg: Any, tokenizer_path: str) -> BatchShape:

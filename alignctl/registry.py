@@ -35,6 +35,8 @@ class Stage:
     # (run config, plan_data.PlanData, rows) -> plan_data.BatchShape: its widest micro-batch; None: sized from max_length
     planned_batch: Callable[[Any, Any, int], Any] | None = None
     sequences_per_row: int = 1  # sequences a data row puts through the trained model (2: chosen and rejected)
+    # The widest a sequence can be, in max_lengths (2: DPO's longest prompt and longest response may come from different rows)
+    max_length_multiple: int = 1
 
 
 _STAGES: dict[str, Stage] = {}

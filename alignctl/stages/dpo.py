@@ -101,7 +101,8 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, data.source)
 
 
-@register_stage("dpo", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2)
+@register_stage("dpo", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2,
+                max_length_multiple=2)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: DPOConfig = cfg.recipe
     device = start_process(cfg)
