@@ -59,7 +59,7 @@ test-gpu: install
 bench: install $(BIN)/.bench-deps
 	$(BIN)/python scripts/bench.py --docs
 
-# jemalloc is the allocator alignctl picks on its own where installed (alignctl/allocator.py); the
+# jemalloc is the allocator alignctl picks on its own where installed (alignctl/core/allocator.py); the
 # benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.
 $(BIN)/.bench-deps: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,real,bench]"

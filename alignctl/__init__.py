@@ -1,6 +1,6 @@
 """alignctl: config-driven preference alignment for language models."""
 
-from alignctl import bitsandbytes_gate
+from alignctl.core import bitsandbytes_gate
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from alignctl.cli import main
+from alignctl.cli.main import main
 
 main()

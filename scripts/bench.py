@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignctl import allocator
+from alignctl.core import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
@@ -70,7 +70,7 @@ def build_model(out: Path, vocab_size: int | None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignctl.tokenizer import build_char_tokenizer
+    from alignctl.models.tokenizer import build_char_tokenizer
 
     if (out / "config.json").exists():
         return out
@@ -170,7 +170,7 @@ def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
     data = write_data(workdir / "data", case.stage, steps * rows_per_step)
     model_dir = models[case.model]
     tokens, mean_length = epoch_tokens(model_dir, data, case.stage) if case.stage != "grpo" else (0, 0.0)
-    # The alignctl side runs under the allocator its CLI picks (alignctl/allocator.py: jemalloc where
+    # The alignctl side runs under the allocator its CLI picks (alignctl/core/allocator.py: jemalloc where
     # installed); TRL runs as its users run it, and once more under that same allocator (like for like).
     alignctl_env = allocator.environment(os.environ) or dict(os.environ)
     sides = {"alignctl": alignctl_env, "trl": dict(os.environ)}

@@ -53,7 +53,7 @@ class Probe:
 
 
 def host_allocator() -> str:
-    """The malloc this process runs under, from its memory map (the same test as alignctl.allocator.active)."""
+    """The malloc this process runs under, from its memory map (the same test as alignctl.core.allocator.active)."""
     maps = Path("/proc/self/maps").read_text()
     return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "system")
 
@@ -68,8 +68,8 @@ def vowel_share(prompts, completions, **_) -> list[float]:
 
 def run_alignctl(spec: dict) -> dict:
     sys.path.insert(0, str(HERE))  # so that alignctl imports the reward function as bench_worker.vowel_share
-    import alignctl.loop as loop
-    from alignctl.cli import main
+    import alignctl.train.loop as loop
+    from alignctl.cli.main import main
 
     probe = Probe()
     original = loop._one_step

@@ -94,7 +94,7 @@ def worker(args: list[str]) -> None:
     """One training run in this process; prints the peak device memory torch allocated."""
     import torch
 
-    from alignctl.cli import main
+    from alignctl.cli.main import main
 
     sys.argv = ["alignctl", "train", *args]
     try:
@@ -112,7 +112,7 @@ def check_machine(env: dict) -> None:
         fail("torch is not installed (make install)")
     if not torch.cuda.is_available():
         fail("no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine with one GPU")
-    done = subprocess.run([sys.executable, "-c", "from omegaconf import OmegaConf; from alignctl.gguf_models import build_from_gguf; "
+    done = subprocess.run([sys.executable, "-c", "from omegaconf import OmegaConf; from alignctl.models.gguf import build_from_gguf; "
                            "s = OmegaConf.load('conf/model/smollm2.yaml'); print(build_from_gguf(s.gguf_file, s.gguf_package))"],
                           cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
     if done.returncode != 0:

@@ -1,4 +1,4 @@
-"""Regenerate the built-in tasks' shipped splits (alignctl/tasks/data/ and alignctl/tasks/chat_data/).
+"""Regenerate the built-in tasks' shipped splits (alignctl/data/tasks/data/ and alignctl/data/tasks/chat_data/).
 
 Deterministic: the same seed always writes the same bytes, and a test checks that the shipped files
 match. Usage: python scripts/make_task_data.py [--seed 0]
@@ -6,7 +6,7 @@ match. Usage: python scripts/make_task_data.py [--seed 0]
 
 import argparse
 
-from alignctl.tasks import arithmetic, chat_arithmetic
+from alignctl.data.tasks import arithmetic, chat_arithmetic
 
 
 def main() -> None:

@@ -1,3 +1,1 @@
-"""Stage runners; importing this package registers them all."""
-
-from alignctl.stages import dpo, grpo, kto, pairs, ppo, reward, sft  # noqa: F401
+"""Stage runners, one module each, ending with its STAGE declaration; alignctl/stages/registry.py lists them."""

@@ -5,11 +5,11 @@ robust, hinge, ipo or simpo, optional label smoothing and an NLL term on the cho
 Needs: prompt/chosen/rejected rows (standard or conversational; or chosen/rejected conversations
 with a shared prompt). Starts from: ``inputs.policy=<SFT run dir>`` or ``model``.
 Reference: ``recipe.reference`` (auto, separate, adapter_disabled, precomputed, none; see
-alignctl/reference.py); it is the starting policy.
+alignctl/train/reference.py); it is the starting policy.
 Writes: checkpoint/, metrics.jsonl (TRL's rewards/* and logps/* names), eval.json, lineage.json.
 Evaluates: the same metrics on the eval pairs and, on a built-in task, greedy exact-match accuracy.
 Efficiency: chosen and rejected go through the model in one forward; only response positions
-reach the vocabulary projection (alignctl/ops.py).
+reach the vocabulary projection (alignctl/nn/logprobs.py).
 """
 
 from __future__ import annotations
@@ -21,18 +21,24 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
-from alignctl import distributed
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, column_lengths, split_micro
-from alignctl.config import DPOConfig, DPOLossType, Reference, RunConfig
-from alignctl.encode import encode_rows, preference_example
-from alignctl.evaluate import task_accuracy
-from alignctl.losses import dpo_loss
-from alignctl.models import load_tokenizer, model_path
-from alignctl.ops import left_padded_batch, packed_response_batch, packed_response_logps, response_logps
-from alignctl.plan_data import BatchShape, PlanData
-from alignctl.reference import (
+from alignctl.config.schema import DPOConfig, DPOLossType, Reference, RunConfig
+from alignctl.core import distributed
+from alignctl.data import loading as data_lib
+from alignctl.data.batching import BatchStream, column_lengths, split_micro
+from alignctl.data.encode import encode_rows, preference_example
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.models.loading import load_tokenizer, model_path
+from alignctl.nn.logprobs import (
+    left_padded_batch,
+    packed_response_batch,
+    packed_response_logps,
+    response_logps,
+)
+from alignctl.nn.losses import dpo_loss
+from alignctl.nn.shared_prompt import applies as shared_prompt_applies
+from alignctl.nn.shared_prompt import shared_prompt_batch, shared_prompt_logps
+from alignctl.train.evaluate import task_accuracy
+from alignctl.train.reference import (
     cache_key,
     held_reference,
     load_policy_and_reference,
@@ -41,14 +47,12 @@ from alignctl.reference import (
     reference_for,
     reference_logps,
 )
-from alignctl.registry import HeldModel, register_stage
-from alignctl.shared_prompt import applies as shared_prompt_applies
-from alignctl.shared_prompt import shared_prompt_batch, shared_prompt_logps
-from alignctl.training import (
+from alignctl.train.session import (
     start_process,
     start_training,
     sum_over_batches,
 )
+from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage
 
 LENGTH_NORMALISED = (DPOLossType.ipo, DPOLossType.simpo)  # these compare per-token log-probs (as TRL does)
 
@@ -62,8 +66,8 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig,
 
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False, padding_free: bool = False) -> dict:
     """Chosen rows then rejected rows, in one batch (one forward for both); with `share_prompt`, each
-    prompt once for its two responses (alignctl/shared_prompt.py); with `padding_free`, all of them end
-    to end in one row (alignctl/varlen_attention.py)."""
+    prompt once for its two responses (alignctl/nn/shared_prompt.py); with `padding_free`, all of them end
+    to end in one row (alignctl/nn/varlen_attention.py)."""
     if padding_free:
         batch = packed_response_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])
         tokens = batch["input_ids"].numel()
@@ -101,8 +105,6 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, data.source)
 
 
-@register_stage("dpo", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2,
-                max_length_multiple=2)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: DPOConfig = cfg.recipe
     device = start_process(cfg)
@@ -189,3 +191,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 SHOWN_EVAL = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")
+
+
+STAGE = Stage("dpo", run, held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2, max_length_multiple=2)

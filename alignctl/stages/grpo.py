@@ -5,8 +5,8 @@ Needs: prompt rows (standard or conversational) plus whatever columns the reward
 (the built-in task's ``rl`` split: prompt/answer). Rewards: ``recipe.reward_funcs`` and/or a reward
 model (``inputs.reward=<reward run dir>``), combined with weights.
 Starts from: ``inputs.policy=<SFT run dir>`` or ``model``.
-Reference: only when ``recipe.beta`` > 0 (``recipe.reference``, see alignctl/reference.py).
-Each rollout: P prompts x K completions sampled with a KV cache (alignctl/rollout.py), scored,
+Reference: only when ``recipe.beta`` > 0 (``recipe.reference``, see alignctl/train/reference.py).
+Each rollout: P prompts x K completions sampled with a KV cache (alignctl/rl/rollout.py), scored,
 advantages from the group of each prompt (``recipe.advantage``), then ``num_iterations`` passes
 of ``steps_per_generation`` optimiser steps of the clipped surrogate + beta KL(k3) per token.
 Writes: checkpoint/, metrics.jsonl (reward, reward_std, rewards/<fn>/mean, objective/kl,
@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl import distributed
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, column_lengths
-from alignctl.config import GRPOConfig, RunConfig
-from alignctl.dynamic_sampling import fill_with_informative_groups
-from alignctl.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
-from alignctl.online_rl import (
+from alignctl.config.schema import GRPOConfig, RunConfig
+from alignctl.core import distributed
+from alignctl.data.batching import BatchStream, column_lengths
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.nn.logprobs import response_token_logps
+from alignctl.nn.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
+from alignctl.rl.dynamic_sampling import fill_with_informative_groups
+from alignctl.rl.online_rl import (
     RolloutLog,
     ScoredRollout,
     StepQueue,
@@ -44,22 +45,20 @@ from alignctl.online_rl import (
     rollout_metrics,
     sample_and_score,
 )
-from alignctl.ops import response_token_logps
-from alignctl.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
-from alignctl.registry import HeldModel, register_stage
-from alignctl.rewards import RewardState
-from alignctl.rollout import Sampling, per_token_values
-from alignctl.training import (
+from alignctl.rl.reward_sources import RewardState
+from alignctl.rl.rollout import Sampling, per_token_values
+from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
+from alignctl.train.session import (
     start_process,
     start_training,
 )
+from alignctl.train.stage_spec import HeldModel, Stage
 
 
 def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [held_policy(cfg), *held_reference(cfg), *held_reward_model(cfg)]
 
 
-@register_stage("grpo", held_models, data_format="prompt", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: GRPOConfig = cfg.recipe
     device = start_process(cfg)
@@ -145,3 +144,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     # A checkpoint keeps the steps left from the current rollout, so a resumed run trains on the same samples.
     return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "reward", "objective/kl", "completions/mean_length"),
                          extra_state=queue.state, restore_extra=queue.restore)
+
+
+STAGE = Stage("grpo", run, held_models, data_format="prompt", planned_batch=planned_batch)

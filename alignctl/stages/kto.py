@@ -1,6 +1,6 @@
 """KTO: align from unpaired binary feedback (a completion is good or bad), no pairs needed.
 
-Trains: a causal LM (full weights or a LoRA adapter) with the KTO loss (alignctl.losses.kto_loss).
+Trains: a causal LM (full weights or a LoRA adapter) with the KTO loss (alignctl.nn.losses.kto_loss).
 Needs: prompt/completion/label rows (label true = desirable), standard or conversational.
 Starts from: ``inputs.policy=<SFT run dir>`` or ``model``. Reference: ``recipe.reference`` (auto,
 separate, adapter_disabled, precomputed), the starting policy.
@@ -20,12 +20,11 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
-from alignctl import distributed
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, column_lengths, split_micro
-from alignctl.config import KTOConfig, Reference, RunConfig
-from alignctl.encode import (
+from alignctl.config.schema import KTOConfig, Reference, RunConfig
+from alignctl.core import distributed
+from alignctl.data import loading as data_lib
+from alignctl.data.batching import BatchStream, column_lengths, split_micro
+from alignctl.data.encode import (
     encode_completion,
     encode_prompt,
     encode_rows,
@@ -33,12 +32,12 @@ from alignctl.encode import (
     fit_prompt,
     sampled_part,
 )
-from alignctl.evaluate import task_accuracy
-from alignctl.losses import kto_loss
-from alignctl.models import load_tokenizer, model_path
-from alignctl.ops import left_padded_batch, response_logps
-from alignctl.plan_data import BatchShape, PlanData, longest
-from alignctl.reference import (
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.models.loading import load_tokenizer, model_path
+from alignctl.nn.logprobs import left_padded_batch, response_logps
+from alignctl.nn.losses import kto_loss
+from alignctl.train.evaluate import task_accuracy
+from alignctl.train.reference import (
     cache_key,
     held_reference,
     load_policy_and_reference,
@@ -47,12 +46,12 @@ from alignctl.reference import (
     reference_for,
     reference_logps,
 )
-from alignctl.registry import HeldModel, register_stage
-from alignctl.training import (
+from alignctl.train.session import (
     start_process,
     start_training,
     sum_over_batches,
 )
+from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage, longest
 
 
 def encode_feedback(dataset: Dataset, tokenizer, recipe: KTOConfig, cfg: RunConfig, where: str) -> Dataset:
@@ -109,7 +108,6 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     return BatchShape(len(widest), widest[0], len(widest) * completion, data.source)
 
 
-@register_stage("kto", held_models, data_format="feedback", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: KTOConfig = cfg.recipe
     device = start_process(cfg)
@@ -193,3 +191,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return result
 
     return session.train(evaluate, next_step, feedback_loss, shown=("loss", "kl"))
+
+
+STAGE = Stage("kto", run, held_models, data_format="feedback", planned_batch=planned_batch)

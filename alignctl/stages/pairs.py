@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
-from alignctl.config import PairsConfig, RunConfig
-from alignctl.errors import DataError
-from alignctl.metrics import console, summary_table
-from alignctl.models import load_causal_lm, load_tokenizer, model_path
-from alignctl.online_rl import (
+from alignctl.config.schema import PairsConfig, RunConfig
+from alignctl.core.console import console
+from alignctl.core.errors import DataError
+from alignctl.data import loading as data_lib
+from alignctl.models.loading import load_causal_lm, load_tokenizer, model_path
+from alignctl.rl.online_rl import (
     encode_prompts,
     held_policy,
     held_reward_model,
@@ -32,12 +32,13 @@ from alignctl.online_rl import (
     score,
     trl_extras,
 )
-from alignctl.registry import HeldModel, register_stage
-from alignctl.rewards import RewardState
-from alignctl.rollout import Sampling, sample
-from alignctl.rundir import RunDir, write_json_atomic
-from alignctl.scored_text import completion_turn
-from alignctl.training import start_process
+from alignctl.rl.reward_sources import RewardState
+from alignctl.rl.rollout import Sampling, sample
+from alignctl.rl.scored_text import completion_turn
+from alignctl.runs.rundir import RunDir, write_json_atomic
+from alignctl.train.metrics import summary_table
+from alignctl.train.session import start_process
+from alignctl.train.stage_spec import HeldModel, Stage
 
 
 def best_and_worst(prompts: list, texts: list, rewards: torch.Tensor, group: int) -> list[dict]:
@@ -55,7 +56,6 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [held_policy(cfg, trained=False), *held_reward_model(cfg)]
 
 
-@register_stage("pairs", held_models)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PairsConfig = cfg.recipe
     device = start_process(cfg)
@@ -100,3 +100,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     console.print(summary_table("pairs written", stats))
     console.print(f"run directory: {run_dir}\ndata: {run_dir / 'data.jsonl'}")
     return stats
+
+
+STAGE = Stage("pairs", run, held_models)

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignctl import distributed
-from alignctl.adapters import SharedBaseValue, apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, column_lengths
-from alignctl.checkpoint import load_weights
-from alignctl.config import PPOConfig, Reference, RunConfig
-from alignctl.losses import (
+from alignctl.config.schema import PPOConfig, Reference, RunConfig
+from alignctl.core import distributed
+from alignctl.data.batching import BatchStream, column_lengths
+from alignctl.models.adapters import SharedBaseValue, apply_adapter, parameter_counts
+from alignctl.models.loading import base_dir_of, load_reward_model, model_path
+from alignctl.nn.logprobs import response_token_logps, response_values
+from alignctl.nn.losses import (
     aggregate,
     clipped_surrogate,
     clipped_value_loss,
@@ -39,8 +40,7 @@ from alignctl.losses import (
     masked_whiten,
     score_to_token_rewards,
 )
-from alignctl.models import base_dir_of, load_reward_model, model_path
-from alignctl.online_rl import (
+from alignctl.rl.online_rl import (
     RolloutLog,
     StepQueue,
     completion_tokens,
@@ -54,14 +54,14 @@ from alignctl.online_rl import (
     rollout_metrics,
     sample_and_score,
 )
-from alignctl.ops import response_token_logps, response_values
-from alignctl.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
-from alignctl.registry import HeldModel, register_stage
-from alignctl.rollout import Sampling, per_token_values, right_aligned
-from alignctl.training import (
+from alignctl.rl.rollout import Sampling, per_token_values, right_aligned
+from alignctl.train.checkpoint import load_weights
+from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
+from alignctl.train.session import (
     start_process,
     start_training,
 )
+from alignctl.train.stage_spec import HeldModel, Stage
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -89,7 +89,7 @@ class PolicyAndValue(torch.nn.Module):
         self.value.save_pretrained(Path(directory) / "value_model", **value_kwargs)
 
     def fsdp_roots(self) -> list[torch.nn.Module]:
-        """The modules called on their own: each is a root for FSDP (alignctl/sharding.py)."""
+        """The modules called on their own: each is a root for FSDP (alignctl/train/sharding.py)."""
         return [self.policy, *(self.value.fsdp_roots() if hasattr(self.value, "fsdp_roots") else [self.value])]
 
     def load_weights(self, directory: Path) -> None:
@@ -132,7 +132,6 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [policy, *held_reference(cfg), value, *held_reward_model(cfg)]
 
 
-@register_stage("ppo", held_models, data_format="prompt", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: PPOConfig = cfg.recipe
     device = start_process(cfg)
@@ -234,3 +233,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     # A checkpoint keeps the KL coefficient and the steps left from the current rollout (exact resume).
     return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
                          extra_state=lambda: {"beta": kl_control.beta, **queue.state()}, restore_extra=restore)
+
+
+STAGE = Stage("ppo", run, held_models, data_format="prompt", planned_batch=planned_batch)

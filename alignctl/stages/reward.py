@@ -6,7 +6,7 @@ Starts from: ``inputs.init=<run dir>`` (an SFT run: the backbone then already kn
 a fresh scalar head is added) or ``model``.
 Writes: checkpoint/ (loads as transformers.AutoModelForSequenceClassification), metrics.jsonl,
 eval.json (pair accuracy and mean margin on the eval pairs), lineage.json.
-Scores: each side of a pair is the text alignctl/scored_text.py builds and is read where it says
+Scores: each side of a pair is the text alignctl/rl/scored_text.py builds and is read where it says
 (transformers' pooling: the rightmost token that is not the pad id), the same text and position as
 PPO/GRPO rollout scoring uses.
 """
@@ -22,15 +22,14 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import AutoConfig
 
-from alignctl import data as data_lib
-from alignctl import distributed
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, column_lengths, split_micro
-from alignctl.config import RewardConfig, RunConfig
-from alignctl.encode import IGNORE, encode_rows, preference_example
-from alignctl.errors import ConfigError
-from alignctl.losses import reward_model_loss, sft_loss
-from alignctl.models import (
+from alignctl.config.schema import RewardConfig, RunConfig
+from alignctl.core import distributed
+from alignctl.core.errors import ConfigError
+from alignctl.data import loading as data_lib
+from alignctl.data.batching import BatchStream, column_lengths, split_micro
+from alignctl.data.encode import IGNORE, encode_rows, preference_example
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.models.loading import (
     add_decoder_layers,
     backbone,
     base_dir_of,
@@ -39,14 +38,14 @@ from alignctl.models import (
     load_tokenizer,
     model_path,
 )
-from alignctl.plan_data import BatchShape, PlanData, longest
-from alignctl.registry import HeldModel, register_stage
-from alignctl.scored_text import completion_turn, padded, sequence_scores
-from alignctl.training import (
+from alignctl.nn.losses import reward_model_loss, sft_loss
+from alignctl.rl.scored_text import completion_turn, padded, sequence_scores
+from alignctl.train.session import (
     start_process,
     start_training,
     sum_over_batches,
 )
+from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage, longest
 
 
 def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConfig, where: str) -> Dataset:
@@ -120,7 +119,6 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     return BatchShape(len(sides), sides[0], len(sides), data.source)
 
 
-@register_stage("reward", held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: RewardConfig = cfg.recipe
     device = start_process(cfg)
@@ -186,3 +184,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return result
 
     return session.train(evaluate, next_step, score_pairs, shown=("loss", "accuracy", "margin"))
+
+
+STAGE = Stage("reward", run, held_models, data_format="preference", planned_batch=planned_batch, sequences_per_row=2)

@@ -18,24 +18,23 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from alignctl import data as data_lib
-from alignctl import distributed
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.batching import BatchStream, collate_lm, column_lengths, split_micro
-from alignctl.config import RunConfig, SFTConfig
-from alignctl.encode import IGNORE, encode_rows, sft_example
-from alignctl.errors import DataError
-from alignctl.evaluate import task_accuracy
-from alignctl.lm_head import final_hidden, output_head
-from alignctl.losses import sft_loss, sft_loss_from_hidden
-from alignctl.models import base_dir_of, load_causal_lm, load_tokenizer, model_path
-from alignctl.plan_data import BatchShape, PlanData
-from alignctl.registry import HeldModel, register_stage
-from alignctl.training import (
+from alignctl.config.schema import RunConfig, SFTConfig
+from alignctl.core import distributed
+from alignctl.core.errors import DataError
+from alignctl.data import loading as data_lib
+from alignctl.data.batching import BatchStream, collate_lm, column_lengths, split_micro
+from alignctl.data.encode import IGNORE, encode_rows, sft_example
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.models.loading import base_dir_of, load_causal_lm, load_tokenizer, model_path
+from alignctl.nn.lm_head import final_hidden, output_head
+from alignctl.nn.losses import sft_loss, sft_loss_from_hidden
+from alignctl.nn.varlen_attention import packed_attention
+from alignctl.train.evaluate import task_accuracy
+from alignctl.train.session import (
     start_process,
     start_training,
 )
-from alignctl.varlen_attention import packed_attention
+from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage
 
 
 def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
@@ -78,7 +77,7 @@ def to_batch(rows: dict[str, list], pad_id: int, device: torch.device, padding_f
 def packed_batch(rows: dict[str, list], device: torch.device) -> dict:
     """The rows end to end in one row with no padding (recipe.padding_free), kept apart by position ids
     that restart at 0: attention then stays within each sequence (FlashAttention-2's varlen kernel on
-    GPU, alignctl/varlen_attention.py otherwise). Each row's first label is dropped, as padded batches do,
+    GPU, alignctl/nn/varlen_attention.py otherwise). Each row's first label is dropped, as padded batches do,
     so the previous row's last position predicts nothing."""
     ids = [t for row in rows["input_ids"] for t in row]
     labels = [t for row in rows["labels"] for t in [IGNORE, *row[1:]]]
@@ -103,7 +102,6 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     return BatchShape(len(labelled), labelled[0][0], positions, data.source)
 
 
-@register_stage("sft", held_models, data_format="sft", planned_batch=planned_batch)
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: SFTConfig = cfg.recipe
     device = start_process(cfg)
@@ -136,9 +134,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def loss_of(batch: dict, num_items: int):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # A packed (padding-free) row keeps attention within each sequence (alignctl/varlen_attention.py).
+        # A packed (padding-free) row keeps attention within each sequence (alignctl/nn/varlen_attention.py).
         with packed_attention(model, batch["position_ids"]) if "attention_mask" not in batch else nullcontext():
-            if head is not None:  # only labelled positions reach the output layer (alignctl/lm_head.py)
+            if head is not None:  # only labelled positions reach the output layer (alignctl/nn/lm_head.py)
                 return sft_loss_from_hidden(final_hidden(model, **inputs), head.weight, batch["labels"], num_items, recipe.lm_head_chunk)
             # No cache: transformers looks for packed sequences (padding_free) only without one.
             return sft_loss(model(**inputs, use_cache=False).logits, batch["labels"], num_items)
@@ -159,3 +157,6 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return result
 
     return session.train(evaluate, next_step, loss_of, shown=("loss", "mean_token_accuracy", "epoch"))
+
+
+STAGE = Stage("sft", run, held_models, data_format="sft", planned_batch=planned_batch)

@@ -185,9 +185,9 @@ def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
 
 
 def _unblock_bitsandbytes() -> None:
-    """Undo the CLI's bitsandbytes gate (alignctl/bitsandbytes_gate.py) in this process, without
+    """Undo the CLI's bitsandbytes gate (alignctl/core/bitsandbytes_gate.py) in this process, without
     importing bitsandbytes: drop the placeholder and the availability answers cached meanwhile."""
-    from alignctl.bitsandbytes_gate import forget_cached_answers
+    from alignctl.core.bitsandbytes_gate import forget_cached_answers
 
     del sys.modules["bitsandbytes"]
     forget_cached_answers()
@@ -195,7 +195,7 @@ def _unblock_bitsandbytes() -> None:
 
 def _at_exit() -> None:
     """What alignctl leaves to the interpreter's exit (atexit): the run directories' locks it holds."""
-    runlock = sys.modules.get("alignctl.runlock")
+    runlock = sys.modules.get("alignctl.runs.runlock")
     if runlock is not None:
         runlock._release_all()
 
@@ -204,12 +204,12 @@ def run_inprocess(args: list[str], cwd: Path | None = None, env: dict | None = N
     """`alignctl <args>` in this interpreter: cli.main() with this argv, its output captured at the
     file descriptors and its exit code taken from SystemExit, as `python -m alignctl` would give.
     An uncaught exception prints its traceback and exits 1, as the interpreter does."""
-    from alignctl import cli
+    from alignctl.cli import main as cli
 
     start = time.monotonic()
     code = 0
     with _process_state(cwd or Path.cwd(), {k: str(v) for k, v in (env or {}).items()}), _captured_fds() as out:
-        sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *args]
+        sys.argv = [str(Path(cli.__file__).parents[1] / "__main__.py"), *args]
         try:
             cli.main()
         except SystemExit as done:

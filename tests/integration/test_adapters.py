@@ -126,7 +126,7 @@ def test_merged_export_loads_in_plain_transformers_and_matches(runs, tmp_path, n
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from alignctl.models import keep_4bit_trainable
+    from alignctl.models.loading import keep_4bit_trainable
 
     seq_cls = name.startswith("reward")
     merged = (AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM).from_pretrained(out).eval()

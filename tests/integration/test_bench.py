@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from alignctl import allocator
+from alignctl.core import allocator
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from alignctl import allocator
+from alignctl.core import allocator
 from tests.integration.conftest import run_cli
 
 STEPS = 3
@@ -96,7 +96,7 @@ def test_run_directory_layout(runs, adapter):
     assert lineage["status"] == "finished"
     assert isinstance(lineage["config_hash"], str) and len(lineage["config_hash"]) >= 8
     assert lineage["versions"].get("torch") and lineage["versions"].get("transformers")
-    # the CLI re-executed itself under jemalloc where it is installed (alignctl/allocator.py)
+    # the CLI re-executed itself under jemalloc where it is installed (alignctl/core/allocator.py)
     expected = "jemalloc" if allocator.find("jemalloc") else "tcmalloc" if allocator.find("tcmalloc") else "system"
     assert lineage["versions"]["host_allocator"] == expected
     assert "loss" in lineage["final_metrics"]

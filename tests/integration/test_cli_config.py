@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from alignctl import config as schema
-from alignctl import hydra_app, validation
+from alignctl.cli import app as hydra_app
+from alignctl.config import schema, validation
 
 # What a valid config needs beyond the group option itself (options with required `???` values).
 REQUIRED_EXTRAS = {
@@ -31,7 +31,7 @@ def schema_for(group: str, node: DictConfig) -> type:
         return schema.RECIPE_SCHEMAS[node.stage]
     if group == "adapter":
         return schema.ADAPTER_SCHEMAS[node.kind]
-    assert group in fixed, f"config group {group!r} has no schema in alignctl.config (add it to validate())"
+    assert group in fixed, f"config group {group!r} has no schema in alignctl.config.schema (add it to validate())"
     return fixed[group]
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from alignctl.config import DataConfig, Overlong
-from alignctl.errors import UserError
+from alignctl.config.schema import DataConfig, Overlong
+from alignctl.core.errors import UserError
 from tests.integration.test_cli_errors import assert_nothing_half_written, assert_one_line_error
 
 ROWS_PER_FILE = 12
@@ -98,7 +98,7 @@ def test_a_corrupted_data_file_is_one_line_naming_it(tmp_path, seed, kind, fmt, 
     content, culprit = corrupt(random.Random(seed), kind, fmt, suffix)
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
-    from alignctl.data import load_split
+    from alignctl.data.loading import load_split
 
     with pytest.raises(UserError) as caught:
         load_split(_data_config(path), LOADER_FORMAT[fmt], "train")

@@ -174,7 +174,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def arithmetic_split(name: str) -> Path:
-    from alignctl.tasks import arithmetic
+    from alignctl.data.tasks import arithmetic
 
     return arithmetic.split_path(name)
 
@@ -399,7 +399,7 @@ def test_precomputed_cache_recomputed_for_other_data_or_policy(runs):
 
 
 STALE_CACHE = (
-    "alignctl/reference.py model_identity: a run directory is identified by its alignctl.json alone "
+    "alignctl/train/reference.py model_identity: a run directory is identified by its alignctl.json alone "
     "(stage, config_hash, step), so a policy retrained in place (same run directory and config, other data "
     "contents) keeps its identity and reference=precomputed reuses the old policy's log-probs"
 )

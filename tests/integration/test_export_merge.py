@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from alignctl.errors import UserError
-from alignctl.export import TOLERANCE, merge_check
+from alignctl.cli.export import TOLERANCE, merge_check
+from alignctl.core.errors import UserError
 from tests.integration.conftest import run_cli
 from tests.integration.stage_runs import merge_at_twice_the_scale
 
@@ -38,7 +38,7 @@ def lora_run(tmp_path_factory):
 
 
 def test_a_correct_merge_passes_and_records_its_figures(lora_run, tmp_path):
-    from alignctl.export import export_command
+    from alignctl.cli.export import export_command
 
     export_command([f"run={lora_run}", f"out={tmp_path / 'merged'}", "merge=true"])
     record = json.loads((tmp_path / "merged" / "alignctl_export.json").read_text())
@@ -47,7 +47,7 @@ def test_a_correct_merge_passes_and_records_its_figures(lora_run, tmp_path):
 
 
 def test_a_wrong_merge_is_refused_in_one_line(lora_run, tmp_path, monkeypatch):
-    from alignctl import export
+    from alignctl.cli import export
 
     monkeypatch.setattr(export, "merge", merge_at_twice_the_scale)
     out = tmp_path / "merged"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignctl.adapters import apply_adapter
-from alignctl.hydra_app import compose_config
-from alignctl.models import load_causal_lm
-from alignctl.plan import plan_model
-from alignctl.precision import settle
-from alignctl.validation import validate
+from alignctl.cli.app import compose_config
+from alignctl.cli.plan import plan_model
+from alignctl.config.validation import validate
+from alignctl.models.adapters import apply_adapter
+from alignctl.models.loading import load_causal_lm
+from alignctl.models.precision import settle
 
 pytestmark = [
     pytest.mark.gpu,

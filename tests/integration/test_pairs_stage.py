@@ -7,7 +7,7 @@ import json
 import pytest
 from stage_runs import StageRun
 
-from alignctl.tasks.arithmetic import format_answer, parse_prompt, verify
+from alignctl.data.tasks.arithmetic import format_answer, parse_prompt, verify
 from tests.integration.conftest import run_cli
 
 

@@ -196,8 +196,8 @@ def runs(request, tmp_path_factory, offline_env) -> Runs:
 def tiny_model_dir(run: Run) -> Path:
     """The tiny model the run started from, located from the run's own config.yaml (built already:
     the session shares one ALIGNCTL_CACHE, so this only computes the cache path)."""
-    from alignctl.config import TinyModelConfig
-    from alignctl.models import build_tiny
+    from alignctl.config.schema import TinyModelConfig
+    from alignctl.models.loading import build_tiny
 
     tiny = build_tiny(TinyModelConfig(**OmegaConf.to_container(run.config().model.tiny)))
     # The run printed the model it loaded (possibly folded over several lines by rich).

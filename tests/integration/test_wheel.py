@@ -63,7 +63,7 @@ def test_pyproject_packs_every_config_recipe_task_file_and_module(repo_root):
     missing = sorted(str(p.relative_to(repo_root)) for p in wanted if p.resolve() not in packed and "__pycache__" not in p.parts)
     assert not missing, f"not in the wheel: {missing}"
     scripts = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["alignctl"] == "alignctl.cli:main"
+    assert scripts["alignctl"] == "alignctl.cli.main:main"
 
 
 @pytest.mark.slow
@@ -77,10 +77,10 @@ def test_wheel_contents(wheel, repo_root):
         data = sorted(repo_root.joinpath("alignctl", "tasks", folder).glob("*.jsonl"))
         assert data, f"the built-in task data ({folder}) is missing from the source tree"
         for path in data:
-            assert f"alignctl/tasks/{folder}/{path.name}" in names
+            assert f"alignctl/data/tasks/{folder}/{path.name}" in names
     assert "alignctl/stages/sft.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "alignctl = alignctl.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "alignctl = alignctl.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def venv(wheel, tmp_path_factory, run_cmd) -> Path:
 
 @pytest.mark.slow
 def test_installed_wheel_is_the_one_imported(venv, tmp_path, run_cmd):
-    code = "import alignctl, alignctl.hydra_app as h; print(alignctl.__file__); print(h.conf_dir())"
+    code = "import alignctl, alignctl.cli.app as h; print(alignctl.__file__); print(h.conf_dir())"
     result = run_cmd([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path)
     assert result.returncode == 0, result.describe()
     module_file, conf = (Path(line) for line in result.stdout.split())

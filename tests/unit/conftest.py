@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests never reach a hub, ev
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 
-from alignctl.config import DataConfig, Overlong  # noqa: E402
-from alignctl.tokenizer import build_char_tokenizer  # noqa: E402
+from alignctl.config.schema import DataConfig, Overlong  # noqa: E402
+from alignctl.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 datasets.disable_progress_bars()
 
@@ -57,8 +57,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     """The default tiny model (conf/model/tiny.yaml), written to a cache of this session's own."""
     from omegaconf import OmegaConf
 
-    from alignctl.config import TinyModelConfig
-    from alignctl.models import build_tiny
+    from alignctl.config.schema import TinyModelConfig
+    from alignctl.models.loading import build_tiny
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ALIGNCTL_CACHE", str(tmp_path_factory.mktemp("alignctl_cache")))

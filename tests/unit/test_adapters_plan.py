@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignctl.adapters import apply_adapter, parameter_counts
-from alignctl.hydra_app import compose_config
-from alignctl.models import load_causal_lm, load_reward_model
-from alignctl.plan import adapter_parameters, linear_shapes, plan_model
-from alignctl.plan_memory import Precision, Shapes, activation_bytes, layer_bytes_per_token
-from alignctl.validation import validate
+from alignctl.cli.app import compose_config
+from alignctl.cli.plan import adapter_parameters, linear_shapes, plan_model
+from alignctl.cli.plan_memory import Precision, Shapes, activation_bytes, layer_bytes_per_token
+from alignctl.config.validation import validate
+from alignctl.models.adapters import apply_adapter, parameter_counts
+from alignctl.models.loading import load_causal_lm, load_reward_model
 
 # The tiny model: 6 layers, hidden 96, MLP 384; per layer q, k, v, o are 96 -> 96, gate and up
 # 96 -> 384, down 384 -> 96.
@@ -132,7 +132,7 @@ def test_plan_for_a_gpu_needs_no_gpu_and_stores_an_adapter_s_base_in_bf16(tiny_d
 def test_qlora_without_bitsandbytes_is_one_clear_error(tiny_dir, monkeypatch):
     import importlib.util
 
-    from alignctl.errors import AdapterError
+    from alignctl.core.errors import AdapterError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -161,7 +161,7 @@ def test_under_bf16_an_adapter_s_base_loads_in_bf16_its_adapter_in_float32_and_p
     """What a stage loads once hardware.dtype=auto is settled under bf16 autocast (as hardware=gpu and
     hardware=cpu settle it where bf16 is native): the frozen base in bf16, every trained parameter in
     float32 (peft's autocast_adapter_dtype), full fine-tuning in float32; plan's weights are those bytes."""
-    from alignctl.precision import settle
+    from alignctl.models.precision import settle
 
     cfg = config(tiny_dir, f"adapter={adapter}", "hardware.autocast=bf16")
     settle(cfg, "cpu")
@@ -175,9 +175,9 @@ def test_under_bf16_an_adapter_s_base_loads_in_bf16_its_adapter_in_float32_and_p
 
 
 def test_activations_are_sized_from_the_data_s_longest_batch_not_max_length(tiny_dir):
-    from alignctl.data import load_split
-    from alignctl.models import load_tokenizer
-    from alignctl.plan_data import batch_shape
+    from alignctl.cli.plan_data import batch_shape
+    from alignctl.data.loading import load_split
+    from alignctl.models.loading import load_tokenizer
     from alignctl.stages.sft import encode_split
 
     cfg = config(tiny_dir, "recipe=sft", "recipe.max_length=64", "recipe.batch_size=4")
@@ -194,16 +194,16 @@ def test_activations_are_sized_from_the_data_s_longest_batch_not_max_length(tiny
 
 
 def test_dpo_batches_hold_chosen_and_rejected_with_left_padded_prompts(tiny_dir):
-    from alignctl.plan_data import batch_shape
+    from alignctl.cli.plan_data import batch_shape
 
     shape = batch_shape(config(tiny_dir, "recipe=dpo", "recipe.max_length=64", "recipe.batch_size=3"), str(tiny_dir))
     assert shape.rows == 6 and shape.width <= 2 * 64 and shape.positions < shape.rows * shape.width
 
 
 def test_reward_and_kto_batches_are_sized_from_their_data(tiny_dir):
-    from alignctl.data import load_split
-    from alignctl.models import load_tokenizer
-    from alignctl.plan_data import batch_shape
+    from alignctl.cli.plan_data import batch_shape
+    from alignctl.data.loading import load_split
+    from alignctl.models.loading import load_tokenizer
     from alignctl.stages.reward import encode_pairs
 
     cfg = config(tiny_dir, "recipe=reward", "recipe.max_length=64", "recipe.batch_size=3")

@@ -1,4 +1,4 @@
-"""alignctl.allocator: which allocator a command runs under, and the one-line refusals."""
+"""alignctl.core.allocator: which allocator a command runs under, and the one-line refusals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from alignctl import allocator
+from alignctl.core import allocator
 
 
 @pytest.fixture

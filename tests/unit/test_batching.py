@@ -4,7 +4,7 @@ from itertools import islice
 import pytest
 import torch
 
-from alignctl.batching import BatchStream, collate_lm, pad
+from alignctl.data.batching import BatchStream, collate_lm, pad
 
 
 def random_lengths(n: int, seed: int = 1) -> list[int]:
@@ -108,7 +108,7 @@ def test_collate_lm_right_pads_ids_mask_and_labels():
 def test_column_lengths_read_from_arrow_equal_python_lengths_after_a_filter():
     from datasets import Dataset
 
-    from alignctl.batching import column_lengths
+    from alignctl.data.batching import column_lengths
 
     rows = Dataset.from_dict({"ids": [[1] * (i % 5 + 1) for i in range(40)]}).filter(lambda row, i: i % 3 != 0, with_indices=True)
     assert column_lengths(rows, "ids").tolist() == [len(ids) for ids in rows["ids"]]  # the filter's index mapping applies

@@ -1,4 +1,4 @@
-"""bitsandbytes stays out of a process until a run quantises (alignctl/bitsandbytes_gate.py)."""
+"""bitsandbytes stays out of a process until a run quantises (alignctl/core/bitsandbytes_gate.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytest.importorskip("bitsandbytes")
 # In a fresh interpreter: this test process may already have imported bitsandbytes through peft.
 SCRIPT = """
 import importlib.util, sys
-from alignctl import bitsandbytes_gate as gate
+from alignctl.core import bitsandbytes_gate as gate
 gate.hold_back()
 import peft
 from peft.import_utils import is_bnb_4bit_available

@@ -1,4 +1,4 @@
-"""Declared ranges of numeric config fields (alignctl/bounds.py): every number has one, and the one
+"""Declared ranges of numeric config fields (alignctl/config/bounds.py): every number has one, and the one
 check reports the key, the value and the range."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from alignctl.bounds import parse_interval, unbounded_numeric_fields
-from alignctl.config import (
+from alignctl.cli.app import compose_config
+from alignctl.config.bounds import parse_interval, unbounded_numeric_fields
+from alignctl.config.schema import (
     ADAPTER_SCHEMAS,
     RECIPE_SCHEMAS,
     DataConfig,
@@ -19,9 +20,8 @@ from alignctl.config import (
     RunConfig,
     TopLevelConfig,
 )
-from alignctl.errors import ConfigError
-from alignctl.hydra_app import compose_config
-from alignctl.validation import validate
+from alignctl.config.validation import validate
+from alignctl.core.errors import ConfigError
 
 SCHEMAS = [*RECIPE_SCHEMAS.values(), *ADAPTER_SCHEMAS.values(), DataConfig, HardwareConfig, LoggerConfig, ModelConfig, TopLevelConfig, RunConfig]
 

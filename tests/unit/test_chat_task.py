@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from alignctl.tasks import chat_arithmetic as task
+from alignctl.data.tasks import chat_arithmetic as task
 
 
 def read_jsonl(path) -> list[dict]:

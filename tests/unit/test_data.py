@@ -3,8 +3,8 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from alignctl.data import check_columns, load_split
-from alignctl.errors import DataError
+from alignctl.core.errors import DataError
+from alignctl.data.loading import check_columns, load_split
 
 # Numeric-looking answers on purpose: CSV must keep them as text.
 ROWS = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "20+22=", "completion": "42"}]

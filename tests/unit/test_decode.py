@@ -1,4 +1,4 @@
-"""alignctl.decode, the native rollout engine: its logits are the model's own at every step (prefill,
+"""alignctl.rl.decode, the native rollout engine: its logits are the model's own at every step (prefill,
 cached decode, rows repeated and dropped), adapters folded in; greedy sampling equals generate; and it
 stands aside, or refuses with one line, where it does not apply."""
 
@@ -18,9 +18,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from alignctl import decode, vllm_engine
-from alignctl.errors import ConfigError
-from alignctl.rollout import Sampling, native_engine, sample
+from alignctl.core.errors import ConfigError
+from alignctl.rl import decode, vllm_engine
+from alignctl.rl.rollout import Sampling, native_engine, sample
 
 PAD, BOS, EOS = 0, 1, 2
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""The DPO family and the Bradley-Terry reward loss (alignctl.losses) against values worked by hand.
+"""The DPO family and the Bradley-Terry reward loss (alignctl.nn.losses) against values worked by hand.
 
 Notation: h = (log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-)) is the implicit reward
 margin, x = beta * h, and the identity -log sigma(-x) = -log sigma(x) + x is used throughout.
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignctl.losses import dpo_loss, reward_model_loss
+from alignctl.nn.losses import dpo_loss, reward_model_loss
 
 LN2 = math.log(2)
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo", "simpo"]

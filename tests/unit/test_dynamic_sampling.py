@@ -1,13 +1,13 @@
-"""DAPO's dynamic sampling (alignctl/dynamic_sampling.py): groups whose rewards are all equal are
+"""DAPO's dynamic sampling (alignctl/rl/dynamic_sampling.py): groups whose rewards are all equal are
 dropped and refilled from further draws, at most max_draws of them."""
 
 from __future__ import annotations
 
 import torch
 
-from alignctl.dynamic_sampling import fill_with_informative_groups, informative_groups
-from alignctl.online_rl import ScoredRollout
-from alignctl.rollout import Completions
+from alignctl.rl.dynamic_sampling import fill_with_informative_groups, informative_groups
+from alignctl.rl.online_rl import ScoredRollout
+from alignctl.rl.rollout import Completions
 
 K = 2
 

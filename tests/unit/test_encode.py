@@ -1,7 +1,7 @@
 import pytest
 
-from alignctl.encode import IGNORE, encode_completion, encode_messages, fit_prompt, sft_example
-from alignctl.errors import DataError
+from alignctl.core.errors import DataError
+from alignctl.data.encode import IGNORE, encode_completion, encode_messages, fit_prompt, sft_example
 
 PC = ("prompt", "completion")
 USER = {"role": "user", "content": "1+1="}
@@ -158,7 +158,7 @@ def test_truncate_to_max_length_one_leaves_an_empty_prompt():
 def test_completions_cut_by_max_length_are_counted_and_printed(tok, capsys):
     from datasets import Dataset
 
-    from alignctl.encode import encode_rows, preference_example
+    from alignctl.data.encode import encode_rows, preference_example
 
     rows = Dataset.from_list([{"prompt": "1+1=", "completion": "2"}, {"prompt": "1+1=", "completion": "123456"}])
     # 4 prompt tokens + "2</s>" fit 8 tokens; "123456</s>" loses its last three, EOS included.
@@ -176,7 +176,7 @@ def test_completions_cut_by_max_length_are_counted_and_printed(tok, capsys):
 def test_a_cut_that_removes_only_untrained_template_text_is_not_counted(tok, capsys):
     from datasets import Dataset
 
-    from alignctl.encode import encode_rows
+    from alignctl.data.encode import encode_rows
 
     tok.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>\n' }}{% endfor %}"

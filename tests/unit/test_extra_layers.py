@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from alignctl.models import add_decoder_layers
+from alignctl.models.loading import add_decoder_layers
 
 
 def _tiny() -> LlamaForSequenceClassification:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.fused_mlp import SiluMul, fuse_swiglu, is_swiglu
+from alignctl.nn.fused_mlp import SiluMul, fuse_swiglu, is_swiglu
 
 
 def _model() -> LlamaForCausalLM:

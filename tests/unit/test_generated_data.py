@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from alignctl import data as data_lib
-from alignctl import hydra_app, validation
-from alignctl.errors import ConfigError
+from alignctl.cli import app as hydra_app
+from alignctl.config import validation
+from alignctl.core.errors import ConfigError
+from alignctl.data import loading as data_lib
 
 
 def _run(*overrides: str):

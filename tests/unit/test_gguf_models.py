@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from alignctl.errors import ModelLoadError
-from alignctl.gguf_models import locate
+from alignctl.core.errors import ModelLoadError
+from alignctl.models.gguf import locate
 
 
 def test_a_path_is_taken_as_given(tmp_path):

@@ -1,4 +1,4 @@
-"""The GRPO family's losses and advantages (alignctl/losses.py), on hand-worked values: GSPO's
+"""The GRPO family's losses and advantages (alignctl/nn/losses.py), on hand-worked values: GSPO's
 sequence ratio, CISPO's capped and detached weights, REINFORCE++'s batch scale, DAPO's overlong
 punishment, and the clipped tokens split by side."""
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from alignctl.losses import (
+from alignctl.nn.losses import (
     aggregate,
     cispo_surrogate,
     clipped_surrogate,

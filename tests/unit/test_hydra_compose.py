@@ -1,4 +1,4 @@
-"""alignctl/hydra_compose.py: composition through Hydra's public API, and the one piece Hydra has no
+"""alignctl/config/compose.py: composition through Hydra's public API, and the one piece Hydra has no
 public function for (the basic sweeper's expansion), checked against Hydra's own sweeper so that a
 Hydra release that changes it fails here."""
 
@@ -8,7 +8,8 @@ import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference, in the test only
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from alignctl import hydra_app, hydra_compose
+from alignctl.cli import app as hydra_app
+from alignctl.config import compose as hydra_compose
 
 SWEEPS = [
     ["recipe.lr=0.1,0.2", "seed=1"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from alignctl.interrupt import answer_ctrl_c
+from alignctl.runs.interrupt import answer_ctrl_c
 
 
 def test_ctrl_c_raises_even_when_inherited_ignored():

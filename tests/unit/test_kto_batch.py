@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignctl.ops import left_padded_batch, response_logps
+from alignctl.nn.logprobs import left_padded_batch, response_logps
 from alignctl.stages.kto import MISMATCHED, feedback_batch, halves
 
 TOL = 1e-5

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from alignctl.losses import kto_loss
+from alignctl.nn.losses import kto_loss
 
 
 def sig(x: float) -> float:

@@ -1,4 +1,4 @@
-"""alignctl.last_token: a sequence classifier whose top layer runs for the pooled position only
+"""alignctl.nn.last_token: a sequence classifier whose top layer runs for the pooled position only
 scores, and trains, like the model's own forward."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from transformers import (
     Qwen3ForSequenceClassification,
 )
 
-from alignctl.batching import pad
-from alignctl.fused_mlp import fuse_swiglu
-from alignctl.last_token import applies, read_positions, top_layer_at_last_token
+from alignctl.data.batching import pad
+from alignctl.nn.fused_mlp import fuse_swiglu
+from alignctl.nn.last_token import applies, read_positions, top_layer_at_last_token
 
 PAD = 0
 

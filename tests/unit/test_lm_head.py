@@ -1,4 +1,4 @@
-"""alignctl.lm_head: the chunked output layer gives the plain path's log-probs, entropies, argmax and
+"""alignctl.nn.lm_head: the chunked output layer gives the plain path's log-probs, entropies, argmax and
 gradients (recipe.lm_head_chunk > 0 against 0), on raw tensors and through the real model paths."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.lm_head import linear_logps, output_head
-from alignctl.losses import IGNORE, sft_loss, sft_loss_from_hidden
-from alignctl.ops import left_padded_batch, response_token_logps
+from alignctl.nn.lm_head import linear_logps, output_head
+from alignctl.nn.logprobs import left_padded_batch, response_token_logps
+from alignctl.nn.losses import IGNORE, sft_loss, sft_loss_from_hidden
 
 TOL = 1e-5
 

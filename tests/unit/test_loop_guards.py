@@ -11,10 +11,10 @@ import signal
 import pytest
 import torch
 
-from alignctl.config import NonFinite, Scheduler, TrainConfig
-from alignctl.interrupt import Interrupted
-from alignctl.loop import LoopContext, NonFiniteLoss, train_loop
-from alignctl.metrics import MetricsLogger, keep_until_step
+from alignctl.config.schema import NonFinite, Scheduler, TrainConfig
+from alignctl.runs.interrupt import Interrupted
+from alignctl.train.loop import LoopContext, NonFiniteLoss, train_loop
+from alignctl.train.metrics import MetricsLogger, keep_until_step
 
 
 def recipe(max_steps: int, nonfinite: NonFinite, save_every: int = 0) -> TrainConfig:

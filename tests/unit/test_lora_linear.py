@@ -1,4 +1,4 @@
-"""alignctl.lora_linear: the fused LoRA linear computes peft's outputs and gradients, hands every
+"""alignctl.nn.lora_linear: the fused LoRA linear computes peft's outputs and gradients, hands every
 non-plain case to peft's own forward, and saves a plain peft adapter."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.adapters import apply_adapter
-from alignctl.config import LoraConfig
-from alignctl.lora_linear import FusedLoraLinear
+from alignctl.config.schema import LoraConfig
+from alignctl.models.adapters import apply_adapter
+from alignctl.nn.lora_linear import FusedLoraLinear
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_apply_adapter_uses_it_for_lora_and_saves_a_plain_adapter(base, tmp_path
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_lora_linear_function_gradients_match_finite_differences(with_bias):
-    from alignctl.lora_linear import LoraLinearFunction
+    from alignctl.nn.lora_linear import LoraLinearFunction
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from alignctl.losses import IGNORE, sft_loss
+from alignctl.nn.losses import IGNORE, sft_loss
 
 LN2 = math.log(2)
 

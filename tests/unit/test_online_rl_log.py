@@ -1,4 +1,4 @@
-"""alignctl.online_rl: reward functions get completions (with completion_ids and trainer_state) in
+"""alignctl.rl.online_rl: reward functions get completions (with completion_ids and trainer_state) in
 TRL's form, and the run's log of rollouts (the engine that sampled them, a readable table of samples,
 every logged sample in samples.jsonl)."""
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from alignctl.online_rl import RolloutLog, ScoredRollout, readable_prompt, sample_and_score, samples_table
-from alignctl.rewards import RewardState, format_check, function_sources, length_penalty, task_verifier
-from alignctl.rollout import Completions, Sampling
+from alignctl.rewards import format_check, length_penalty, task_verifier
+from alignctl.rl.online_rl import RolloutLog, ScoredRollout, readable_prompt, sample_and_score, samples_table
+from alignctl.rl.reward_sources import RewardState, function_sources
+from alignctl.rl.rollout import Completions, Sampling
 
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "12+30="}]
 
@@ -59,7 +60,7 @@ class ScriptedPolicy(torch.nn.Module):
 def test_reward_functions_get_trl_completions(tok, user_module, monkeypatch, chat):
     answers = ["42", "forty-two"]
     completion_ids = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
-    monkeypatch.setattr("alignctl.online_rl.sample", lambda *a, **k: Completions([[5], [5]], completion_ids, [False, False], "native"))
+    monkeypatch.setattr("alignctl.rl.online_rl.sample", lambda *a, **k: Completions([[5], [5]], completion_ids, [False, False], "native"))
     prompt = CHAT if chat else "12+30="
     sources = function_sources([f"{user_module}.record_forms"] + ([f"{user_module}.trl_style"] if chat else []), None)
     rollout = sample_and_score(ScriptedPolicy(), tok, {"prompt": [prompt], "prompt_ids": [[5]]}, 2, Sampling(1.0, 1.0, 0, 4), sources,
@@ -111,7 +112,7 @@ def test_the_engine_is_named_once_and_again_only_when_it_changes(tmp_path):
     log = RolloutLog(logger, tmp_path, every=0, steps_per_rollout=2)
     for engine in ("native", "native", "hf", "hf"):
         log.after(1, rollout(engine), torch.zeros(2))
-    assert logger.notes == ["rollouts are sampled by the native decoder (alignctl/decode.py)", "rollouts are sampled by transformers generate"]
+    assert logger.notes == ["rollouts are sampled by the native decoder (alignctl/rl/decode.py)", "rollouts are sampled by transformers generate"]
     assert not (tmp_path / "samples.jsonl").exists()  # every=0: no samples logged
 
 

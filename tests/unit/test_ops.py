@@ -1,4 +1,4 @@
-"""alignctl.ops: left-padded prompt + response batches and response log-probabilities, checked
+"""alignctl.nn.logprobs: left-padded prompt + response batches and response log-probabilities, checked
 against a naive computation on the real tiny model (built into a temporary ALIGNCTL_CACHE)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignctl.ops import left_padded_batch, response_logps, token_logps
+from alignctl.nn.logprobs import left_padded_batch, response_logps, token_logps
 
 # Prompts and responses of different lengths (ids of printable characters of the char tokenizer).
 # The longest response (row 1) does not belong to the longest sequence (row 3), and row 2's
@@ -148,7 +148,7 @@ def test_response_values_apply_the_head_to_every_response_state(tiny_dir):
     """V(s_t) is the head on the hidden state that precedes response token t (the backbone's last layer, normed)."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignctl.ops import response_values
+    from alignctl.nn.logprobs import response_values
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()

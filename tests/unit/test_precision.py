@@ -1,4 +1,4 @@
-"""alignctl.precision: what hardware.autocast=auto and hardware.dtype=auto mean, and float32 training
+"""alignctl.models.precision: what hardware.autocast=auto and hardware.dtype=auto mean, and float32 training
 weights over a bf16 base."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from alignctl import precision
+from alignctl.models import precision
 
 
 def run_config(source="hf", adapter="lora", autocast="auto", dtype="auto"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignctl.hydra_app import compose_config
-from alignctl.validation import validate
+from alignctl.cli.app import compose_config
+from alignctl.config.validation import validate
 
 REAL = [["model=smollm2"], ["model=hf", "model.name_or_path=some-org/some-model"]]
 

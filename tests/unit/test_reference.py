@@ -2,10 +2,10 @@
 
 import pytest
 
-from alignctl.config import Reference
-from alignctl.errors import ConfigError
-from alignctl.reference import check_same_tokenizer, resolve_mode
-from alignctl.tokenizer import build_char_tokenizer
+from alignctl.config.schema import Reference
+from alignctl.core.errors import ConfigError
+from alignctl.models.tokenizer import build_char_tokenizer
+from alignctl.train.reference import check_same_tokenizer, resolve_mode
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignctl import memory_check, plan
-from alignctl.adapters import check_rank
-from alignctl.checkpoint import save_checkpoint
-from alignctl.errors import AdapterError, DiskFull, shown
-from alignctl.hydra_app import compose_config
-from alignctl.plan_data import widest_possible
-from alignctl.rewards import RewardError, function_sources
-from alignctl.validation import validate
+from alignctl.cli import memory_check, plan
+from alignctl.cli.app import compose_config
+from alignctl.cli.plan_data import widest_possible
+from alignctl.config.validation import validate
+from alignctl.core.console import size
+from alignctl.core.errors import AdapterError, DiskFull, shown
+from alignctl.models.adapters import check_rank
+from alignctl.rl.reward_sources import RewardError, function_sources
+from alignctl.train.checkpoint import save_checkpoint
 
 
 # ------------------------------------------------------------------------------------- rank
@@ -80,7 +81,7 @@ def test_a_run_that_fits_starts_and_one_clearly_too_big_is_refused_with_knobs(ti
     with pytest.raises(memory_check.NotEnoughMemory) as caught:
         memory_check.check_memory(cfg)
     message = str(caught.value)
-    assert "not enough memory" in message and "available (test)" in message and f"{plan.size(need / 2)} available" in message, message
+    assert "not enough memory" in message and "available (test)" in message and f"{size(need / 2)} available" in message, message
     for knob in ("recipe.batch_size", "recipe.max_length", "hardware.gradient_checkpointing=true", "adapter=lora", "hardware.memory_check=false"):
         assert knob in message, (knob, message)
 
@@ -212,7 +213,7 @@ def signal_handlers():
 
 
 def test_a_full_disk_anywhere_else_is_one_line_naming_the_file(capsys, signal_handlers):
-    from alignctl.exits import reported
+    from alignctl.cli.exits import reported
 
     with pytest.raises(SystemExit) as caught, reported():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")

@@ -9,14 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from alignctl.rewards import (
-    RewardError,
-    combined_rewards,
-    format_check,
-    function_sources,
-    length_penalty,
-    task_verifier,
-)
+from alignctl.rewards import format_check, length_penalty, task_verifier
+from alignctl.rl.reward_sources import RewardError, combined_rewards, function_sources
 
 # tests/ is not a package, so the user functions live in a module written to a temporary directory.
 USER_MODULE = "alignctl_test_user_rewards"

@@ -1,4 +1,4 @@
-"""alignctl.losses, online RL part: KL estimators, group advantages, the clipped surrogate, loss
+"""alignctl.nn.losses, online RL part: KL estimators, group advantages, the clipped surrogate, loss
 aggregation, whitening, GAE, the clipped value loss and PPO's per-token rewards, on hand-worked values."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignctl.losses import (
+from alignctl.nn.losses import (
     aggregate,
     clipped_surrogate,
     clipped_value_loss,

@@ -1,5 +1,5 @@
-"""alignctl.rollout (sampling, step plans, training batches) and the per-token log-probs and values of
-alignctl.ops, on a tiny random Llama built in memory (no hub, no files)."""
+"""alignctl.rl.rollout (sampling, step plans, training batches) and the per-token log-probs and values of
+alignctl.nn.logprobs, on a tiny random Llama built in memory (no hub, no files)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignctl.ops import left_padded_batch, response_token_logps, response_values
-from alignctl.rollout import (
+from alignctl.nn.logprobs import left_padded_batch, response_token_logps, response_values
+from alignctl.rl.rollout import (
     Completions,
     Sampling,
     per_token_values,

@@ -1,4 +1,4 @@
-"""alignctl.scored_text with the char tokenizer (pad <> EOS): the text a reward model scores is built,
+"""alignctl.rl.scored_text with the char tokenizer (pad <> EOS): the text a reward model scores is built,
 and read, the same way in reward training (stages/reward.py) and in rollout scoring (rewards.model_source).
 The same on SmolLM2 (pad = EOS): tests/integration/real/test_reward_scoring.py."""
 
@@ -11,8 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from alignctl.rewards import model_source
-from alignctl.scored_text import completion_turn, padded, read_positions, scored_ids, sequence_scores
+from alignctl.rl.reward_sources import model_source
+from alignctl.rl.scored_text import completion_turn, padded, read_positions, scored_ids, sequence_scores
 from alignctl.stages.reward import encode_pairs, pair_batch
 
 CHAT = [{"role": "user", "content": "1+2="}]

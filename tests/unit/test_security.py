@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignctl.rewards import RewardError, function_sources
+from alignctl.rl.reward_sources import RewardError, function_sources
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alignctl"
 CONF = Path(__file__).resolve().parents[2] / "conf"

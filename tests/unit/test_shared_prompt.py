@@ -1,4 +1,4 @@
-"""alignctl.shared_prompt: a pair's prompt computed once gives the log-probs and gradients of the
+"""alignctl.nn.shared_prompt: a pair's prompt computed once gives the log-probs and gradients of the
 two-row layout, on the plain logits path and the chunked one, with and without LoRA."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.ops import left_padded_batch, response_logps
-from alignctl.shared_prompt import applies, shared_prompt_batch, shared_prompt_logps
+from alignctl.nn.logprobs import left_padded_batch, response_logps
+from alignctl.nn.shared_prompt import applies, shared_prompt_batch, shared_prompt_logps
 
 
 @pytest.fixture(scope="module")
@@ -58,5 +58,5 @@ def test_batch_layout_and_when_it_applies(models):
     assert batch["response_ids"].tolist() == [[9, 0], [12, 13], [10, 11], [14, 0]]  # the two of a prompt side by side
     assert applies(models["full"])
     checkpointed = copy.deepcopy(models["full"])
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as alignctl.models does
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as alignctl.models.loading does
     assert not applies(checkpointed)

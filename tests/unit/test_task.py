@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from alignctl.tasks.arithmetic import (
+from alignctl.data.tasks.arithmetic import (
     DATA_DIR,
     SLOPPY_RATE,
     add_forgetting_rippled_carries,

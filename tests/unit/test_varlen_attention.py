@@ -1,4 +1,4 @@
-"""alignctl.varlen_attention and the packed (padding-free) response log-probs: a packed row computes
+"""alignctl.nn.varlen_attention and the packed (padding-free) response log-probs: a packed row computes
 what each of its sequences computes alone, and what the padded batch computes, gradients included."""
 
 from __future__ import annotations
@@ -9,8 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignctl.ops import left_padded_batch, packed_response_batch, packed_response_logps, response_logps
-from alignctl.varlen_attention import NAME, applies, packed_attention, padding_index, sequence_bounds
+from alignctl.nn.logprobs import (
+    left_padded_batch,
+    packed_response_batch,
+    packed_response_logps,
+    response_logps,
+)
+from alignctl.nn.varlen_attention import NAME, applies, packed_attention, padding_index, sequence_bounds
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""alignctl.vllm_engine: without vllm or a GPU it says why in one line and imports nothing of vllm; its
+"""alignctl.rl.vllm_engine: without vllm or a GPU it says why in one line and imports nothing of vllm; its
 pure parts (merged peft weights under the plain model's names, EOS kept, top_k) and its calls into vLLM
 (through a stand-in vllm) run on CPU. The last test samples from a real vLLM engine on a CUDA machine."""
 
@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import alignctl
-from alignctl import distributed
-from alignctl.adapters import apply_adapter
-from alignctl.config import LoraConfig
-from alignctl.errors import ConfigError
-from alignctl.vllm_engine import (
+import alignctl.rl
+from alignctl.config.schema import LoraConfig
+from alignctl.core import distributed
+from alignctl.core.errors import ConfigError
+from alignctl.models.adapters import apply_adapter
+from alignctl.rl.vllm_engine import (
     VLLMRollouts,
     completion_tokens,
     merged_parameters,
@@ -85,9 +85,9 @@ def test_module_import_does_not_import_vllm(monkeypatch):
 
     finder = RecordVllmLookups()
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    monkeypatch.setattr(alignctl, "vllm_engine", sys.modules["alignctl.vllm_engine"])  # both put back afterwards
-    monkeypatch.delitem(sys.modules, "alignctl.vllm_engine")
-    module = importlib.import_module("alignctl.vllm_engine")
+    monkeypatch.setattr(alignctl.rl, "vllm_engine", sys.modules["alignctl.rl.vllm_engine"])  # both put back afterwards
+    monkeypatch.delitem(sys.modules, "alignctl.rl.vllm_engine")
+    module = importlib.import_module("alignctl.rl.vllm_engine")
     assert module.VLLMRollouts and finder.names == [] and "vllm" not in sys.modules
 
 

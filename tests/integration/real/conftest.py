@@ -26,7 +26,7 @@ def smollm2_dir(offline_env) -> Path:
     pytest.importorskip("gguf", reason="the real tier needs the 'real' extra (make install provides it)")
     from omegaconf import OmegaConf
 
-    from alignctl.gguf_models import build_from_gguf
+    from alignctl.models.gguf import build_from_gguf
 
     spec = OmegaConf.load(SMOLLM2_YAML)
     return build_from_gguf(spec.gguf_file, spec.gguf_package)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from alignctl.data import with_system_prompt
-from alignctl.encode import IGNORE, encode_rows, preference_example, sft_example
+from alignctl.data.encode import IGNORE, encode_rows, preference_example, sft_example
+from alignctl.data.loading import with_system_prompt
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT = [

@@ -61,7 +61,7 @@ def test_the_merged_export_is_the_adapter_model(runs, tmp_path, name):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignctl.models import keep_4bit_trainable
+    from alignctl.models.loading import keep_4bit_trainable
 
     out = tmp_path / "merged"
     done = alignctl("export", f"run={runs / name}", f"out={out}", "merge=true", cwd=tmp_path)  # at the default tolerance
@@ -87,8 +87,8 @@ def test_the_merged_export_is_the_adapter_model(runs, tmp_path, name):
 
 
 def test_a_wrong_merge_of_the_real_model_is_refused(runs, tmp_path, monkeypatch):
-    from alignctl import export
-    from alignctl.errors import UserError
+    from alignctl.cli import export
+    from alignctl.core.errors import UserError
 
     monkeypatch.setattr(export, "merge", merge_at_twice_the_scale)
     with pytest.raises(UserError) as refused:

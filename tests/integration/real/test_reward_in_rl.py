@@ -13,7 +13,7 @@ from peft import AutoPeftModelForSequenceClassification
 from stage_runs import StageRun
 from transformers import AutoTokenizer
 
-from alignctl.scored_text import sequence_scores
+from alignctl.rl.scored_text import sequence_scores
 from alignctl.stages.reward import encode_pairs, pair_batch
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?", "What is 2+2?"]

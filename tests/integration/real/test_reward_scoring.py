@@ -11,9 +11,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from alignctl.encode import encode_completion, encode_prompt
-from alignctl.rewards import model_source
-from alignctl.scored_text import padded, read_positions, scored_ids, sequence_scores
+from alignctl.data.encode import encode_completion, encode_prompt
+from alignctl.rl.reward_sources import model_source
+from alignctl.rl.scored_text import padded, read_positions, scored_ids, sequence_scores
 from alignctl.stages.reward import encode_pairs, pair_batch
 
 PAIRS = [

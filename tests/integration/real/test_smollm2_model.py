@@ -33,8 +33,8 @@ def test_it_answers_and_stops_at_im_end(smollm2):
 
 
 def test_rollouts_of_both_engines_stop_at_im_end(smollm2):
-    from alignctl.encode import encode_prompt
-    from alignctl.rollout import Sampling, sample
+    from alignctl.data.encode import encode_prompt
+    from alignctl.rl.rollout import Sampling, sample
 
     model, tok = smollm2
     prompt = encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])

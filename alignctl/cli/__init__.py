@@ -1,0 +1,1 @@
+"""The commands: train, eval, pipeline, plan, runs, report, export. Imports that need torch stay inside functions here."""

@@ -1,0 +1,1 @@
+"""The configuration: typed schemas, their bounds, Hydra composition and validation (no torch)."""

@@ -1,0 +1,1 @@
+"""Models in: loading, GGUF files, adapters (peft), precision, the tiny model's tokenizer."""

@@ -1,0 +1,180 @@
+"""Sequence log-probabilities for preference and RL stages, computed where they are needed only.
+
+Batches are left-padded (prompt + response) with explicit position ids, so every row's response
+ends at the last position. Only response positions reach the vocabulary projection: with
+``recipe.lm_head_chunk`` > 0 the output layer runs over the response tokens alone, a chunk at a time
+(alignctl/nn/lm_head.py); with 0 the model computes logits for the last K positions only
+(``logits_to_keep``, K = longest response + 1). Either way no full-vocabulary float32 log-softmax of
+the whole sequence is ever built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from alignctl.data.batching import pad
+from alignctl.nn.lm_head import final_hidden, linear_logps, output_head
+from alignctl.nn.model_parts import unwrapped
+from alignctl.nn.varlen_attention import packed_attention
+
+
+def left_padded_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, position_ids and response_mask for prompt + response rows.
+
+    Returns tensors of shape (B, T); response_mask marks response tokens. The response length
+    of the longest row is ``response_mask.sum(-1).max()``.
+    """
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    input_ids = pad(sequences, pad_id, side="left")
+    attention_mask = pad([[1] * len(s) for s in sequences], 0, side="left")
+    response_mask = pad([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0, side="left")
+    # Positions count real tokens only, so a left-padded row computes exactly what it would alone.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask}
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: logit[target] - logsumexp(logits), in float32.
+
+    Args:
+        logits: (B, K, V); targets: (B, K). Returns (B, K).
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_token_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 0,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of each row's response under `model`, over the last W positions.
+
+    Args:
+        batch: from `left_padded_batch` (on the model's device).
+        temperature: logits are divided by it first, so that log-probs match the sampling
+            distribution of a rollout drawn at that temperature.
+        with_entropy: also return the entropy of the next-token distribution at each position
+            (differentiable on the chunked path; on the plain path only with `entropy_grad`, since
+            it keeps the (B, W, vocab) log-softmax for backward).
+        chunk: > 0 computes the output layer over the response tokens only, that many at a time,
+            never holding their logits whole (alignctl/nn/lm_head.py; recipe.lm_head_chunk); 0 is the
+            plain path.
+
+    Returns:
+        (B, W) log p(token), zero outside the response; (B, W) response mask (W = longest response);
+        (B, W) entropies or None.
+    """
+    mask = batch["response_mask"]
+    width = int(mask.sum(-1).max())
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    targets = batch["input_ids"][:, -width:]
+    keep = mask[:, -width:].to(torch.float32)
+    head = output_head(model) if chunk else None
+    if head is not None:
+        # Hidden states at t predict the token at t + 1: the W positions before the last one.
+        hidden = final_hidden(model, **inputs)[:, -width - 1 : -1]
+        where = keep.bool()
+        out = linear_logps(hidden[where], head.weight, targets[where], chunk, temperature, with_entropy=with_entropy)
+        per_token = torch.zeros_like(keep).masked_scatter(where, out.logps)
+        entropy = torch.zeros_like(keep).masked_scatter(where, out.entropy) if with_entropy else None
+        return per_token, keep, entropy
+    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits
+    # Logits at position t score the token at t + 1: the first kept position predicts the first
+    # response token of the longest row; the last kept position predicts nothing.
+    logits = logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    per_token = token_logps(logits, targets) * keep
+    entropy = None
+    if with_entropy:
+        with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1) * keep
+    return per_token, keep, entropy
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's response under `model`, and the response lengths: (B,), (B,)."""
+    per_token, keep, _ = response_token_logps(model, batch, chunk=chunk)
+    return per_token.sum(-1), keep.sum(-1)
+
+
+def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token values V(s_t) of a scalar-head model (a sequence classifier, peft-wrapped or not).
+
+    The state before response token t is the prefix ending at position t - 1, so values are read
+    where the logits that predict the token are: the W positions before the last one.
+
+    Returns:
+        (B, W) float32 values, aligned with `response_token_logps` (W = longest response).
+    """
+    # The classifier's own forward pools one position: take its last hidden states and apply its head
+    # to every position. Through the model's own forward, so a sharded (FSDP) model gathers its weights.
+    base = unwrapped(value_model)
+    width = int(batch["response_mask"].sum(-1).max())
+    hidden = value_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        output_hidden_states=True,
+    ).hidden_states[-1]
+    return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
+
+
+def packed_response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """prompt + response rows end to end in one row (padding-free), with position ids restarting at 0.
+
+    Returns (1, N) input_ids and position_ids, and for the response tokens that have a predecessor in
+    their row: their packed positions (``response_index``) and row numbers (``response_row``).
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    index: list[int] = []
+    row_of: list[int] = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        start = len(ids)
+        ids += [*prompt, *response]
+        positions += range(len(prompt) + len(response))
+        first = start + max(len(prompt), 1)  # a row's first token is never a target (nothing precedes it)
+        index += range(first, len(ids))
+        row_of += [row] * (len(ids) - first)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "response_index": torch.tensor(index, dtype=torch.long),
+        "response_row": torch.tensor(row_of, dtype=torch.long),
+        "num_rows": torch.tensor(len(prompts)),
+    }
+
+
+def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logps` for a `packed_response_batch`: summed log-probs of each row's response and its length, (B,), (B,).
+
+    Attention stays within each row: FlashAttention-2's varlen kernel where the model runs it,
+    `alignctl.nn.varlen_attention` otherwise (linear layers over real tokens, attention per row).
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    targets = batch["input_ids"][0, batch["response_index"]]
+    predictors = batch["response_index"] - 1  # the hidden state at t scores the token at t + 1
+    head = output_head(model) if chunk else None
+    with packed_attention(model, batch["position_ids"]):
+        if head is not None:
+            hidden = final_hidden(model, **inputs)[0, predictors]
+            logps = linear_logps(hidden, head.weight, targets, chunk).logps
+        else:
+            logits = model(**inputs, use_cache=False).logits[0, predictors]
+            logps = token_logps(logits, targets)
+    rows, num_rows = batch["response_row"], int(batch["num_rows"])
+    sums = logps.new_zeros(num_rows).index_add(0, rows, logps)
+    lengths = torch.bincount(rows, minlength=num_rows).to(logps.dtype)
+    return sums, lengths

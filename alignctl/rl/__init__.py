@@ -1,0 +1,1 @@
+"""Online RL around the training engine: rollout engines, rewards, group sampling."""

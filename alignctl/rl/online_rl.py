@@ -1,0 +1,310 @@
+"""What the online RL stages (grpo, ppo) share around the rollout: prompts, reward sources, rollout
+statistics, evaluation by greedy decoding, and the log of sample completions (a table, and samples.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from rich.table import Table
+from rich.text import Text
+
+from alignctl.config.schema import OnlineRLConfig, RunConfig
+from alignctl.core import distributed
+from alignctl.core.errors import DataError
+from alignctl.data import loading as data_lib
+from alignctl.data.encode import encode_prompt, encode_rows, fit_prompt
+from alignctl.models.loading import check_reward_model, load_reward_model, load_tokenizer, model_path
+from alignctl.rl.reward_sources import (
+    RewardSource,
+    RewardState,
+    combined_rewards,
+    function_sources,
+    model_source,
+)
+from alignctl.rl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.rl.scored_text import completion_turn
+from alignctl.train.evaluate import greedy_ids
+from alignctl.train.metrics import keep_until_step
+from alignctl.train.reference import check_same_tokenizer
+from alignctl.train.restore import to_device
+from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData
+
+PROMPT_COLUMNS = ("prompt", "prompt_ids")
+
+
+def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: RunConfig, where: str, prompts_per_rollout: int) -> Dataset:
+    """Add ``prompt_ids``, keeping every column (reward functions receive them); a DataError when
+    fewer prompts than one rollout needs remain."""
+    def encode(row: dict, index: int) -> dict | None:
+        ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}", recipe.max_new_tokens)
+        return None if ids is None else {**row, "prompt_ids": ids}
+
+    empty = {name: None for name in dataset.column_names} | {"prompt_ids": []}
+    return encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length, minimum=prompts_per_rollout)
+
+
+@dataclass
+class PromptData:
+    raw: Dataset  # the training prompts as loaded (its fingerprint goes into lineage)
+    train: Dataset  # with prompt_ids
+    eval_rows: list[dict] | None
+    policy_path: str
+    tokenizer: object
+
+
+def load_prompts(cfg: RunConfig, recipe: OnlineRLConfig, prompts_per_rollout: int) -> PromptData:
+    """The starting policy's tokenizer and the encoded prompt splits (before any model loads, so bad data fails fast)."""
+    raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
+    eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    tokenizer = load_tokenizer(path, cfg.model)
+    train = encode_prompts(raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", prompts_per_rollout)
+    return PromptData(raw, train, eval_raw.to_list() if eval_raw is not None else None, path, tokenizer)
+
+
+def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, device: torch.device) -> tuple[list[RewardSource], str | None]:
+    """The configured reward functions, plus the reward model of inputs.reward; and that model's path."""
+    sources = function_sources(list(recipe.reward_funcs), list(recipe.reward_weights) if recipe.reward_weights is not None else None, recipe.reward_timeout)
+    reward_path = None
+    if cfg.inputs.get("reward"):
+        reward_path = model_path(cfg.model, cfg.inputs["reward"])
+        check_reward_model(reward_path, cfg.model, f"inputs.reward={cfg.inputs['reward']}")
+        tokenizer = load_tokenizer(reward_path, cfg.model)
+        check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
+        scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
+        sources.append(model_source(scorer, tokenizer, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
+    if not sources:
+        raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
+    return sources, reward_path
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    """GRPO and PPO: prompts left-padded to the longest, completions that may run to max_new_tokens."""
+    encoded = encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)
+    prompt = max(len(ids) for ids in encoded["prompt_ids"])
+    new = cfg.recipe.max_new_tokens
+    return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
+
+
+def held_policy(cfg: RunConfig, trained: bool = True) -> HeldModel:
+    """The policy an online stage samples from (and, when `trained`, trains)."""
+    path = model_path(cfg.model, cfg.inputs.get("policy"))
+    return HeldModel("policy (trained)", path, trained=True, samples=True) if trained else HeldModel("policy (sampling)", path, trained=False)
+
+
+def held_reward_model(cfg: RunConfig) -> list[HeldModel]:
+    """inputs.reward's reward model, frozen, when one is given."""
+    if not cfg.inputs.get("reward"):
+        return []
+    return [HeldModel("reward model (scoring)", model_path(cfg.model, cfg.inputs["reward"]), trained=False, scalar_head=True)]
+
+
+def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
+    """A batch's extra columns (not prompt or prompt ids), each value repeated for the K completions of its prompt."""
+    return {name: [v for v in values for _ in range(times)] for name, values in rows.items() if name not in PROMPT_COLUMNS}
+
+
+def trl_extras(completion_ids: list[list[int]], state: RewardState) -> dict:
+    """What TRL passes every reward function besides prompts, completions and the dataset's columns."""
+    return {"completion_ids": completion_ids, "trainer_state": state}
+
+
+def score(sources: Sequence[RewardSource], prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    started = time.perf_counter()
+    total, per_source = combined_rewards(sources, prompts, completions, columns)
+    return total, per_source, time.perf_counter() - started
+
+
+def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], completions: Completions, group_size: int) -> dict[str, float]:
+    """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio."""
+    lengths = torch.tensor([len(c) for c in completions.completion_ids], dtype=torch.float32)
+    metrics = {
+        "reward": float(total.mean()),
+        "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "completions/mean_length": float(lengths.mean()),
+        "completions/clipped_ratio": sum(completions.truncated) / len(completions.truncated),
+    }
+    if group_size > 1:
+        metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
+    metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
+    return metrics
+
+
+def evaluate_greedy(
+    policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig,
+    step: int = 0,
+) -> dict[str, float]:
+    """Greedy completions of the eval prompts: eval_reward (weighted sum), each source's mean and,
+    on a built-in task, eval_exact_match."""
+    if not eval_rows:
+        return {}
+    prompts = [row["prompt"] for row in eval_rows]
+    ids = greedy_ids(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
+    columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
+    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
+    result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
+    task_path = data_lib.eval_task_path(cfg.data)
+    task = data_lib.builtin_task(task_path) if task_path else None
+    if task is not None:
+        result["eval_exact_match"] = sum(task.verify(t, row["answer"]) for t, row in zip(texts, eval_rows)) / len(eval_rows)
+    return result
+
+
+def readable_prompt(prompt: str | list[dict]) -> str:
+    """A prompt as a person reads it in a log: a conversation's last user message, or the text."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
+
+
+def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Tensor, count: int = 6) -> Table:
+    """The first `count` samples, whole: the prompt as `readable_prompt` shows it, the completion's full text."""
+    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold", show_lines=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column("completion", ratio=2)
+    table.add_column("reward", justify="right")
+    for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
+        # Text, not str: a completion's brackets are what the model wrote, never rich markup.
+        table.add_row(Text(readable_prompt(prompt)), Text(text), f"{reward:.3f}")
+    return table
+
+
+def sample_records(step: int, rollout: ScoredRollout, rewards: torch.Tensor) -> list[dict]:
+    """One JSON-ready record per completion of a rollout: its step, prompt, completion and rewards."""
+    per_source = {name: values.tolist() for name, values in rollout.per_source.items()}
+    return [{"step": step, "prompt": prompt, "completion": text, "reward": reward, "rewards": {name: values[i] for name, values in per_source.items()},
+             "truncated": truncated}
+            for i, (prompt, text, reward, truncated) in enumerate(zip(rollout.prompts, rollout.texts, rewards.tolist(), rollout.completions.truncated))]
+
+
+@dataclass
+class ScoredRollout:
+    rows: dict[str, list]  # the prompts' dataset rows
+    prompts: list  # one per completion
+    texts: list[str]  # decoded completions
+    completions: Completions
+    rewards: torch.Tensor  # (N,) weighted sum of the sources
+    per_source: dict[str, torch.Tensor]
+    times: dict[str, float]
+
+
+def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, sources: Sequence[RewardSource],
+                     state: RewardState) -> ScoredRollout:
+    """Sample `group` completions per prompt of `rows` and score them; times the two phases."""
+    started = time.perf_counter()
+    completions = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    generation_seconds = time.perf_counter() - started
+    texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+    prompts = [p for p in rows["prompt"] for _ in range(group)]
+    # Reward sources get TRL's form: one assistant message per completion after a chat prompt.
+    in_form = [completion_turn(p, t) for p, t in zip(prompts, texts)]
+    columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state)
+    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns)
+    return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
+
+
+class StepQueue:
+    """The optimiser steps rollouts feed, one step at a time: each rollout gives `passes` shuffled
+    passes of recipe.steps_per_generation steps over its completions. The rollout count and the steps
+    left travel with every checkpoint (`state` / `restore`), so a resumed run trains on the same samples.
+
+    `items(batch)` counts what the stage's loss is a mean over (tokens or completions)."""
+
+    def __init__(self, recipe: OnlineRLConfig, passes: int, seed: int, device: torch.device, pad_id: int, items: Callable[[dict], int]):
+        self.recipe, self.passes, self.seed, self.device, self.pad_id, self.items = recipe, passes, seed, device, pad_id, items
+        self.pending: deque[list[dict]] = deque()
+        self.rollouts = 0  # rollouts sampled so far, this one included once `start_rollout` ran
+
+    def start_rollout(self) -> RewardState:
+        """Count a new rollout; where training stands for its reward functions (TRL's trainer_state)."""
+        self.rollouts += 1
+        steps_before = (self.rollouts - 1) * self.recipe.steps_per_generation * self.passes
+        return RewardState(steps_before, self.recipe.max_steps)
+
+    def add(self, rollout: ScoredRollout, per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor], stats: dict[str, float]) -> None:
+        """Queue the steps of the rollout just started; every step carries its statistics, the first also its times."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        steps = plan_steps(len(rollout.texts), self.recipe.steps_per_generation, self.recipe.grad_accum, self.passes, generator)
+        for n, step in enumerate(steps):
+            micro = [training_batch(rollout.completions, indices, self.pad_id, self.device, per_token, per_sequence) for indices in step]
+            for batch in micro:
+                batch["num_items"] = self.items(batch)
+            micro[0]["rollout_metrics"] = stats | (rollout.times if n == 0 else {})
+            self.pending.append(micro)
+
+    def next(self, new_rollout: Callable[[], None]) -> list[dict]:
+        """The next step's micro-batches, sampling a new rollout (`new_rollout`) when none are left."""
+        if not self.pending:
+            new_rollout()
+        return self.pending.popleft()
+
+    def state(self) -> dict:
+        return {"rollouts": self.rollouts, "pending": list(self.pending)}
+
+    def restore(self, state: dict) -> None:
+        self.rollouts = state["rollouts"]
+        self.pending.extend(to_device(state["pending"], self.device))
+
+
+def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:
+    """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values).
+    Each process's rollout counts 1/world_size, so the sum over processes is their mean."""
+    share = 1.0 / distributed.current().world_size
+    return {k: torch.tensor(v * share, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+
+
+def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig,
+                     recipe: OnlineRLConfig, logger) -> Callable[[int], dict[str, float]]:
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe, step)
+        if result:
+            logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    return evaluate
+
+
+class RolloutLog:
+    """What a run's log says about its rollouts: which engine sampled them (when it first does, and if
+    it changes), and every `every`-th rollout's samples: a table of a few, and all of them appended to
+    samples.jsonl in the run directory. `steps_per_rollout` optimiser steps follow each rollout."""
+
+    def __init__(self, logger, run_dir: Path, every: int, steps_per_rollout: int):
+        self.logger, self.path, self.every, self.steps_per_rollout = logger, Path(run_dir) / "samples.jsonl", every, steps_per_rollout
+        self.engine = ""
+        self.written = False
+
+    def after(self, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
+        """Log rollout `number` (1-based); `rewards` are the ones the update uses."""
+        if rollout.completions.engine != self.engine:
+            self.engine = rollout.completions.engine
+            self.logger.note(f"rollouts are sampled by {ENGINES.get(self.engine, self.engine)}")
+        if not self.every or (number - 1) % self.every:
+            return
+        step = (number - 1) * self.steps_per_rollout + 1  # the first optimiser step that trains on it
+        self.logger.note(samples_table(step, rollout.prompts, rollout.texts, rewards))
+        if self.logger.enabled:  # the main process only
+            if not self.written:  # a resumed run samples again from here on: drop what an earlier life logged from here
+                keep_until_step(self.path, step - 1)
+                self.written = True
+            with self.path.open("a") as file:
+                file.writelines(json.dumps(record) + "\n" for record in sample_records(step, rollout, rewards))
+
+
+def completion_tokens(batch: dict) -> int:
+    return int(batch["response_mask"].sum())
+
+
+def completion_count(batch: dict) -> int:
+    return int(batch["input_ids"].size(0))
