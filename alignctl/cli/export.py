@@ -1,5 +1,6 @@
-"""`alignctl export run=<run dir> out=<dir> [merge=true|false] [tolerance=X]`: a run's checkpoint as
-a clean Hugging Face directory that plain transformers / peft load.
+"""`alignctl export run=<run dir> out=<dir> [merge=true|false] [tolerance=X] [push_to_hub=<repo id>]`: a
+run's checkpoint as a clean Hugging Face directory that plain transformers / peft load, with a model
+card (README.md, alignctl/runs/model_card.py), uploaded to the hub when push_to_hub names a repository.
 
 merge=false copies the model (or the adapter) and its tokenizer, without the trainer state.
 merge=true folds a LoRA/DoRA adapter into its base and saves a full model. A QLoRA adapter trained
@@ -16,16 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from alignctl.core.errors import UserError
+from alignctl.runs.model_card import write_card
 from alignctl.runs.outputs import check_output
 
-KEYS = ("run", "out", "merge", "tolerance")
+KEYS = ("run", "out", "merge", "tolerance", "push_to_hub", "private")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}  # relative to the largest logit
-PROBE_SHAPE = (4, 24)  # rows x tokens of random ids both models score
+PROBE_SHAPE = (4, 24)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # rows x tokens of random ids both models score
 
 
 def parse(args: list[str]) -> dict[str, str]:
@@ -38,8 +42,12 @@ def parse(args: list[str]) -> dict[str, str]:
     for key in ("run", "out"):
         if not values.get(key):
             raise UserError(f"export needs {key}=<dir>: alignctl export run=<run dir> out=<dir> [merge=true|false]")
-    if values.get("merge", "false").lower() not in ("true", "false"):
-        raise UserError(f"export: merge must be true or false, got {values['merge']!r}")
+    for switch in ("merge", "private"):
+        if values.get(switch, "false").lower() not in ("true", "false"):
+            raise UserError(f"export: {switch} must be true or false, got {values[switch]!r}")
+    repo = values.get("push_to_hub")
+    if repo is not None and not REPO_ID.fullmatch(repo):
+        raise UserError(f"export: push_to_hub={repo!r} is not a hub repository id (owner/name, letters, digits, '-', '_', '.')")
     return values
 
 
@@ -73,10 +81,31 @@ def export_command(args: list[str]) -> None:
     else:
         shutil.copytree(checkpoint.resolve(), tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "value_model"))
     (tmp / "alignctl_export.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_card(tmp, run, export=record)
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
-    console.print(summary_table(f"exported {run}", {**{k: v for k, v in record.items() if k not in ("run", "checkpoint")}, "out": str(out)}))
+    shown = {**{k: v for k, v in record.items() if k not in ("run", "checkpoint")}, "out": str(out)}
+    if options.get("push_to_hub"):
+        shown["pushed to"] = push_to_hub(out, options["push_to_hub"], options.get("private", "false").lower() == "true", run)
+    console.print(summary_table(f"exported {run}", shown))
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, run: Path) -> str:
+    """Upload an export (weights, tokenizer, model card) to the hub through huggingface_hub; return the commit's URL.
+    The export stays on disk whatever happens, so a failed upload is one line and a rerun of the upload alone."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"alignctl export of {run.name}")
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"push_to_hub={repo_id}: the upload failed ({first}); the export is complete in {folder} "
+                        "(log in with `hf auth login` or set HF_TOKEN, then `hf upload` it or export again)") from None
+    return str(getattr(commit, "commit_url", commit))
 
 
 def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None) -> dict[str, Any]:

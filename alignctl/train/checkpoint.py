@@ -28,6 +28,7 @@ import torch
 from alignctl.core.console import size
 from alignctl.core.errors import DiskFull, UserError
 from alignctl.models.adapters import load_adapter
+from alignctl.runs.model_card import write_card
 from alignctl.runs.resume import resume_command
 
 # Where a run's checkpoints are: read without torch by the CLI (runfiles), re-exported for the stages.
@@ -92,6 +93,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
+        write_card(tmp, run_dir)  # README.md: the model card from lineage.json (in place of peft's stub)
         torch.save(trainer_state, tmp / TRAINER_STATE)
         # A fresh id per save: caches keyed on a model's weights (precomputed reference log-probs) must not
         # mistake a run retrained in place, with the same config and step, for the old one.

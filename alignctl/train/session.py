@@ -26,6 +26,7 @@ from alignctl.models.precision import settle
 from alignctl.nn.fused_mlp import fuse_swiglu
 from alignctl.runs.evaluation import evaluated_run
 from alignctl.runs.interrupt import Interrupted
+from alignctl.runs.model_card import write_card
 from alignctl.runs.rundir import RunDir, write_json_atomic
 from alignctl.train.checkpoint import latest_checkpoint, load_weights, rng_state, save_checkpoint
 from alignctl.train.loop import (
@@ -190,6 +191,8 @@ def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str
     eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
     write_json_atomic(run.path / "eval.json", {"step": step, **eval_metrics})
     run.finish(final)
+    if step and (checkpoint := latest_checkpoint(run.path)) is not None:
+        write_card(checkpoint, run.path)  # again, now with the final metrics
     title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}"
     console.print(summary_table(title, {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
     console.print(f"run directory: {run.path}" + (f"\ncheckpoint: {run.path / 'checkpoint'}" if step else ""))

@@ -36,7 +36,8 @@ TRL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards
 IDENTICAL_ROW = 2  # the row of same.jsonl whose chosen equals its rejected
 
 DATA = ["data=hf", "data.path={root}/pairs", "data.eval_split=test", "data.eval_limit=8"]
-DPO = ["recipe=dpo", *DATA, "inputs.policy={sft}"]
+# nll_weight=0: these runs check the DPO losses alone (model=tiny adds an NLL term by default).
+DPO = ["recipe=dpo", *DATA, "inputs.policy={sft}", "recipe.nll_weight=0"]
 STILL = ["recipe.max_steps=1", "recipe.lr=1e-30"]  # one step that leaves the policy where it started
 LORA_RANDOM = ["adapter=lora", "adapter.init_lora_weights=false"]  # B != 0: the adapter changes the model from the start
 LOSS_TYPES = {

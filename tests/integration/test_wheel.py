@@ -57,7 +57,7 @@ def test_pyproject_packs_every_config_recipe_task_file_and_module(repo_root):
         packed |= {Path(f).resolve() for pattern in patterns for f in glob.glob(str(source(package) / pattern))}
     wanted = [*(repo_root / "conf").rglob("*.yaml"), *(repo_root / "recipes").glob("*.yaml"), *(repo_root / "alignctl").rglob("*.py")]
     for folder in ("data", "chat_data"):
-        found = sorted((repo_root / "alignctl" / "tasks" / folder).glob("*.jsonl"))
+        found = sorted((repo_root / "alignctl" / "data" / "tasks" / folder).glob("*.jsonl"))
         assert found, f"the built-in task data ({folder}) is missing from the source tree"
         wanted += found
     missing = sorted(str(p.relative_to(repo_root)) for p in wanted if p.resolve() not in packed and "__pycache__" not in p.parts)
@@ -74,7 +74,7 @@ def test_wheel_contents(wheel, repo_root):
     for path in repo_root.joinpath("recipes").glob("*.yaml"):
         assert f"alignctl/recipes/{path.name}" in names
     for folder in ("data", "chat_data"):
-        data = sorted(repo_root.joinpath("alignctl", "tasks", folder).glob("*.jsonl"))
+        data = sorted(repo_root.joinpath("alignctl", "data", "tasks", folder).glob("*.jsonl"))
         assert data, f"the built-in task data ({folder}) is missing from the source tree"
         for path in data:
             assert f"alignctl/data/tasks/{folder}/{path.name}" in names

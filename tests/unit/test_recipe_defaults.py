@@ -23,7 +23,7 @@ def test_a_real_model_gets_chat_model_defaults(model):
     assert recipe("recipe=sft", "adapter=lora", *model).lr == 2e-4
     assert recipe("recipe=sft", "adapter=qlora", *model).lr == 2e-4
     dpo = recipe("recipe=dpo", *model)
-    assert (dpo.lr, dpo.beta, dpo.max_length) == (1e-6, 0.1, 1024)
+    assert (dpo.lr, dpo.beta, dpo.max_length, dpo.nll_weight) == (1e-6, 0.1, 1024, 0.0)
     assert recipe("recipe=dpo", "adapter=dora", *model).lr == 1e-5
     grpo = recipe("recipe=grpo", *model)
     assert (grpo.max_new_tokens, grpo.max_length, grpo.num_generations, grpo.lr) == (256, 768, 8, 1e-6)
@@ -38,6 +38,8 @@ def test_the_tiny_model_keeps_the_built_in_task_settings():
     assert recipe("recipe=sft", "adapter=lora").lr == 3e-3  # the tuned value, not the adapter default
     reward = recipe("recipe=reward")
     assert (reward.extra_layers, reward.lm_loss_coef, reward.batch_size) == (2, 1.0, 128)
+    dpo = recipe("recipe=dpo")  # the NLL term that makes DPO hold across SFT seeds on the built-in task
+    assert (dpo.nll_weight, dpo.max_steps, dpo.max_length) == (1.0, 200, 16)
     grpo = recipe("recipe=grpo", "model=tiny")
     assert (grpo.max_length, grpo.max_new_tokens, grpo.batch_size, grpo.eval_max_new_tokens) == (24, 8, 64, 8)
 
