@@ -106,11 +106,12 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
         # FSDP averages gradients over the processes: scaled, the shares still add up.
         (loss * distributed.current().world_size if ctx.sharded else loss).backward()
         for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
+            value = float(value.detach())  # a `_max` metric is the largest of the micro-batches, the rest add up
+            totals[key] = max(totals.get(key, value), value) if distributed.is_max_metric(key) else totals.get(key, 0.0) + value
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     if not ctx.sharded:
         distributed.sum_gradients(params)  # each process's shares add up to the global step's gradient
-    totals = distributed.sum_dict(totals)
+    totals = distributed.reduce_metrics(totals)
     # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
     norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
