@@ -26,6 +26,7 @@ import torch
 from alignctl.config.schema import NonFinite, TrainConfig
 from alignctl.core import distributed
 from alignctl.core.errors import NonFiniteLoss
+from alignctl.models import precision
 from alignctl.runs.interrupt import Interrupted, StopRequests
 from alignctl.train.metrics import MetricsLogger
 
@@ -50,10 +51,7 @@ class LoopContext:
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
-    if ctx.autocast is None:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if ctx.autocast == "bf16" else torch.float16
-    return torch.autocast(ctx.device_type, dtype=dtype)
+    return precision.autocast(ctx.autocast, ctx.device_type)
 
 
 def _evaluate(ctx: LoopContext, step: int) -> dict[str, float]:
