@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from alignctl.core.errors import UserError
+from alignctl.config.schema import OnlineRLConfig
+from alignctl.core.errors import ConfigError, UserError
 
 DEFAULT_PROMPTS = 8
 
@@ -30,10 +31,13 @@ def probe_command(args: list[str]) -> None:
         prompts = int(value)
     args = [a for a in args if not a.startswith("probe.prompts=")]
     (composed,) = hydra_app.check_jobs(args, multirun=False)
+    cfg = validate(composed)
+    if not isinstance(cfg.recipe, OnlineRLConfig):  # before torch loads: a config error stays quick
+        raise ConfigError("recipe", f"probe measures an online RL recipe's sampler; {cfg.recipe.stage} samples nothing: use recipe=grpo or recipe=ppo")
     hydra_app.quiet_libraries()
     from alignctl.rl.probe import probe
 
-    result = probe(validate(composed), prompts)
+    result = probe(cfg, prompts)
     if as_json:  # for scripts: the figures and nothing else on stdout
         print(json.dumps(result, indent=2))
         return

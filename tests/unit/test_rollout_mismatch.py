@@ -121,3 +121,78 @@ def test_native_engine_log_probs_are_those_of_the_warped_distribution():
     top = logits.topk(5, dim=-1).values[..., -1:]
     trainer = torch.log_softmax(logits.masked_fill(logits < top, float("-inf")), -1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.allclose(logps, trainer, atol=1e-4)
+
+
+def test_the_loop_takes_the_max_of_micro_batches_for_max_metrics_and_adds_the_rest(tmp_path):
+    """Three micro-batches of one step: `x_max` 0.2, 0.7, 0.4 -> 0.7 (a sum would say 1.3); `share` 0.25 each adds up to 0.75."""
+    from alignctl.config.schema import NonFinite, Scheduler, TrainConfig
+    from alignctl.train.loop import LoopContext, train_loop
+    from alignctl.train.metrics import MetricsLogger
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = MetricsLogger(tmp_path, 1, 0, tensorboard=False, log_every=1, enabled=True)
+    ctx = LoopContext(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), logger, evaluate=lambda step: {}, save=lambda *a: None)
+    recipe = TrainConfig(stage="sft", max_steps=1, lr=0.1, batch_size=1, grad_accum=3, max_length=8, scheduler=Scheduler.constant, warmup_ratio=0.0,
+                         weight_decay=0.0, max_grad_norm=None, optimizer={"_target_": "torch.optim.SGD"}, eval_every=0, save_every=0, keep_last=1,
+                         eval_batch_size=1, eval_max_new_tokens=1, nonfinite=NonFinite.stop, lm_head_chunk=0, fused_mlp=False, trim_top_layer=False)
+
+    def step_fn(batch, num_items):
+        return model.weight.sum() ** 2 / 3, {"x_max": torch.tensor(batch["x"]), "share": torch.tensor(0.25)}
+
+    try:
+        last = train_loop(ctx, recipe, lambda: [{"x": x, "num_items": 1, "num_tokens": 1} for x in (0.2, 0.7, 0.4)], step_fn)
+    finally:
+        logger.close()
+    assert last["x_max"] == pytest.approx(0.7) and last["share"] == pytest.approx(0.75)
+
+
+def test_the_hf_engine_returns_the_trainer_log_probs_in_float32():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignctl.nn.logprobs import response_token_logps
+    from alignctl.rl.rollout import Sampling, per_token_values, sample
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         pad_token_id=0, eos_token_id=2, bos_token_id=1)).eval()
+    completions = sample(model, [[1, 5, 6], [1, 7]], 2, Sampling(0.8, 1.0, 0, 5, "hf"), pad_id=0, eos_id=2)
+    assert completions.engine == "hf" and [len(v) for v in completions.sampler_logps] == [len(c) for c in completions.completion_ids]
+    trainer = per_token_values(lambda b: response_token_logps(model, b, 0.8)[0], completions, 0, torch.device("cpu"), 4)
+    for ours, theirs in zip(completions.sampler_logps, trainer):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+class _Logprob:
+    def __init__(self, value: float):
+        self.logprob = value
+
+
+def test_vllm_asks_for_processed_log_probs_and_falls_back_on_an_older_vllm(monkeypatch):
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from alignctl.rl import vllm_engine
+
+    asked = []
+
+    def params(**kwargs):
+        asked.append(kwargs)
+        if "logprobs_mode" in kwargs and old:
+            raise TypeError("unexpected keyword argument 'logprobs_mode'")
+        return kwargs
+
+    module = types.ModuleType("vllm")
+    module.SamplingParams = params
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    outputs = [SimpleNamespace(token_ids=(7, 2), finish_reason="stop", logprobs=[{7: _Logprob(-0.5)}, {2: _Logprob(-1.25)}]),
+               SimpleNamespace(token_ids=(8,), finish_reason="stop", logprobs=[{8: _Logprob(-0.75)}])]  # its EOS left out: put back, log-prob 0
+    engine = object.__new__(vllm_engine.VLLMRollouts)
+    engine.llm = SimpleNamespace(generate=lambda prompts, sampling_params, use_tqdm: [SimpleNamespace(outputs=outputs)])
+    for old in (False, True):
+        asked.clear()
+        ids, logps = engine.sample([[1]], 2, 1.0, 1.0, 0, 4, eos_id=2, with_logps=True)
+        assert ids == [[7, 2], [8, 2]] and logps == [[-0.5, -1.25], [-0.75, 0.0]]
+        assert asked[-1]["logprobs"] == 0 and ("logprobs_mode" in asked[-1]) is not old
+        assert asked[0]["logprobs_mode"] == "processed_logprobs"
