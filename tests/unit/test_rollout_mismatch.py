@@ -196,3 +196,34 @@ def test_vllm_asks_for_processed_log_probs_and_falls_back_on_an_older_vllm(monke
         assert ids == [[7, 2], [8, 2]] and logps == [[-0.5, -1.25], [-0.75, 0.0]]
         assert asked[-1]["logprobs"] == 0 and ("logprobs_mode" in asked[-1]) is not old
         assert asked[0]["logprobs_mode"] == "processed_logprobs"
+
+
+def _reduce_on_two_ranks(rank: int, port: int, out) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.setup("cpu")
+    try:
+        out.put((rank, distributed.reduce_metrics({"rollout/logprob_diff_max": [0.3, 0.9][rank], "share": [0.25, 0.5][rank]})))
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.slow  # two spawned processes import torch: ~30 s on two cores
+def test_max_metrics_are_the_max_over_ranks_the_rest_the_sum():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    workers = [context.Process(target=_reduce_on_two_ranks, args=(rank, port, out)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    results = dict(out.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert results[0] == results[1] == pytest.approx({"rollout/logprob_diff_max": 0.9, "share": 0.75})
