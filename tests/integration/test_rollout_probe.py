@@ -69,3 +69,14 @@ def test_masked_is_drops_the_tokens_of_a_bf16_sampler(alignctl, tmp_path):
     train = run.train_records()
     assert all(r["rollout/logprob_diff_max"] > 0 for r in train)
     assert any(r["rollout/is_masked_frac"] > 0.5 for r in train)
+
+
+def test_ppo_logs_the_mismatch_and_takes_the_correction(alignctl, tmp_path):
+    run_dir = tmp_path / "ppo"
+    run = StageRun("ppo", run_dir, alignctl("train", "recipe=ppo", "recipe.batch_size=8", "recipe.max_new_tokens=8", "recipe.max_steps=2",
+                                            "recipe.eval_every=0", "data.eval_limit=8", "recipe.rollout_is=truncate", "recipe.rollout_is_level=sequence",
+                                            "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 2}]", f"hydra.run.dir={run_dir}"))
+    run.assert_finished()
+    for record in run.train_records():
+        assert record["rollout/logprob_diff"] <= record["rollout/logprob_diff_max"] < 1e-4
+        assert record["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
