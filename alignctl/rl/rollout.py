@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from alignctl.core.errors import ConfigError
 from alignctl.data.batching import pad
@@ -77,6 +78,7 @@ def sample(
     cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
     if cache is not None:  # generate() then starts from the cache: K rows per prompt, one per completion
         input_ids, attention_mask = input_ids.repeat_interleave(num_generations, 0), attention_mask.repeat_interleave(num_generations, 0)
+    recorder = SampledLogps(sampling.temperature, sampling.top_k, sampling.top_p)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -92,13 +94,36 @@ def sample(
         use_cache=True,
         # FSDP: every process takes part in every forward, so all go on until the last one is done.
         synced_gpus=is_sharded(model),
-        output_scores=True,  # the processed scores (after the warpers): what each token was drawn from
-        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([recorder]),
     )
-    new_tokens = output.sequences[:, input_ids.size(1) :]
-    scores = torch.stack(output.scores, dim=1).float() if output.scores else new_tokens.new_zeros((*new_tokens.shape, 1)).float()
-    logps = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[:, : scores.size(1), None]).squeeze(-1)
-    return replace(completions_from(new_tokens, prompt_ids, num_generations, eos_id, logps), engine="hf")
+    return replace(completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id, recorder.finish(output)), engine="hf")
+
+
+class SampledLogps(LogitsProcessor):
+    """Records, for `generate`, the log-prob of each token it samples under the distribution it samples
+    from, holding one step's distribution at a time (``output_scores`` would keep them all: rows x
+    vocabulary x new tokens). generate applies its warpers after a caller's processors, so the same
+    warpers (alignctl.rl.decode.warpers, generate's order) are applied here to what this one sees."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.warp = decode.warpers(temperature, top_k, top_p)
+        self.previous: torch.Tensor | None = None  # the last step's log-probs over the vocabulary
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])  # the token sampled from the previous step's distribution
+        self.previous = torch.log_softmax(self.warp(input_ids, scores.float()), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.values.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
+            self.previous = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(rows, new tokens) log-probs, once generate has returned `sequences`."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.values, 1) if self.values else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float32)
 
 
 def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], num_generations: int, eos_id: int,

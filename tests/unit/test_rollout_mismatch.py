@@ -227,3 +227,21 @@ def test_max_metrics_are_the_max_over_ranks_the_rest_the_sum():
     for worker in workers:
         worker.join(timeout=60)
     assert results[0] == results[1] == pytest.approx({"rollout/logprob_diff_max": 0.9, "share": 0.75})
+
+
+def test_the_hf_engine_log_probs_are_those_of_the_warped_distribution():
+    """top-k 5 at temperature 0.7: each sampled token's log-prob is log softmax over the 5 largest logits / 0.7."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignctl.rl.rollout import Sampling, sample
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         pad_token_id=0, eos_token_id=2, bos_token_id=1)).eval()
+    completions = sample(model, [[3, 4, 5]], 2, Sampling(0.7, 1.0, 5, 4, "hf"), pad_id=0, eos_id=31)
+    for ids, logps in zip(completions.completion_ids, completions.sampler_logps):
+        full = torch.tensor([[3, 4, 5, *ids]])
+        logits = model(input_ids=full).logits[0, 2:-1].float() / 0.7
+        top = logits.topk(5, dim=-1).values[:, -1:]
+        expected = torch.log_softmax(logits.masked_fill(logits < top, float("-inf")), -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+        assert torch.allclose(logps, expected, atol=1e-4)
