@@ -245,3 +245,13 @@ def test_the_hf_engine_log_probs_are_those_of_the_warped_distribution():
         top = logits.topk(5, dim=-1).values[:, -1:]
         expected = torch.log_softmax(logits.masked_fill(logits < top, float("-inf")), -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
         assert torch.allclose(logps, expected, atol=1e-4)
+
+
+def test_the_probe_verdict_follows_the_gap():
+    from alignctl.rl.probe import verdict
+
+    assert "float32 rounding" in verdict(2e-7, 1e-6, 2.0, "off")
+    assert "low-precision rounding" in verdict(6e-4, 4e-3, 2.0, "off")
+    assert "cheap insurance" in verdict(5e-3, 0.2, 2.0, "off")
+    assert "consider recipe.rollout_is=truncate" in verdict(5e-3, math.log(2.0) + 0.01, 2.0, "off")  # a token past the cap
+    assert "recipe.rollout_is=mask corrects" in verdict(5e-3, 1.0, 2.0, "mask")
