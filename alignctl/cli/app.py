@@ -44,10 +44,14 @@ SUBCOMMANDS = {
     "runs": "list runs with stage, parents, status and headline metric: alignctl runs [DIR]",
     "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
     "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
+    "probe": "the rollout engine's log-probs against the trainer's, before training: alignctl probe <train overrides> [--json]",
     "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
 }
 # Commands that are not Hydra applications: they take their own arguments.
-PLAIN_COMMANDS = ("pipeline", "runs", "report", "export", "plan")
+# Command -> the module with its `<command>_command(args)`.
+PLAIN_MODULES = {"pipeline": "alignctl.cli.pipeline", "runs": "alignctl.cli.report", "report": "alignctl.cli.report", "export": "alignctl.cli.export",
+                 "plan": "alignctl.cli.plan", "probe": "alignctl.cli.probe"}
+PLAIN_COMMANDS = tuple(PLAIN_MODULES)
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}

@@ -58,6 +58,17 @@ class RolloutEngine(str, Enum):
     vllm = "vllm"  # vLLM colocated in the training process (GPU, `pip install vllm`): alignctl/rl/vllm_engine.py
 
 
+class RolloutIS(str, Enum):
+    off = "off"  # train as if the sampler were the trainer
+    truncate = "truncate"  # TIS: weight each token's loss by min(pi_old / mu, cap)
+    mask = "mask"  # MIS: drop tokens (or completions) whose pi_old / mu is outside [1/cap, cap]
+
+
+class RolloutISLevel(str, Enum):
+    token = "token"  # one ratio per token
+    sequence = "sequence"  # one ratio per completion: exp(sum of its tokens' log-ratios)
+
+
 class PolicyLoss(str, Enum):
     ppo_clip = "ppo_clip"  # PPO's clipped surrogate per token (GRPO, DAPO)
     gspo = "gspo"  # one clipped importance ratio per completion (GSPO)
@@ -171,6 +182,9 @@ class OnlineRLConfig(TrainConfig):
     reward_weights: list[float] | None = within("[-1e6, 1e6]")  # one per reward function (null: each entry's weight, else 1)
     reward_model_weight: float = within("[0, 1e6]")  # weight of inputs.reward's score, when a reward model is given
     reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
+    rollout_is: RolloutIS  # importance-sampling correction of the sampler/trainer mismatch (off, truncate, mask)
+    rollout_is_level: RolloutISLevel  # token or sequence ratios
+    rollout_is_cap: float = within("[1, 1e6]")  # truncate: the largest weight; mask: ratios outside [1/cap, cap] are dropped
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -101,6 +101,27 @@ def sum_dict(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist()))
 
 
+def max_dict(values: dict[str, float]) -> dict[str, float]:
+    """Each value's max over the ranks (one all-reduce; every rank has the same keys)."""
+    if not _GROUP.active or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_reduce_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def reduce_metrics(values: dict[str, float]) -> dict[str, float]:
+    """Metrics over the ranks: a name ending in ``_max`` is a maximum, every other one an additive share."""
+    maxima = {k: v for k, v in values.items() if is_max_metric(k)}
+    return sum_dict({k: v for k, v in values.items() if k not in maxima}) | max_dict(maxima)
+
+
+def is_max_metric(name: str) -> bool:
+    """Metrics whose name ends in ``_max`` are reduced by max over micro-batches and ranks, not summed."""
+    return name.endswith("_max")
+
+
 def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
     """Replace each gradient by its sum over the ranks: one flat all-reduce."""
     if not _GROUP.active:

@@ -15,6 +15,7 @@ that never change), while the adapters, their gradients and optimiser state stay
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,11 @@ def trainable_in_float32(model: torch.nn.Module) -> torch.nn.Module:
         if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     return model
+
+
+def autocast(mode: str | None, device_type: str) -> contextlib.AbstractContextManager:
+    """The mixed precision a settled `hardware.autocast` means (bf16, fp16 or None: float32), as a
+    context: the loop's forwards and `alignctl probe`'s run under the same one."""
+    if mode is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)

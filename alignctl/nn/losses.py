@@ -422,3 +422,64 @@ def score_to_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.T
     positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
     last = (positions * mask).argmax(-1)
     return rewards.scatter_add(1, last.unsqueeze(-1), scores.detach().to(kl.dtype).unsqueeze(-1))
+
+
+def logprob_gap(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sampler/trainer mismatch over completion tokens: mean and max of |log π_trainer − log μ_sampler|.
+
+    Exactly 0 when the sampler's log-probs are the trainer's. Returns ``rollout/logprob_diff`` and
+    ``rollout/logprob_diff_max`` (a name ending in ``_max`` is reduced by max, not summed)."""
+    mask = mask.bool()
+    gap = (trainer_logps.float() - sampler_logps.float()).abs()[mask]
+    if gap.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float64)
+        return {"rollout/logprob_diff": zero, "rollout/logprob_diff_max": zero}
+    return {"rollout/logprob_diff": gap.double().mean(), "rollout/logprob_diff_max": gap.double().max()}
+
+
+def rollout_correction(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str, level: str,
+                       cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights that correct for sampling from μ (the rollout engine) while training π_old (the trainer).
+
+    With ratio ρ = π_old/μ = exp(log π_old − log μ) per token (``level=token``), or per completion as
+    exp(Σ_t (log π_old − log μ)) over its tokens (``level=sequence``):
+
+    - ``truncate`` (TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+      training", eq. 3): w = min(ρ, cap), multiplying the per-token policy-gradient loss;
+    - ``mask`` (masked IS, MIS, as verl's ``rollout_is=mask`` and TRL's ``vllm_importance_sampling_mode``):
+      w = 1 where 1/cap ≤ ρ ≤ cap and 0 elsewhere: tokens (or whole completions) off by more are dropped;
+    - ``off``: w = 1.
+
+    Weights are detached (no gradient flows through μ or π_old). When the log-probs agree, ρ = 1 and
+    every weight is 1 for cap ≥ 1: the identity.
+
+    Args:
+        trainer_logps, sampler_logps: (B, T) per-token log-probs of the sampled tokens.
+        mask: (B, T) completion tokens.
+        mode: off, truncate or mask. level: token or sequence. cap: > 0 (ratios above are truncated or masked).
+
+    Returns:
+        (B, T) weights (0 outside the mask) and metrics over the completion tokens:
+        ``rollout/is_weight_mean``, ``rollout/is_weight_max`` and ``rollout/is_masked_frac``.
+    """
+    mask_f = mask.float()
+    log_ratio = (trainer_logps.detach().float() - sampler_logps.float()) * mask_f
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask_f)
+    elif level != "token":
+        raise ValueError(f"unknown rollout_is_level {level!r}; valid: token, sequence")
+    ratio = torch.exp(log_ratio.clamp(max=80.0))  # exp(80) is finite in float32; anything past the cap is capped anyway
+    if mode == "off":
+        weights = torch.ones_like(ratio)
+    elif mode == "truncate":
+        weights = ratio.clamp(max=cap)
+    elif mode == "mask":
+        weights = ((ratio <= cap) & (ratio >= 1.0 / cap)).float()
+    else:
+        raise ValueError(f"unknown rollout_is {mode!r}; valid: off, truncate, mask")
+    weights = weights * mask_f
+    tokens = mask_f.sum().clamp(min=1)
+    masked = ((weights == 0) & mask.bool()).float().sum() / tokens
+    metrics = {"rollout/is_weight_mean": (weights.sum() / tokens).double(), "rollout/is_masked_frac": masked.double(),
+               "rollout/is_weight_max": weights.max().double() if weights.numel() else torch.zeros((), dtype=torch.float64)}
+    return weights.detach(), metrics

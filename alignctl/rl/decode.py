@@ -229,10 +229,12 @@ def prompt_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int, temperature: float, top_k: int, top_p: float,
-    max_new_tokens: int, eos_id: int, pad_id: int,
-) -> torch.Tensor:
+    max_new_tokens: int, eos_id: int, pad_id: int, with_logps: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(prompts x copies, max_new_tokens) sampled tokens for left-padded prompts, the `copies` of a prompt
-    consecutive; after a row's EOS come pad tokens (what generate returns)."""
+    consecutive; after a row's EOS come pad tokens (what generate returns). `with_logps`: also the
+    sampler's log-prob of each sampled token under the distribution it was drawn from (after the
+    warpers; 0 after a row's end)."""
     prompts, width = input_ids.shape
     rows = prompts * copies
     decoder = Decoder(model, prompts, width + max_new_tokens)
@@ -247,12 +249,16 @@ def sample(
     key_bias[:, :width].masked_fill_(~attention_mask.bool().repeat_interleave(copies, dim=0), float("-inf"))
     warp = warpers(temperature, top_k, top_p)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    out_logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=input_ids.device)
     live = torch.arange(rows, device=input_ids.device)  # original row of each row still in the batch
     empty = input_ids.new_empty(0)
     for step in range(max_new_tokens):
-        probs = torch.softmax(warp(empty, logits), dim=-1)
+        warped = warp(empty, logits)
+        probs = torch.softmax(warped, dim=-1)
         tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
         out[live, step] = tokens
+        if with_logps:
+            out_logps[live, step] = torch.log_softmax(warped, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         if step == max_new_tokens - 1:
             break
         going = tokens != eos_id
@@ -266,7 +272,7 @@ def sample(
         mask = key_bias[:, None, None, :end] if padded else None
         logits = decoder.forward(tokens[:, None], next_position[:, None], mask)
         next_position = next_position + 1
-    return out
+    return (out, out_logps) if with_logps else out
 
 
 @torch.no_grad()

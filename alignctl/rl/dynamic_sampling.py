@@ -26,7 +26,8 @@ def select_groups(rollout: ScoredRollout, groups: list[int], group_size: int) ->
     """The rollout restricted to `groups` (indices of its prompts), in that order."""
     rows = [g * group_size + k for g in groups for k in range(group_size)]
     c = rollout.completions
-    completions = Completions([c.prompt_ids[i] for i in rows], [c.completion_ids[i] for i in rows], [c.truncated[i] for i in rows], c.engine)
+    completions = Completions([c.prompt_ids[i] for i in rows], [c.completion_ids[i] for i in rows], [c.truncated[i] for i in rows], c.engine,
+                              None if c.sampler_logps is None else [c.sampler_logps[i] for i in rows])
     index = torch.tensor(rows, dtype=torch.long)
     return ScoredRollout(
         {name: [values[g] for g in groups] for name, values in rollout.rows.items()},
@@ -47,6 +48,8 @@ def concatenate(parts: list[ScoredRollout]) -> ScoredRollout:
         [ids for p in parts for ids in p.completions.completion_ids],
         [t for p in parts for t in p.completions.truncated],
         first.completions.engine,
+        # The sampler's log-probs travel with their completions (None if any part has none).
+        None if any(p.completions.sampler_logps is None for p in parts) else [x for p in parts for x in p.completions.sampler_logps],
     )
     times: dict[str, float] = {}
     for part in parts:

@@ -21,6 +21,7 @@ from alignctl.core.errors import DataError
 from alignctl.data import loading as data_lib
 from alignctl.data.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.models.loading import check_reward_model, load_reward_model, load_tokenizer, model_path
+from alignctl.nn.losses import aggregate, logprob_gap, rollout_correction
 from alignctl.rl.reward_sources import (
     RewardSource,
     RewardState,
@@ -258,9 +259,36 @@ class StepQueue:
 
 def rollout_metric_shares(batch: dict) -> dict[str, torch.Tensor]:
     """The rollout statistics a micro-batch carries, as metrics the loop adds up (float64: exact values).
-    Each process's rollout counts 1/world_size, so the sum over processes is their mean."""
+    Each process's rollout counts 1/world_size, so the sum over processes is their mean (a `_max`
+    metric is not scaled: the loop takes its max)."""
     share = 1.0 / distributed.current().world_size
-    return {k: torch.tensor(v * share, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+    return {k: torch.tensor(v if distributed.is_max_metric(k) else v * share, dtype=torch.float64) for k, v in batch.get("rollout_metrics", {}).items()}
+
+
+def with_sampler_logps(per_token: dict[str, list[torch.Tensor]], completions: Completions) -> dict[str, list[torch.Tensor]]:
+    """A rollout's per-token values plus the sampler's log-probs (`sampler_logps`), where the engine gave them."""
+    if completions.sampler_logps is not None:
+        per_token["sampler_logps"] = completions.sampler_logps
+    return per_token
+
+
+def rollout_correction_terms(recipe: OnlineRLConfig, batch: dict, old_logps: torch.Tensor, mask: torch.Tensor, level: str,
+                             num_items: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A micro-batch's sampler/trainer mismatch, as step-metric shares (`level`: the loss's aggregation),
+    and the importance weights of recipe.rollout_is for its policy-gradient loss (None: off, or an engine
+    without log-probs). `old_logps`: the trainer's log-probs of the sampled tokens before the update."""
+    if "sampler_logps" not in batch:
+        return None, {}
+    sampler, old = batch["sampler_logps"], old_logps.detach()
+    metrics = {"rollout/logprob_diff": aggregate((old.float() - sampler.float()).abs(), mask, level, num_items),
+               "rollout/logprob_diff_max": logprob_gap(old, sampler, mask)["rollout/logprob_diff_max"]}
+    if recipe.rollout_is.value == "off":
+        return None, metrics
+    weights, stats = rollout_correction(old, sampler, mask, recipe.rollout_is.value, recipe.rollout_is_level.value, recipe.rollout_is_cap)
+    metrics |= {"rollout/is_weight_mean": aggregate(weights, mask, level, num_items),
+                "rollout/is_masked_frac": aggregate(((weights == 0) & mask.bool()).float(), mask, level, num_items),
+                "rollout/is_weight_max": stats["rollout/is_weight_max"]}
+    return weights, metrics
 
 
 def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig,

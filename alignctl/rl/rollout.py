@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from alignctl.core.errors import ConfigError
 from alignctl.data.batching import pad
@@ -45,6 +46,9 @@ class Completions:
     completion_ids: list[list[int]]  # each ends with EOS unless truncated
     truncated: list[bool]  # no EOS within max_new_tokens
     engine: str = ""  # what sampled them: a key of ENGINES
+    # The sampler's log-prob of each completion token (1-D, as long as its ids) under the distribution it
+    # drew from (temperature, top-p, top-k applied); None where the engine gave none.
+    sampler_logps: list[torch.Tensor] | None = None
 
 
 # What each engine is, as the run's log names it.
@@ -68,12 +72,13 @@ def sample(
     input_ids = pad(prompt_ids, pad_id, side="left").to(device)
     attention_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
     if native_engine(model, sampling.engine, input_ids, attention_mask, sampling.max_new_tokens):
-        new_tokens = decode.sample(model, input_ids, attention_mask, num_generations, sampling.temperature, sampling.top_k, sampling.top_p,
-                                   sampling.max_new_tokens, eos_id, pad_id)
-        return replace(completions_from(new_tokens, prompt_ids, num_generations, eos_id), engine="native")
+        new_tokens, logps = decode.sample(model, input_ids, attention_mask, num_generations, sampling.temperature, sampling.top_k, sampling.top_p,
+                                          sampling.max_new_tokens, eos_id, pad_id, with_logps=True)
+        return replace(completions_from(new_tokens, prompt_ids, num_generations, eos_id, logps), engine="native")
     cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
     if cache is not None:  # generate() then starts from the cache: K rows per prompt, one per completion
         input_ids, attention_mask = input_ids.repeat_interleave(num_generations, 0), attention_mask.repeat_interleave(num_generations, 0)
+    recorder = SampledLogps(sampling.temperature, sampling.top_k, sampling.top_p)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -89,12 +94,42 @@ def sample(
         use_cache=True,
         # FSDP: every process takes part in every forward, so all go on until the last one is done.
         synced_gpus=is_sharded(model),
+        logits_processor=LogitsProcessorList([recorder]),
     )
-    return replace(completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id), engine="hf")
+    return replace(completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id, recorder.finish(output)), engine="hf")
 
 
-def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], num_generations: int, eos_id: int) -> Completions:
-    """Cut each row of sampled tokens after its EOS (kept); a row without one is truncated."""
+class SampledLogps(LogitsProcessor):
+    """Records, for `generate`, the log-prob of each token it samples under the distribution it samples
+    from, holding one step's distribution at a time (``output_scores`` would keep them all: rows x
+    vocabulary x new tokens). generate applies its warpers after a caller's processors, so the same
+    warpers (alignctl.rl.decode.warpers, generate's order) are applied here to what this one sees."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.warp = decode.warpers(temperature, top_k, top_p)
+        self.previous: torch.Tensor | None = None  # the last step's log-probs over the vocabulary
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])  # the token sampled from the previous step's distribution
+        self.previous = torch.log_softmax(self.warp(input_ids, scores.float()), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.values.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
+            self.previous = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(rows, new tokens) log-probs, once generate has returned `sequences`."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.values, 1) if self.values else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float32)
+
+
+def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], num_generations: int, eos_id: int,
+                     logps: torch.Tensor | None = None) -> Completions:
+    """Cut each row of sampled tokens after its EOS (kept); a row without one is truncated. `logps`
+    (rows, new tokens): the sampler's log-probs, cut the same way."""
     completion_ids, truncated = [], []
     for tokens in new_tokens.tolist():
         if eos_id in tokens:
@@ -104,7 +139,8 @@ def completions_from(new_tokens: torch.Tensor, prompt_ids: Sequence[list[int]], 
             completion_ids.append(tokens)
             truncated.append(True)
     repeated_prompts = [list(p) for p in prompt_ids for _ in range(num_generations)]
-    return Completions(repeated_prompts, completion_ids, truncated)
+    sampler = None if logps is None else [logps[row, : len(ids)].float().cpu().clone() for row, ids in enumerate(completion_ids)]
+    return Completions(repeated_prompts, completion_ids, truncated, sampler_logps=sampler)
 
 
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> did the engine match its forward
@@ -147,9 +183,11 @@ def vllm_sample(model: torch.nn.Module, prompt_ids: Sequence[list[int]], num_gen
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
         engine = _vllm_engines[model] = vllm_engine.VLLMRollouts(config._name_or_path, sampling.max_length or config.max_position_embeddings, seed=seed)
     engine.push_weights(model)
-    completion_ids = engine.sample(prompt_ids, num_generations, sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, eos_id)
+    completion_ids, logps = engine.sample(prompt_ids, num_generations, sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens,
+                                          eos_id, with_logps=True)
     truncated = [not ids or ids[-1] != eos_id for ids in completion_ids]
-    return Completions([list(p) for p in prompt_ids for _ in range(num_generations)], completion_ids, truncated)
+    return Completions([list(p) for p in prompt_ids for _ in range(num_generations)], completion_ids, truncated,
+                       sampler_logps=[torch.tensor(values, dtype=torch.float32) for values in logps])
 
 
 def shared_prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int) -> DynamicCache | None:

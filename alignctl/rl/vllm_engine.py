@@ -94,13 +94,14 @@ class VLLMRollouts:
         self.llm.reset_prefix_cache()
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], num_generations: int, temperature: float, top_p: float,
-               top_k: int, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+               top_k: int, max_new_tokens: int, eos_id: int, with_logps: bool = False) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
         """`num_generations` completions per prompt, the K of a prompt consecutive (alignctl.rl.rollout's
         order). A completion that ended keeps its EOS as its last token; one without EOS was truncated
-        at `max_new_tokens`. `top_k` 0 means off."""
+        at `max_new_tokens`. `top_k` 0 means off. `with_logps`: also each sampled token's log-prob
+        under the distribution vLLM drew it from (``processed_logprobs``: after temperature, top-p, top-k)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
+        settings = dict(
             n=num_generations,  # one request per prompt, fanned out into K sequences by vLLM
             temperature=temperature,
             top_p=top_p,
@@ -112,15 +113,32 @@ class VLLMRollouts:
             stop_token_ids=[eos_id],
             detokenize=False,  # token ids in, token ids out: no text is read
         )
+        if with_logps:
+            try:  # logprobs=0: the sampled token's own; processed: of the distribution sampled from
+                params = SamplingParams(**settings, logprobs=0, logprobs_mode="processed_logprobs")
+            except TypeError:  # vLLM before logprobs_mode: raw log-probs, a mismatch the metric then shows
+                params = SamplingParams(**settings, logprobs=0)
+        else:
+            params = SamplingParams(**settings)
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         requests = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        return [completion_tokens(c.token_ids, c.finish_reason, eos_id)
-                for request in requests for c in request.outputs]
+        outputs = [c for request in requests for c in request.outputs]
+        completions = [completion_tokens(c.token_ids, c.finish_reason, eos_id) for c in outputs]
+        if not with_logps:
+            return completions
+        return completions, [sampled_logps(c, len(ids)) for c, ids in zip(outputs, completions)]
 
 
 def vllm_top_k(top_k: int) -> int:
     """alignctl's top_k (0: off) in vLLM's terms, where -1 is off in every version (0 only in recent ones)."""
     return top_k if top_k > 0 else -1
+
+
+def sampled_logps(output, length: int) -> list[float]:
+    """The log-prob vLLM reported for each sampled token of `output` (a CompletionOutput asked for
+    logprobs=0), padded with 0 to `length` (an EOS put back by `completion_tokens` has none)."""
+    values = [float(step[token].logprob) for token, step in zip(output.token_ids, output.logprobs or [])]
+    return (values + [0.0] * length)[:length]
 
 
 def completion_tokens(token_ids: Sequence[int], finish_reason: str | None, eos_id: int) -> list[int]:

@@ -41,9 +41,11 @@ from alignctl.rl.online_rl import (
     load_prompts,
     planned_batch,
     reward_sources,
+    rollout_correction_terms,
     rollout_metric_shares,
     rollout_metrics,
     sample_and_score,
+    with_sampler_logps,
 )
 from alignctl.rl.reward_sources import RewardState
 from alignctl.rl.rollout import Sampling, per_token_values
@@ -105,7 +107,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rollout, sampling_stats = draw(state), {}
         if recipe.dynamic_sampling:
             rollout, sampling_stats = fill_with_informative_groups(rollout, lambda: draw(state), K, recipe.max_draws)
-        per_token, per_sequence = {}, {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
+        per_token, per_sequence = with_sampler_logps({}, rollout.completions), {"advantages": group_advantages(rollout.rewards, K, recipe.advantage.value)}
         started = time.perf_counter()
         if recipe.num_iterations > 1:  # with one pass the current log-probs are the sampling ones
             policy.eval()
@@ -123,7 +125,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
                                                     entropy_grad=recipe.entropy_coef > 0)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         surrogate = policy_surrogate(recipe.policy_loss.value, logps, old, mask, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
-        per_token, level = surrogate.loss, recipe.loss_aggregation.value
+        level = recipe.loss_aggregation.value
+        # The sampler is not the trainer: the mismatch is logged, and recipe.rollout_is reweights the policy gradient.
+        weights, correction = rollout_correction_terms(recipe, batch, old, mask, level, num_items)
+        per_token = surrogate.loss if weights is None else surrogate.loss * weights
         if recipe.entropy_coef > 0:  # only then does backward go through the entropy
             per_token = per_token - recipe.entropy_coef * entropy
 
@@ -137,7 +142,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             kl = kl_penalty(logps, batch["ref_logps"], "k3")
             per_token = per_token + recipe.beta * kl
             metrics["objective/kl"] = aggregate(kl.detach(), mask, level, num_items)
-        metrics |= rollout_metric_shares(batch)
+        metrics |= correction | rollout_metric_shares(batch)
         return aggregate(per_token, mask, level, num_items), metrics
 
     evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)

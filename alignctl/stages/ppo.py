@@ -50,9 +50,11 @@ from alignctl.rl.online_rl import (
     load_prompts,
     planned_batch,
     reward_sources,
+    rollout_correction_terms,
     rollout_metric_shares,
     rollout_metrics,
     sample_and_score,
+    with_sampler_logps,
 )
 from alignctl.rl.rollout import Sampling, per_token_values, right_aligned
 from alignctl.train.checkpoint import load_weights
@@ -190,12 +192,12 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         advantages, returns = gae(token_rewards, right_aligned(old_values, width), mask, recipe.gamma, recipe.lam)
         advantages = masked_whiten(advantages, mask) * mask
         lengths = [len(c) for c in completions.completion_ids]
-        per_token = {
+        per_token = with_sampler_logps({
             "old_logps": old_logps,
             "old_values": old_values,
             "advantages": [advantages[i, width - n :] for i, n in enumerate(lengths)],
             "returns": [returns[i, width - n :] for i, n in enumerate(lengths)],
-        }
+        }, completions)
         sequence_kl = kl.sum(-1)
         stats = rollout_metrics(scores, rollout.per_source, completions, 1) | {
             "objective/kl": float(sequence_kl.mean()),
@@ -213,6 +215,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
         values = value_fn(batch)
         policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)
+        weights, correction = rollout_correction_terms(recipe, batch, batch["old_logps"], mask, "token", num_items)  # sampler vs trainer
+        policy_loss = policy_loss if weights is None else policy_loss * weights
         value_loss, value_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], recipe.cliprange_value)
         metrics = {
             "loss/policy": aggregate(policy_loss.detach(), mask, "token", num_items),
@@ -222,7 +226,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
             "policy/approxkl": aggregate(0.5 * (logps.detach() - batch["old_logps"]) ** 2, mask, "token", num_items),
             "objective/entropy": aggregate(entropy, mask, "token", num_items),
         }
-        metrics |= rollout_metric_shares(batch)
+        metrics |= correction | rollout_metric_shares(batch)
         return aggregate(policy_loss + recipe.vf_coef * value_loss, mask, "token", num_items), metrics
 
     def restore(state: dict) -> None:

@@ -26,6 +26,7 @@ import torch
 from alignctl.config.schema import NonFinite, TrainConfig
 from alignctl.core import distributed
 from alignctl.core.errors import NonFiniteLoss
+from alignctl.models import precision
 from alignctl.runs.interrupt import Interrupted, StopRequests
 from alignctl.train.metrics import MetricsLogger
 
@@ -50,10 +51,7 @@ class LoopContext:
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
-    if ctx.autocast is None:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if ctx.autocast == "bf16" else torch.float16
-    return torch.autocast(ctx.device_type, dtype=dtype)
+    return precision.autocast(ctx.autocast, ctx.device_type)
 
 
 def _evaluate(ctx: LoopContext, step: int) -> dict[str, float]:
@@ -106,11 +104,12 @@ def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], lis
         # FSDP averages gradients over the processes: scaled, the shares still add up.
         (loss * distributed.current().world_size if ctx.sharded else loss).backward()
         for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
+            value = float(value.detach())  # a `_max` metric is the largest of the micro-batches, the rest add up
+            totals[key] = max(totals.get(key, value), value) if distributed.is_max_metric(key) else totals.get(key, 0.0) + value
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     if not ctx.sharded:
         distributed.sum_gradients(params)  # each process's shares add up to the global step's gradient
-    totals = distributed.sum_dict(totals)
+    totals = distributed.reduce_metrics(totals)
     # clip_grad_norm_ with an infinite max norm returns the norm without clipping.
     norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
