@@ -45,9 +45,21 @@ SUBCOMMANDS = {
     "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
     "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
     "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
+    "chat": "talk to a run's model (chat template, streaming, /reset): alignctl chat run=<run dir> [system=...] [temperature=0]",
+    "generate": "batch completions to JSON lines: alignctl generate run=<run dir> data=<file.jsonl> out=<file.jsonl> [n=1]",
 }
-# Commands that are not Hydra applications: they take their own arguments.
-PLAIN_COMMANDS = ("pipeline", "runs", "report", "export", "plan")
+# Commands that are not Hydra applications (they take their own arguments): command -> the module
+# whose `<command>_command(args)` runs it.
+PLAIN = {
+    "pipeline": "alignctl.cli.pipeline",
+    "runs": "alignctl.cli.report",
+    "report": "alignctl.cli.report",
+    "export": "alignctl.cli.export",
+    "plan": "alignctl.cli.plan",
+    "chat": "alignctl.cli.chat",
+    "generate": "alignctl.cli.chat",
+}
+PLAIN_COMMANDS = tuple(PLAIN)
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}
