@@ -46,6 +46,7 @@ SUBCOMMANDS = {
     "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
     "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
     "chat": "talk to a run's model (chat template, streaming, /reset): alignctl chat run=<run dir> [system=...] [temperature=0]",
+    "data": "rows as the model sees them, trained tokens marked: alignctl data inspect recipe=<r> [data=...] [model=...] [rows=3]",
     "generate": "batch completions to JSON lines: alignctl generate run=<run dir> data=<file.jsonl> out=<file.jsonl> [n=1]",
 }
 # Commands that are not Hydra applications (they take their own arguments): command -> the module
@@ -58,6 +59,7 @@ PLAIN = {
     "plan": "alignctl.cli.plan",
     "chat": "alignctl.cli.chat",
     "generate": "alignctl.cli.chat",
+    "data": "alignctl.cli.inspect",
 }
 PLAIN_COMMANDS = tuple(PLAIN)
 
