@@ -13,6 +13,7 @@ Nothing here imports torch: a bad command line fails in well under a second.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -141,7 +142,10 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
     Exits with code 2 and one line on stderr when the command or any job's config is wrong.
     """
     if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `alignctl --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return None
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 # A model wide enough for eight-digit parameter counts, with LoRA so `trainable` is a figure of its own.
 PLAN = ["plan", "recipe=sft", "adapter=lora", "model.tiny.hidden_size=768", "model.tiny.intermediate_size=3072", "model.tiny.num_heads=12"]
@@ -29,3 +31,12 @@ def test_piped_training_prints_plain_step_lines(alignctl):
     assert trained == ["step 2", "step 4"], result.stdout  # every log_every steps, and the last
     assert all(line.split(":", 1)[1].strip() for line in steps)  # every line carries figures
     assert not [line for line in result.stdout.splitlines() if "eta" in line]  # no progress bar drawn into the file
+
+
+def test_a_reader_that_goes_away_ends_quietly(repo_root):
+    # `alignctl --help | head -0`: the pipe closes before alignctl writes (it starts in about a second).
+    process = subprocess.Popen([sys.executable, "-m", "alignctl", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo_root)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
