@@ -97,10 +97,10 @@ def chat_command(args: list[str]) -> None:
     raw = flag("chat", values, "raw")
     run = checked_run("chat", values["run"])
 
-    import torch
     from transformers import TextStreamer
 
     from alignctl.data.encode import encode_prompt
+    from alignctl.runs.interrupt import Interrupted
 
     model, tokenizer = load_policy(run)
     templated = bool(getattr(tokenizer, "chat_template", None)) and not raw
@@ -113,7 +113,10 @@ def chat_command(args: list[str]) -> None:
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except Interrupted:  # Ctrl-C at the prompt quits, as Ctrl-D does
+            line = ""
         if not line:  # EOF
             print(flush=True)
             return
@@ -134,13 +137,25 @@ def chat_command(args: list[str]) -> None:
             prompt_ids = encode_prompt(tokenizer, system + "".join(m["content"] for m in history))
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        with torch.no_grad():
-            output = model.generate(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    streamer=streamer, **sampling)
+        try:
+            output = answer_of(model, tokenizer, prompt_ids, device, max_new_tokens, streamer, sampling)
+        except Interrupted:  # Ctrl-C during an answer stops that answer, not the chat
+            print("\n(stopped; that turn is forgotten)", flush=True)
+            history.pop()
+            continue
         answer = tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True)
         history.append({"role": "assistant", "content": answer})
         sys.stdout.flush()
+
+
+def answer_of(model: Any, tokenizer: Any, prompt_ids: list[int], device: Any, max_new_tokens: int, streamer: Any, sampling: dict) -> Any:
+    """One reply's token ids (prompt included), printed through `streamer` as they are produced."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(input_ids=torch.tensor([prompt_ids], device=device), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              streamer=streamer, **sampling)
 
 
 # -------------------------------------------------------------------------------------- generate

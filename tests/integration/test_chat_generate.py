@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -126,3 +127,12 @@ def test_bad_input_is_one_line_exit_2(case, sft_run, alignctl, tmp_path):
     assert result.returncode == 2, result.describe()
     assert len(result.stderr_lines()) == 1 and "Traceback" not in result.stderr, result.describe()
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_ctrl_c_at_the_prompt_quits_the_chat(sft_run):
+    process = subprocess.Popen([sys.executable, "-m", "alignctl", "chat", f"run={sft_run}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert "chatting with" in process.stdout.readline()  # the model is loaded; it waits for a line
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and not stderr.strip(), stderr
