@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from alignctl.data.batching import collate_lm
 from alignctl.data.encode import IGNORE, sft_example
@@ -55,3 +60,20 @@ def test_recipes_without_completions_and_bad_rows_value_exit_2(alignctl):
         result = alignctl("data", "inspect", *args)
         assert result.returncode == 2, result.describe()
         assert len(result.stderr_lines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["chat", "run=x", "temprature=1"], ["generate", "run=x"], ["data", "inspect", "recipe=sft", "rows=-1"], ["data", "show"]])
+def test_bad_input_to_the_tools_does_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "import alignctl.cli.main\n"
+        f"sys.argv = ['alignctl', *{args!r}]\n"
+        "try:\n"
+        "    alignctl.cli.main.main()\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 2, exit.code\n"
+        "assert 'torch' not in sys.modules, 'refusing bad input imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "ALIGNCTL_ALLOCATOR": "system"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("alignctl: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
