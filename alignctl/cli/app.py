@@ -13,6 +13,7 @@ Nothing here imports torch: a bad command line fails in well under a second.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -46,12 +47,24 @@ SUBCOMMANDS = {
     "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
     "probe": "the rollout engine's log-probs against the trainer's, before training: alignctl probe <train overrides> [--json]",
     "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
+    "chat": "talk to a run's model (chat template, streaming, /reset): alignctl chat run=<run dir> [system=...] [temperature=0]",
+    "data": "rows as the model sees them, trained tokens marked: alignctl data inspect recipe=<r> [data=...] [model=...] [rows=3]",
+    "generate": "batch completions to JSON lines: alignctl generate run=<run dir> data=<file.jsonl> out=<file.jsonl> [n=1]",
 }
-# Commands that are not Hydra applications: they take their own arguments.
-# Command -> the module with its `<command>_command(args)`.
-PLAIN_MODULES = {"pipeline": "alignctl.cli.pipeline", "runs": "alignctl.cli.report", "report": "alignctl.cli.report", "export": "alignctl.cli.export",
-                 "plan": "alignctl.cli.plan", "probe": "alignctl.cli.probe"}
-PLAIN_COMMANDS = tuple(PLAIN_MODULES)
+# Commands that are not Hydra applications (they take their own arguments): command -> the module
+# whose `<command>_command(args)` runs it.
+PLAIN = {
+    "pipeline": "alignctl.cli.pipeline",
+    "runs": "alignctl.cli.report",
+    "report": "alignctl.cli.report",
+    "export": "alignctl.cli.export",
+    "plan": "alignctl.cli.plan",
+    "chat": "alignctl.cli.chat",
+    "generate": "alignctl.cli.chat",
+    "data": "alignctl.cli.inspect",
+    "probe": "alignctl.cli.probe",
+}
+PLAIN_COMMANDS = tuple(PLAIN)
 
 # Hydra's own command-line flags; those in TAKES_VALUE consume the next argument.
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve", "--help", "-h", "--hydra-help", "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun", "--shell-completion", "-sc", "--version", "--run", "-r"}
@@ -131,7 +144,10 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
     Exits with code 2 and one line on stderr when the command or any job's config is wrong.
     """
     if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `alignctl --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return None
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:

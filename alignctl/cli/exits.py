@@ -43,6 +43,8 @@ def reported(resume_hint: str | None = None) -> Iterator[None]:
             print(f"alignctl: interrupted by {err.signal_name} after step {err.step}, before its first checkpoint was "
                   "complete; nothing to resume (start it again)", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except BrokenPipeError:
+        reader_gone()
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -53,3 +55,10 @@ def reported(resume_hint: str | None = None) -> Iterator[None]:
     except NonFiniteLoss as err:
         print(f"alignctl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def reader_gone() -> None:
+    """The reader of stdout went away (`alignctl runs | head`): stop quietly, as `cat` does, with
+    stdout pointed at /dev/null so the interpreter's last flush has nowhere to fail."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(128 + 13)  # SIGPIPE's exit status in a shell

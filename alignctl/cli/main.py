@@ -31,7 +31,7 @@ def _train(cfg: DictConfig) -> dict:
             return launch.run_stage(run_config, cfg, run_dir, list(given.task), list(given.hydra))
 
 
-COMMANDS = {"train": _train}  # eval is train with max_steps=0; the others (app.PLAIN_MODULES) take their own arguments
+COMMANDS = {"train": _train}  # eval is train with max_steps=0 (alignctl/runs/evaluation.py); the others: app.PLAIN
 
 
 def main() -> None:
@@ -43,10 +43,10 @@ def main() -> None:
         return
     command, rest = checked
     try:
-        if command in (PLAIN := hydra_app.PLAIN_MODULES):
+        if command in hydra_app.PLAIN:
             # A pipeline stopped by a signal resumes its stage when the same command runs again.
             with reported(resume_hint=" ".join(shlex.quote(a) for a in ["alignctl", *args])):
-                getattr(importlib.import_module(PLAIN[command]), f"{command}_command")(rest)
+                getattr(importlib.import_module(hydra_app.PLAIN[command]), f"{command}_command")(rest)
             return
         sys.argv = [f"alignctl {command}", *rest]
         COMMANDS[command]()

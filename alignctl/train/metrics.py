@@ -60,8 +60,9 @@ class MetricsLogger:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not enabled,
-            # On a terminal the bar redraws in place; in a log file it would print once at the end.
+            # On a terminal the bar redraws in place. Piped or in a log file a bar cannot redraw (rich
+            # would print it once, at the end): the plain `step N:` lines of advance() stand in for it.
+            disable=not enabled or not console.is_terminal,
             transient=False,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, metrics="")
@@ -86,7 +87,7 @@ class MetricsLogger:
         fields = "  ".join(f"{k}={_fmt(self.last[k])}" for k in PROGRESS_KEYS if k in self.last)
         if step % self.log_every == 0 or step == self._progress.tasks[0].total:
             self._progress.update(self._task, completed=step, metrics=fields)
-            if not console.is_terminal:
+            if not console.is_terminal and fields:  # nothing logged yet (step 0 of a resume): no empty line
                 print(f"step {step}: {fields}", file=sys.stdout, flush=True)
         else:
             self._progress.update(self._task, completed=step)
