@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def token_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
@@ -52,3 +53,27 @@ def distill_loss(
     agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float() * mask
     loss = per_token.sum() / num_items
     return loss, {"distill/divergence": loss.detach(), "distill/teacher_agreement": agree.sum() / num_items}
+
+
+def _chunk_sums(student_hidden, student_weight, teacher_hidden, teacher_weight, beta: float, temperature: float) -> torch.Tensor:
+    return token_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, beta, temperature).sum()
+
+
+def chunked_jsd_sum(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+    beta: float, temperature: float, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_jsd` summed over N positions from the (N, H) hidden states the two output layers read
+    (weights (V, H)), `chunk` positions at a time: each chunk's (chunk, V) logits are recomputed in
+    backward (activation checkpointing), so a large vocabulary never holds N x V logits (nor their
+    softmaxes) at once. Returns the sum (differentiable in the student's side) and how many positions'
+    argmaxes agree (no gradient)."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    agree = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    for start in range(0, student_hidden.size(0), chunk):
+        part, teacher_part = student_hidden[start : start + chunk], teacher_hidden[start : start + chunk]
+        total = total + checkpoint(_chunk_sums, part, student_weight, teacher_part, teacher_weight, beta, temperature, use_reentrant=False)
+        with torch.no_grad():
+            agree += ((part @ student_weight.T).argmax(-1) == (teacher_part @ teacher_weight.T).argmax(-1)).sum()
+    return total, agree

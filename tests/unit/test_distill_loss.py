@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from alignctl.nn.distill_loss import distill_loss, token_jsd
+from alignctl.nn.distill_loss import chunked_jsd_sum, distill_loss, token_jsd
 
 FORWARD = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
 REVERSE = 0.5 * math.log(2 / 3) + 0.5 * math.log(2)
@@ -61,3 +61,18 @@ def test_loss_sums_masked_tokens_over_the_step_items():
     assert metrics["distill/teacher_agreement"].item() == pytest.approx(2 / 4)
     loss.backward()
     assert student.grad[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_chunked_positions_equal_the_full_logits(beta):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(7, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(7, 4), torch.randn(5, 4)
+    full = token_jsd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, beta, 2.0).sum()
+    expected = torch.autograd.grad(full, (hidden, weight))
+    total, agree = chunked_jsd_sum(hidden, weight, teacher_hidden, teacher_weight, beta, 2.0, chunk=3)  # chunks of 3, 3 and 1
+    assert total.item() == pytest.approx(full.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(total, (hidden, weight)), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    argmax_agree = ((hidden @ weight.T).argmax(-1) == (teacher_hidden @ teacher_weight.T).argmax(-1)).sum()
+    assert agree.item() == argmax_agree.item()
