@@ -12,6 +12,7 @@ engine at ``recipe.temperature`` (alignctl/rl/rollout.py), then ``steps_per_gene
 steps; each micro-batch runs the student and the teacher once on prompt + completion, and the loss is
 the generalized JSD (``recipe.beta_jsd``: 1 reverse KL, the default; 0 forward KL) over the
 completion tokens only (alignctl/nn/distill_loss.py).
+Output layer: with recipe.lm_head_chunk > 0, applied to the completion positions a chunk at a time (nn/distill_loss.chunked_jsd_sum).
 Writes: checkpoint/, metrics.jsonl (distill/divergence, distill/teacher_agreement, the rollouts'
 reward and completions/* when reward functions are set), eval.json, lineage.json.
 Evaluates: greedy completions of the eval prompts (eval_reward, and eval_exact_match on a built-in task).
@@ -30,7 +31,8 @@ from alignctl.core.errors import ConfigError
 from alignctl.data.batching import BatchStream, column_lengths
 from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.models.loading import load_causal_lm, load_tokenizer, model_path
-from alignctl.nn.distill_loss import distill_loss
+from alignctl.nn.distill_loss import chunked_jsd_sum, distill_loss
+from alignctl.nn.lm_head import final_hidden, output_head
 from alignctl.rl.online_rl import (
     RolloutLog,
     StepQueue,
@@ -83,6 +85,25 @@ def completion_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor
     return logits, mask[:, -width:].to(torch.float32)
 
 
+def chunked_divergence(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict, recipe: DistillConfig, num_items: int) -> tuple | None:
+    """The loss from the two models' hidden states at the completion tokens only, the output layers applied
+    recipe.lm_head_chunk positions at a time (alignctl/nn/lm_head.py); None where a head cannot be fused."""
+    heads = output_head(student), output_head(teacher)
+    if not recipe.lm_head_chunk or None in heads:
+        return None
+    mask = batch["response_mask"]
+    width = int(mask.sum(-1).max())
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    where = mask[:, -width:].bool()
+    # Hidden states at t predict the token at t + 1: the W positions before the last one.
+    hidden = final_hidden(student, **inputs)[:, -width - 1 : -1][where]
+    with torch.no_grad():
+        teacher_hidden = final_hidden(teacher, **inputs)[:, -width - 1 : -1][where]
+    total, agree = chunked_jsd_sum(hidden, heads[0].weight, teacher_hidden, heads[1].weight, recipe.beta_jsd, recipe.temperature, recipe.lm_head_chunk)
+    loss = total / num_items
+    return loss, {"distill/divergence": loss.detach(), "distill/teacher_agreement": agree / num_items}
+
+
 def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     recipe: DistillConfig = cfg.recipe
     device = start_process(cfg)
@@ -119,6 +140,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rollout_log.after(queue.rollouts, rollout, rollout.rewards)
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chunked = chunked_divergence(student, teacher, batch, recipe, num_items)
+        if chunked is not None:
+            return chunked[0], chunked[1] | rollout_metric_shares(batch)
         logits, mask = completion_logits(student, batch)
         with torch.no_grad():
             teacher_logits, _ = completion_logits(teacher, batch)

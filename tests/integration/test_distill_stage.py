@@ -68,6 +68,17 @@ def test_loss_is_zero_when_the_student_is_the_teacher(teacher, tmp_path, beta_js
     assert run.train_records()[0]["distill/teacher_agreement"] == 1.0
 
 
+def test_chunked_output_layer_trains_as_the_full_logits(teacher, tmp_path):
+    """recipe.lm_head_chunk > 0 (the default) forms the two vocabularies' logits a few positions at a time."""
+    losses = {}
+    for chunk in ("5", "0"):
+        run = _train(tmp_path / f"chunk{chunk}", "recipe=distill", f"inputs.teacher={teacher}", f"recipe.lm_head_chunk={chunk}", "recipe.max_steps=2",
+                     "recipe.lr=1e-3", *SMALL)
+        run.assert_finished()
+        losses[chunk] = [v for r in run.train_records() for v in (r["loss"], r["distill/teacher_agreement"])]
+    assert losses["5"] == pytest.approx(losses["0"], rel=1e-5) and losses["5"][2] != losses["5"][0]  # step 2's loss moved
+
+
 def test_lora_student(teacher, tmp_path):
     run = _train(tmp_path / "lora", "recipe=distill", "adapter=lora", f"inputs.teacher={teacher}", "recipe.max_steps=2", "recipe.lr=1e-2", *SMALL)
     run.assert_finished()
