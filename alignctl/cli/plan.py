@@ -248,9 +248,10 @@ def batch_rows(cfg: Any) -> list[tuple[str, str]]:
     rows = [("processes", str(processes)),
             ("global batch", f"{recipe.batch_size} per device x {recipe.grad_accum} accumulation x {processes} processes = {step}"),
             ("examples seen", f"{recipe.max_steps} steps x {step} = {recipe.max_steps * step:,}")]
-    if recipe.stage in ("grpo", "ppo"):
+    if hasattr(recipe, "steps_per_generation"):  # the online stages: grpo, ppo, distill
         per_rollout = step * recipe.steps_per_generation
-        passes = recipe.num_iterations if recipe.stage == "grpo" else recipe.num_ppo_epochs
+        # grpo's num_iterations, ppo's num_ppo_epochs; distill makes one pass over each rollout.
+        passes = getattr(recipe, "num_iterations", getattr(recipe, "num_ppo_epochs", 1))
         k = getattr(recipe, "num_generations", 1)
         rows += [("completions per rollout", f"{step} x {recipe.steps_per_generation} steps_per_generation = {per_rollout}"),
                  ("prompts per rollout", f"{per_rollout} / {k} completions each = {per_rollout // k}"),

@@ -239,6 +239,22 @@ class PPOConfig(OnlineRLConfig):
 
 
 @dataclass
+class DistillConfig(OnlineRLConfig):
+    """recipe=distill: on-policy distillation (GKD). The student samples, the teacher (inputs.teacher) scores
+    every sampled token's next-token distribution; `batch_size` counts completions."""
+
+    num_generations: int = within("[1, 1e4]")  # completions the student samples per prompt
+    beta_jsd: float = within("[0, 1]", "0: forward KL(teacher||student), 1: reverse KL(student||teacher)")  # TRL GKDTrainer's beta
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta == 0, "beta", "distill has no reference policy: the teacher is what the student is pulled to; set beta=0")
+        step = self.batch_size * self.grad_accum
+        _check(step % self.num_generations == 0, "batch_size",
+               f"batch_size x grad_accum ({step}) must be a multiple of num_generations ({self.num_generations})")
+
+
+@dataclass
 class PairsConfig:
     """recipe=pairs: sample K completions per prompt from a policy, rank them with the rewards, and
     write (prompt, best, worst) preference pairs for the next DPO round. Trains nothing."""
@@ -273,5 +289,6 @@ RECIPE_SCHEMAS: dict[str, type] = {
     "kto": KTOConfig,
     "grpo": GRPOConfig,
     "ppo": PPOConfig,
+    "distill": DistillConfig,
     "pairs": PairsConfig,
 }

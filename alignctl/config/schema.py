@@ -21,6 +21,7 @@ from alignctl.config.bounds import within
 from alignctl.config.recipe_schema import (  # noqa: F401
     RECIPE_SCHEMAS,
     Advantage,
+    DistillConfig,
     DPOConfig,
     DPOLossType,
     GRPOConfig,

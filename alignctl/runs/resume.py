@@ -82,7 +82,7 @@ IDENTITY = {
     "model.revision": "model.revision", "adapter.kind": "adapter", "adapter.r": "adapter.r", "adapter.alpha": "adapter.alpha",
     "adapter.target_modules": "adapter.target_modules", "adapter.use_rslora": "adapter.use_rslora", "adapter.bias": "adapter.bias",
     "adapter.quant_type": "adapter.quant_type", "adapter.double_quant": "adapter.double_quant",
-    **{f"inputs.{role}": f"inputs.{role}" for role in ("policy", "init", "reward", "reference", "data")},
+    **{f"inputs.{role}": f"inputs.{role}" for role in ("policy", "init", "reward", "reference", "teacher", "data")},
     "data.path": "data.path", "data.config_name": "data.config_name", "data.train_split": "data.train_split",
 }
 _ABSENT = object()

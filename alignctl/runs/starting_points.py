@@ -20,7 +20,7 @@ from alignctl.core.errors import ConfigError
 from alignctl.runs.runfiles import DamagedFile, check_weights, read_json
 
 # inputs.* roles that hold a model (inputs.data holds a dataset).
-MODEL_ROLES = ("policy", "init", "reward", "reference")
+MODEL_ROLES = ("policy", "init", "reward", "reference", "teacher")
 # The small JSON files of a model or checkpoint directory that loaders parse.
 JSON_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json", "alignctl.json")
 
@@ -55,7 +55,7 @@ def check_starting_points(run) -> None:
     models.append(("model.name_or_path", run.model.name_or_path))
     # The policy a stage trains (or keeps as its reference) must be a causal LM. recipe=reward starts
     # its scorer from model.name_or_path or inputs.init, where a reward model is fine.
-    policies = ["inputs.policy", "inputs.reference"]
+    policies = ["inputs.policy", "inputs.reference", "inputs.teacher"]
     if run.recipe.stage != "reward" and not run.inputs.get("policy"):
         policies.append("model.name_or_path")
     for key, path in models:

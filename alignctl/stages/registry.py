@@ -3,10 +3,10 @@ Each stage module ends with its `STAGE`; adding a stage is one module and one li
 
 from __future__ import annotations
 
-from alignctl.stages import dpo, grpo, kto, pairs, ppo, reward, sft
+from alignctl.stages import distill, dpo, grpo, kto, pairs, ppo, reward, sft
 from alignctl.train.stage_spec import Stage, StageRunner
 
-STAGES: dict[str, Stage] = {module.STAGE.name: module.STAGE for module in (sft, reward, dpo, kto, pairs, ppo, grpo)}
+STAGES: dict[str, Stage] = {module.STAGE.name: module.STAGE for module in (sft, reward, dpo, kto, pairs, ppo, grpo, distill)}
 
 
 def stage(name: str) -> Stage:

@@ -28,6 +28,8 @@ def test_a_real_model_gets_chat_model_defaults(model):
     grpo = recipe("recipe=grpo", *model)
     assert (grpo.max_new_tokens, grpo.max_length, grpo.num_generations, grpo.lr) == (256, 768, 8, 1e-6)
     assert recipe("recipe=ppo", *model).max_new_tokens == 256
+    distill = recipe("recipe=distill", *model)
+    assert (distill.max_new_tokens, distill.lr, distill.beta_jsd, distill.beta) == (256, 1e-6, 1.0, 0.0)
     reward = recipe("recipe=reward", "adapter=lora", *model)  # a plain reward model: an adapter is allowed
     assert (reward.extra_layers, reward.lm_loss_coef, reward.max_length) == (0, 0.0, 1024)
 
@@ -42,6 +44,8 @@ def test_the_tiny_model_keeps_the_built_in_task_settings():
     assert (dpo.nll_weight, dpo.max_steps, dpo.max_length) == (1.0, 200, 16)
     grpo = recipe("recipe=grpo", "model=tiny")
     assert (grpo.max_length, grpo.max_new_tokens, grpo.batch_size, grpo.eval_max_new_tokens) == (24, 8, 64, 8)
+    distill = recipe("recipe=distill")
+    assert (distill.max_length, distill.max_new_tokens, distill.batch_size, distill.lr) == (24, 8, 64, 1e-4)
 
 
 @pytest.mark.parametrize("model", [["model=tiny"], *REAL], ids=["tiny", "smollm2", "hf"])
