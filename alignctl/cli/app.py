@@ -128,6 +128,15 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return flags, overrides, bool({"-m", "--multirun"} & set(flags))
 
 
+def json_and_overrides(command: str, args: list[str], takes: str = "") -> tuple[bool, list[str]]:
+    """For a command that takes alignctl train's overrides (plan, probe): whether --json was given, and
+    the other arguments; any other flag is refused in one line."""
+    rest = [a for a in args if a != "--json"]
+    if flags := [a for a in rest if a.startswith("-")]:
+        raise UserError(f"{command}: unknown flag {flags[0]}; {command} takes the overrides of alignctl train (key=value ...){takes} and --json")
+    return len(rest) < len(args), rest
+
+
 def flag_value(flags: list[str], *names: str) -> str | None:
     """The value of a flag given as `--name value` or `--name=value` (the last one wins), or None."""
     found = None

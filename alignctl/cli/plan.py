@@ -281,11 +281,7 @@ def plan_command(args: list[str]) -> None:
     from alignctl.config.validation import validate
     from alignctl.core.console import console
 
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
-    flags = [a for a in args if a.startswith("-")]
-    if flags:
-        raise UserError(f"plan: unknown flag {flags[0]}; plan takes the overrides of alignctl train (key=value ...) and --json")
+    as_json, args = hydra_app.json_and_overrides("plan", args)
     (composed,) = hydra_app.check_jobs(args, multirun=False)
     hydra_app.quiet_libraries()
     cfg = validate(composed)

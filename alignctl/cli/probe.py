@@ -18,11 +18,7 @@ def probe_command(args: list[str]) -> None:
     from alignctl.config.validation import validate
     from alignctl.core.console import console
 
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
-    flags = [a for a in args if a.startswith("-")]
-    if flags:
-        raise UserError(f"probe: unknown flag {flags[0]}; probe takes the overrides of alignctl train (key=value ...), probe.prompts=N and --json")
+    as_json, args = hydra_app.json_and_overrides("probe", args, takes=", probe.prompts=N")
     prompts = DEFAULT_PROMPTS
     for arg in [a for a in args if a.startswith("probe.prompts=")]:
         value = arg.split("=", 1)[1]
