@@ -13,6 +13,7 @@ Nothing here imports torch: a bad command line fails in well under a second.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,12 +36,14 @@ from alignctl.config.compose import (  # noqa: F401 - the CLI's names for them
 )
 from alignctl.config.hydra_errors import explain
 from alignctl.config.validation import validate
+from alignctl.core.console import console
 from alignctl.core.errors import ConfigError, UserError
 from alignctl.runs.outputs import check_output, evaluated_runs
+from alignctl.runs.runfiles import read_json
 
 SUBCOMMANDS = {
     "train": "train one stage: alignctl train recipe=sft [group=option ...] [key=value ...] [-m]",
-    "eval": "evaluate a run's checkpoint, no training: alignctl eval run=<run dir> [key=value ...]",
+    "eval": "evaluate a run's checkpoint, no training: alignctl eval run=<run dir> [key=value ...] [--json]",
     "pipeline": "run a pipeline recipe: alignctl pipeline rlhf|dpo|grpo|<file.yaml> [key=value] [stage.key=value] [-m]",
     "runs": "list runs with stage, parents, status and headline metric: alignctl runs [DIR]",
     "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
@@ -128,6 +131,20 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return flags, overrides, bool({"-m", "--multirun"} & set(flags))
 
 
+# `alignctl eval ... --json`: the evaluation directories whose eval.json is printed once the run ends.
+JSON_REPORTS: list[Path] = []
+
+
+def print_json_reports() -> None:
+    """One JSON object per evaluation (`--json`): its directory, the run it evaluated and eval.json's metrics."""
+    for folder in JSON_REPORTS:
+        if (folder / "eval.json").exists():  # else the evaluation failed and said why
+            print(json.dumps({"eval_dir": str(folder), "run": str(folder.parent.parent), **read_json(folder / "eval.json")}), flush=True)
+    if JSON_REPORTS:
+        console.file = None  # back to stdout (the test runner calls main() again in this process)
+    JSON_REPORTS.clear()
+
+
 def json_and_overrides(command: str, args: list[str], takes: str = "") -> tuple[bool, list[str]]:
     """For a command that takes alignctl train's overrides (plan, probe): whether --json was given, and
     the other arguments; any other flag is refused in one line."""
@@ -168,10 +185,14 @@ def run_command(args: list[str]) -> tuple[str, list[str]] | None:
     if command == "eval":
         from alignctl.runs.evaluation import eval_args
 
+        as_json = "--json" in rest
         try:
-            rest = eval_args(rest)
+            rest = eval_args([a for a in rest if a != "--json"])
         except UserError as err:
             fail(str(err))
+        if as_json:  # stdout carries the JSON alone; tables and progress go to stderr
+            console.file = sys.stderr
+            JSON_REPORTS.append(Path(next(a for a in rest if a.startswith("hydra.run.dir=")).split("=", 1)[1]))
         command = "train"
     else:
         from alignctl.runs.resume import resume_args

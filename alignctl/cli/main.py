@@ -1,5 +1,4 @@
 """`alignctl` command line: subcommands dispatch to Hydra apps (logic: cli/app.py; early ends: cli/exits.py)."""
-
 from __future__ import annotations
 
 import importlib
@@ -53,6 +52,8 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handlers
         print("alignctl: interrupted by SIGINT before training started; nothing to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        hydra_app.print_json_reports()  # eval --json, when its evaluation finished
 
 
 if __name__ == "__main__":

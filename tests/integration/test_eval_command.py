@@ -84,3 +84,17 @@ def test_eval_of_a_directory_that_is_not_a_run_is_one_line(alignctl, tmp_path):
     result = alignctl("eval", f"run={tmp_path}")
     assert result.returncode == 2 and len(result.stderr_lines()) == 1, result.describe()
     assert "not an alignctl run directory" in result.stderr
+
+
+def test_eval_json_prints_one_object_with_the_evaluation(alignctl, tmp_path):
+    run = tmp_path / "sft"
+    trained = alignctl("train", "recipe.max_steps=2", *QUICK, f"hydra.run.dir={run}")
+    assert trained.returncode == 0, trained.describe()
+    result = alignctl("eval", f"run={run}", "--json")
+    assert result.returncode == 0, result.describe()
+    report = json.loads(result.stdout)  # stdout is the JSON alone: the tables went to stderr
+    [eval_dir] = (run / "eval").iterdir()
+    assert report == {"eval_dir": str(eval_dir), "run": str(run.resolve()), **json.loads((eval_dir / "eval.json").read_text())}
+    assert "eval_exact_match" in report and "evaluation (no training)" in result.stderr
+    after = alignctl("plan", "recipe=sft")  # the console prints to stdout again afterwards
+    assert "trainable" in after.stdout, after.describe()
