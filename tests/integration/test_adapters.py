@@ -26,7 +26,8 @@ RL = ["recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_char
 RUNS = {
     "sft_dora": ["recipe=sft", "adapter=dora", "recipe.max_steps=4", "recipe.lr=1e-2"],
     "sft_qlora": ["recipe=sft", "adapter=qlora", "recipe.max_steps=4", "recipe.lr=1e-2"],
-    "dpo_qlora": ["recipe=dpo", "adapter=qlora", "recipe.max_steps=3", "recipe.lr=1e-2", "inputs.policy={root}/sft_qlora"],
+    # nll_weight=0: its step-0 loss is DPO's alone (ln 2), without model=tiny's NLL term.
+    "dpo_qlora": ["recipe=dpo", "adapter=qlora", "recipe.max_steps=3", "recipe.lr=1e-2", "recipe.nll_weight=0", "inputs.policy={root}/sft_qlora"],
     "kto_dora": ["recipe=kto", "adapter=dora", "recipe.max_steps=3", "recipe.lr=1e-2"],
     "reward_qlora": ["recipe=reward", "adapter=qlora", "recipe.extra_layers=0", "recipe.lm_loss_coef=0", "recipe.max_steps=3", "recipe.lr=1e-2"],
     "grpo_dora": ["recipe=grpo", "adapter=dora", *RL, "recipe.num_generations=4", "recipe.beta=0.1", "recipe.lr=1e-2"],
