@@ -84,7 +84,8 @@ def test_help_lists_commands_groups_and_recipes(alignctl):
     assert "train" in result.stdout
     for group in hydra_app.groups():
         assert group in result.stdout
-        line = next(ln for ln in result.stdout.splitlines() if ln.strip().startswith(group + " "))
+        groups_section = result.stdout.split("config groups", 1)[1]  # `data` is also a command
+        line = next(ln for ln in groups_section.splitlines() if ln.strip().startswith(group + " "))
         for option in hydra_app.group_options(group):
             assert option in line, f"{option} missing from: {line}"
     assert "recipes" in result.stdout

@@ -62,7 +62,7 @@ class Job:
 
 
 SFT_AGAIN = ["recipe=sft", "recipe.max_steps=10", "recipe.batch_size=16", "data=hf", "data.path={root}/sft_again.jsonl"]
-PRECOMPUTED_FROM_SFT_AGAIN = ["recipe=dpo", *DATA, *STILL, "recipe.reference=precomputed", "inputs.policy={root}/runs/sft_again"]
+PRECOMPUTED_FROM_SFT_AGAIN = ["recipe=dpo", *DATA, *STILL, "recipe.nll_weight=0", "recipe.reference=precomputed", "inputs.policy={root}/runs/sft_again"]
 
 
 def weights_digest(run_dir: Path) -> str:
@@ -102,7 +102,7 @@ JOBS: dict[str, Job] = {
     "sft_again_retrained": Job(SFT_AGAIN, after=("cache_sft_again",), dir="sft_again", prepare=retrain_on_other_rows),
     # the precomputed cache from another starting policy (the tiny base model); after the first
     # precomputed run, so that a cache key shared by mistake would be found there
-    "cache_other_policy": Job(["recipe=dpo", *DATA, *STILL, "recipe.reference=precomputed"], after=("full_precomputed",)),
+    "cache_other_policy": Job(["recipe=dpo", *DATA, *STILL, "recipe.nll_weight=0", "recipe.reference=precomputed"], after=("full_precomputed",)),
     **{
         loss: Job([*DPO, "recipe.max_steps=3", f"recipe.loss_type={loss}", *extra], after=("sft",))
         for loss, extra in list(LOSS_TYPES.items())[2:]

@@ -95,8 +95,20 @@ def test_export_merged_and_pushed_sends_the_card_and_the_weights(chain, hub, tmp
     assert "https://huggingface.co/me/tiny-dpo/commit/abc" in done.output
 
 
-def test_a_failed_upload_is_one_line_and_keeps_the_export(chain, tmp_path):
-    # The real client, offline (the suite sets HF_HUB_OFFLINE=1): it refuses to reach the hub.
+class OfflineHub:
+    """huggingface_hub's client as it answers offline (HF_HUB_OFFLINE=1, read by huggingface_hub when first
+    imported, which may be before this suite sets it): it refuses to reach the hub."""
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")
+
+
+def test_a_failed_upload_is_one_line_and_keeps_the_export(chain, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineHub)
     out = tmp_path / "export"
     done = run_cli(["export", f"run={chain['sft']}", f"out={out}", "push_to_hub=me/tiny-sft"], cwd=tmp_path)
     assert done.returncode == 2, done.describe()
