@@ -95,13 +95,12 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, run: Path) -> str:
     """Upload an export (weights, tokenizer, model card) to the hub through huggingface_hub; return the commit's URL.
     The export stays on disk whatever happens, so a failed upload is one line and a rerun of the upload alone."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"alignctl export of {run.name}")
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except Exception as err:  # HTTP errors, no network (httpx's ConnectError is not an OSError), offline mode, a bad token
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"push_to_hub={repo_id}: the upload failed ({first}); the export is complete in {folder} "
                         "(log in with `hf auth login` or set HF_TOKEN, then `hf upload` it or export again)") from None

@@ -117,6 +117,25 @@ def test_a_failed_upload_is_one_line_and_keeps_the_export(chain, tmp_path, monke
     assert (out / "README.md").exists() and (out / "adapter_model.safetensors").exists()
 
 
+class UnreachableHub:
+    """No network: httpx's ConnectError, which is not an OSError."""
+
+    def create_repo(self, repo_id, **kwargs):
+        class ConnectError(Exception):
+            pass
+
+        raise ConnectError("[Errno -2] Name or service not known")
+
+
+def test_no_network_is_one_line_too(chain, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", UnreachableHub)
+    done = run_cli(["export", f"run={chain['sft']}", f"out={tmp_path / 'export'}", "push_to_hub=me/tiny-sft"], cwd=tmp_path)
+    assert done.returncode == 2 and "the upload failed ([Errno -2] Name or service not known)" in done.output, done.describe()
+    assert (tmp_path / "export" / "README.md").exists()
+
+
 def test_a_bad_repo_id_writes_nothing(chain, tmp_path):
     out = tmp_path / "export"
     done = run_cli(["export", f"run={chain['sft']}", f"out={out}", "push_to_hub=not a repo"], cwd=tmp_path)
