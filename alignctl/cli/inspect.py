@@ -22,9 +22,9 @@ FORMATS = ("sft", "preference", "feedback")
 def data_command(args: list[str]) -> None:
     if not args or args[0] != "inspect":
         raise UserError("data: the one subcommand is inspect: alignctl data inspect recipe=<recipe> [data=...] [model=...] [rows=3] [--json]")
-    args = args[1:]
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
+    from alignctl.cli import app as hydra_app
+
+    as_json, args = hydra_app.json_and_overrides("data inspect", args[1:], takes=", rows=N")
     shown = [a for a in args if a.startswith("rows=")]
     args = [a for a in args if not a.startswith("rows=")]
     try:
@@ -33,11 +33,7 @@ def data_command(args: list[str]) -> None:
         rows = -1
     if rows < 0:
         raise UserError(f"data inspect: {shown[-1]!r}: rows must be a whole number >= 0 (how many rows to show)")
-    flags = [a for a in args if a.startswith("-")]
-    if flags:
-        raise UserError(f"data inspect: unknown flag {flags[0]}; it takes the overrides of alignctl train, rows=N and --json")
 
-    from alignctl.cli import app as hydra_app
     from alignctl.config.validation import validate
 
     (composed,) = hydra_app.check_jobs(args, multirun=False, label="data inspect")
