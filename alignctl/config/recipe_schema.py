@@ -21,6 +21,12 @@ class NonFinite(str, Enum):
     skip = "skip"
 
 
+class GuardMode(str, Enum):
+    off = "off"  # no monitor
+    warn = "warn"  # one line per signal that trips, training goes on
+    stop = "stop"  # the first signal that trips ends the run there, saved and finished (alignctl/train/guard.py)
+
+
 class Scheduler(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -106,6 +112,12 @@ class TrainConfig:
     lm_head_chunk: int = within("[0, 1e7]", "0: plain logits")  # positions per chunk of the fused output layer (alignctl/nn/lm_head.py); 0: plain logits
     fused_mlp: bool  # SwiGLU MLPs keep (gate, up) for backward, not silu(gate) too (alignctl/nn/fused_mlp.py)
     trim_top_layer: bool  # scalar heads: the top decoder layer runs at the scored position only (alignctl/nn/last_token.py)
+    guard: GuardMode  # watch for over-optimisation, KL and length bias (alignctl/train/guard.py): off, warn or stop
+    guard_drop: float = within("(0, 1e9]")  # how far the held-out metric may fall below its best, in its units (0.05: 5 points)
+    guard_kl_max: float | None = within("(0, 1e9]", "null: not watched")  # ceiling on objective/kl, averaged over guard_window steps
+    guard_length_corr: float | None = within("(0, 1]", "null: not watched")  # ceiling on the length-reward correlation, averaged likewise
+    guard_min_evals: int = within("[2, 1e6]")  # evaluations (step 0 included) before the held-out signal may trip
+    guard_window: int = within("[1, 1e6]")  # optimiser steps the training signals are averaged over
 
     def __post_init__(self) -> None:
         # Single-field ranges are declared with `within` and checked before this runs (alignctl/config/bounds.py);
@@ -127,6 +139,7 @@ class SFTConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(not (self.packing and self.padding_free), "padding_free", "and packing are two ways to drop padding: set one of them")
+        _check_nothing_to_guard(self)
 
 
 @dataclass
@@ -134,6 +147,15 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float = within("[0, 1e3]", "0: off")  # c in c * (r+ + r-)^2, keeps rewards centred (0: off)
     extra_layers: int = within("[0, 1024]")  # fresh decoder layers stacked on the initial backbone, starting as the identity
     lm_loss_coef: float = within("[0, 1e3]", "0: off")  # weight of next-token loss on chosen responses, read below the extra layers (0: off)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_nothing_to_guard(self)
+
+
+def _check_nothing_to_guard(recipe: TrainConfig) -> None:
+    """sft and reward train on fixed targets: no training reward, KL or sampled lengths for the guard to watch."""
+    _check(recipe.guard == GuardMode.off, "guard", f"{recipe.stage} has no training reward, KL or sampled completions to watch; valid here: off")
 
 
 @dataclass

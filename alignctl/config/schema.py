@@ -25,6 +25,7 @@ from alignctl.config.recipe_schema import (  # noqa: F401
     DPOConfig,
     DPOLossType,
     GRPOConfig,
+    GuardMode,
     KTOConfig,
     LossAggregation,
     NonFinite,

@@ -124,18 +124,27 @@ def score(sources: Sequence[RewardSource], prompts: list, completions: list, col
 
 
 def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], completions: Completions, group_size: int) -> dict[str, float]:
-    """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio."""
+    """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio;
+    and completions/length_reward_corr, what recipe.guard reads for length bias."""
     lengths = torch.tensor([len(c) for c in completions.completion_ids], dtype=torch.float32)
     metrics = {
         "reward": float(total.mean()),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
         "completions/mean_length": float(lengths.mean()),
         "completions/clipped_ratio": sum(completions.truncated) / len(completions.truncated),
+        "completions/length_reward_corr": correlation(lengths, total.float()),
     }
     if group_size > 1:
         metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
     metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
     return metrics
+
+
+def correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's r of two (N,) tensors; 0 when either is constant (all completions the same length)."""
+    dx, dy = x - x.mean(), y - y.mean()
+    scale = float((dx.square().sum() * dy.square().sum()).sqrt())
+    return float((dx * dy).sum()) / scale if scale > 0 else 0.0
 
 
 def evaluate_greedy(

@@ -104,8 +104,9 @@ class RunDir:
         if self.enabled:
             write_json_atomic(self.path / "lineage.json", self.lineage)
 
-    def finish(self, metrics: dict[str, float]) -> None:
-        self.lineage.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=metrics)
+    def finish(self, metrics: dict[str, float], **record: object) -> None:
+        """`record`: what else the run's outcome says, e.g. guard_stop (where and why recipe.guard=stop ended it)."""
+        self.lineage.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=metrics, **record)
         self._write()
 
     def interrupt(self, signal_name: str, step: int | None) -> None:

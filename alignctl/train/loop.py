@@ -7,6 +7,10 @@ carries; see batching.split_micro) and `step_fn`
 over the micro-batches of a step gives the full-batch mean, so B x accumulation A equals a batch of
 A*B exactly, whatever the padding. Evaluation and saving are callbacks on a step cadence.
 
+With recipe.guard on, every step's metrics and every evaluation go through the guard
+(alignctl/train/guard.py): a signal that trips is one printed line and a metrics.jsonl record; with
+recipe.guard=stop the run ends after that step like a finished one (saved, evaluated, `guard_stop` set).
+
 A step whose loss or gradient norm is not finite stops the run (`NonFiniteLoss`) or, with
 recipe.nonfinite=skip, changes no weight and is counted in `skipped_steps`. A SIGINT/SIGTERM ends
 the run after the current step with a checkpoint (alignctl/runs/interrupt.py).
@@ -23,11 +27,12 @@ from typing import Any
 
 import torch
 
-from alignctl.config.schema import NonFinite, TrainConfig
+from alignctl.config.schema import GuardMode, NonFinite, TrainConfig
 from alignctl.core import distributed
 from alignctl.core.errors import NonFiniteLoss
 from alignctl.models import precision
 from alignctl.runs.interrupt import Interrupted, StopRequests
+from alignctl.train.guard import Trip, guard_for
 from alignctl.train.metrics import MetricsLogger
 
 Batch = dict[str, Any]
@@ -48,6 +53,7 @@ class LoopContext:
     skipped_steps: int = 0  # non-finite steps skipped (recipe.nonfinite=skip)
     sharded: bool = False  # FSDP: it reduce-scatters (averages) the gradients itself
     step: int = 0  # the last optimiser step that finished (what a signal arriving now interrupts after)
+    guard_stop: str | None = None  # the guard's line when recipe.guard=stop ended the run early
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -64,27 +70,57 @@ def train_loop(
 ) -> dict[str, float]:
     """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
     last: dict[str, float] = {}
+    guard = guard_for(recipe)
     if start_step == 0 and (baseline := _evaluate(ctx, 0)):  # the untrained model, so every run shows what training changed
         ctx.logger.log({"step": 0, **baseline})
         last.update(baseline)  # all there is when max_steps=0 (alignctl eval)
+        if guard is not None:
+            guard.after_eval(0, baseline)
     with StopRequests(lambda signum: ctx.logger.note(f"received signal {signum}: finishing this step, then saving")) as stop:
         for step in range(start_step + 1, recipe.max_steps + 1):
             last = _one_step(ctx, recipe, next_step, step_fn, step)
             ctx.step = step
+            trips = guard.after_step(step, dict(last)) if guard is not None else []
             final = step == recipe.max_steps
-            if final or (recipe.eval_every and step % recipe.eval_every == 0):
-                eval_metrics = _evaluate(ctx, step)
-                if eval_metrics:
-                    ctx.logger.log({"step": step, **eval_metrics})
-                    last.update(eval_metrics)
+            evaluated = final or (recipe.eval_every and step % recipe.eval_every == 0)
+            if evaluated:
+                eval_metrics = _log_evaluation(ctx, step, last)
+                trips += guard.after_eval(step, eval_metrics) if guard is not None else []
+            guard_stops = guard is not None and _guard_stops(ctx, recipe, trips, step)
+            if guard_stops and not evaluated:  # the run's eval.json describes the checkpoint it ends with
+                _log_evaluation(ctx, step, last)
             # Every process stops after the same step, even if the signal reached only some of them.
             stopping = stop.signum is not None if not distributed.current().active else distributed.sum_across(stop.signum or 0) > 0
-            saved = final or (recipe.save_every and step % recipe.save_every == 0)
+            saved = final or guard_stops or (recipe.save_every and step % recipe.save_every == 0)
             if saved or stopping:
                 ctx.save(step)
+            if guard_stops and not final:
+                break  # a finished run, not an interrupted one: the caller records ctx.guard_stop
             if stopping and not final:
                 raise Interrupted(stop.signum or 15, step)
     return last
+
+
+def _log_evaluation(ctx: LoopContext, step: int, last: dict[str, float]) -> dict[str, float]:
+    eval_metrics = _evaluate(ctx, step)
+    if eval_metrics:
+        ctx.logger.log({"step": step, **eval_metrics})
+        last.update(eval_metrics)
+    return eval_metrics
+
+
+def _guard_stops(ctx: LoopContext, recipe: TrainConfig, trips: list[Trip], step: int) -> bool:
+    """Report what tripped (one line each; with stop, the first only) and whether the run ends here.
+    Evaluations run on the main process alone, so every process follows its decision."""
+    stop = recipe.guard == GuardMode.stop
+    for trip in trips[:1] if stop else trips:
+        line = f"guard: {trip.message}; " + (f"stopping at step {step}" if stop else "training on (recipe.guard=warn)")
+        ctx.logger.note(line)
+        ctx.logger.log({"step": step, "guard": trip.signal, "guard_message": line})
+        if stop:
+            ctx.guard_stop = line
+    tripped = stop and bool(trips)
+    return distributed.sum_across(int(tripped)) > 0 if distributed.current().active else tripped
 
 
 def _one_step(ctx: LoopContext, recipe: TrainConfig, next_step: Callable[[], list[Batch]], step_fn: StepFn, step: int) -> dict[str, float]:

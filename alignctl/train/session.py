@@ -186,11 +186,12 @@ def checkpoint_writer(
     return save
 
 
-def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str, ...]) -> None:
-    """Write eval.json, mark the run finished in lineage.json and print the summary table."""
+def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str, ...], guard_stop: dict | None = None) -> None:
+    """Write eval.json, mark the run finished in lineage.json and print the summary table. `step`: the
+    last one trained (recipe.max_steps, or where recipe.guard=stop ended the run)."""
     eval_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
     write_json_atomic(run.path / "eval.json", {"step": step, **eval_metrics})
-    run.finish(final)
+    run.finish(final, **({"guard_stop": guard_stop} if guard_stop else {}))
     if step and (checkpoint := latest_checkpoint(run.path)) is not None:
         write_card(checkpoint, run.path)  # again, now with the final metrics
     title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}"
@@ -264,6 +265,7 @@ def _train_and_finish(
     if ctx.skipped_steps:
         final["skipped_steps"] = ctx.skipped_steps
     if group.is_main:
-        finish_run(run, recipe.max_steps, final, shown)
+        guard_stop = {"step": ctx.step, "reason": ctx.guard_stop} if ctx.guard_stop else None
+        finish_run(run, ctx.step if guard_stop else recipe.max_steps, final, shown, guard_stop)
     distributed.barrier()  # every process leaves once the run is recorded
     return final

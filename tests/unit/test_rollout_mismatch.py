@@ -125,7 +125,7 @@ def test_native_engine_log_probs_are_those_of_the_warped_distribution():
 
 def test_the_loop_takes_the_max_of_micro_batches_for_max_metrics_and_adds_the_rest(tmp_path):
     """Three micro-batches of one step: `x_max` 0.2, 0.7, 0.4 -> 0.7 (a sum would say 1.3); `share` 0.25 each adds up to 0.75."""
-    from alignctl.config.schema import NonFinite, Scheduler, TrainConfig
+    from alignctl.config.schema import GuardMode, NonFinite, Scheduler, TrainConfig
     from alignctl.train.loop import LoopContext, train_loop
     from alignctl.train.metrics import MetricsLogger
 
@@ -135,7 +135,8 @@ def test_the_loop_takes_the_max_of_micro_batches_for_max_metrics_and_adds_the_re
     ctx = LoopContext(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), logger, evaluate=lambda step: {}, save=lambda *a: None)
     recipe = TrainConfig(stage="sft", max_steps=1, lr=0.1, batch_size=1, grad_accum=3, max_length=8, scheduler=Scheduler.constant, warmup_ratio=0.0,
                          weight_decay=0.0, max_grad_norm=None, optimizer={"_target_": "torch.optim.SGD"}, eval_every=0, save_every=0, keep_last=1,
-                         eval_batch_size=1, eval_max_new_tokens=1, nonfinite=NonFinite.stop, lm_head_chunk=0, fused_mlp=False, trim_top_layer=False)
+                         eval_batch_size=1, eval_max_new_tokens=1, nonfinite=NonFinite.stop, lm_head_chunk=0, fused_mlp=False, trim_top_layer=False,
+                         guard=GuardMode.off, guard_drop=0.05, guard_kl_max=None, guard_length_corr=None, guard_min_evals=3, guard_window=5)
 
     def step_fn(batch, num_items):
         return model.weight.sum() ** 2 / 3, {"x_max": torch.tensor(batch["x"]), "share": torch.tensor(0.25)}
