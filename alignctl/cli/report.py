@@ -115,6 +115,8 @@ def run_records(root: Path, sort: str | None = None, ascending: bool = False) ->
                   "headline": {metric.removeprefix("eval_"): after} if metric else {}, "steps": run["eval"].get("step")}
         if "error" in run:  # a damaged file: say which, keep listing the others
             record["error"] = run["error"]
+        if "guard_stop" in lineage:  # recipe.guard=stop ended it early: where, and the guard's line
+            record["guard_stop"] = lineage["guard_stop"]
         if sort:
             record[sort] = run["eval"].get(sort, lineage.get("final_metrics", {}).get(sort))
             record["overrides"] = _overrides(run_dir)
@@ -137,6 +139,8 @@ def runs_table(root: Path, sort: str | None = None, ascending: bool = False) -> 
         status = {"finished": "[green]finished[/]", "failed": "[red]failed[/]"}.get(r["status"], r["status"])
         if "error" in r:
             status = f"[red]broken[/]: {escape(r['error'])}"
+        if "guard_stop" in r:
+            status += f" [yellow](guard stop at step {r['guard_stop']['step']})[/]"
         parents = ", ".join(f"{role}: {Path(p).name}" for role, p in r["parents"].items()) or "-"
         headline = " ".join(f"{k} {_fmt(v)}" for k, v in r["headline"].items()) or "-"
         row = [r["run"], r["stage"], status, parents, headline, "-" if r["steps"] is None else str(r["steps"])]
