@@ -154,8 +154,9 @@ class RewardConfig(TrainConfig):
 
 
 def _check_nothing_to_guard(recipe: TrainConfig) -> None:
-    """sft and reward train on fixed targets: no training reward, KL or sampled lengths for the guard to watch."""
-    _check(recipe.guard == GuardMode.off, "guard", f"{recipe.stage} has no training reward, KL or sampled completions to watch; valid here: off")
+    """sft and reward train on fixed targets, kto on single labels: no training reward (objective/scores,
+    reward or rewards/margins), objective/kl or sampled completions for the guard to watch."""
+    _check(recipe.guard == GuardMode.off, "guard", f"{recipe.stage} has no training reward or sampled completions for the guard to watch; valid here: off")
 
 
 @dataclass
@@ -186,6 +187,7 @@ class KTOConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.reference != Reference.none, "reference", "KTO needs a reference: auto, separate, adapter_disabled or precomputed")
+        _check_nothing_to_guard(self)
 
 
 @dataclass

@@ -176,6 +176,7 @@ def test_the_guard_is_off_by_default_and_typed():
     (["recipe=dpo", "recipe.guard_min_evals=1"], ["recipe.guard_min_evals", "[2, 1000000]"]),
     (["recipe=sft", "recipe.guard=warn"], ["recipe.guard", "sft has no training reward", "valid here: off"]),
     (["recipe=reward", "recipe.guard=stop"], ["recipe.guard", "reward has no training reward"]),
+    (["recipe=kto", "recipe.guard=stop"], ["recipe.guard", "kto has no training reward"]),
 ])
 def test_bad_guard_settings_are_one_line_naming_what_is_valid(overrides, culprits):
     with pytest.raises(ConfigError) as caught:
