@@ -194,7 +194,7 @@ def finish_run(run: RunDir, step: int, final: dict[str, float], shown: tuple[str
     run.finish(final, **({"guard_stop": guard_stop} if guard_stop else {}))
     if step and (checkpoint := latest_checkpoint(run.path)) is not None:
         write_card(checkpoint, run.path)  # again, now with the final metrics
-    title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}"
+    title = f"{run.lineage['stage']} {'finished' if step else 'evaluation (no training)'}" + (f" (the guard stopped it at step {step})" if guard_stop else "")
     console.print(summary_table(title, {k: final[k] for k in (*shown, *eval_metrics) if k in final}))
     console.print(f"run directory: {run.path}" + (f"\ncheckpoint: {run.path / 'checkpoint'}" if step else ""))
 
