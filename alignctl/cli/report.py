@@ -82,7 +82,8 @@ def accuracy_rows(runs: list[tuple[str, dict[str, Any], bool]]) -> list[tuple[st
         if index == 0 and metric == "eval_exact_match":
             rows.append(("(starting model)", metric.removeprefix("eval_"), "", _fmt(before), ""))
         broken = ", broken" if "error" in run else ""
-        label = f"{name} ({run['lineage'].get('stage', '?')}{', cached' if cached else ''}{broken})"
+        stopped = f", guard stop at step {run['lineage']['guard_stop']['step']}" if "guard_stop" in run["lineage"] else ""
+        label = f"{name} ({run['lineage'].get('stage', '?')}{', cached' if cached else ''}{broken}{stopped})"
         rows.append((label, metric.removeprefix("eval_"), _fmt(before), _fmt(after), run["dir"].name))
     return rows
 

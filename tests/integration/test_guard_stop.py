@@ -47,6 +47,8 @@ def test_guard_stop_ends_the_run_early_as_a_finished_one(alignctl, tmp_path):
     AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     listed = json.loads(alignctl("runs", str(run_dir), "--json").stdout)
     assert listed[0]["status"] == "finished" and listed[0]["guard_stop"]["step"] == stopped_at
+    reported = alignctl("report", str(run_dir))
+    assert f"guard stop at step {stopped_at}" in " ".join(reported.output.split()), reported.describe()
 
 
 def test_guard_warn_says_it_once_and_trains_on(alignctl, tmp_path):
