@@ -97,5 +97,6 @@ def test_the_guard_stops_over_optimising_ppo_near_its_best(alignctl, learned_sft
           f"end {unguarded_evals[-1]['eval_exact_match']:.3f} ({unguarded_seconds:.0f} s)\n{stop['reason']}")
     assert stop["step"] < 100 and "held-out eval_exact_match" in stop["reason"]
     assert best - at_stop <= 0.08  # within a few points: the drop threshold (5) plus one evaluation's further fall
-    assert unguarded_evals[-1]["step"] == 100
-    assert unguarded_evals[-1]["eval_exact_match"] <= best - 0.10  # over-optimised: the guard mattered
+    assert guarded_evals == unguarded_evals[: len(guarded_evals)]  # the guard watches; it changes nothing before it stops
+    end = unguarded_evals[-1]
+    assert end["step"] == 100 and end["eval_exact_match"] <= best - 0.08 and end["eval_exact_match"] < at_stop  # the guard mattered
