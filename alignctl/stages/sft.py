@@ -22,7 +22,13 @@ from alignctl.config.schema import RunConfig, SFTConfig
 from alignctl.core import distributed
 from alignctl.core.errors import DataError
 from alignctl.data import loading as data_lib
-from alignctl.data.batching import BatchStream, collate_lm, column_lengths, split_micro
+from alignctl.data.batching import (
+    BatchStream,
+    collate_lm,
+    column_counts_other_than,
+    column_lengths,
+    split_micro,
+)
 from alignctl.data.encode import IGNORE, encode_rows, sft_example
 from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.models.loading import base_dir_of, load_causal_lm, load_tokenizer, model_path
@@ -90,12 +96,18 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True)]
 
 
+def labelled_lengths(cfg: RunConfig, data: PlanData) -> list[tuple[int, int]]:
+    """(tokens, labelled tokens) of every encoded training row, longest first."""
+    encoded = encode_split(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)[0]
+    lengths, labelled = column_lengths(encoded, "input_ids").tolist(), column_counts_other_than(encoded, "labels", IGNORE).tolist()
+    return sorted(zip(lengths, labelled), reverse=True)
+
+
 def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     recipe = cfg.recipe
     if recipe.packing:
         return BatchShape(rows, recipe.max_length, rows * recipe.max_length, "packed blocks of recipe.max_length")
-    encoded = encode_split(data.raw, data.tokenizer, recipe, cfg, data.where)[0]
-    labelled = sorted(((len(ids), sum(t != IGNORE for t in labels)) for ids, labels in zip(encoded["input_ids"], encoded["labels"])), reverse=True)[:rows]
+    labelled = data.once("sft: (length, labelled tokens), longest first", lambda: labelled_lengths(cfg, data))[:rows]
     positions = sum(n for _, n in labelled)
     if recipe.padding_free:  # the rows end to end in one sequence
         return BatchShape(1, sum(length for length, _ in labelled), positions, data.source)
