@@ -158,6 +158,11 @@ class Fit:
     args: list[str]  # the user's overrides
     processes: int = 1
 
+    def considered(self) -> list[Tried]:
+        """The candidates tried, grouped by setting in the order tried, largest batch first."""
+        settings = list(dict.fromkeys((t.candidate.adapter, t.candidate.checkpointing) for t in self.tried))
+        return sorted(self.tried, key=lambda t: (settings.index((t.candidate.adapter, t.candidate.checkpointing)), -t.candidate.batch_size))
+
     def proposal_args(self) -> list[str]:
         return candidate_args(self.args, self.proposal.candidate, self.configured.adapter) if self.proposal else []
 
@@ -166,8 +171,11 @@ class Fit:
         if self.proposal is None or self.proposal.candidate.adapter == self.configured.adapter:
             return None
         before = next((t.trainable for t in self.tried if t.candidate.adapter == self.configured.adapter), None)
-        new = self.proposal.candidate.adapter
-        was = f"{before:,} parameters" if before is not None else "the configured ones"
+        new, old = self.proposal.candidate.adapter, self.configured.adapter
+        if before is None:
+            was = "the configured ones"
+        else:
+            was = f"all {before:,} parameters (full fine-tuning)" if old == "none" else f"{before:,} {old} parameters"
         return (f"adapter={self.configured.adapter} -> adapter={new} changes what trains: {self.proposal.trainable:,} {new} parameters "
                 f"over a frozen{' 4-bit' if new == 'qlora' else ''} base instead of {was}")
 
@@ -224,7 +232,7 @@ def nothing_fits(fit: Fit, text: str) -> UserError:
     smallest = min(fit.tried, key=lambda t: t.peak)
     pasted = " ".join(smallest.candidate.overrides(fit.configured.adapter))
     return UserError(f"plan --fit {text}: nothing fits in {size(fit.budget)} per device on {fit.device}; the smallest configuration tried "
-                     f"({pasted}) needs an estimated {size(smallest.peak)}: give --fit {budget_text(smallest.peak)} or more, "
+                     f"({pasted}) needs an estimated {budget_text(smallest.peak)}: give --fit {budget_text(smallest.peak)} or more, "
                      f"or lower recipe.max_length (or a smaller model)")
 
 
@@ -241,7 +249,7 @@ def record(fit: Fit) -> dict[str, Any]:
                     "command": shlex.join(["alignctl", "train", *fit.proposal_args()]), "adapter_change": fit.adapter_change()}
     return {"budget": fit.budget, "per": "device", "device": fit.device,
             "effective_batch": fit.configured.batch_size * fit.configured.grad_accum * fit.processes, "processes": fit.processes,
-            "candidates": [row(t) for t in fit.tried], "proposal": proposal}
+            "candidates": [row(t) for t in fit.considered()], "proposal": proposal}
 
 
 def print_fit(fit: Fit, text: str) -> None:
@@ -250,10 +258,10 @@ def print_fit(fit: Fit, text: str) -> None:
     from alignctl.core.console import console
 
     what = "resident set (RSS) of one process" if fit.device == "cpu" else "memory of one GPU"
-    table = Table(title=f"plan --fit {text}: {size(fit.budget)} per device, the estimated peak {what} on {fit.device}")
+    table = Table(title=f"plan --fit {text} ({fit.budget:,.0f} bytes) per device: candidates by the estimated peak {what} on {fit.device}")
     for column in ("recipe.batch_size", "recipe.grad_accum", "gradient checkpointing", "adapter", "estimated peak", "fits"):
         table.add_column(column, justify="left" if column in ("adapter", "fits") else "right")
-    for t in fit.tried:
+    for t in fit.considered():
         c = t.candidate
         table.add_row(str(c.batch_size), str(c.grad_accum), "on" if c.checkpointing else "off", c.adapter, size(t.peak), "yes" if t.fits else "no")
     console.print(table)
