@@ -8,7 +8,8 @@ processes, hardware.nproc, unchanged), so the per-device batches tried are the d
 product, largest first; a larger effective batch is the user's call (raise recipe.grad_accum and fit
 again). Memory savers are tried in the order that costs the least: the configured adapter without
 gradient checkpointing, then with it, then each lighter adapter (none or dora -> lora -> qlora, qlora
-only where bitsandbytes is installed) without and with it. The first of these settings under which
+only where bitsandbytes is installed) without and with it (only with it, where the user configured
+hardware.gradient_checkpointing=true). The first of these settings under which
 any batch fits gives the proposal: its largest batch that fits. The estimate grows with the batch (a
 wider micro-batch keeps more activations), so each setting tries its largest batch, then its smallest,
 then bisects between the two: a handful of estimates per setting.
@@ -107,10 +108,11 @@ def qlora_possible() -> bool:
     return importlib.machinery.PathFinder.find_spec("bitsandbytes") is not None
 
 
-def settings(adapter: str, with_qlora: bool) -> list[tuple[str, bool]]:
-    """(adapter, gradient checkpointing) in the order --fit tries them: the cheapest change first."""
+def settings(adapter: str, with_qlora: bool, checkpointing: bool = False) -> list[tuple[str, bool]]:
+    """(adapter, gradient checkpointing) in the order --fit tries them: the cheapest change first.
+    Checkpointing configured on stays on (the user traded the recompute for the batch already)."""
     adapters = [adapter] + [a for a in LIGHTER.get(adapter, []) if a != "qlora" or with_qlora]
-    return [(a, checkpointing) for a in adapters for checkpointing in (False, True)]
+    return [(a, on) for a in adapters for on in ((True,) if checkpointing else (False, True))]
 
 
 def candidate_args(args: list[str], candidate: Candidate, configured_adapter: str) -> list[str]:
@@ -197,7 +199,7 @@ def search(cfg: Any, args: list[str], budget: float, evaluate: Estimate) -> Fit:
         fit.tried.append(Tried(candidate, peak, trainable, peak <= budget))
         return fit.tried[-1]
 
-    for adapter, checkpointing in settings(configured.adapter, qlora_possible()):
+    for adapter, checkpointing in settings(configured.adapter, qlora_possible(), configured.checkpointing):
         try:
             fit.proposal = largest_fitting(batches, functools.partial(attempt, adapter=adapter, checkpointing=checkpointing))
         except UserError:

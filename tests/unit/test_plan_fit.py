@@ -146,4 +146,5 @@ def test_divisors_keep_the_step_and_adapters_get_lighter():
     assert plan_fit.per_device_batches(3, 2) == [6, 3, 2, 1]
     assert [a for a, _ in plan_fit.settings("none", with_qlora=True)] == ["none", "none", "lora", "lora", "qlora", "qlora"]
     assert plan_fit.settings("dora", with_qlora=False) == [("dora", False), ("dora", True), ("lora", False), ("lora", True)]
+    assert plan_fit.settings("lora", with_qlora=True, checkpointing=True) == [("lora", True), ("qlora", True)]  # configured on: kept on
     assert plan_fit.budget_text(494.31 * 2**20) == "494.4MiB" and plan_fit.budget_text(2**30) == "1GiB"
