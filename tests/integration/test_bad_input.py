@@ -448,7 +448,7 @@ def test_a_run_clearly_too_big_for_the_memory_is_refused_before_loading(alignctl
     result = alignctl("train", "data=hf", f"data.path={data}", "data.eval_split=null", "recipe.packing=true", "recipe.batch_size=1000",
                       "recipe.max_length=100000", f"hydra.run.dir={run_dir}")
     assert_one_line_error(result, "not enough memory", "alignctl plan estimates", "available (", "recipe.batch_size",
-                          "hardware.gradient_checkpointing=true", "hardware.memory_check=false")
+                          "hardware.gradient_checkpointing=true", "--fit ", "hardware.memory_check=false")
     assert_nothing_half_written(run_dir)
 
 
