@@ -233,7 +233,7 @@ def largest_fitting(batches: list[int], attempt: Callable[[int], Tried]) -> Trie
 def nothing_fits(fit: Fit, text: str) -> UserError:
     smallest = min(fit.tried, key=lambda t: t.peak)
     pasted = " ".join(smallest.candidate.overrides(fit.configured.adapter))
-    return UserError(f"plan --fit {text}: nothing fits in {size(fit.budget)} per device on {fit.device}; the smallest configuration tried "
+    return UserError(f"plan --fit {text}: nothing fits in that per device on {fit.device}; the smallest configuration tried "
                      f"({pasted}) needs an estimated {budget_text(smallest.peak)}: give --fit {budget_text(smallest.peak)} or more, "
                      f"or lower recipe.max_length (or a smaller model)")
 

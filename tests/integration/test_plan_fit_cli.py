@@ -42,7 +42,7 @@ def test_a_bad_size_is_one_line(alignctl, size):
 
 
 def test_a_budget_nothing_fits_names_the_smallest_need(alignctl, sft):
-    line = assert_one_line_error(alignctl("plan", *sft, "--fit", "1KiB"), "plan --fit 1KiB: nothing fits in", "per device on cuda",
+    line = assert_one_line_error(alignctl("plan", *sft, "--fit", "1KiB"), "plan --fit 1KiB: nothing fits in that per device on cuda",
                                  "needs an estimated", "give --fit")
     assert "recipe.batch_size=1 recipe.grad_accum=8" in line
 
