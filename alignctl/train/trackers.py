@@ -14,6 +14,7 @@ only when its tracker is asked for (the config check has already found it instal
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -106,15 +107,23 @@ class WandbTracker:
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores (the full mlflow package)
+
+
 class MLflowTracker:
     STATUS = {"finished": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
     PARAMS_PER_CALL = 100  # MLflow's limit for one log_batch
 
     def __init__(self, settings: MLflowConfig, logger: LoggerConfig, run: RunDir, name: str, earlier: dict[str, str]):
+        import mlflow
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        self.client = MlflowClient(tracking_uri=settings.tracking_uri)  # None: MLFLOW_TRACKING_URI, else MLflow's default
+        uri = settings.tracking_uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default
+        if uri.split(":", 1)[0].split("+", 1)[0] in DATABASES and importlib.util.find_spec("sqlalchemy") is None:
+            raise RuntimeError(f"the store {uri} is a database, which mlflow-skinny cannot open: pip install mlflow, "
+                               "or set logger.mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking server")
+        self.client = MlflowClient(tracking_uri=uri)
         if earlier.get("run_id"):  # params are already there, and MLflow keeps them immutable
             self.run_id = earlier["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")

@@ -192,3 +192,30 @@ def test_several_loggers_compose_each_with_its_own_keys():
     assert (logger.project, logger.run_name, logger.log_every) == ("alignctl", None, 10)
     default = validate(compose_config([])).logger
     assert not default.tensorboard and default.trackers() == []
+
+
+@pytest.mark.parametrize(("recorded", "closed_as"), [("failed", "failed"), ("interrupted", "interrupted"), (None, "failed")])
+def test_the_session_closes_its_trackers_when_training_stops_early(recorded, closed_as, tmp_path, monkeypatch):
+    from alignctl.train import session as session_module
+    from alignctl.train.metrics import MetricsLogger
+
+    closed = []
+
+    class Recording:
+        def finish(self, files, status):
+            closed.append(status)
+
+    run = make_run(tmp_path / "run")
+
+    def stops(session, *args):
+        if recorded:  # as _train_and_finish records a failure or a Ctrl-C in lineage.json before it re-raises
+            session.run.lineage["status"] = recorded
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(session_module, "_train_and_finish", stops)
+    logger = MetricsLogger(run.path, 3, 0, tensorboard=False, log_every=1, trackers=Trackers(run.path, {"wandb": Recording()}))
+    session = session_module.TrainingSession(run, None, None, None, None, None, None, None, logger)
+    with pytest.raises(RuntimeError, match="boom"):
+        session.train(None, None, None, ())
+    logger.close()
+    assert closed == [closed_as]
