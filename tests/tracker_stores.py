@@ -85,6 +85,8 @@ def wandb_runs(wandb_dir: Path) -> list[WandbRun]:
             if kind == "run":
                 run.id, run.name, run.project, run.tags = record.run.run_id, record.run.display_name, record.run.project, list(record.run.tags)
                 run.config.update({i.key: json.loads(i.value_json) for i in record.run.config.update if not i.key.startswith("_")})
+            elif kind == "config":  # run.config.update after init
+                run.config.update({i.key: json.loads(i.value_json) for i in record.config.update if not i.key.startswith("_")})
             elif kind == "history":
                 run.history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
             elif kind == "artifact":

@@ -54,6 +54,9 @@ def mlflow_names(metrics: dict[str, float]) -> dict[str, float]:
     return {re.sub(r"[^0-9A-Za-z_\-\. :/]", "_", key): value for key, value in metrics.items()}
 
 
+MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
+
+
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow params: dotted keys (recipe.lr), values as text."""
     params: dict[str, str] = {}
@@ -61,7 +64,8 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             params.update(flat_params(value, f"{prefix}{key}."))
         else:
-            params[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+            text = value if isinstance(value, str) else json.dumps(value)
+            params[f"{prefix}{key}"] = text[:MAX_PARAM_LENGTH]
     return params
 
 
@@ -82,12 +86,14 @@ class WandbTracker:
 
         self.run = wandb.init(
             project=logger.project, entity=settings.entity, name=name, tags=list(logger.tags),
-            config=run.config, job_type=run.lineage["stage"],
+            job_type=run.lineage["stage"],
             id=earlier.get("id"), resume="allow" if earlier else None,  # a fresh run: W&B picks the id, kept for a resume
             # Read here, not left to wandb: it reads its environment once per process, at the first run.
             mode=settings.mode.value if settings.mode else os.environ.get("WANDB_MODE"),
             dir=os.environ.get("WANDB_DIR") or str(run.path),  # WANDB_DIR wins, as with TRL
         )
+        # After init, so that a resume trained further (recipe.max_steps=400) may change a value.
+        self.run.config.update(run.config, allow_val_change=True)
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
 
@@ -100,10 +106,11 @@ class WandbTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import wandb
 
-        artifact = wandb.Artifact(f"run-{self.run.id}", type=ARTIFACT_TYPE, metadata={"status": status})
-        for path in files:
-            artifact.add_file(str(path))
-        self.run.log_artifact(artifact)
+        if files:
+            artifact = wandb.Artifact(f"run-{self.run.id}", type=ARTIFACT_TYPE, metadata={"status": status})
+            for path in files:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
@@ -159,7 +166,6 @@ class TrackioTracker:
         config = {**run.config, "tags": list(logger.tags)}
         self.run = trackio.init(project=logger.project, name=earlier.get("name", name), config=config, space_id=settings.space_id,
                                 resume="allow" if earlier else "never")
-        self.project = logger.project
 
     def ids(self) -> dict[str, str]:
         return {"name": self.run.name}
@@ -170,11 +176,15 @@ class TrackioTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import trackio
 
-        artifact = trackio.Artifact(f"run-{self.run.name}", type=ARTIFACT_TYPE, metadata={"status": status})
-        for path in files:
-            artifact.add_file(str(path))
-        self.run.log_artifact(artifact)
-        self.run.finish()
+        if files:
+            artifact = trackio.Artifact(f"run-{self.run.name}", type=ARTIFACT_TYPE, metadata={"status": status})
+            for path in files:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+        if trackio.context_vars.current_run.get() is self.run:
+            trackio.finish()  # also forgets it as trackio's current run, which its exit handler would finish again
+        else:
+            self.run.finish()
 
 
 BUILDERS = {"wandb": (WandbTracker, "Weights & Biases"), "mlflow": (MLflowTracker, "MLflow"), "trackio": (TrackioTracker, "trackio")}

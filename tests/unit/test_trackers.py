@@ -54,8 +54,8 @@ def logger_config(project: str, names: list[str], tags: list[str] | None = None)
     )
 
 
-def make_run(path, resumed_from=None, enabled=True) -> RunDir:
-    cfg = OmegaConf.create({"recipe": {"stage": "sft", "lr": 1e-3}, "seed": 0, "logger": {"project": "p"}})
+def make_run(path, resumed_from=None, enabled=True, lr=1e-3) -> RunDir:
+    cfg = OmegaConf.create({"recipe": {"stage": "sft", "lr": lr}, "seed": 0, "logger": {"project": "p"}})
     return RunDir(path, cfg, "sft", {}, data_fingerprint="abc", resumed_from=resumed_from, enabled=enabled)
 
 
@@ -120,7 +120,7 @@ def test_a_resumed_run_continues_the_same_tracker_run(offline, tmp_path):
     first = make_run(path)
     train(start_trackers(logger_config(project, INSTALLED), first, resumed=False), first, RECORDS[:2], status="interrupted")
     ids = json.loads((path / IDS_FILE).read_text())
-    resumed = make_run(path, resumed_from=1)
+    resumed = make_run(path, resumed_from=1, lr=2e-3)  # a resume may change what does not change the run's hash
     trackers = start_trackers(logger_config(project, INSTALLED), resumed, resumed=True)
     assert json.loads((path / IDS_FILE).read_text()) == ids
     train(trackers, resumed, RECORDS[2:])
@@ -129,6 +129,7 @@ def test_a_resumed_run_continues_the_same_tracker_run(offline, tmp_path):
         runs = stores.wandb_runs(tmp_path / "stores" / "wandb")  # offline, each process writes its own log of the one run
         assert [r.id for r in runs] == [ids["wandb"]["id"]] * 2 and [r.exit_code for r in runs] == [1, 0]
         assert stores.wandb_series(runs[0], "train/loss") + stores.wandb_series(runs[1], "train/loss") == [(1, 2.0), (2, 1.5)]
+        assert runs[1].config["recipe"]["lr"] == 2e-3
     if "mlflow" in INSTALLED:
         client, logged = stores.mlflow_run(offline["MLFLOW_TRACKING_URI"], project)  # the only run of the experiment
         assert stores.mlflow_series(client, logged.info.run_id, "loss") == [(1, 2.0), (2, 1.5)]
