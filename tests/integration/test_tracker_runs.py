@@ -16,34 +16,39 @@ STEPS = ["recipe.max_steps=3", "recipe.eval_every=2", "recipe.batch_size=8", "da
 
 
 @pytest.mark.skipif(not INSTALLED, reason="no tracker installed (pip install 'alignctl[wandb,mlflow,trackio]')")
-def test_each_tracker_holds_the_losses_of_metrics_jsonl(alignctl, tmp_path, monkeypatch):
+def test_each_tracker_holds_the_losses_of_metrics_jsonl_across_a_resume(alignctl, tmp_path, monkeypatch):
     env = stores.offline_trackers(monkeypatch, tmp_path / "stores")
     project = f"cli-{tmp_path.name}"  # trackio's store is shared by the session's tests: one project each
     run_dir = tmp_path / "runs" / "sft-trackers"
-    result = alignctl("train", "recipe=sft", *STEPS, f"logger=[{','.join(INSTALLED)}]", f"logger.project={project}",
-                      "logger.tags=[cli]", f"hydra.run.dir={run_dir}", env=env)
-    run = StageRun("trackers", run_dir, result)
+    first = alignctl("train", "recipe=sft", *STEPS, "recipe.max_steps=2", f"logger=[{','.join(INSTALLED)}]", f"logger.project={project}",
+                     "logger.tags=[cli]", f"hydra.run.dir={run_dir}", env=env)
+    StageRun("trackers", run_dir, first).assert_finished()
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    assert sorted(ids) == sorted(INSTALLED)
+    # Trained further: the same tracker runs continue (the resume replays the first command, logger included).
+    run = StageRun("trackers", run_dir, alignctl("train", f"resume={run_dir}", "recipe.max_steps=3", env=env))
     run.assert_finished()
+    assert json.loads((run_dir / "trackers.json").read_text()) == ids
     losses = [(r["step"], r["loss"]) for r in run.train_records()]
     evals = [(r["step"], r["eval_loss"]) for r in run.records() if "eval_loss" in r]
     assert [s for s, _ in losses] == [1, 2, 3] and [s for s, _ in evals] == [0, 2, 3]
 
     if "wandb" in INSTALLED:
-        [logged] = stores.wandb_runs(tmp_path / "stores" / "wandb")
-        assert (logged.name, logged.project, logged.tags, logged.exit_code) == ("sft-trackers", project, ["cli"], 0)
-        assert stores.wandb_series(logged, "train/loss") == losses
-        assert stores.wandb_series(logged, "eval/loss") == evals
-        assert logged.config["recipe"]["max_steps"] == 3 and "hydra" not in logged.config
-        assert sorted(logged.artifacts[f"run-{logged.id}"]) == ["config.yaml", "lineage.json"]
+        logged = stores.wandb_runs(tmp_path / "stores" / "wandb")  # offline, each process writes its own log of the run
+        assert [(r.id, r.name, r.project, r.tags, r.exit_code) for r in logged] == [(ids["wandb"]["id"], "sft-trackers", project, ["cli"], 0)] * 2
+        assert [point for r in logged for point in stores.wandb_series(r, "train/loss")] == losses
+        assert [point for r in logged for point in stores.wandb_series(r, "eval/loss")] == evals
+        assert logged[1].config["recipe"]["max_steps"] == 3 and "hydra" not in logged[1].config
+        assert sorted(logged[1].artifacts[f"run-{ids['wandb']['id']}"]) == ["config.yaml", "lineage.json"]
     if "mlflow" in INSTALLED:
-        client, logged = stores.mlflow_run(env["MLFLOW_TRACKING_URI"], project)
+        client, logged = stores.mlflow_run(env["MLFLOW_TRACKING_URI"], project)  # one run, reopened
+        assert logged.info.run_id == ids["mlflow"]["run_id"] and logged.info.status == "FINISHED"
         assert stores.mlflow_series(client, logged.info.run_id, "loss") == losses
         assert stores.mlflow_series(client, logged.info.run_id, "eval_loss") == evals
-        assert logged.data.params["recipe.max_steps"] == "3" and logged.info.status == "FINISHED"
+        assert logged.data.params["recipe.max_steps"] == "2"  # MLflow params are immutable: the first run's
     if "trackio" in INSTALLED:
         assert stores.trackio_series(project, "sft-trackers", "train/loss") == losses
         assert stores.trackio_series(project, "sft-trackers", "eval/loss") == evals
-    assert sorted(json.loads((run_dir / "trackers.json").read_text())) == sorted(INSTALLED)
 
 
 def test_a_missing_tracker_is_one_line_naming_its_extra(alignctl, tmp_path, monkeypatch):
