@@ -21,8 +21,10 @@ from alignctl.runs.rundir import RunDir
 from alignctl.train import trackers as trackers_module
 from alignctl.train.trackers import IDS_FILE, Trackers, flat_params, mlflow_names, start_trackers, trl_names
 
-INSTALLED = [name for name in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(name) is not None]
-MISSING = sorted({"wandb", "mlflow", "trackio"} - set(INSTALLED))
+MISSING = [name for name in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(name) is None]
+# Each tracker on its own: one that is not installed is skipped, naming its extra.
+EACH = [pytest.param(name, marks=pytest.mark.skipif(name in MISSING, reason=f"{name} is not installed: pip install 'alignctl[{name}]' (in the dev extra)"))
+        for name in ("wandb", "mlflow", "trackio")]
 
 # Two steps of a made-up run as the loop writes them: the untrained model's evaluation, train lines, an evaluation.
 RECORDS = [
@@ -72,18 +74,18 @@ def offline(monkeypatch, tmp_path):
     return stores.offline_trackers(monkeypatch, tmp_path / "stores")
 
 
-@pytest.mark.skipif(not INSTALLED, reason="no tracker installed (pip install 'alignctl[wandb,mlflow,trackio]')")
-def test_each_store_holds_the_records_the_config_and_the_run_files(offline, tmp_path):
+@pytest.mark.parametrize("tracker", EACH)
+def test_the_store_holds_the_records_the_config_and_the_run_files(tracker, offline, tmp_path):
     project = f"unit-{tmp_path.name}"  # trackio's store is shared by the session's tests: one project each
     run = make_run(tmp_path / "runs" / "sft-1")
-    trackers = start_trackers(logger_config(project, INSTALLED, tags=["baseline"]), run, resumed=False)
-    assert sorted(trackers.started) == sorted(INSTALLED)
+    trackers = start_trackers(logger_config(project, [tracker], tags=["baseline"]), run, resumed=False)
+    assert list(trackers.started) == [tracker]
     train(trackers, run, RECORDS)
     losses = [(1, 2.0), (2, 1.5)]
     evals = [(0, 2.5), (2, 1.25)]
     ids = json.loads((run.path / IDS_FILE).read_text())
 
-    if "wandb" in INSTALLED:
+    if tracker == "wandb":
         [logged] = stores.wandb_runs(tmp_path / "stores" / "wandb")
         assert (logged.id, logged.name, logged.project, logged.tags) == (ids["wandb"]["id"], "sft-1", project, ["baseline"])
         assert stores.wandb_series(logged, "train/loss") == losses
@@ -93,7 +95,7 @@ def test_each_store_holds_the_records_the_config_and_the_run_files(offline, tmp_
         assert logged.config["recipe"] == {"stage": "sft", "lr": 1e-3}
         assert sorted(logged.artifacts[f"run-{logged.id}"]) == ["config.yaml", "lineage.json"]
         assert logged.exit_code == 0
-    if "mlflow" in INSTALLED:
+    if tracker == "mlflow":
         client, logged = stores.mlflow_run(offline["MLFLOW_TRACKING_URI"], project)
         assert logged.info.run_id == ids["mlflow"]["run_id"] and logged.info.run_name == "sft-1"
         assert stores.mlflow_series(client, logged.info.run_id, "loss") == losses
@@ -105,7 +107,7 @@ def test_each_store_holds_the_records_the_config_and_the_run_files(offline, tmp_
         assert files == ["alignctl/config.yaml", "alignctl/lineage.json"]
         local = client.download_artifacts(logged.info.run_id, "alignctl/lineage.json", str(tmp_path))
         assert json.loads(Path(local).read_text())["status"] == "finished"
-    if "trackio" in INSTALLED:
+    if tracker == "trackio":
         assert stores.trackio_series(project, "sft-1", "train/loss") == losses
         assert stores.trackio_series(project, "sft-1", "eval/loss") == evals
         config = stores.trackio_config(project, "sft-1")
@@ -113,28 +115,28 @@ def test_each_store_holds_the_records_the_config_and_the_run_files(offline, tmp_
         assert [a["name"] for a in stores.trackio_artifacts(project)] == ["run-sft-1"]
 
 
-@pytest.mark.skipif(not INSTALLED, reason="no tracker installed (pip install 'alignctl[wandb,mlflow,trackio]')")
-def test_a_resumed_run_continues_the_same_tracker_run(offline, tmp_path):
+@pytest.mark.parametrize("tracker", EACH)
+def test_a_resumed_run_continues_the_same_tracker_run(tracker, offline, tmp_path):
     project = f"unit-{tmp_path.name}"
     path = tmp_path / "runs" / "sft-2"
     first = make_run(path)
-    train(start_trackers(logger_config(project, INSTALLED), first, resumed=False), first, RECORDS[:2], status="interrupted")
+    train(start_trackers(logger_config(project, [tracker]), first, resumed=False), first, RECORDS[:2], status="interrupted")
     ids = json.loads((path / IDS_FILE).read_text())
     resumed = make_run(path, resumed_from=1, lr=2e-3)  # a resume may change what does not change the run's hash
-    trackers = start_trackers(logger_config(project, INSTALLED), resumed, resumed=True)
+    trackers = start_trackers(logger_config(project, [tracker]), resumed, resumed=True)
     assert json.loads((path / IDS_FILE).read_text()) == ids
     train(trackers, resumed, RECORDS[2:])
 
-    if "wandb" in INSTALLED:
+    if tracker == "wandb":
         runs = stores.wandb_runs(tmp_path / "stores" / "wandb")  # offline, each process writes its own log of the one run
         assert [r.id for r in runs] == [ids["wandb"]["id"]] * 2 and [r.exit_code for r in runs] == [1, 0]
         assert stores.wandb_series(runs[0], "train/loss") + stores.wandb_series(runs[1], "train/loss") == [(1, 2.0), (2, 1.5)]
         assert runs[1].config["recipe"]["lr"] == 2e-3
-    if "mlflow" in INSTALLED:
+    if tracker == "mlflow":
         client, logged = stores.mlflow_run(offline["MLFLOW_TRACKING_URI"], project)  # the only run of the experiment
         assert stores.mlflow_series(client, logged.info.run_id, "loss") == [(1, 2.0), (2, 1.5)]
         assert logged.info.status == "FINISHED"
-    if "trackio" in INSTALLED:
+    if tracker == "trackio":
         assert stores.trackio_series(project, "sft-2", "train/loss") == [(1, 2.0), (2, 1.5)]
 
 
