@@ -8,6 +8,7 @@ import json
 import struct
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def offline_trackers(monkeypatch: pytest.MonkeyPatch, root: Path) -> dict[str, s
         "WANDB_DISABLE_GIT": "true",
         "MLFLOW_TRACKING_URI": f"file:{root / 'mlruns'}",
         "MLFLOW_ALLOW_FILE_STORE": "true",  # MLflow 3 keeps its file store only on request (the database store needs full mlflow)
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 would send usage events from a background thread
         "TRACKIO_DIR": str(root / "trackio"),
         "HF_HUB_OFFLINE": "1",
     }
@@ -75,8 +77,18 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_runs(wandb_dir: Path) -> list[WandbRun]:
-    """Every offline run under `wandb_dir` (a WANDB_DIR, or a run directory), oldest first."""
+def wandb_runs(wandb_dir: Path, timeout: float = 20.0) -> list[WandbRun]:
+    """Every offline run under `wandb_dir` (a WANDB_DIR, or a run directory), oldest first. W&B's service
+    process may still be writing a log when finish() returns: wait until each one holds its exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_wandb_runs(wandb_dir)
+        if all(run.exit_code is not None for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.05)
+
+
+def _read_wandb_runs(wandb_dir: Path) -> list[WandbRun]:
     runs = []
     for log in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run = WandbRun()
