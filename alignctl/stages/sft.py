@@ -46,9 +46,13 @@ from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage
 def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
     """Tokenise rows into input_ids/labels; returns the encoded split and how many rows were dropped."""
     columns = data_lib.format_columns(dataset, "sft", where)  # load_split already checked the values
+    # Bound here, not read from `recipe` or `cfg` inside: datasets fingerprints the function with what it
+    # closes over, and a setting that changes no row (recipe.lr, recipe.max_steps, logger=wandb) must not
+    # re-encode the data.
+    max_length, completion_only, overlong = recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value
 
     def encode(row: dict, index: int) -> dict | None:
-        return sft_example(tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}")
+        return sft_example(tokenizer, row, columns, max_length, completion_only, overlong, f"{where}: row {index}")
 
     kept = encode_rows(dataset, encode, {"input_ids": [], "labels": []}, cfg.data.num_proc, where, recipe.max_length)
     dropped = len(dataset) - len(kept)
