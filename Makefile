@@ -38,8 +38,14 @@ demo-chat: install
 	$(BIN)/alignctl pipeline chat pipeline.dir=runs/demo-chat
 	$(BIN)/alignctl report runs/demo-chat
 
+# Two pytest-xdist workers by default (each test's training runs on one thread, so one process would
+# leave a core idle); a file's tests stay on one worker, so a module's trained fixtures are built once.
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 # The slow tier includes the benchmark's quick mode, so it needs TRL too.
 test-slow: install $(BIN)/.bench-deps

@@ -47,7 +47,8 @@ SUBCOMMANDS = {
     "pipeline": "run a pipeline recipe: alignctl pipeline rlhf|dpo|grpo|<file.yaml> [key=value] [stage.key=value] [-m]",
     "runs": "list runs with stage, parents, status and headline metric: alignctl runs [DIR]",
     "report": "plot a pipeline's curves and tabulate accuracy after each stage: alignctl report DIR",
-    "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides>",
+    "plan": "dry run: resolved config, parameters, memory, batch arithmetic: alignctl plan <train overrides> [--json]; --fit 80GiB: "
+            "the largest per-device batch, checkpointing, adapter that fit that memory per device",
     "probe": "the rollout engine's log-probs against the trainer's, before training: alignctl probe <train overrides> [--json]",
     "export": "a run's checkpoint as a plain HF directory: alignctl export run=<run dir> out=<dir> [merge=true]",
     "chat": "talk to a run's model (chat template, streaming, /reset): alignctl chat run=<run dir> [system=...] [temperature=0]",

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignctl.cli.plan_fit import budget_text
 from alignctl.core.console import size
 from alignctl.core.errors import AdapterError, UserError
 
@@ -133,5 +134,6 @@ def check_memory(cfg: Any) -> None:
     raise NotEnoughMemory(
         f"not enough memory: alignctl plan estimates a peak of {size(estimate)}{each} on {device}, "
         f"{estimate / free[0]:.1f}x the {size(free[0])} available ({free[1]}); "
-        f"lower it with {', '.join(ways_to_reduce(cfg, plans))}, or hardware.memory_check=false to start anyway"
+        f"lower it with {', '.join(ways_to_reduce(cfg, plans))} (alignctl plan <these overrides> --fit {budget_text(free[0] / processes)} "
+        f"proposes settings that fit), or hardware.memory_check=false to start anyway"
     )

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignctl.cli import plan_fit
 from alignctl.cli import plan_memory as memory
-from alignctl.cli.plan_data import BatchShape, batch_shape
+from alignctl.cli.plan_data import BatchShape, BatchShapes, batch_shape
 from alignctl.core.console import size
 from alignctl.core.errors import UserError
 
@@ -260,6 +261,17 @@ def batch_rows(cfg: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def estimate_of(composed: Any, shape_of: Callable[[Any, str], BatchShape] = batch_shape) -> tuple[float, int, str]:
+    """(peak estimate in bytes, trainable parameters, device) of a composed config: what `plan` prints
+    for it (plan --fit's candidates)."""
+    from alignctl.config.validation import validate
+
+    cfg = validate(composed)
+    plans = recipe_models(cfg, shape_of)
+    device = settle_for_plan(cfg)
+    return peak(plans, device).total, sum(p.trainable for p in plans), device
+
+
 # -------------------------------------------------------------------------------------- command
 def plan_record(cfg: Any, plans: list[ModelPlan], estimate: Peak, device: str) -> dict[str, Any]:
     """`alignctl plan --json`: every figure the tables show, memory in bytes."""
@@ -281,10 +293,17 @@ def plan_command(args: list[str]) -> None:
     from alignctl.config.validation import validate
     from alignctl.core.console import console
 
-    as_json, args = hydra_app.json_and_overrides("plan", args)
+    fit, args = plan_fit.take_fit(args)
+    if fit is not None:
+        plan_fit.parse_size(fit)  # a bad size is refused before anything is composed
+    as_json, args = hydra_app.json_and_overrides("plan", args, " --fit <memory per device>")
     (composed,) = hydra_app.check_jobs(args, multirun=False)
     hydra_app.quiet_libraries()
     cfg = validate(composed)
+    if fit is not None:
+        shapes = BatchShapes()  # the data's token lengths, computed once for every candidate
+        plan_fit.fit_command(cfg, args, fit, as_json, lambda candidate: estimate_of(candidate, shapes))
+        return
     if as_json:  # for scripts: the same figures, in bytes, and nothing else on stdout
         plans, device = recipe_models(cfg), settle_for_plan(cfg)
         print(json.dumps(plan_record(cfg, plans, peak(plans, device), device), indent=2))

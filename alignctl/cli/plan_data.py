@@ -31,14 +31,30 @@ def widest_possible(cfg: Any, tokenizer_path: str) -> BatchShape:
 def batch_shape(cfg: Any, tokenizer_path: str) -> BatchShape:
     """The shape of the widest micro-batch of the trained model (policy, or reward model), from the
     stage's own `planned_batch` (in its STAGE, beside its run)."""
-    spec = stage(cfg.recipe.stage)
-    rows = spec.sequences_per_row * cfg.recipe.batch_size
-    if spec.planned_batch is None:
-        return from_max_length(cfg, rows, f"recipe={spec.name} is not sized from its data")
-    try:
-        return spec.planned_batch(cfg, _read(cfg, tokenizer_path, spec.data_format), rows)
-    except (UserError, OSError, ValueError) as err:
-        return from_max_length(cfg, rows, f"the data could not be read here: {str(err).strip().splitlines()[0][:120]}")
+    return BatchShapes()(cfg, tokenizer_path)
+
+
+class BatchShapes:
+    """batch_shape for configs that differ only in batch size, accumulation, gradient checkpointing and
+    adapter (`plan --fit`'s candidates): the data is read, and its token lengths computed, once per
+    tokenizer (PlanData.once); a split that cannot be read is tried once."""
+
+    def __init__(self) -> None:
+        self.read: dict[str, PlanData | str] = {}  # tokenizer path -> its data, or why it cannot be read
+
+    def __call__(self, cfg: Any, tokenizer_path: str) -> BatchShape:
+        spec = stage(cfg.recipe.stage)
+        rows = spec.sequences_per_row * cfg.recipe.batch_size
+        if spec.planned_batch is None:
+            return from_max_length(cfg, rows, f"recipe={spec.name} is not sized from its data")
+        if not isinstance(self.read.get(tokenizer_path), str):
+            try:
+                if tokenizer_path not in self.read:
+                    self.read[tokenizer_path] = _read(cfg, tokenizer_path, spec.data_format)
+                return spec.planned_batch(cfg, self.read[tokenizer_path], rows)
+            except (UserError, OSError, ValueError) as err:
+                self.read[tokenizer_path] = str(err).strip().splitlines()[0][:120]
+        return from_max_length(cfg, rows, f"the data could not be read here: {self.read[tokenizer_path]}")
 
 
 def _read(cfg: Any, tokenizer_path: str, data_format: str) -> PlanData:

@@ -184,11 +184,50 @@ class HardwareConfig:
 
 
 # -------------------------------------------------------------------------------------- logger
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    entity: str | None  # the W&B team or user (null: the account's default)
+    mode: WandbMode | None  # null: WANDB_MODE, else online
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str | None  # null: MLFLOW_TRACKING_URI, else MLflow's default store
+
+
+@dataclass
+class TrackioConfig:
+    space_id: str | None  # a Hugging Face Space to sync to (null: local only, under TRACKIO_DIR)
+
+
+# The experiment trackers logger= can add, each the name of its block, its package and its extra.
+TRACKERS = ("wandb", "mlflow", "trackio")
+
+
 @dataclass
 class LoggerConfig:
     tensorboard: bool
     log_every: int = within("[1, 1e9]")  # console/progress refresh, in optimiser steps (metrics.jsonl gets every step)
     samples_every: int = within("[0, 1e9]", "0: never")  # show sample generations every N steps
+    # Shared by the trackers: W&B project / MLflow experiment / trackio project, the run's name
+    # (null: the run directory's name) and its tags.
+    project: str
+    run_name: str | None
+    tags: list[str]
+    # One block per tracker, null unless its option is chosen (logger=wandb, logger=[tensorboard,mlflow], ...).
+    wandb: WandbConfig | None
+    mlflow: MLflowConfig | None
+    trackio: TrackioConfig | None
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to, in TRACKERS order."""
+        return [name for name in TRACKERS if getattr(self, name) is not None]
 
 
 # --------------------------------------------------------------------------------------- whole

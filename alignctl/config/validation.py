@@ -224,6 +224,14 @@ def _generated_data(data: DataConfig, producer: str) -> DataConfig:
     return dataclasses.replace(data, path=str(Path(producer).expanduser() / "data.jsonl"), eval_split=None, eval_task=task)
 
 
+def _check_tracker_packages(logger: LoggerConfig) -> None:
+    """Each logger asked for is installed: found here, before a model loads or a run directory is written.
+    A tracker's package, its block under logger and its extra share one name."""
+    for name in (["tensorboard"] if logger.tensorboard else []) + logger.trackers():
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError("logger", f"{name} is not installed: pip install 'alignctl[{name}]'")
+
+
 def _check_across_groups(run: RunConfig) -> None:
     """Settings that are each valid alone but not together."""
     if run.hardware.strategy == "fsdp" and run.recipe.stage == "pairs":
@@ -231,6 +239,7 @@ def _check_across_groups(run: RunConfig) -> None:
     if getattr(run.recipe, "rollout_engine", None) == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
         # Here, before anything runs; a missing GPU is found when the engine starts (that check imports torch).
         raise ConfigError("recipe.rollout_engine", "vllm is not installed (pip install vllm; it needs a CUDA GPU); use auto, native or hf")
+    _check_tracker_packages(run.logger)
     if run.resume and not hasattr(run.recipe, "max_steps"):
         raise ConfigError("resume", f"recipe={run.recipe.stage} trains nothing and writes no checkpoint; run it again without resume")
     reference = getattr(run.recipe, "reference", None)

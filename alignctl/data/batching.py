@@ -115,3 +115,17 @@ def column_lengths(dataset, column: str) -> np.ndarray:
 
     return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy(zero_copy_only=False)
 
+
+def column_counts_other_than(dataset, column: str, value: int) -> np.ndarray:
+    """Each row's count of entries other than `value` in a token-id column (the labelled tokens, with
+    value the ignore index), read from its Arrow data as column_lengths reads its lengths."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = dataset.with_format("arrow")[column]
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    other = pc.not_equal(pc.list_flatten(lists), value).to_numpy(zero_copy_only=False)
+    rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    return np.bincount(rows[other], minlength=len(lists))
+

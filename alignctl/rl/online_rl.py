@@ -88,8 +88,10 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
 
 def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     """GRPO and PPO: prompts left-padded to the longest, completions that may run to max_new_tokens."""
-    encoded = encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)
-    prompt = max(len(ids) for ids in encoded["prompt_ids"])
+    def longest_prompt() -> int:
+        return max(len(ids) for ids in encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)["prompt_ids"])
+
+    prompt = data.once("longest prompt", longest_prompt)
     new = cfg.recipe.max_new_tokens
     return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
 

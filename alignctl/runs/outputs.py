@@ -2,7 +2,7 @@
 
 A run owns what it writes inside its directory: checkpoints/ (counted, resumed from and pruned),
 the `checkpoint` link, .hydra/ (the command a resume replays), eval/ (its evaluations), base_model/,
-tensorboard/ and its record files. An export or another run written in there was once counted as a
+tensorboard/ and wandb/ (logger=wandb), and its record files. An export or another run written in there was once counted as a
 checkpoint and pruned the real one, so every output path alignctl is given (hydra.run.dir,
 hydra.sweep.dir, pipeline.dir, export's out=) is refused when it lands in one of them, in any run
 above it. The one exception is the evaluation of a run (`alignctl eval`, recipe.max_steps=0 from
@@ -21,7 +21,7 @@ from alignctl.core.errors import UserError
 from alignctl.runs.parents import parent_paths
 
 MANAGED = ("checkpoints", "checkpoint", ".hydra", "eval", "base_model", "tensorboard", ".alignctl.lock",
-           "config.yaml", "lineage.json", "metrics.jsonl", "eval.json", "data.jsonl")
+           "config.yaml", "lineage.json", "metrics.jsonl", "eval.json", "data.jsonl", "wandb", "trackers.json")
 EVALUATIONS = "eval"
 
 

@@ -76,9 +76,10 @@ class RunDir:
         self.enabled = enabled  # False in every process but rank 0 of a multi-process run
         path.mkdir(parents=True, exist_ok=True)
         earlier = read_lineage(path) if resumed_from is not None else {}
-        resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+        # The resolved config, as config.yaml holds it (experiment trackers report it too).
+        self.config: dict[str, Any] = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         if enabled:
-            (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.config)))
         self.lineage: dict[str, Any] = {
             "stage": stage,
             "status": "running",

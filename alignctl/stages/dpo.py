@@ -96,12 +96,17 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True), *held_reference(cfg)]
 
 
-def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+def pair_lengths(cfg: RunConfig, data: PlanData) -> tuple[int, int, int]:
+    """(pairs, longest prompt, longest response) of the encoded training split."""
     encoded = encode_pairs(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
     responses = [max(len(c), len(r)) for c, r in zip(encoded["chosen_ids"], encoded["rejected_ids"])]
-    pairs = min(cfg.recipe.batch_size, len(responses))
+    return len(responses), max(len(p) for p in encoded["prompt_ids"]), max(responses)
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    count, prompt, response = data.once("dpo: pairs, longest prompt and response", lambda: pair_lengths(cfg, data))
+    pairs = min(cfg.recipe.batch_size, count)
     # Left-padded prompts, right-padded responses: the width is the longest prompt plus the longest response.
-    prompt, response = max(len(p) for p in encoded["prompt_ids"]), max(responses)
     return BatchShape(2 * pairs, prompt + response, 2 * pairs * response, data.source)
 
 

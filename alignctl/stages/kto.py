@@ -100,11 +100,16 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True), *held_reference(cfg)]
 
 
-def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+def feedback_lengths(cfg: RunConfig, data: PlanData) -> tuple[list[int], int]:
+    """(every sequence's length, the longest completion) of the encoded training split."""
     encoded = encode_feedback(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
+    return [len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["completion_ids"])], max(len(c) for c in encoded["completion_ids"])
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    lengths, completion = data.once("kto: sequence lengths, longest completion", lambda: feedback_lengths(cfg, data))
     # The trained half (the mismatched half runs without gradient): whole sequences left-padded.
-    widest = longest([len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["completion_ids"])], rows)
-    completion = max(len(c) for c in encoded["completion_ids"])
+    widest = longest(lengths, rows)
     return BatchShape(len(widest), widest[0], len(widest) * completion, data.source)
 
 

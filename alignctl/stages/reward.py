@@ -112,9 +112,13 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [HeldModel("reward model (trained)", path, trained=True, scalar_head=True, extra_layers=cfg.recipe.extra_layers)]
 
 
-def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+def side_lengths(cfg: RunConfig, data: PlanData) -> list[int]:
     encoded = encode_pairs(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)
-    sides = longest([len(ids) for side in ("chosen", "rejected") for ids in encoded[side]], rows)
+    return [len(ids) for side in ("chosen", "rejected") for ids in encoded[side]]
+
+
+def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
+    sides = longest(data.once("reward: sequence lengths", lambda: side_lengths(cfg, data)), rows)
     # Chosen and rejected sequences right-padded together; one score is read per sequence.
     return BatchShape(len(sides), sides[0], len(sides), data.source)
 

@@ -22,7 +22,13 @@ from alignctl.config.schema import RunConfig, SFTConfig
 from alignctl.core import distributed
 from alignctl.core.errors import DataError
 from alignctl.data import loading as data_lib
-from alignctl.data.batching import BatchStream, collate_lm, column_lengths, split_micro
+from alignctl.data.batching import (
+    BatchStream,
+    collate_lm,
+    column_counts_other_than,
+    column_lengths,
+    split_micro,
+)
 from alignctl.data.encode import IGNORE, encode_rows, sft_example
 from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.models.loading import base_dir_of, load_causal_lm, load_tokenizer, model_path
@@ -40,9 +46,13 @@ from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData, Stage
 def encode_split(dataset: Dataset, tokenizer, recipe: SFTConfig, cfg: RunConfig, where: str) -> tuple[Dataset, int]:
     """Tokenise rows into input_ids/labels; returns the encoded split and how many rows were dropped."""
     columns = data_lib.format_columns(dataset, "sft", where)  # load_split already checked the values
+    # Bound here, not read from `recipe` or `cfg` inside: datasets fingerprints the function with what it
+    # closes over, and a setting that changes no row (recipe.lr, recipe.max_steps, logger=wandb) must not
+    # re-encode the data.
+    max_length, completion_only, overlong = recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value
 
     def encode(row: dict, index: int) -> dict | None:
-        return sft_example(tokenizer, row, columns, recipe.max_length, recipe.completion_only_loss, cfg.data.overlong.value, f"{where}: row {index}")
+        return sft_example(tokenizer, row, columns, max_length, completion_only, overlong, f"{where}: row {index}")
 
     kept = encode_rows(dataset, encode, {"input_ids": [], "labels": []}, cfg.data.num_proc, where, recipe.max_length)
     dropped = len(dataset) - len(kept)
@@ -90,12 +100,18 @@ def held_models(cfg: RunConfig) -> list[HeldModel]:
     return [HeldModel("policy (trained)", model_path(cfg.model, cfg.inputs.get("policy")), trained=True)]
 
 
+def labelled_lengths(cfg: RunConfig, data: PlanData) -> list[tuple[int, int]]:
+    """(tokens, labelled tokens) of every encoded training row, longest first."""
+    encoded = encode_split(data.raw, data.tokenizer, cfg.recipe, cfg, data.where)[0]
+    lengths, labelled = column_lengths(encoded, "input_ids").tolist(), column_counts_other_than(encoded, "labels", IGNORE).tolist()
+    return sorted(zip(lengths, labelled), reverse=True)
+
+
 def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
     recipe = cfg.recipe
     if recipe.packing:
         return BatchShape(rows, recipe.max_length, rows * recipe.max_length, "packed blocks of recipe.max_length")
-    encoded = encode_split(data.raw, data.tokenizer, recipe, cfg, data.where)[0]
-    labelled = sorted(((len(ids), sum(t != IGNORE for t in labels)) for ids, labels in zip(encoded["input_ids"], encoded["labels"])), reverse=True)[:rows]
+    labelled = data.once("sft: (length, labelled tokens), longest first", lambda: labelled_lengths(cfg, data))[:rows]
     positions = sum(n for _, n in labelled)
     if recipe.padding_free:  # the rows end to end in one sequence
         return BatchShape(1, sum(length for length, _ in labelled), positions, data.source)

@@ -1,4 +1,5 @@
-"""Metrics out: metrics.jsonl (one line per optimiser step), a rich progress bar, TensorBoard, a summary.
+"""Metrics out: metrics.jsonl (one line per optimiser step), a rich progress bar, TensorBoard, the
+experiment trackers of alignctl/train/trackers.py, a summary.
 
 Metric names follow TRL (loss, learning_rate, grad_norm, num_tokens, mean_token_accuracy,
 eval_loss, ...) so dashboards built for TRL keep working.
@@ -23,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from alignctl.core.console import console
+from alignctl.train.trackers import Trackers
 
 # Shown on the progress bar, in this order, when present.
 PROGRESS_KEYS = ("loss", "reward", "objective/scores", "objective/kl", "rewards/accuracies", "rewards/margins", "accuracy", "learning_rate", "tokens_per_second")
@@ -37,8 +39,11 @@ def _fmt(value: Any) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, log_every: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, log_every: int, enabled: bool = True,
+                 trackers: Trackers | None = None):
         self.enabled = enabled
+        # W&B, MLflow, trackio: fed every line; ended by the session once lineage.json says how the run ended.
+        self.trackers = trackers or Trackers(run_dir)
         self.log_every = log_every
         self.last: dict[str, Any] = {}
         # A run that starts over in an existing directory replaces its metrics; a resumed one keeps the
@@ -80,6 +85,7 @@ class MetricsLogger:
             for key, value in clean.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, clean["step"])
+        self.trackers.log(clean)
 
     def advance(self, step: int) -> None:
         if not self.enabled:

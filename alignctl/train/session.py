@@ -36,6 +36,7 @@ from alignctl.train.loop import (
 from alignctl.train.metrics import MetricsLogger, summary_table
 from alignctl.train.restore import find_resume_point, restore
 from alignctl.train.sharding import FULL, full_states, is_sharded, shard
+from alignctl.train.trackers import start_trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -121,7 +122,12 @@ class TrainingSession:
 
         `extra_state` adds stage state to every checkpoint's trainer_state.pt (e.g. PPO's adaptive KL
         coefficient and its pending rollout); `restore_extra` takes it back on resume."""
-        return _train_and_finish(self, evaluate, next_step, step_fn, shown, extra_state, restore_extra)
+        try:
+            return _train_and_finish(self, evaluate, next_step, step_fn, shown, extra_state, restore_extra)
+        finally:
+            # The experiment trackers upload lineage.json: they end once it says how the run ended, failures included.
+            status = self.run.lineage["status"]
+            self.logger.trackers.close(status if status != "running" else "failed")
 
 
 def start_training(model: torch.nn.Module, tokenizer: Any, stream: Any, cfg: Any, raw: Any, run_dir: Path, stage: str,
@@ -147,7 +153,9 @@ def start_training(model: torch.nn.Module, tokenizer: Any, stream: Any, cfg: Any
     scheduler = build_scheduler(optimizer, recipe)
     main = distributed.current().is_main  # one process writes the run directory and logs
     run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None, enabled=main)
-    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main)
+    trackers = start_trackers(cfg.logger, run, resumed=point is not None)  # none but on the main process
+    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main,
+                           trackers=trackers)
     logger.note(describe_precision(cfg, next(model.parameters()).device.type))
     if paged and not on_gpu:
         logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")

@@ -5,8 +5,10 @@ instead of branching on stage names."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,14 @@ class PlanData:
     raw: Any  # the datasets.Dataset of the training split
     where: str  # how errors name it
     source: str  # how plan names the sizing
+    remembered: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def once(self, what: str, compute: Callable[[], T]) -> T:
+        """`compute()` on the first call for `what`, its value after: a stage's `planned_batch` keeps its
+        token lengths here, so `plan --fit` (many batch sizes, one data) encodes the data once."""
+        if what not in self.remembered:
+            self.remembered[what] = compute()
+        return self.remembered[what]
 
 
 StageRunner = Callable[..., dict]

@@ -270,3 +270,12 @@ def learned_sft_run(tmp_path_factory) -> tuple[Path, CliResult]:
     # This run is about learning, not about sharing the CPU: let torch use both cores.
     result = run_cli(args, cwd=run_dir.parent, env={"OMP_NUM_THREADS": "2"})
     return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def quick_sft_run(tmp_path_factory) -> tuple[Path, CliResult]:
+    """A short SFT run (a few seconds), for the tests that need an SFT parent but not a policy that
+    knows the task: stage mechanics, metrics, lineage, checkpoints. Learning tests use learned_sft_run."""
+    run_dir = tmp_path_factory.mktemp("quick") / "sft"
+    args = ["train", "recipe=sft", "recipe.max_steps=40", "recipe.eval_every=0", "data.eval_limit=16", f"hydra.run.dir={run_dir}"]
+    return run_dir, run_cli(args, cwd=run_dir.parent)

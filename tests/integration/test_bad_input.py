@@ -115,8 +115,8 @@ def test_conversational_data_with_a_tokenizer_without_chat_template(alignctl, tm
     assert_nothing_half_written(run_dir)
 
 
-def test_reward_path_that_is_not_a_reward_model(alignctl, tmp_path, learned_sft_run):
-    sft_dir, _ = learned_sft_run
+def test_reward_path_that_is_not_a_reward_model(alignctl, tmp_path, quick_sft_run):
+    sft_dir, _ = quick_sft_run
     run_dir = tmp_path / "run"
     result = alignctl("train", "recipe=grpo", f"inputs.policy={sft_dir}", f"inputs.reward={sft_dir}", "recipe.max_steps=1", f"hydra.run.dir={run_dir}")
     assert_one_line_error(result, f"inputs.reward={sft_dir}", "not a reward model", "LlamaForCausalLM", "recipe=reward")
@@ -448,7 +448,7 @@ def test_a_run_clearly_too_big_for_the_memory_is_refused_before_loading(alignctl
     result = alignctl("train", "data=hf", f"data.path={data}", "data.eval_split=null", "recipe.packing=true", "recipe.batch_size=1000",
                       "recipe.max_length=100000", f"hydra.run.dir={run_dir}")
     assert_one_line_error(result, "not enough memory", "alignctl plan estimates", "available (", "recipe.batch_size",
-                          "hardware.gradient_checkpointing=true", "hardware.memory_check=false")
+                          "hardware.gradient_checkpointing=true", "--fit ", "hardware.memory_check=false")
     assert_nothing_half_written(run_dir)
 
 

@@ -1,7 +1,8 @@
 """recipe=grpo through the real CLI: sampled groups, group-relative advantages, reward functions.
 
-The learning test starts from the shared SFT run (conftest.learned_sft_run, ~65 % exact match) and
-must raise held-out greedy accuracy with the task verifier as the only reward.
+The learning test (make test-slow) starts from the shared SFT run (conftest.learned_sft_run, ~65 %
+exact match) and must raise held-out greedy accuracy with the task verifier as the only reward; the
+metrics, lineage and checkpoint tests run a few steps from a short SFT run (conftest.quick_sft_run).
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def learned(learned_sft_run, run_cmd, tmp_path_factory):
     return StageRun("learn", run_dir, result), sft_dir
 
 
+QUICK_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def quick(quick_sft_run, tmp_path_factory):
+    sft_dir, sft_result = quick_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    run_dir = tmp_path_factory.mktemp("grpo") / "quick"
+    args = ["train", "recipe=grpo", f"inputs.policy={sft_dir}", f"recipe.max_steps={QUICK_STEPS}", "recipe.eval_every=0",
+            "data.eval_limit=16", "recipe.batch_size=16", "logger.samples_every=10", f"hydra.run.dir={run_dir}"]
+    return StageRun("quick", run_dir, run_cli(args, cwd=run_dir.parent))
+
+
+@pytest.mark.slow
 def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     run, sft_dir = learned
     run.assert_finished()
@@ -58,27 +73,34 @@ def test_grpo_with_the_verifier_raises_held_out_exact_match(learned):
     # Counted in prompts (400 of them), so that +5 points is not lost to float rounding (0.665 + 0.05 > 0.715).
     assert round(400 * after["eval_exact_match"]) >= round(400 * before["eval_exact_match"]) + 20, evals
     assert json.loads((run.dir / "eval.json").read_text())["eval_exact_match"] == after["eval_exact_match"]
-    lineage = json.loads((run.dir / "lineage.json").read_text())
-    assert lineage["stage"] == "grpo" and lineage["parents"]["policy"]["stage"] == "sft"
-    assert "samples at step 1" in run.flat_output  # logger.samples_every shows a table of completions
-
-
-def test_grpo_logs_rollout_metrics_with_trl_names(learned):
-    run, _ = learned
     train = run.train_records()
-    assert [r["step"] for r in train] == list(range(1, 101))
+    mean_reward = sum(r["reward"] for r in train[-10:]) / 10
+    assert mean_reward > sum(r["reward"] for r in train[:10]) / 10, "sampled reward should rise as well"
+
+
+def test_grpo_records_its_sft_parent_and_shows_samples(quick):
+    quick.assert_finished()
+    evals = [r for r in quick.records() if "eval_exact_match" in r]
+    assert (evals[0]["step"], evals[-1]["step"]) == (0, QUICK_STEPS)
+    assert json.loads((quick.dir / "eval.json").read_text())["eval_exact_match"] == evals[-1]["eval_exact_match"]
+    lineage = json.loads((quick.dir / "lineage.json").read_text())
+    assert lineage["stage"] == "grpo" and lineage["parents"]["policy"]["stage"] == "sft"
+    assert "samples at step 1" in quick.flat_output  # logger.samples_every shows a table of completions
+
+
+def test_grpo_logs_rollout_metrics_with_trl_names(quick):
+    train = quick.train_records()
+    assert [r["step"] for r in train] == list(range(1, QUICK_STEPS + 1))
     for record in train:
         assert 0 <= record["reward"] <= 1 and record["reward"] == record["rewards/task_verifier/mean"]
         assert record["completions/mean_length"] > 0 and 0 <= record["frac_reward_zero_std"] <= 1
         assert record["time/generation"] > 0 and record["time/training"] > 0 and record["objective/entropy"] > 0
         assert record["time/generation"] + record["time/training"] <= record["step_seconds"]
         assert "objective/kl" not in record  # beta = 0: no KL term and no reference model
-    mean_reward = sum(r["reward"] for r in train[-10:]) / 10
-    assert mean_reward > sum(r["reward"] for r in train[:10]) / 10, "sampled reward should rise as well"
 
 
-def test_grpo_checkpoint_generates_in_plain_transformers(learned, run_cmd):
-    run, _ = learned
+def test_grpo_checkpoint_generates_in_plain_transformers(quick, run_cmd):
+    run = quick
     script = textwrap.dedent(f"""
         import sys
         from transformers import AutoModelForCausalLM, AutoTokenizer

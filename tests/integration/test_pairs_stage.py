@@ -11,24 +11,41 @@ from alignctl.data.tasks.arithmetic import format_answer, parse_prompt, verify
 from tests.integration.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def runs(learned_sft_run, tmp_path_factory):
-    sft_dir, sft_result = learned_sft_run
-    assert sft_result.returncode == 0, sft_result.describe()
-    root = tmp_path_factory.mktemp("pairs")
-
+def _trainer(root):
     def train(name, *overrides):
         result = run_cli(["train", *overrides, f"hydra.run.dir={root / name}"], cwd=root)
         return StageRun(name, root / name, result)
 
-    pairs = train("pairs", "recipe=pairs", f"inputs.policy={sft_dir}", "recipe.num_prompts=200", "recipe.num_generations=4")
+    return train
+
+
+@pytest.fixture(scope="module")
+def runs(learned_sft_run, tmp_path_factory):
+    """Pairs sampled from the ~65 % policy and ranked by the task verifier (make test-slow)."""
+    sft_dir, sft_result = learned_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    train = _trainer(tmp_path_factory.mktemp("pairs"))
+    return train("pairs", "recipe=pairs", f"inputs.policy={sft_dir}", "recipe.num_prompts=200", "recipe.num_generations=4")
+
+
+@pytest.fixture(scope="module")
+def chained(quick_sft_run, tmp_path_factory):
+    """Pairs from a short SFT run ranked by length (samples differ in length long before they are right),
+    then a DPO stage on them: the chain's mechanics and lineage, in seconds."""
+    sft_dir, sft_result = quick_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    root = tmp_path_factory.mktemp("pairs_chain")
+    train = _trainer(root)
+    pairs = train("pairs", "recipe=pairs", f"inputs.policy={sft_dir}", "recipe.num_prompts=32", "recipe.num_generations=4",
+                  "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 4}]")
     dpo = train("dpo", "recipe=dpo", f"inputs.policy={sft_dir}", f"inputs.data={root / 'pairs'}", "recipe.max_steps=3",
                 "recipe.batch_size=8", "recipe.eval_every=0", "data.eval_limit=16")
     return pairs, dpo
 
 
+@pytest.mark.slow
 def test_pairs_are_right_against_wrong_answers_sampled_from_the_policy(runs):
-    pairs, _ = runs
+    pairs = runs
     pairs.assert_finished()
     rows = [json.loads(line) for line in (pairs.dir / "data.jsonl").read_text().splitlines()]
     stats = json.loads((pairs.dir / "eval.json").read_text())
@@ -43,8 +60,9 @@ def test_pairs_are_right_against_wrong_answers_sampled_from_the_policy(runs):
     assert json.loads((pairs.dir / "lineage.json").read_text())["parents"]["policy"]["stage"] == "sft"
 
 
-def test_dpo_trains_on_generated_pairs_and_still_measures_the_task(runs):
-    pairs, dpo = runs
+def test_dpo_trains_on_generated_pairs_and_still_measures_the_task(chained):
+    pairs, dpo = chained
+    pairs.assert_finished()
     dpo.assert_finished()
     lineage = json.loads((dpo.dir / "lineage.json").read_text())
     assert lineage["parents"]["data"]["run_dir"] == str(pairs.dir.resolve())

@@ -1,8 +1,8 @@
 """recipe=ppo through the real CLI: policy + value model, reward model or verifier, KL penalty, GAE.
 
-Mechanics run on a reward model trained a few steps from the shared SFT run; the learning test uses
-the task verifier as the reward (cheap and exact) and must raise held-out greedy accuracy (its 100
-steps run in-process in about 25 s; the learning run is trained only when that test is selected).
+Mechanics run from a short SFT run (conftest.quick_sft_run) on a reward model trained a few steps from
+it; the learning test (make test-slow) starts from the shared ~65 % SFT run, uses the task verifier as
+the reward (cheap and exact) and must raise held-out greedy accuracy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _train(run_dir, *overrides):
 
 
 class Trained(dict):
-    """name -> StageRun; a name in `later` is trained on first use only."""
+    """name -> StageRun; a name in `later` is trained on first use only (a -k selection trains what it needs)."""
 
     def __init__(self, runs: dict, later: dict):
         super().__init__(runs)
@@ -36,8 +36,8 @@ class Trained(dict):
 
 
 @pytest.fixture(scope="module")
-def runs(learned_sft_run, tmp_path_factory):
-    sft_dir, sft_result = learned_sft_run
+def runs(quick_sft_run, tmp_path_factory):
+    sft_dir, sft_result = quick_sft_run
     assert sft_result.returncode == 0, sft_result.describe()
     root = tmp_path_factory.mktemp("ppo")
     reward = _train(root / "reward", "recipe=reward", f"inputs.init={sft_dir}", "recipe.max_steps=20", "recipe.batch_size=32",
@@ -50,19 +50,24 @@ def runs(learned_sft_run, tmp_path_factory):
         "adaptive": lambda: _train(root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
                            "recipe.max_steps=3", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
                            "recipe.lr=1e-3", *small),
+        # A graded reward (length): a short SFT run solves no sum, and all-zero verifier rewards over a
+        # value head that starts at zero leave no advantage to train the policy's adapter.
         "shared": lambda: _train(root / "shared", "recipe=ppo", "adapter=lora", f"inputs.policy={sft_dir}",
-                         "recipe.reward_funcs=[alignctl.rewards.task_verifier]", "recipe.max_steps=2", "recipe.num_ppo_epochs=2",
+                         "recipe.reward_funcs=[{_target_: alignctl.rewards.length_penalty, max_chars: 1}]", "recipe.max_steps=2", "recipe.num_ppo_epochs=2",
                          "recipe.lr=1e-2", *small),
-        # 50 rollouts of 64, two epochs each: +6.5 to +7.5 points over seeds 0-2 here, where 30 steps at
-        # the recipe's rate (8 rollouts) gained +1.5 on one machine's float rounding and +5 on another's.
-        "learn": lambda: _train(root / "learn", "recipe=ppo", f"inputs.policy={sft_dir}", "recipe.reward_funcs=[alignctl.rewards.task_verifier]",
-                        "recipe.max_steps=100", "recipe.num_ppo_epochs=2", "recipe.lr=1e-4", "recipe.eval_every=0", "data.eval_limit=400"),
     }
-    return Trained({name: train() for name, train in out.items() if name != "learn"}, {"learn": out["learn"]}), reward
+    return Trained({}, out), reward
 
 
-def test_ppo_with_the_verifier_raises_held_out_exact_match(runs):
-    run = runs[0]["learn"]
+@pytest.mark.slow
+def test_ppo_with_the_verifier_raises_held_out_exact_match(learned_sft_run, tmp_path_factory):
+    sft_dir, sft_result = learned_sft_run
+    assert sft_result.returncode == 0, sft_result.describe()
+    # 50 rollouts of 64, two epochs each: +6.5 to +7.5 points over seeds 0-2 here, where 30 steps at
+    # the recipe's rate (8 rollouts) gained +1.5 on one machine's float rounding and +5 on another's.
+    run = _train(tmp_path_factory.mktemp("ppo_learn") / "learn", "recipe=ppo", f"inputs.policy={sft_dir}",
+                 "recipe.reward_funcs=[alignctl.rewards.task_verifier]", "recipe.max_steps=100", "recipe.num_ppo_epochs=2",
+                 "recipe.lr=1e-4", "recipe.eval_every=0", "data.eval_limit=400")
     run.assert_finished()
     evals = [r for r in run.records() if "eval_exact_match" in r]
     assert (evals[0]["step"], evals[-1]["step"]) == (0, 100)

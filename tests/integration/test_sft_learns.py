@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a learning curve: make test-slow
+
 SFT_STEPS = 600  # the recipe default, as conftest's learned_sft_run trains
 
 

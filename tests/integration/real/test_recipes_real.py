@@ -19,10 +19,11 @@ COMMON = ["model=smollm2", "data.path=builtin:chat_arithmetic", "data.eval_limit
 ONLINE = ["recipe.max_new_tokens=6", "recipe.eval_max_new_tokens=6", "recipe.max_steps=2"]
 
 
-def train(tmp_path_factory, name: str, *overrides: str) -> StageRun:
+def train(tmp_path_factory, name: str, *overrides: str, **process) -> StageRun:
+    """`process`: run_process's timeout and env, for the longer runs."""
     run_dir = tmp_path_factory.mktemp("real") / name
     args = [sys.executable, "-m", "alignctl", "train", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
-    run = StageRun(name, run_dir, run_process(args, cwd=run_dir.parent))
+    run = StageRun(name, run_dir, run_process(args, cwd=run_dir.parent, **process))
     run.assert_finished()
     return run
 
