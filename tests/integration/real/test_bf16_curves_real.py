@@ -27,10 +27,11 @@ STEPS = ["recipe.max_steps=20", "recipe.warmup_ratio=0", "recipe.batch_size=4", 
 CASES = {"sft": ["recipe=sft", "recipe.lr=5e-4"], "dpo": ["recipe=dpo", "recipe.lr=5e-5"]}
 # 20 steps of the real model: both cores, and time for a busy machine.
 LONG_RUN = {"env": {"OMP_NUM_THREADS": "2"}, "timeout": 1800}
-# Largest allowed |loss_bf16 - loss_fp32| / loss_fp32 at any of the 20 steps. Adam's first steps are
-# nearly sign(gradient) x lr, so bf16 rounding in small gradient components moves the early updates
-# most: SFT's steep first steps (3.3 -> 0.4 nats in 20) show it, measured 0.28 nats at step 2.
-RELATIVE_TOLERANCE = {"sft": 0.2, "dpo": 0.05}
+# Allowed |loss_bf16 - loss_fp32| in nats: (largest at any of the 20 steps, mean over them). Adam's
+# first steps are nearly sign(gradient) x lr, so bf16 rounding in small gradient components moves the
+# early updates most; SFT's steep curve (3.3 -> 0.4 nats in 20 steps) shows it: measured here 0.28 at
+# step 2, mean 0.089, the last step 0.009 apart.
+TOLERANCE = {"sft": (0.4, 0.15), "dpo": (0.1, 0.03)}
 
 
 def curves(tmp_path_factory, recipe: str):
@@ -48,11 +49,12 @@ def test_float32_and_bf16_loss_curves_agree_over_20_steps(tmp_path_factory, smol
     fp32 = [r["loss"] for r in runs["fp32"].train_records()]
     bf16 = [r["loss"] for r in runs["bf16"].train_records()]
     assert len(fp32) == len(bf16) == 20
-    gaps = [abs(a - b) / a for a, b in zip(fp32, bf16)]
-    print(f"\n{recipe}: fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}, bf16 {bf16[0]:.4f} -> {bf16[-1]:.4f}, largest relative "
-          f"gap {max(gaps):.3f} (step {gaps.index(max(gaps)) + 1}), mean {sum(gaps) / len(gaps):.3f}; fp32 {fp32}, bf16 {bf16}")
+    gaps = [abs(a - b) for a, b in zip(fp32, bf16)]
+    print(f"\n{recipe}: fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}, bf16 {bf16[0]:.4f} -> {bf16[-1]:.4f}, largest gap "
+          f"{max(gaps):.4f} (step {gaps.index(max(gaps)) + 1}), mean {sum(gaps) / len(gaps):.4f}; fp32 {fp32}, bf16 {bf16}")
     assert all(math.isfinite(x) for x in bf16)
-    assert max(gaps) <= RELATIVE_TOLERANCE[recipe], gaps
+    largest, mean = TOLERANCE[recipe]
+    assert max(gaps) <= largest and sum(gaps) / len(gaps) <= mean, gaps
     # Both learned, by about as much: the curves are not merely close because neither moved.
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0], (fp32, bf16)
 
