@@ -104,6 +104,9 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
         return max(len(ids) for ids in encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)["prompt_ids"])
 
     prompt = data.once("longest prompt", longest_prompt)
+    if cfg.recipe.environment is not None:  # a multi-turn episode may run to max_length
+        new = cfg.recipe.max_length - prompt
+        return BatchShape(rows, cfg.recipe.max_length, rows * new, f"{data.source} and recipe.max_length (multi-turn episodes)")
     new = cfg.recipe.max_new_tokens
     return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
 

@@ -99,7 +99,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def draw(state: RewardState) -> ScoredRollout:
         rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state, environment)
         if recipe.overlong_buffer:  # DAPO: completions near max_new_tokens lose reward smoothly, logged as a source
-            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids])
+            # Tokens the policy sampled: a multi-turn episode's environment tokens are not its length.
+            masks = rollout.completions.token_masks
+            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids] if masks is None else [int(m.sum()) for m in masks])
             rollout.per_source["overlong_penalty"] = overlong_penalty(lengths, recipe.max_new_tokens, recipe.overlong_buffer)
             rollout.rewards = rollout.rewards + rollout.per_source["overlong_penalty"]
         return rollout
