@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from alignctl.core.errors import UserError
 from alignctl.rl.reward_sources import DOTTED_PATH
 from alignctl.rl.tools import Tool, calculator, call_format, parse_tool_calls, run_tool
@@ -61,7 +63,7 @@ def checked_step(name: str, value: Any) -> StepResult:
     reply, done, reward = value
     if reply is not None and not isinstance(reply, str):
         raise EnvironmentFailure(f"environment {name}: step's reply is {type(reply).__name__}; expected {expected}")
-    if not isinstance(done, bool) and type(done).__name__ != "bool_":  # numpy's bool too
+    if not isinstance(done, bool | np.bool_):
         raise EnvironmentFailure(f"environment {name}: step's done is {type(done).__name__}; expected {expected}")
     if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise EnvironmentFailure(f"environment {name}: step's reward is {reward!r}; expected a finite number")

@@ -80,10 +80,6 @@ def reply_text(tokenizer, conversation: list[dict], sampled_tail: str, reply: st
     return closing[shared:] + after[len(before):]
 
 
-def first_turns(policy: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], group: int, sampling: Sampling) -> Completions:
-    return sample(policy, prompt_ids, group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-
-
 def trailing_specials(tokenizer, ids: Sequence[int]) -> int:
     """How many special tokens (end of turn, EOS) end a sampled turn."""
     special, count = set(tokenizer.all_special_ids), 0
@@ -122,7 +118,8 @@ def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], g
     markup = call_format(tokenizer.chat_template)
     row_dicts = [dict(zip(rows, values)) for values in zip(*rows.values())]
     states = [EpisodeState(spec.new(row, markup), row["prompt"], list(row["prompt_ids"])) for row in row_dicts for _ in range(group)]
-    first = first_turns(policy, tokenizer, rows["prompt_ids"], group, sampling)
+    # The first turn samples K per prompt, sharing its prefill; later turns one per episode still running.
+    first = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
     for i, state in enumerate(states):
         take_turn(state, tokenizer, first.completion_ids[i], first.sampler_logps[i] if first.sampler_logps else None, first.truncated[i],
                   spec.max_turns, max_length)

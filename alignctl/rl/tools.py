@@ -50,7 +50,7 @@ class Tool:
     def schema(self) -> dict:
         """The OpenAI-style declaration chat templates render (``tools=[...]``)."""
         signature = inspect.signature(self.function)
-        properties = {name: {"type": JSON_TYPES.get(p.annotation if not isinstance(p.annotation, str) else eval_type(p.annotation), "string")}
+        properties = {name: {"type": JSON_TYPES.get(p.annotation if not isinstance(p.annotation, str) else builtin_type(p.annotation), "string")}
                       for name, p in signature.parameters.items() if name in self.parameters()}
         required = [name for name, p in signature.parameters.items() if name in properties and p.default is p.empty]
         description = inspect.getdoc(self.function) or self.name
@@ -58,7 +58,7 @@ class Tool:
                                                  "parameters": {"type": "object", "properties": properties, "required": required}}}
 
 
-def eval_type(annotation: str) -> type | None:
+def builtin_type(annotation: str) -> type | None:
     """A string annotation (``from __future__ import annotations``) of a builtin type, else None."""
     return {t.__name__: t for t in JSON_TYPES}.get(annotation)
 
