@@ -107,6 +107,8 @@ class EnvironmentSpec:
     def new(self, row: dict, markup: str) -> Episode:
         try:
             env = self.make()
+        except EnvironmentFailure:
+            raise
         except Exception as err:
             raise EnvironmentFailure(f"environment {self.name}: {self.name.rsplit('.', 1)[-1]}(**recipe.environment_kwargs) raised "
                                      f"{type(err).__name__}: {err}") from None
@@ -128,6 +130,8 @@ def load_environment(path: str, kwargs: dict, max_turns: int) -> EnvironmentSpec
     spec = EnvironmentSpec(path, lambda: cls(**kwargs), max_turns, [])
     try:
         probe = spec.make()
+    except EnvironmentFailure:  # already one line (a ToolEnv's tool that cannot be imported)
+        raise
     except Exception as err:
         raise EnvironmentFailure(f"environment {path}: {cls.__name__}(**recipe.environment_kwargs) raised {type(err).__name__}: {err}") from None
     own = getattr(probe, "max_turns", None)

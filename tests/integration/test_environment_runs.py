@@ -125,3 +125,9 @@ def test_single_turn_runs_compute_the_losses_they_did_before_environments(alignc
     run = StageRun(recipe, run_dir, result)
     run.assert_finished()
     assert [r["loss"] for r in run.train_records()] == losses
+
+
+def test_plan_sizes_multi_turn_episodes_to_max_length(alignctl):
+    result = alignctl("plan", "recipe=grpo", "recipe.environment=alignctl.rl.environments.CalculatorEnv", "recipe.max_length=80", "--json")
+    assert result.returncode == 0, result.describe()
+    assert '"width": 80' in result.stdout and "recipe.max_length (multi-turn episodes)" in result.stdout

@@ -190,3 +190,12 @@ def test_calculator_env_runs_calls_in_the_plain_markup():
     assert env.step("0436") == StepResult(None, True, 0.0)
     hermes = load_environment("alignctl.rl.environments.CalculatorEnv", {}, 4).new({}, "hermes")
     assert hermes.step('<tool_call>{"name": "calculator", "arguments": {"expression": "2*21"}}</tool_call>').reply == "42"
+
+
+def test_a_tool_that_cannot_be_imported_stops_the_run_naming_it():
+    from alignctl.rl.environments import EnvironmentFailure
+
+    with pytest.raises(EnvironmentFailure, match=r"^recipe.environment_kwargs.tools: cannot import 'no_such.tool' \(ModuleNotFoundError"):
+        load_environment("alignctl.rl.environments.ToolEnv", {"tools": ["no_such.tool"]}, 4)
+    with pytest.raises(EnvironmentFailure, match=r"environment alignctl.rl.environments.ToolEnv: ToolEnv\(\*\*recipe.environment_kwargs\) raised TypeError"):
+        load_environment("alignctl.rl.environments.ToolEnv", {"colour": "red"}, 4)
