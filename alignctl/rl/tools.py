@@ -107,8 +107,8 @@ def run_tool(tools: dict[str, Tool], call: ToolCall, timeout: float | None) -> s
 
     def target() -> None:
         try:
-            outcome["value"] = tool.function(**arguments)
-        except Exception as err:  # the model's call went wrong: it reads why
+            outcome["value"] = str(tool.function(**arguments))
+        except BaseException as err:  # the model's call went wrong (even sys.exit in a tool): it reads why
             outcome["error"] = f"error: {tool.name} raised {type(err).__name__}: {err}"
 
     # A daemon thread: Python cannot stop a hung call, but it is abandoned rather than holding the run.
@@ -117,7 +117,7 @@ def run_tool(tools: dict[str, Tool], call: ToolCall, timeout: float | None) -> s
     worker.join(timeout)
     if worker.is_alive():
         return f"error: {tool.name} timed out after {timeout:g} seconds"
-    return outcome.get("error") or str(outcome["value"])
+    return outcome.get("error") or outcome["value"]
 
 
 # ------------------------------------------------------------------------------------- calculator

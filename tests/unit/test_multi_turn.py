@@ -199,3 +199,20 @@ def test_a_tool_that_cannot_be_imported_stops_the_run_naming_it():
         load_environment("alignctl.rl.environments.ToolEnv", {"tools": ["no_such.tool"]}, 4)
     with pytest.raises(EnvironmentFailure, match=r"environment alignctl.rl.environments.ToolEnv: ToolEnv\(\*\*recipe.environment_kwargs\) raised TypeError"):
         load_environment("alignctl.rl.environments.ToolEnv", {"colour": "red"}, 4)
+
+
+def test_a_template_that_takes_tools_declares_them_in_the_prompt(tokenizer):
+    import copy
+
+    from alignctl.data.encode import encode_prompt
+    from alignctl.rl.tools import Tool, call_format
+
+    declaring = copy.deepcopy(tokenizer)
+    declaring.chat_template = ("{% if tools %}<|system|>Call <tool_call>{name, arguments}</tool_call>: {{ tools | tojson }}<|end|>{% endif %}"
+                               + tokenizer.chat_template)
+    messages = [{"role": "user", "content": "1+2="}]
+    tools = [Tool(calculator).schema()]
+    text = declaring.decode(encode_prompt(declaring, messages, tools))
+    assert text.startswith('<|system|>Call <tool_call>{name, arguments}</tool_call>: [{"type": "function", "function": {"name": "calculator"')
+    assert call_format(declaring.chat_template) == "hermes" and call_format(tokenizer.chat_template) == "plain"
+    assert encode_prompt(declaring, messages) == encode_prompt(tokenizer, messages)  # no tools: nothing declared

@@ -47,8 +47,14 @@ def two_args(a: int, b: int = 1) -> int:
     return a + b
 
 
+def exits(code: str) -> str:
+    """Exits the process, or would."""
+    raise SystemExit(int(code))
+
+
 def test_a_failing_or_hanging_tool_is_a_message_to_the_model():
-    tools = {t.name: t for t in (Tool(calculator), Tool(slow), Tool(two_args))}
+    tools = {t.name: t for t in (Tool(calculator), Tool(slow), Tool(two_args), Tool(exits))}
+    assert run_tool(tools, ToolCall("exits", "3"), 5) == "error: exits raised SystemExit: 3"
     assert run_tool(tools, ToolCall("calculator", "6*7"), 5) == "42"
     assert run_tool(tools, ToolCall("calculator", "1//0"), 5) == "error: calculator raised ZeroDivisionError: integer division or modulo by zero"
     started = time.perf_counter()
