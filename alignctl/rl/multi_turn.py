@@ -74,8 +74,11 @@ def reply_text(tokenizer, conversation: list[dict], sampled_tail: str, reply: st
     while shared < min(len(closing), len(sampled_tail)) and closing[shared] == sampled_tail[shared]:
         shared += 1
     before = tokenizer.apply_chat_template(conversation, tokenize=False)
-    after = tokenizer.apply_chat_template(conversation + [{"role": "tool", "content": reply}], tokenize=False, add_generation_prompt=True)
-    if not after.startswith(before):  # a template that rewrites earlier turns: fall back to the tag
+    try:
+        after = tokenizer.apply_chat_template(conversation + [{"role": "tool", "content": reply}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses a tool role (strict user/assistant alternation): the tag instead
+        after = ""
+    if not after.startswith(before):  # refused, or a template that rewrites earlier turns
         return closing[shared:] + f"<result>{reply}</result>"
     return closing[shared:] + after[len(before):]
 

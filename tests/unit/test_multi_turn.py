@@ -146,6 +146,12 @@ def test_a_reply_is_a_tool_message_rendered_by_the_template(tokenizer):
     assert reply_text(tokenizer, conversation, "<|end|></s>", "3") == "<|tool|>3<|end|><|assistant|>"
     assert reply_text(tokenizer, conversation, "", "3") == "<|end|><|tool|>3<|end|><|assistant|>"  # a turn cut short is closed
     assert reply_text(tokenizer, "1+2=", "</s>", "3") == "<result>3</result>"
+    import copy
+
+    strict = copy.deepcopy(tokenizer)  # a template that knows no tool role
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('roles!') }}{% endif %}"
+                            "{% endfor %}" + tokenizer.chat_template)
+    assert reply_text(strict, conversation, "<|end|></s>", "3") == "<result>3</result>"
 
 
 # ------------------------------------------------------------- the mask, token by token, on a hand-built episode
