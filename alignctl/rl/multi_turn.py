@@ -52,7 +52,6 @@ class MultiTurnRollout:
     env_rewards: torch.Tensor  # (N,) each episode's summed step rewards
     final_turns: list[str]  # each episode's last model turn (what reward functions read)
     episodes: list[list[dict]]  # each episode's messages
-    turns: torch.Tensor  # (N,) model turns taken
 
 
 def turn_closing(tokenizer, conversation: list[dict]) -> str:
@@ -138,5 +137,4 @@ def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], g
                               sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.sampler_logps else None,
                               token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])
     finals = [next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), "") for s in states]
-    return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states],
-                            torch.tensor([float(s.turns) for s in states]))
+    return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states])
