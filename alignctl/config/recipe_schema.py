@@ -209,6 +209,9 @@ class OnlineRLConfig(TrainConfig):
     rollout_is: RolloutIS  # importance-sampling correction of the sampler/trainer mismatch (off, truncate, mask)
     rollout_is_level: RolloutISLevel  # token or sequence ratios
     rollout_is_cap: float = within("[1, 1e6]")  # truncate: the largest weight; mask: ratios outside [1/cap, cap] are dropped
+    environment: str | None  # dotted path of a multi-turn environment class (null: single-turn completions)
+    environment_kwargs: dict[str, Any]  # keyword arguments of the environment's constructor
+    max_turns: int = within("[1, 1e4]")  # model turns per episode at most (with an environment)
 
     def __post_init__(self) -> None:
         super().__post_init__()

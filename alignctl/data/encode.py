@@ -19,12 +19,14 @@ IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 Messages = list[dict]
 
 
-def _template(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool) -> str:
+def _template(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool, tools: list[dict] | None = None) -> str:
     if tokenizer.chat_template is None:
         raise DataError(
             "conversational data needs a chat template, and this tokenizer has none; "
             "use a chat/instruct model or standard (string) columns"
         )
+    if tools:  # only then: a template may render an empty tool list differently from none
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -57,11 +59,12 @@ def sampled_part(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int
     return ids[: sum(through_eos(tokenizer, ids))]
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
-    """Token ids a generation call starts from (chat prompts end with the assistant header)."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, tools: list[dict] | None = None) -> list[int]:
+    """Token ids a generation call starts from (chat prompts end with the assistant header); `tools`:
+    declarations the chat template renders (``apply_chat_template(tools=...)``), for a conversation only."""
     if isinstance(prompt, str):
         return _ids(tokenizer, prompt, special=True)
-    return _ids(tokenizer, _template(tokenizer, prompt, generation_prompt=True))
+    return _ids(tokenizer, _template(tokenizer, prompt, generation_prompt=True, tools=tools))
 
 
 def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, completion: str | Messages) -> list[int]:

@@ -381,7 +381,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over each completion's tokens.
 
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V(s_t).
-    The value after a completion's last token is 0 (the episode ends), whichever side it is padded on.
+    The value after a completion's last token is 0 (the episode ends), whichever side it is padded on;
+    tokens masked out between sampled ones (an environment's turn) are skipped.
 
     Args:
         rewards, values, mask: (B, T).
@@ -392,11 +393,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     rewards, values, mask = rewards.detach(), values.detach(), mask.to(values.dtype)
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(running)  # V of the next masked token: 0 after the last
     for t in reversed(range(values.size(1))):
-        following = mask[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(running)
-        next_value = values[:, t + 1] * following if t + 1 < values.size(1) else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running * following
+        # A masked-out token inside a row (an environment's reply in a multi-turn episode) is skipped:
+        # the next sampled token's state follows directly, as if the reply were part of the transition.
+        inside = mask[:, t].bool()
+        running = torch.where(inside, delta + gamma * lam * running, running)
+        next_value = torch.where(inside, values[:, t], next_value)
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask

@@ -27,7 +27,8 @@ def select_groups(rollout: ScoredRollout, groups: list[int], group_size: int) ->
     rows = [g * group_size + k for g in groups for k in range(group_size)]
     c = rollout.completions
     completions = Completions([c.prompt_ids[i] for i in rows], [c.completion_ids[i] for i in rows], [c.truncated[i] for i in rows], c.engine,
-                              None if c.sampler_logps is None else [c.sampler_logps[i] for i in rows])
+                              None if c.sampler_logps is None else [c.sampler_logps[i] for i in rows],
+                              None if c.token_masks is None else [c.token_masks[i] for i in rows])
     index = torch.tensor(rows, dtype=torch.long)
     return ScoredRollout(
         {name: [values[g] for g in groups] for name, values in rollout.rows.items()},
@@ -50,6 +51,8 @@ def concatenate(parts: list[ScoredRollout]) -> ScoredRollout:
         first.completions.engine,
         # The sampler's log-probs travel with their completions (None if any part has none).
         None if any(p.completions.sampler_logps is None for p in parts) else [x for p in parts for x in p.completions.sampler_logps],
+        # So do multi-turn episodes' masks of sampled tokens (the parts of one run all have them or none does).
+        None if first.completions.token_masks is None else [x for p in parts for x in p.completions.token_masks],
     )
     times: dict[str, float] = {}
     for part in parts:

@@ -22,6 +22,8 @@ from alignctl.data import loading as data_lib
 from alignctl.data.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.models.loading import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.nn.losses import aggregate, logprob_gap, rollout_correction
+from alignctl.rl.environments import EnvironmentSpec, load_environment
+from alignctl.rl.multi_turn import sample_episodes
 from alignctl.rl.reward_sources import (
     RewardSource,
     RewardState,
@@ -40,11 +42,13 @@ from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData
 PROMPT_COLUMNS = ("prompt", "prompt_ids")
 
 
-def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: RunConfig, where: str, prompts_per_rollout: int) -> Dataset:
+def encode_prompts(dataset: Dataset, tokenizer, recipe: OnlineRLConfig, cfg: RunConfig, where: str, prompts_per_rollout: int,
+                   tools: list[dict] | None = None) -> Dataset:
     """Add ``prompt_ids``, keeping every column (reward functions receive them); a DataError when
-    fewer prompts than one rollout needs remain."""
+    fewer prompts than one rollout needs remain. `tools`: an environment's tool declarations, which a
+    chat template that takes them renders into a conversational prompt."""
     def encode(row: dict, index: int) -> dict | None:
-        ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}", recipe.max_new_tokens)
+        ids = fit_prompt(encode_prompt(tokenizer, row["prompt"], tools), recipe.max_length, cfg.data.overlong.value, f"{where}: row {index}", recipe.max_new_tokens)
         return None if ids is None else {**row, "prompt_ids": ids}
 
     empty = {name: None for name in dataset.column_names} | {"prompt_ids": []}
@@ -60,13 +64,21 @@ class PromptData:
     tokenizer: object
 
 
-def load_prompts(cfg: RunConfig, recipe: OnlineRLConfig, prompts_per_rollout: int) -> PromptData:
+def environment_spec(recipe: OnlineRLConfig) -> EnvironmentSpec | None:
+    """recipe.environment loaded and checked (before any model loads), or None for single-turn rollouts."""
+    if recipe.environment is None:
+        return None
+    return load_environment(recipe.environment, dict(recipe.environment_kwargs), recipe.max_turns)
+
+
+def load_prompts(cfg: RunConfig, recipe: OnlineRLConfig, prompts_per_rollout: int, environment: EnvironmentSpec | None = None) -> PromptData:
     """The starting policy's tokenizer and the encoded prompt splits (before any model loads, so bad data fails fast)."""
     raw = data_lib.load_split(cfg.data, "prompt", cfg.data.train_split)
     eval_raw = data_lib.load_eval_split(cfg.data, "prompt")
     path = model_path(cfg.model, cfg.inputs.get("policy"))
     tokenizer = load_tokenizer(path, cfg.model)
-    train = encode_prompts(raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", prompts_per_rollout)
+    tools = environment.tool_schemas() if environment is not None else None
+    train = encode_prompts(raw, tokenizer, recipe, cfg, f"{cfg.data.path} [{cfg.data.train_split}]", prompts_per_rollout, tools)
     return PromptData(raw, train, eval_raw.to_list() if eval_raw is not None else None, path, tokenizer)
 
 
@@ -81,8 +93,8 @@ def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, dev
         check_same_tokenizer(policy_tokenizer, tokenizer, reward_path)
         scorer = load_reward_model(reward_path, cfg.model, cfg.hardware, tokenizer.pad_token_id).to(device).eval().requires_grad_(False)
         sources.append(model_source(scorer, tokenizer, recipe.eval_batch_size, recipe.reward_model_weight, recipe.trim_top_layer))
-    if not sources:
-        raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>")
+    if not sources and recipe.environment is None:
+        raise DataError("no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir> (or recipe.environment)")
     return sources, reward_path
 
 
@@ -92,6 +104,9 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
         return max(len(ids) for ids in encode_prompts(data.raw, data.tokenizer, cfg.recipe, cfg, data.where, 1)["prompt_ids"])
 
     prompt = data.once("longest prompt", longest_prompt)
+    if cfg.recipe.environment is not None:  # a multi-turn episode may run to max_length
+        new = cfg.recipe.max_length - prompt
+        return BatchShape(rows, cfg.recipe.max_length, rows * new, f"{data.source} and recipe.max_length (multi-turn episodes)")
     new = cfg.recipe.max_new_tokens
     return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
 
@@ -139,6 +154,10 @@ def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], co
     if group_size > 1:
         metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
     metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
+    if completions.token_masks is not None:  # multi-turn: how much of an episode the policy wrote
+        sampled = torch.tensor([float(m.sum()) for m in completions.token_masks])
+        metrics["completions/mean_sampled_length"] = float(sampled.mean())
+        metrics["episodes/mean_turns"] = sum(model_turns(m) for m in completions.token_masks) / len(completions.token_masks)
     return metrics
 
 
@@ -147,6 +166,12 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     dx, dy = x - x.mean(), y - y.mean()
     scale = float((dx.square().sum() * dy.square().sum()).sqrt())
     return float((dx * dy).sum()) / scale if scale > 0 else 0.0
+
+
+def model_turns(token_mask: torch.Tensor) -> int:
+    """The policy's turns in an episode: the runs of sampled tokens in its mask."""
+    starts = token_mask.bool() & ~torch.cat([token_mask.new_zeros(1), token_mask[:-1]]).bool()
+    return int(starts.sum())
 
 
 def evaluate_greedy(
@@ -162,7 +187,8 @@ def evaluate_greedy(
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
     columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
-    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
+    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns) if sources \
+        else (torch.zeros(len(prompts)), {})
     result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
@@ -211,8 +237,11 @@ class ScoredRollout:
 
 
 def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, sources: Sequence[RewardSource],
-                     state: RewardState) -> ScoredRollout:
-    """Sample `group` completions per prompt of `rows` and score them; times the two phases."""
+                     state: RewardState, environment: EnvironmentSpec | None = None) -> ScoredRollout:
+    """Sample `group` completions per prompt of `rows` and score them; times the two phases. With an
+    `environment`, each completion is a multi-turn episode (`sample_and_score_episodes`)."""
+    if environment is not None:
+        return sample_and_score_episodes(policy, tokenizer, rows, group, sampling, sources, state, environment)
     started = time.perf_counter()
     completions = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
     generation_seconds = time.perf_counter() - started
@@ -223,6 +252,25 @@ def sample_and_score(policy: torch.nn.Module, tokenizer, rows: dict[str, list], 
     columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state)
     rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns)
     return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, {"time/generation": generation_seconds, "time/scoring": scoring_seconds})
+
+
+def sample_and_score_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling,
+                              sources: Sequence[RewardSource], state: RewardState, environment: EnvironmentSpec) -> ScoredRollout:
+    """Multi-turn episodes (alignctl/rl/multi_turn.py), rewarded by the environment (the sum of its steps,
+    logged as the source ``environment``) plus the reward sources, which read each episode's last model
+    turn in the prompt's form, with the whole episode's messages in the column ``episode``."""
+    started = time.perf_counter()
+    episodes = sample_episodes(policy, tokenizer, rows, group, sampling, environment, sampling.max_length)
+    generation_seconds = time.perf_counter() - started
+    completions = episodes.completions
+    texts = tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+    prompts = [p for p in rows["prompt"] for _ in range(group)]
+    in_form = [completion_turn(p, t) for p, t in zip(prompts, episodes.final_turns)]
+    columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state) | {"episode": episodes.episodes}
+    rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns) if sources else (torch.zeros(len(texts)), {}, 0.0)
+    per_source["environment"] = episodes.env_rewards
+    times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds}
+    return ScoredRollout(rows, prompts, texts, completions, rewards + episodes.env_rewards, per_source, times)
 
 
 class StepQueue:
@@ -342,7 +390,8 @@ class RolloutLog:
 
 
 def completion_tokens(batch: dict) -> int:
-    return int(batch["response_mask"].sum())
+    """The tokens a token-level mean is over: those the policy sampled (never an environment's)."""
+    return int(batch["sampled_mask"].sum()) if "sampled_mask" in batch else int(batch["response_mask"].sum())
 
 
 def completion_count(batch: dict) -> int:

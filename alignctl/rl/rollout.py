@@ -49,6 +49,9 @@ class Completions:
     # The sampler's log-prob of each completion token (1-D, as long as its ids) under the distribution it
     # drew from (temperature, top-p, top-k applied); None where the engine gave none.
     sampler_logps: list[torch.Tensor] | None = None
+    # Multi-turn episodes (alignctl/rl/multi_turn.py): per completion token, 1 where the policy sampled it,
+    # 0 where the environment wrote it; None: a single turn, every token sampled.
+    token_masks: list[torch.Tensor] | None = None
 
 
 # What each engine is, as the run's log names it.
@@ -229,8 +232,16 @@ def training_batch(completions: Completions, indices: Sequence[int], pad_id: int
         batch[name] = right_aligned([values[i] for i in indices], width).to(device)
     for name, values in per_sequence.items():
         batch[name] = values[list(indices)].to(device)
+    if completions.token_masks is not None:  # aligned with the response mask's last W columns, as per-token values are
+        batch["sampled_mask"] = right_aligned([completions.token_masks[i] for i in indices], width).to(device)
     batch["num_tokens"] = int(batch["attention_mask"].sum())
     return batch
+
+
+def policy_mask(batch: dict, response_mask: torch.Tensor) -> torch.Tensor:
+    """The completion tokens the policy sampled: the response mask ((B, W), from response_token_logps)
+    without the environment's tokens of a multi-turn batch; unchanged for a single-turn one."""
+    return response_mask * batch["sampled_mask"].to(response_mask.dtype) if "sampled_mask" in batch else response_mask
 
 
 @torch.no_grad()

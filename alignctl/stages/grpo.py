@@ -35,6 +35,7 @@ from alignctl.rl.online_rl import (
     StepQueue,
     completion_count,
     completion_tokens,
+    environment_spec,
     greedy_evaluator,
     held_policy,
     held_reward_model,
@@ -48,7 +49,7 @@ from alignctl.rl.online_rl import (
     with_sampler_logps,
 )
 from alignctl.rl.reward_sources import RewardState
-from alignctl.rl.rollout import Sampling, per_token_values
+from alignctl.rl.rollout import Sampling, per_token_values, policy_mask
 from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.train.session import (
     start_process,
@@ -69,7 +70,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     K = recipe.num_generations
     completions_per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
-    prompts = load_prompts(cfg, recipe, completions_per_rollout // K)
+    environment = environment_spec(recipe)  # checked before any model loads
+    prompts = load_prompts(cfg, recipe, completions_per_rollout // K, environment)
     train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, _ = reward_sources(cfg, recipe, tokenizer, device)
 
@@ -95,9 +97,11 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def draw(state: RewardState) -> ScoredRollout:
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state)
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state, environment)
         if recipe.overlong_buffer:  # DAPO: completions near max_new_tokens lose reward smoothly, logged as a source
-            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids])
+            # Tokens the policy sampled: a multi-turn episode's environment tokens are not its length.
+            masks = rollout.completions.token_masks
+            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids] if masks is None else [int(m.sum()) for m in masks])
             rollout.per_source["overlong_penalty"] = overlong_penalty(lengths, recipe.max_new_tokens, recipe.overlong_buffer)
             rollout.rewards = rollout.rewards + rollout.per_source["overlong_penalty"]
         return rollout
@@ -123,6 +127,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk,
                                                     entropy_grad=recipe.entropy_coef > 0)
+        mask = policy_mask(batch, mask)  # an environment's tokens: no loss, no KL
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         surrogate = policy_surrogate(recipe.policy_loss.value, logps, old, mask, batch["advantages"], recipe.epsilon, recipe.epsilon_high)
         level = recipe.loss_aggregation.value

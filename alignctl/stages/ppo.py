@@ -44,6 +44,7 @@ from alignctl.rl.online_rl import (
     RolloutLog,
     StepQueue,
     completion_tokens,
+    environment_spec,
     greedy_evaluator,
     held_policy,
     held_reward_model,
@@ -56,7 +57,7 @@ from alignctl.rl.online_rl import (
     sample_and_score,
     with_sampler_logps,
 )
-from alignctl.rl.rollout import Sampling, per_token_values, right_aligned
+from alignctl.rl.rollout import Sampling, per_token_values, policy_mask, right_aligned
 from alignctl.train.checkpoint import load_weights
 from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.train.session import (
@@ -140,7 +141,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     mode = reference_for(cfg)
 
     per_rollout = recipe.batch_size * recipe.grad_accum * recipe.steps_per_generation
-    prompts = load_prompts(cfg, recipe, per_rollout)
+    environment = environment_spec(recipe)  # checked before any model loads
+    prompts = load_prompts(cfg, recipe, per_rollout, environment)
     train_set, eval_rows, path, tokenizer = prompts.train, prompts.eval_rows, prompts.policy_path, prompts.tokenizer
     sources, reward_path = reward_sources(cfg, recipe, tokenizer, device)
 
@@ -174,7 +176,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
 
     def new_rollout() -> None:
-        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, queue.start_rollout())
+        rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, queue.start_rollout(), environment)
         completions, scores = rollout.completions, rollout.rewards
         if recipe.missing_eos_penalty:
             scores = scores - recipe.missing_eos_penalty * torch.tensor(completions.truncated, dtype=torch.float32)
@@ -186,7 +188,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         ref_logps = old_logps if mode == Reference.none else per_token_values(
             lambda b: reference_logps(mode, policy, reference, b, token_logps), completions, pad_id, device, size)
         width = max(len(c) for c in completions.completion_ids)
-        mask = right_aligned([torch.ones(len(c)) for c in completions.completion_ids], width)
+        # The policy's tokens only: an environment's carry no KL, and GAE steps over them.
+        mask = right_aligned(completions.token_masks or [torch.ones(len(c)) for c in completions.completion_ids], width)
         kl = (right_aligned(old_logps, width) - right_aligned(ref_logps, width)) * mask  # k1 per token, as PPO-RLHF uses
         token_rewards = score_to_token_rewards(scores, kl, mask, kl_control.beta)
         advantages, returns = gae(token_rewards, right_aligned(old_values, width), mask, recipe.gamma, recipe.lam)
@@ -213,6 +216,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
+        mask = policy_mask(batch, mask)  # an environment's tokens: no loss
         values = value_fn(batch)
         policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)
         weights, correction = rollout_correction_terms(recipe, batch, batch["old_logps"], mask, "token", num_items)  # sampler vs trainer

@@ -139,7 +139,7 @@ def test_adaptive_kl_controller_moves_beta(runs):
 def test_ppo_without_any_reward_is_one_line(alignctl, tmp_path):
     result = alignctl("train", "recipe=ppo", "recipe.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.describe()
-    assert result.stderr_lines() == ["alignctl: error: no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir>"]
+    assert result.stderr_lines() == ["alignctl: error: no reward: set recipe.reward_funcs and/or inputs.reward=<reward run dir> (or recipe.environment)"]
 
 
 def test_lora_value_model_starting_from_the_policy_shares_its_base(runs, run_cmd):

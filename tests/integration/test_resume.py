@@ -75,6 +75,11 @@ CASES = {
     "grpo mid-rollout": (["recipe=grpo", "recipe.max_steps=8", "recipe.save_every=3", "recipe.steps_per_generation=2", "recipe.num_iterations=2",
                           "recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1", "recipe.lr=1e-3", "data.eval_limit=20",
                           GRADED_REWARD], 3),
+    # Multi-turn episodes (an environment replying twice): the queued steps carry the environment's token mask.
+    "grpo mid-rollout, environment": (["recipe=grpo", "recipe.max_steps=6", "recipe.save_every=3", "recipe.steps_per_generation=2",
+                                       "recipe.num_iterations=2", "recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1",
+                                       "recipe.lr=1e-3", "data.eval_limit=20", "recipe.environment=tests.integration.test_environment_runs.Countdown",
+                                       "+recipe.environment_kwargs.turns=3", "recipe.max_new_tokens=6", "recipe.max_length=80", GRADED_REWARD], 3),
     # DAPO's dynamic sampling: many groups of the untrained model are constant, so rollouts draw more
     # prompts (the stream moves on unevenly) before they are full or at their bound.
     "grpo dynamic sampling": (["recipe=grpo", "recipe.max_steps=4", "recipe.save_every=2", "recipe.batch_size=8", "recipe.num_generations=4",

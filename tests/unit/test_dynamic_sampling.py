@@ -59,3 +59,15 @@ def test_a_rollout_that_is_all_informative_is_left_as_it_is():
     first = rollout([1, 0, 0, 1], "a")
     batch, stats = fill_with_informative_groups(first, draws_of(), K, 8)
     assert batch.texts == first.texts and torch.equal(batch.rewards, first.rewards) and stats["dynamic_sampling/draws"] == 1.0
+
+
+def with_masks(part: ScoredRollout) -> ScoredRollout:
+    """Multi-turn episodes: each completion's mask marks its first token (its index) as sampled, the EOS as not."""
+    part.completions.token_masks = [torch.tensor([1.0, float(ids[0] % 2)]) for ids in part.completions.completion_ids]
+    return part
+
+
+def test_multi_turn_masks_travel_with_their_episodes():
+    first = with_masks(rollout([1, 1, 0, 1, 0, 0], "a"))
+    batch, _ = fill_with_informative_groups(first, draws_of(with_masks(rollout([0, 0, 1, 0], "b")), with_masks(rollout([1, 0, 1, 1], "c"))), K, 8)
+    assert [m.tolist() for m in batch.completions.token_masks] == [[1.0, float(ids[0] % 2)] for ids in batch.completions.completion_ids]

@@ -1,0 +1,140 @@
+"""Multi-turn rollouts: the policy and an environment take turns, one completion per episode.
+
+Each turn, every episode still running samples a turn with the rollout engine (alignctl/rl/rollout.py;
+the first turn K per prompt, sharing the prompt's prefill), the environment reads its decoded text and
+replies; the reply's tokens are appended and the episode goes on, until the environment says done,
+``max_turns`` turns were sampled, or the episode reaches ``max_length`` tokens (then it is truncated).
+Finished episodes leave the batch. The completion is every turn and reply end to end, with a token
+mask (1: sampled by the policy, 0: the environment's) that keeps replies out of the loss, the KL and
+the advantages, and the sampler's log-probs of the sampled tokens (0 at the environment's).
+
+A reply is rendered as a ``tool`` message by the chat template after a conversational prompt (the
+text the template writes between the model's turn and the next assistant header), else as plain
+``<result>...</result>`` text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from alignctl.rl.environments import EnvironmentSpec, Episode, call_format
+from alignctl.rl.rollout import Completions, Sampling, sample
+
+SENTINEL = "\u2063sampled turn\u2063"  # a text no template changes, to find what it writes around a turn
+
+
+@dataclass
+class EpisodeState:
+    env: Episode
+    prompt: str | list[dict]
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)  # 1: sampled by the policy, 0: the environment's
+    logps: list[float] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)  # the episode's assistant and tool messages
+    reward: float = 0.0
+    turns: int = 0
+    done: bool = False
+    truncated: bool = False
+
+    def add(self, ids: Sequence[int], sampled: bool, logps: Sequence[float] | None = None) -> None:
+        self.ids += ids
+        self.mask += [int(sampled)] * len(ids)
+        self.logps += list(logps) if logps is not None else [0.0] * len(ids)
+
+
+@dataclass
+class MultiTurnRollout:
+    completions: Completions  # with token_masks
+    env_rewards: torch.Tensor  # (N,) each episode's summed step rewards
+    final_turns: list[str]  # each episode's last model turn (what reward functions read)
+    episodes: list[list[dict]]  # each episode's messages
+
+
+def turn_closing(tokenizer, conversation: list[dict]) -> str:
+    """What the chat template writes after an assistant turn's content (ChatML: ``<|im_end|>\\n``)."""
+    text = tokenizer.apply_chat_template(conversation + [{"role": "assistant", "content": SENTINEL}], tokenize=False)
+    return text[text.rindex(SENTINEL) + len(SENTINEL):]
+
+
+def reply_text(tokenizer, conversation: list[dict], sampled_tail: str, reply: str) -> str:
+    """The text between a model turn and the next assistant header, for a reply as a ``tool`` message.
+
+    `conversation`: the prompt and the episode's messages, the model's last turn included;
+    `sampled_tail`: what the model itself wrote after its turn's content (its end-of-turn token(s), or
+    nothing when cut at max_new_tokens), so the closing the template writes is not written twice."""
+    if not isinstance(conversation, list) or tokenizer.chat_template is None:
+        return f"<result>{reply}</result>"
+    closing = turn_closing(tokenizer, conversation[:-1])
+    shared = 0
+    while shared < min(len(closing), len(sampled_tail)) and closing[shared] == sampled_tail[shared]:
+        shared += 1
+    before = tokenizer.apply_chat_template(conversation, tokenize=False)
+    try:
+        after = tokenizer.apply_chat_template(conversation + [{"role": "tool", "content": reply}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses a tool role (strict user/assistant alternation): the tag instead
+        after = ""
+    if not after.startswith(before):  # refused, or a template that rewrites earlier turns
+        return closing[shared:] + f"<result>{reply}</result>"
+    return closing[shared:] + after[len(before):]
+
+
+def trailing_specials(tokenizer, ids: Sequence[int]) -> int:
+    """How many special tokens (end of turn, EOS) end a sampled turn."""
+    special, count = set(tokenizer.all_special_ids), 0
+    while count < len(ids) and ids[len(ids) - 1 - count] in special:
+        count += 1
+    return count
+
+
+def take_turn(state: EpisodeState, tokenizer, ids: list[int], logps: torch.Tensor | None, truncated: bool, max_turns: int, max_length: int) -> None:
+    """Add a sampled turn, let the environment answer, and add its reply (or end the episode)."""
+    state.add(ids, True, logps.tolist() if logps is not None else None)
+    state.turns += 1
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    state.messages.append({"role": "assistant", "content": text})
+    result = state.env.step(text)
+    state.reward += result.reward
+    if result.done or state.turns >= max_turns:
+        state.done, state.truncated = True, truncated and not result.done
+        return
+    reply = result.reply or ""
+    state.messages.append({"role": "tool", "content": reply})
+    conversation = (state.prompt + state.messages[:-1]) if isinstance(state.prompt, list) else state.prompt
+    tail = tokenizer.decode(ids[len(ids) - trailing_specials(tokenizer, ids):], skip_special_tokens=False)
+    reply_ids = tokenizer(reply_text(tokenizer, conversation, tail, reply), add_special_tokens=False)["input_ids"]
+    room = max_length - len(state.prompt_ids) - len(state.ids)
+    if len(reply_ids) >= room:  # no room left for the model to answer: the episode is cut here
+        state.add(reply_ids[: max(room, 0)], False)
+        state.done, state.truncated = True, True
+        return
+    state.add(reply_ids, False)
+
+
+def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, spec: EnvironmentSpec,
+                    max_length: int) -> MultiTurnRollout:
+    """`group` episodes per prompt of `rows` (consecutive, as single-turn completions are)."""
+    markup = call_format(tokenizer.chat_template)
+    row_dicts = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    states = [EpisodeState(spec.new(row, markup), row["prompt"], list(row["prompt_ids"])) for row in row_dicts for _ in range(group)]
+    # The first turn samples K per prompt, sharing its prefill; later turns one per episode still running.
+    first = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    for i, state in enumerate(states):
+        take_turn(state, tokenizer, first.completion_ids[i], first.sampler_logps[i] if first.sampler_logps else None, first.truncated[i],
+                  spec.max_turns, max_length)
+    while active := [s for s in states if not s.done]:
+        longest = max(len(s.prompt_ids) + len(s.ids) for s in active)
+        turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_length - longest))
+        contexts = [s.prompt_ids + s.ids for s in active]
+        turn = sample(policy, contexts, 1, turn_sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        for i, state in enumerate(active):
+            take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
+                      spec.max_turns, max_length)
+    completions = Completions([s.prompt_ids for s in states], [s.ids for s in states], [s.truncated for s in states], first.engine,
+                              sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.sampler_logps else None,
+                              token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])
+    finals = [next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), "") for s in states]
+    return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states])

@@ -1,0 +1,224 @@
+"""Multi-turn rollouts (alignctl.rl.multi_turn) on a tiny random Llama with the character tokenizer:
+the token mask, the sampler's log-probs against one forward, max turns, tool errors reaching the model,
+and environment and tool tokens carrying no loss, no KL and no advantage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignctl.models.tokenizer import build_char_tokenizer
+from alignctl.nn.logprobs import response_token_logps
+from alignctl.nn.losses import aggregate, gae, kl_penalty, policy_surrogate
+from alignctl.rl.environments import EnvironmentSpec, StepResult, ToolEnv, load_environment
+from alignctl.rl.multi_turn import reply_text, sample_episodes
+from alignctl.rl.online_rl import completion_tokens, model_turns
+from alignctl.rl.rollout import Completions, Sampling, policy_mask, training_batch
+from alignctl.rl.tools import calculator
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+class Countdown:
+    """Replies "ok" until its `turns` are used up; 0.5 reward a step."""
+
+    def __init__(self, turns: int = 100):
+        self.left = turns
+
+    def reset(self, row: dict) -> None:
+        self.row = row
+
+    def step(self, turn: str) -> StepResult:
+        self.left -= 1
+        return StepResult("ok", self.left <= 0, 0.5)
+
+
+def hang(x: str) -> str:
+    """Does not return in time."""
+    time.sleep(5)
+    return x
+
+
+class BrokenTools(ToolEnv):
+    """Calls a failing tool, then a hanging one, whatever the model writes."""
+
+    default_tools = (calculator,)
+    calls = ("<tool>calculator: 1//0</tool>", "<tool>hang: x</tool>")
+
+    def __init__(self):
+        super().__init__(tools=["tests.unit.test_multi_turn.hang"], timeout=0.05)
+        self.turn = 0
+
+    def step(self, turn: str) -> StepResult:
+        self.turn += 1
+        if self.turn > len(self.calls):
+            return StepResult(None, True, 1.0)
+        return super().step(self.calls[self.turn - 1])
+
+
+def spec_of(cls, max_turns: int, **kwargs) -> EnvironmentSpec:
+    return EnvironmentSpec(cls.__name__, lambda: cls(**kwargs), max_turns, [])
+
+
+def rows(tokenizer, prompts: list) -> dict[str, list]:
+    from alignctl.data.encode import encode_prompt
+
+    return {"prompt": prompts, "prompt_ids": [encode_prompt(tokenizer, p) for p in prompts], "answer": ["1"] * len(prompts)}
+
+
+SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, engine="hf")
+
+
+@pytest.mark.parametrize("engine", ["hf", "native"])
+@pytest.mark.parametrize("conversational", [False, True])
+def test_an_episode_s_sampler_log_probs_equal_one_forward_over_its_tokens(tokenizer, policy, engine, conversational):
+    torch.manual_seed(1)
+    prompts = [[{"role": "user", "content": "1+2="}], [{"role": "user", "content": "33+4="}]] if conversational else ["1+2=", "33+4="]
+    sampling = Sampling(1.0, 1.0, 0, 6, engine)
+    episodes = sample_episodes(policy, tokenizer, rows(tokenizer, prompts), 2, sampling, spec_of(Countdown, 3), max_length=200)
+    completions = episodes.completions
+    assert len(completions.completion_ids) == 4 and completions.engine == engine
+    batch = training_batch(completions, range(4), tokenizer.pad_token_id, CPU, {"sampler_logps": completions.sampler_logps}, {})
+    with torch.no_grad():
+        logps, response_mask, _ = response_token_logps(policy, batch)
+    sampled = policy_mask(batch, response_mask)
+    assert 0 < sampled.sum() < response_mask.sum()  # the environment's tokens are in the response, outside the policy's mask
+    torch.testing.assert_close(logps * sampled, batch["sampler_logps"] * sampled, atol=1e-4, rtol=1e-4)
+    assert torch.all(batch["sampler_logps"][sampled == 0] == 0)
+    for mask, ids in zip(completions.token_masks, completions.completion_ids):
+        assert model_turns(mask) == 3 and len(mask) == len(ids)
+        reply = tokenizer.decode([t for t, m in zip(ids, mask.tolist()) if m == 0])
+        assert reply.count("ok") == 2 and ("<|tool|>" in reply) == conversational and ("<result>" in reply) != conversational
+    assert episodes.env_rewards.tolist() == [1.5] * 4
+    assert [len(e) for e in episodes.episodes] == [5] * 4  # assistant, tool, assistant, tool, assistant
+
+
+def test_max_turns_is_honoured_whichever_asks_for_fewer(tokenizer, policy):
+    torch.manual_seed(2)
+    episodes = sample_episodes(policy, tokenizer, rows(tokenizer, ["5+5="]), 3, SAMPLING, spec_of(Countdown, 2), max_length=200)
+    assert [model_turns(m) for m in episodes.completions.token_masks] == [2, 2, 2]
+    assert episodes.env_rewards.tolist() == [1.0] * 3
+    episodes = sample_episodes(policy, tokenizer, rows(tokenizer, ["5+5="]), 2, SAMPLING, spec_of(Countdown, 9, turns=1), max_length=200)
+    assert [model_turns(m) for m in episodes.completions.token_masks] == [1, 1]
+    assert all(m.all() for m in episodes.completions.token_masks)  # one turn, no reply appended
+
+
+def test_an_episode_stops_at_max_length(tokenizer, policy):
+    torch.manual_seed(3)
+    prompt_ids = rows(tokenizer, ["5+5="])["prompt_ids"][0]
+    episodes = sample_episodes(policy, tokenizer, rows(tokenizer, ["5+5="]), 2, SAMPLING, spec_of(Countdown, 50), max_length=40)
+    for ids, truncated in zip(episodes.completions.completion_ids, episodes.completions.truncated):
+        assert len(prompt_ids) + len(ids) <= 40 and truncated
+
+
+def test_tool_errors_and_timeouts_reach_the_model_as_tool_messages(tokenizer, policy):
+    torch.manual_seed(4)
+    prompts = [[{"role": "user", "content": "1+2="}]]
+    episodes = sample_episodes(policy, tokenizer, rows(tokenizer, prompts), 1, SAMPLING, spec_of(BrokenTools, 5), max_length=300)
+    ids, mask = episodes.completions.completion_ids[0], episodes.completions.token_masks[0]
+    replies = tokenizer.decode([t for t, m in zip(ids, mask.tolist()) if m == 0])
+    assert "<|tool|>error: calculator raised ZeroDivisionError" in replies
+    assert "<|tool|>error: hang timed out after 0.05 seconds" in replies
+    assert model_turns(mask) == 3 and episodes.env_rewards.tolist() == [1.0]
+    assert [m["role"] for m in episodes.episodes[0]] == ["assistant", "tool", "assistant", "tool", "assistant"]
+
+
+def test_a_reply_is_a_tool_message_rendered_by_the_template(tokenizer):
+    conversation = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "<tool>calculator: 1+2</tool>"}]
+    # The tiny template closes a turn with <|end|>; the model sampled it (and EOS) itself, so it is not repeated.
+    assert reply_text(tokenizer, conversation, "<|end|></s>", "3") == "<|tool|>3<|end|><|assistant|>"
+    assert reply_text(tokenizer, conversation, "", "3") == "<|end|><|tool|>3<|end|><|assistant|>"  # a turn cut short is closed
+    assert reply_text(tokenizer, "1+2=", "</s>", "3") == "<result>3</result>"
+    import copy
+
+    strict = copy.deepcopy(tokenizer)  # a template that knows no tool role
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('roles!') }}{% endif %}"
+                            "{% endfor %}" + tokenizer.chat_template)
+    assert reply_text(strict, conversation, "<|end|></s>", "3") == "<result>3</result>"
+
+
+# ------------------------------------------------------------- the mask, token by token, on a hand-built episode
+def hand_built_episode() -> tuple[Completions, torch.Tensor]:
+    """One prompt, then: 3 sampled tokens, 2 environment tokens, 2 sampled; and a single-turn row of 4."""
+    masks = [torch.tensor([1.0, 1, 1, 0, 0, 1, 1]), torch.ones(4)]
+    completions = Completions([[1, 5, 6], [1, 7]], [[10, 11, 12, 20, 21, 13, 2], [14, 15, 16, 2]], [False, False], token_masks=masks)
+    return completions, masks
+
+
+def test_environment_tokens_carry_no_loss_and_no_kl_token_by_token():
+    completions, masks = hand_built_episode()
+    batch = training_batch(completions, [0, 1], 0, CPU, {"ref_logps": [torch.full((7,), -2.0), torch.full((4,), -2.0)]}, {})
+    width = 7
+    expected = torch.stack([masks[0], torch.cat([torch.zeros(3), masks[1]])])
+    response_mask = batch["response_mask"][:, -width:].float()
+    mask = policy_mask(batch, response_mask)
+    assert torch.equal(mask, expected) and completion_tokens(batch) == 9
+    logps = torch.full((2, width), -1.0, requires_grad=True)
+    advantages = torch.tensor([1.0, -0.5])
+    surrogate = policy_surrogate("ppo_clip", logps, logps.detach(), mask, advantages, 0.2, None)
+    for name, per_token in {"loss": surrogate.loss, "kl": kl_penalty(logps, batch["ref_logps"], "k3")}.items():
+        logps.grad = None
+        aggregate(per_token, mask, "token", completion_tokens(batch)).backward(retain_graph=True)
+        assert torch.equal(logps.grad != 0, expected.bool()), name  # a gradient at every sampled token, none elsewhere
+
+
+def test_advantages_skip_the_environment_s_tokens_and_reach_earlier_turns():
+    mask = torch.tensor([[1.0, 1, 0, 0, 1]])
+    rewards = torch.tensor([[0.0, 0, 0, 0, 1.0]])
+    values = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # With gamma = lam = 1: the reward to go minus the value, as if the reply were not there.
+    torch.testing.assert_close(advantages, torch.tensor([[0.9, 0.8, 0.0, 0.0, 0.7]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]]))
+
+
+def test_calculator_env_runs_calls_in_the_plain_markup():
+    env = load_environment("alignctl.rl.environments.CalculatorEnv", {}, 4).new({"prompt": "1+2="}, "plain")
+    assert env.step("<tool>calculator: 347+89</tool>") == StepResult("436", False, 0.0)
+    assert env.step("<tool>calculator: 1/2</tool>").reply.startswith("error: calculator raised ValueError")
+    assert env.step("0436") == StepResult(None, True, 0.0)
+    hermes = load_environment("alignctl.rl.environments.CalculatorEnv", {}, 4).new({}, "hermes")
+    assert hermes.step('<tool_call>{"name": "calculator", "arguments": {"expression": "2*21"}}</tool_call>').reply == "42"
+
+
+def test_a_tool_that_cannot_be_imported_stops_the_run_naming_it():
+    from alignctl.rl.environments import EnvironmentFailure
+
+    with pytest.raises(EnvironmentFailure, match=r"^recipe.environment_kwargs.tools: cannot import 'no_such.tool' \(ModuleNotFoundError"):
+        load_environment("alignctl.rl.environments.ToolEnv", {"tools": ["no_such.tool"]}, 4)
+    with pytest.raises(EnvironmentFailure, match=r"environment alignctl.rl.environments.ToolEnv: ToolEnv\(\*\*recipe.environment_kwargs\) raised TypeError"):
+        load_environment("alignctl.rl.environments.ToolEnv", {"colour": "red"}, 4)
+
+
+def test_a_template_that_takes_tools_declares_them_in_the_prompt(tokenizer):
+    import copy
+
+    from alignctl.data.encode import encode_prompt
+    from alignctl.rl.tools import Tool, call_format
+
+    declaring = copy.deepcopy(tokenizer)
+    declaring.chat_template = ("{% if tools %}<|system|>Call <tool_call>{name, arguments}</tool_call>: {{ tools | tojson }}<|end|>{% endif %}"
+                               + tokenizer.chat_template)
+    messages = [{"role": "user", "content": "1+2="}]
+    tools = [Tool(calculator).schema()]
+    text = declaring.decode(encode_prompt(declaring, messages, tools))
+    assert text.startswith('<|system|>Call <tool_call>{name, arguments}</tool_call>: [{"type": "function", "function": {"name": "calculator"')
+    assert call_format(declaring.chat_template) == "hermes" and call_format(tokenizer.chat_template) == "plain"
+    assert encode_prompt(declaring, messages) == encode_prompt(tokenizer, messages)  # no tools: nothing declared
