@@ -30,8 +30,9 @@ LONG_RUN = {"env": {"OMP_NUM_THREADS": "2"}, "timeout": 1800}
 # Allowed |loss_bf16 - loss_fp32| in nats: (largest at any of the 20 steps, mean over them). Adam's
 # first steps are nearly sign(gradient) x lr, so bf16 rounding in small gradient components moves the
 # early updates most; SFT's steep curve (3.3 -> 0.4 nats in 20 steps) shows it: measured here 0.28 at
-# step 2, mean 0.089, the last step 0.009 apart.
-TOLERANCE = {"sft": (0.4, 0.15), "dpo": (0.1, 0.03)}
+# step 2, mean 0.089, the last step 0.009 apart. DPO at its small rate moves little (0.693 -> 0.680 in
+# float32): measured 0.012 at most, mean 0.005; an adapter that did not train would sit at ln 2.
+TOLERANCE = {"sft": (0.4, 0.15), "dpo": (0.03, 0.01)}
 
 
 def curves(tmp_path_factory, recipe: str):
