@@ -13,6 +13,11 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
+    # xdist's workers are started with COLUMNS=80 and LINES=24, which alignctl's console (and the CLI
+    # processes tests start) would take for a terminal's size: piped output must stay unlimited in
+    # width, as it is in one process. A test that wants a width sets COLUMNS itself.
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
     threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
     if "torch" in sys.modules:  # already imported by a plugin: the variables come too late for it

@@ -106,16 +106,20 @@ def chat_command(args: list[str]) -> None:
     templated = bool(getattr(tokenizer, "chat_template", None)) and not raw
     system = values["system"]
     interactive = sys.stdin.isatty()
-    print(f"chatting with {run} ({'chat template' if templated else 'raw prompts'}); /reset clears the history, /exit or Ctrl-D quits",
-          flush=True)
+    greeting = f"chatting with {run} ({'chat template' if templated else 'raw prompts'}); /reset clears the history, /exit or Ctrl-D quits"
     history: list[dict[str, str]] = []
     device = next(model.parameters()).device
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
+        # Ctrl-C anywhere from the greeting to a line read quits, as Ctrl-D does (the greeting is inside:
+        # whoever saw it may press Ctrl-C at once).
         try:
+            if greeting:
+                print(greeting, flush=True)
+                greeting = ""
+            if interactive:
+                print("> ", end="", flush=True)
             line = sys.stdin.readline()
-        except Interrupted:  # Ctrl-C at the prompt quits, as Ctrl-D does
+        except Interrupted:
             line = ""
         if not line:  # EOF
             print(flush=True)
