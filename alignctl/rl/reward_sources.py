@@ -223,10 +223,12 @@ async def _awaited(pending: Pending) -> Any:
         async with gate:
             return await item
 
+    tasks = [asyncio.ensure_future(one(item)) for item in value]
     try:
-        return await asyncio.gather(*(one(item) for item in value))
-    finally:  # after an error or a timeout, those still waiting for the gate never start
-        _close_unstarted(value)
+        return await asyncio.gather(*tasks)
+    finally:  # gather leaves the others running after an error: stop them
+        for task in tasks:
+            task.cancel()
 
 
 async def _within_async(pending: Pending) -> torch.Tensor:
@@ -274,6 +276,9 @@ def _settled(pendings: list[Pending]) -> list[torch.Tensor]:
                 outcome["value"] = asyncio.run(_all(pendings))
         except BaseException as err:  # handed to the caller's thread, which reports it
             outcome["error"] = err
+        finally:  # the loop is closed: what a timeout or an error kept from starting never will
+            for pending in pendings:
+                pending.discard()
 
     worker = threading.Thread(target=target, name="async reward functions", daemon=True)
     worker.start()

@@ -17,6 +17,7 @@ from alignctl.rl.reward_sources import RewardError, combined_rewards, function_s
 # time a batch takes tells how many calls were in flight together.
 ASYNC_REWARDS = """
 import asyncio
+import time
 
 JUDGE_SECONDS = 0.2
 in_flight = 0
@@ -55,6 +56,11 @@ async def never_answers(prompts, completions, **_):
     await asyncio.sleep(3600)
 
 
+async def blocks_the_loop(prompts, completions, **_):
+    time.sleep(2)  # sync work inside async def: no timeout of the loop can fire while it runs
+    return [0.0] * len(completions)
+
+
 async def boom(prompts, completions, **_):
     await asyncio.sleep(0)
     raise ConnectionError("judge unreachable")
@@ -62,6 +68,10 @@ async def boom(prompts, completions, **_):
 
 def one_fails(prompts, completions, **_):
     return [_judge(c) for c in completions[1:]] + [boom(prompts, completions)]
+
+
+def fails_first(prompts, completions, **_):
+    return [boom(prompts, completions)] + [_judge(c) for c in completions[1:]]
 
 
 async def too_few(prompts, completions, **_):
@@ -139,6 +149,13 @@ def test_an_async_function_that_outlasts_the_timeout_is_one_line(judge):
     assert "\n" not in message
 
 
+def test_an_async_function_that_blocks_the_loop_is_abandoned_after_the_timeout(judge):
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=f"{judge}.blocks_the_loop did not return within recipe.reward_timeout=0.2 seconds"):
+        _scored(f"{judge}.blocks_the_loop", timeout=0.2)
+    assert time.monotonic() - started < 1.9
+
+
 def test_the_timeout_bounds_the_whole_list_of_awaitables(judge):
     with pytest.raises(RewardError, match=f"{judge}.per_completion did not return within recipe.reward_timeout=0.5 seconds"):
         _scored(f"{judge}.per_completion", timeout=0.5, concurrency=1)  # 8 x 0.2 s one at a time
@@ -201,3 +218,12 @@ def test_reward_concurrency_defaults_in_yaml_and_is_checked_in_one_line(stage):
     with pytest.raises(ConfigError) as caught:
         validate(compose_config([f"recipe={stage}", "recipe.reward_concurrency=0"]))
     assert "reward_concurrency" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("function", "timeout"), [("fails_first", 5), ("per_completion", 0.3)])
+def test_awaitables_an_error_or_a_timeout_kept_from_starting_are_closed(judge, recwarn, function, timeout):
+    with pytest.raises(RewardError, match=f"{judge}.{function}"):
+        _scored(f"{judge}.{function}", timeout=timeout, concurrency=1)
+    time.sleep(0.1)  # the loop's thread closes them as it ends
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
