@@ -207,7 +207,7 @@ def test_a_failing_sync_source_closes_the_awaitables_already_made(judge, recwarn
 
 
 # ------------------------------------------------------------------------------------ the config
-@pytest.mark.parametrize("stage", ["grpo", "ppo", "pairs"])
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "distill", "pairs"])
 def test_reward_concurrency_defaults_in_yaml_and_is_checked_in_one_line(stage):
     from alignctl.cli.app import compose_config
     from alignctl.config.validation import validate
