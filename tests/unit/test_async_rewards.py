@@ -178,16 +178,17 @@ def test_a_misbehaving_async_function_is_one_line_naming_it(judge, function, det
 
 
 def test_async_sources_of_one_step_run_at_once_and_sum_with_sync_ones_by_weight(judge):
-    entries = [f"{judge}.whole_batch", f"{judge}.sync_length", {"_target_": f"{judge}.gathered", "weight": 0.5}]
-    sources = function_sources(entries, None, timeout=5, concurrency=N)
+    entries = [f"{judge}.whole_batch", f"{judge}.sync_length", {"_target_": f"{judge}.gathered", "weight": 0.5}, f"{judge}.per_completion"]
+    sources = function_sources(entries, [1.0, 1.0, 0.5, -1.0], timeout=5, concurrency=N)
     started = time.monotonic()
     total, per_source = combined_rewards(sources, ["p"] * N, list(COMPLETIONS), {})
     seconds = time.monotonic() - started
-    assert list(per_source) == ["whole_batch", "sync_length", "gathered"]
+    assert list(per_source) == ["whole_batch", "sync_length", "gathered", "per_completion"]
     torch.testing.assert_close(per_source["whole_batch"], torch.ones(N))
-    torch.testing.assert_close(per_source["sync_length"], LENGTHS)
-    torch.testing.assert_close(total, torch.ones(N) + LENGTHS + 0.5 * LENGTHS)
-    assert seconds < 2 * 0.2 * 0.9, f"two async sources of 0.2 s each took {seconds:.2f} s together"
+    for name in ["sync_length", "gathered", "per_completion"]:
+        torch.testing.assert_close(per_source[name], LENGTHS)
+    torch.testing.assert_close(total, torch.ones(N) + LENGTHS + 0.5 * LENGTHS - LENGTHS)
+    assert seconds < 3 * 0.2 * 0.75, f"three async sources of 0.2 s each took {seconds:.2f} s together"
 
 
 def test_an_error_in_one_source_cancels_the_others(judge):
