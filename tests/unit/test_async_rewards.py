@@ -120,20 +120,19 @@ def test_a_single_awaitable_from_a_plain_function_is_awaited(judge):
 
 
 def test_a_list_of_awaitables_runs_concurrently(judge):
-    rewards, seconds = _scored(f"{judge}.per_completion", concurrency=N)
+    rewards, _ = _scored(f"{judge}.per_completion", concurrency=N)
     torch.testing.assert_close(rewards, LENGTHS)
-    assert seconds < N * 0.2 / 3, f"{N} calls of 0.2 s at once took {seconds:.2f} s"
+    assert sys.modules[judge].most_in_flight == N  # all of them awaited at once, not one after another
 
 
 def test_the_concurrency_bound_is_honoured(judge):
-    _, at_once = _scored(f"{judge}.per_completion", concurrency=N)
+    _scored(f"{judge}.per_completion", concurrency=N)
     module = sys.modules[judge]
     assert module.most_in_flight == N
     module.most_in_flight = 0
-    rewards, one_at_a_time = _scored(f"{judge}.per_completion", concurrency=1)
+    rewards, _ = _scored(f"{judge}.per_completion", concurrency=1)
     torch.testing.assert_close(rewards, LENGTHS)
     assert module.most_in_flight == 1
-    assert one_at_a_time > 0.8 * N * 0.2 and one_at_a_time > 3 * at_once
     module.most_in_flight = 0
     _scored(f"{judge}.per_completion", concurrency=3)
     assert module.most_in_flight == 3
@@ -180,15 +179,15 @@ def test_a_misbehaving_async_function_is_one_line_naming_it(judge, function, det
 def test_async_sources_of_one_step_run_at_once_and_sum_with_sync_ones_by_weight(judge):
     entries = [f"{judge}.whole_batch", f"{judge}.sync_length", {"_target_": f"{judge}.gathered", "weight": 0.5}, f"{judge}.per_completion"]
     sources = function_sources(entries, [1.0, 1.0, 0.5, -1.0], timeout=5, concurrency=N)
-    started = time.monotonic()
+    sys.modules[judge].most_in_flight = 0
     total, per_source = combined_rewards(sources, ["p"] * N, list(COMPLETIONS), {})
-    seconds = time.monotonic() - started
+    # gathered's N calls and per_completion's N were all awaited together: the sources ran at once.
+    assert sys.modules[judge].most_in_flight == 2 * N
     assert list(per_source) == ["whole_batch", "sync_length", "gathered", "per_completion"]
     torch.testing.assert_close(per_source["whole_batch"], torch.ones(N))
     for name in ["sync_length", "gathered", "per_completion"]:
         torch.testing.assert_close(per_source[name], LENGTHS)
     torch.testing.assert_close(total, torch.ones(N) + LENGTHS + 0.5 * LENGTHS - LENGTHS)
-    assert seconds < 3 * 0.2 * 0.75, f"three async sources of 0.2 s each took {seconds:.2f} s together"
 
 
 def test_an_error_in_one_source_cancels_the_others(judge):
