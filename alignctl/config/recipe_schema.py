@@ -206,6 +206,7 @@ class OnlineRLConfig(TrainConfig):
     reward_weights: list[float] | None = within("[-1e6, 1e6]")  # one per reward function (null: each entry's weight, else 1)
     reward_model_weight: float = within("[0, 1e6]")  # weight of inputs.reward's score, when a reward model is given
     reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
+    reward_concurrency: int = within("[1, 1e6]")  # awaitables of an async reward function's list in flight at once
     rollout_is: RolloutIS  # importance-sampling correction of the sampler/trainer mismatch (off, truncate, mask)
     rollout_is_level: RolloutISLevel  # token or sequence ratios
     rollout_is_cap: float = within("[1, 1e6]")  # truncate: the largest weight; mask: ratios outside [1/cap, cap] are dropped
@@ -300,6 +301,7 @@ class PairsConfig:
     reward_weights: list[float] | None = within("[-1e6, 1e6]")
     reward_model_weight: float = within("[0, 1e6]")
     reward_timeout: float | None = within("(0, 1e6]", "null: no limit")  # seconds one reward function call may take
+    reward_concurrency: int = within("[1, 1e6]")  # awaitables of an async reward function's list in flight at once
     eval_batch_size: int = within("[1, 1e6]")  # completions per reward-model forward
 
     def __post_init__(self) -> None:

@@ -84,7 +84,8 @@ def load_prompts(cfg: RunConfig, recipe: OnlineRLConfig, prompts_per_rollout: in
 
 def reward_sources(cfg: RunConfig, recipe: OnlineRLConfig, policy_tokenizer, device: torch.device) -> tuple[list[RewardSource], str | None]:
     """The configured reward functions, plus the reward model of inputs.reward; and that model's path."""
-    sources = function_sources(list(recipe.reward_funcs), list(recipe.reward_weights) if recipe.reward_weights is not None else None, recipe.reward_timeout)
+    sources = function_sources(list(recipe.reward_funcs), list(recipe.reward_weights) if recipe.reward_weights is not None else None,
+                               recipe.reward_timeout, recipe.reward_concurrency)
     reward_path = None
     if cfg.inputs.get("reward"):
         reward_path = model_path(cfg.model, cfg.inputs["reward"])

@@ -28,6 +28,9 @@ def raises(prompts, completions, **_):
 def too_short(prompts, completions, **_):
     return [1.0]
 
+async def async_raises(prompts, completions, **_):
+    raise ConnectionError("judge unreachable")
+
 def not_a_number(prompts, completions, **_):
     return ["good"] * len(completions)
 
@@ -214,10 +217,43 @@ def test_chat_prompts_with_a_trl_style_reward_function_and_the_samples_log(align
     assert all(s["reward"] == s["rewards"]["digits_only"] for s in samples)
 
 
+ASYNC_REWARDS = """
+import asyncio
+
+async def _judge(completion):  # a remote judge's round trip, asyncio-style
+    await asyncio.sleep(0.01)
+    return 1.0 if completion.strip().isdigit() else 0.0
+
+def judge(prompts, completions, **_):
+    return [_judge(c) for c in completions]
+
+async def batch_judge(prompts, completions, **_):
+    await asyncio.sleep(0.01)
+    return [0.5] * len(completions)
+"""
+
+
+def test_async_reward_functions_score_a_grpo_run(alignctl, tmp_path):
+    (tmp_path / "async_rewards.py").write_text(ASYNC_REWARDS)
+    run_dir = tmp_path / "async"
+    result = alignctl("train", "recipe=grpo", "recipe.reward_funcs=[async_rewards.judge,async_rewards.batch_judge]",
+                      "recipe.reward_concurrency=4", "recipe.max_steps=2", "recipe.batch_size=16", "recipe.num_generations=4",
+                      "data.eval_limit=4", f"hydra.run.dir={run_dir}")
+    run = StageRun("async", run_dir, result)
+    run.assert_finished()
+    records = run.train_records()
+    assert len(records) == 2
+    for record in records:
+        assert 0 <= record["rewards/judge/mean"] <= 1
+        assert record["rewards/batch_judge/mean"] == pytest.approx(0.5)
+        assert record["reward"] == pytest.approx(record["rewards/judge/mean"] + 0.5)
+
+
 @pytest.mark.parametrize(
     ("function", "message"),
     [
         ("user_rewards.raises", "reward function user_rewards.raises raised RuntimeError: boom"),
+        ("user_rewards.async_raises", "reward function user_rewards.async_raises raised ConnectionError: judge unreachable"),
         ("user_rewards.too_short", "reward function user_rewards.too_short must return one number per completion"),
         ("user_rewards.not_a_number", "reward function user_rewards.not_a_number returned 'good'"),
         ("user_rewards.missing", "cannot import 'user_rewards.missing'"),
