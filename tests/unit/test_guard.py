@@ -111,6 +111,25 @@ def test_correlation_is_pearsons_and_zero_for_equal_lengths():
     assert correlation(torch.tensor([4.0, 4.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])) == 0.0
 
 
+def test_a_guard_restored_from_its_state_trips_where_the_uninterrupted_one_does(tmp_path):
+    """A resume rebuilds the guard from the checkpoint: the best evaluation, the window and what already
+    tripped come back through trainer_state.pt (loaded weights_only), so the trip is the same step."""
+    steps = over_optimising([0.80, 0.86, 0.84, 0.80, 0.70], [0.1, 0.2, 0.3, 0.4, 0.5])
+    whole = guard(kl_max=1.0)
+    whole.after_eval(0, {"eval_exact_match": 0.64})
+    expected = feed(whole, steps)
+    assert [s for s, _, _ in expected] == [20]
+    before = guard(kl_max=1.0)
+    before.after_eval(0, {"eval_exact_match": 0.64})
+    assert feed(before, steps[:12]) == []  # stopped after step 12: the best (step 10) is behind it
+    torch.save({"guard": before.state()}, tmp_path / "state.pt")
+    resumed = guard(kl_max=1.0)
+    resumed.load_state(torch.load(tmp_path / "state.pt", weights_only=True)["guard"])
+    assert feed(resumed, steps[12:]) == expected
+    fresh = feed(guard(kl_max=1.0), steps[12:])  # one that forgot the best at step 10 trips later, or not at all
+    assert [s for s, _, _ in fresh] != [20]
+
+
 # ------------------------------------------------------------------------------------- in the loop
 def recipe(mode: GuardMode, max_steps: int = 10) -> TrainConfig:
     return TrainConfig(stage="ppo", max_steps=max_steps, lr=0.1, batch_size=1, grad_accum=1, max_length=8, scheduler=Scheduler.constant,
