@@ -276,6 +276,9 @@ class DistillConfig(OnlineRLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.beta == 0, "beta", "distill has no reference policy: the teacher is what the student is pulled to; set beta=0")
+        # The teacher scores the student's own tokens: an environment's would be scored as if the student wrote them.
+        _check(self.environment is None, "environment", "distill samples single-turn completions; multi-turn environments train with "
+               "recipe=grpo or recipe=ppo; set environment=null")
         step = self.batch_size * self.grad_accum
         _check(step % self.num_generations == 0, "batch_size",
                f"batch_size x grad_accum ({step}) must be a multiple of num_generations ({self.num_generations})")

@@ -222,3 +222,18 @@ def test_a_template_that_takes_tools_declares_them_in_the_prompt(tokenizer):
     assert text.startswith('<|system|>Call <tool_call>{name, arguments}</tool_call>: [{"type": "function", "function": {"name": "calculator"')
     assert call_format(declaring.chat_template) == "hermes" and call_format(tokenizer.chat_template) == "plain"
     assert encode_prompt(declaring, messages) == encode_prompt(tokenizer, messages)  # no tools: nothing declared
+
+
+def test_distill_refuses_an_environment_in_one_line():
+    """distill has no multi-turn episodes: an environment there would be ignored, so it is refused."""
+    from omegaconf import OmegaConf
+
+    from alignctl.cli.app import compose_config
+    from alignctl.config.validation import validate
+    from alignctl.core.errors import ConfigError
+
+    composed = compose_config(["recipe=distill", "recipe.environment=alignctl.rl.environments.CalculatorEnv"])
+    with pytest.raises(ConfigError) as caught:
+        validate(OmegaConf.create(OmegaConf.to_container(composed, resolve=True)))
+    message = str(caught.value)
+    assert "\n" not in message and "recipe.environment" in message and "recipe=grpo" in message and "environment=null" in message, message
