@@ -138,3 +138,18 @@ def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], g
                               token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])
     finals = [next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), "") for s in states]
     return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states])
+
+
+def longest_turns(completions: Completions) -> torch.Tensor:
+    """(N,) each completion's longest run of sampled tokens: what recipe.max_new_tokens bounds, one model
+    turn (a single-turn completion: its length). An episode's turns together may well pass max_new_tokens."""
+    if completions.token_masks is None:
+        return torch.tensor([len(ids) for ids in completions.completion_ids])
+    longest = []
+    for mask in completions.token_masks:
+        run = best = 0
+        for sampled in mask.tolist():
+            run = run + 1 if sampled else 0
+            best = max(best, run)
+        longest.append(best)
+    return torch.tensor(longest)

@@ -14,7 +14,7 @@ from alignctl.models.tokenizer import build_char_tokenizer
 from alignctl.nn.logprobs import response_token_logps
 from alignctl.nn.losses import aggregate, gae, kl_penalty, policy_surrogate
 from alignctl.rl.environments import EnvironmentSpec, StepResult, ToolEnv, load_environment
-from alignctl.rl.multi_turn import reply_text, sample_episodes
+from alignctl.rl.multi_turn import longest_turns, reply_text, sample_episodes
 from alignctl.rl.online_rl import completion_tokens, model_turns
 from alignctl.rl.rollout import Completions, Sampling, policy_mask, training_batch
 from alignctl.rl.tools import calculator
@@ -237,3 +237,17 @@ def test_distill_refuses_an_environment_in_one_line():
         validate(OmegaConf.create(OmegaConf.to_container(composed, resolve=True)))
     message = str(caught.value)
     assert "\n" not in message and "recipe.environment" in message and "recipe=grpo" in message and "environment=null" in message, message
+
+
+def test_the_overlong_penalty_reads_an_episode_s_longest_turn():
+    """recipe.overlong_buffer punishes turns near max_new_tokens (the per-turn bound): three turns of 3
+    tokens under a 4-token limit are not overlong, though they sample 9 tokens together."""
+    from alignctl.nn.losses import overlong_penalty
+
+    episode = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.float32)
+    cut = torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.float32)  # its second turn ran to the limit
+    multi = Completions([[1], [1]], [[5] * 12, [5] * 7], [False, True], "hf", token_masks=[episode, cut])
+    assert longest_turns(multi).tolist() == [3, 4]
+    assert overlong_penalty(longest_turns(multi), 4, 2).tolist() == [-0.5, -1.0]
+    single = Completions([[1], [1]], [[5] * 2, [5] * 4], [False, True], "hf")
+    assert longest_turns(single).tolist() == [2, 4]
