@@ -126,13 +126,17 @@ def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], g
         take_turn(state, tokenizer, first.completion_ids[i], first.sampler_logps[i] if first.sampler_logps else None, first.truncated[i],
                   spec.max_turns, max_length)
     while active := [s for s in states if not s.done]:
-        longest = max(len(s.prompt_ids) + len(s.ids) for s in active)
-        turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_length - longest))
-        contexts = [s.prompt_ids + s.ids for s in active]
-        turn = sample(policy, contexts, 1, turn_sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        for i, state in enumerate(active):
-            take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
-                      spec.max_turns, max_length)
+        # Each episode's turn is bounded by its own room before max_length (not the fullest episode's): one
+        # sampling call per bound, almost always just max_new_tokens.
+        by_bound: dict[int, list[EpisodeState]] = {}
+        for state in active:
+            by_bound.setdefault(min(sampling.max_new_tokens, max_length - len(state.prompt_ids) - len(state.ids)), []).append(state)
+        for bound, group in by_bound.items():
+            contexts = [s.prompt_ids + s.ids for s in group]
+            turn = sample(policy, contexts, 1, replace(sampling, max_new_tokens=bound), tokenizer.pad_token_id, tokenizer.eos_token_id)
+            for i, state in enumerate(group):
+                take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
+                          spec.max_turns, max_length)
     completions = Completions([s.prompt_ids for s in states], [s.ids for s in states], [s.truncated for s in states], first.engine,
                               sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.sampler_logps else None,
                               token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])

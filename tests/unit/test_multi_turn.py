@@ -128,6 +128,30 @@ def test_an_episode_stops_at_max_length(tokenizer, policy):
         assert len(prompt_ids) + len(ids) <= 40 and truncated
 
 
+def test_an_episode_near_max_length_does_not_shorten_the_others_turns(tokenizer, policy):
+    """Two episodes in one batch, one long prompt with 3 tokens of room left for its second turn: the
+    short one's turns still run to max_new_tokens (or its EOS)."""
+    torch.manual_seed(5)
+    prompts = ["1" * 60 + "=", "5+5="]  # the short episode never nears max_length itself
+    data = rows(tokenizer, prompts)
+    reply = len(tokenizer("<result>ok</result>", add_special_tokens=False)["input_ids"])
+    max_length = len(data["prompt_ids"][0]) + SAMPLING.max_new_tokens + reply + 3
+    episodes = sample_episodes(policy, tokenizer, data, 1, SAMPLING, spec_of(Countdown, 3), max_length=max_length)
+    long_ids, short_ids = episodes.completions.completion_ids
+    long_mask, short_mask = episodes.completions.token_masks
+    assert len(data["prompt_ids"][0]) + len(long_ids) <= max_length
+    assert model_turns(short_mask) == 3
+    turns, run = [], []
+    for token, sampled in zip(short_ids, short_mask.tolist()):
+        if sampled:
+            run.append(token)
+        elif run:
+            turns, run = turns + [run], []
+    turns.append(run)
+    for turn in turns:  # cut only by max_new_tokens, or ended by the model
+        assert len(turn) == SAMPLING.max_new_tokens or turn[-1] == tokenizer.eos_token_id, turns
+
+
 def test_tool_errors_and_timeouts_reach_the_model_as_tool_messages(tokenizer, policy):
     torch.manual_seed(4)
     prompts = [[{"role": "user", "content": "1+2="}]]
