@@ -178,8 +178,8 @@ def evaluate_greedy(
     policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig,
     step: int = 0,
 ) -> dict[str, float]:
-    """Greedy completions of the eval prompts: eval_reward (weighted sum), each source's mean and,
-    on a built-in task, eval_exact_match."""
+    """Greedy completions of the eval prompts: eval_reward (weighted sum) and each source's mean (where
+    there are reward sources) and, on a built-in task, eval_exact_match."""
     if not eval_rows:
         return {}
     prompts = [row["prompt"] for row in eval_rows]
@@ -187,9 +187,10 @@ def evaluate_greedy(
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
     columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
-    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns) if sources \
-        else (torch.zeros(len(prompts)), {})
-    result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
+    result: dict[str, float] = {}
+    if sources:  # none when an environment is the only reward: a single greedy turn has nothing to score it
+        total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
+        result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
     if task is not None:
