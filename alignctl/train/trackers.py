@@ -196,15 +196,24 @@ class Trackers:
     def __init__(self, run_dir: Path, started: dict[str, Tracker] | None = None):
         self.run_dir = run_dir
         self.started = dict(started or {})
+        self.silenced: set[str] = set()  # trackers whose logging failed: still closed, fed no more
 
     def log(self, record: dict[str, Any]) -> None:
-        """One metrics.jsonl line (`step` and its values); text and non-finite values stay out, as on TensorBoard."""
+        """One metrics.jsonl line (`step` and its values); text and non-finite values stay out, as on TensorBoard.
+        A tracker whose logging fails (a server gone) is one line and logs no more; training goes on."""
         if not self.started:
             return
         metrics = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
-        for tracker in self.started.values():
-            tracker.log(int(record["step"]), metrics)
+        for key, tracker in self.started.items():
+            if key in self.silenced:
+                continue
+            try:
+                tracker.log(int(record["step"]), metrics)
+            except Exception as err:  # noqa: BLE001 - a dashboard's failure must not end hours of training
+                self.silenced.add(key)
+                console.print(f"logger.{key}: {BUILDERS[key][1]} stopped taking metrics at step {record['step']} ({first_line(err)}); "
+                              "training goes on, metrics.jsonl has every step", markup=False)
 
     def close(self, status: str) -> None:
         """End every tracker run (its record files as an artifact, its status from lineage.json's); once."""
