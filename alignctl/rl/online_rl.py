@@ -1,19 +1,16 @@
-"""What the online RL stages (grpo, ppo) share around the rollout: prompts, reward sources, rollout
-statistics, evaluation by greedy decoding, and the log of sample completions (a table, and samples.jsonl)."""
+"""What the online RL stages (grpo, ppo, distill) share around the rollout: prompts, reward sources,
+rollout statistics, the queue of steps a rollout feeds, and evaluation by greedy decoding. The log of
+sample completions (a table, and samples.jsonl) is alignctl/rl/rollout_log.py."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from datasets import Dataset
-from rich.table import Table
-from rich.text import Text
 
 from alignctl.config.schema import OnlineRLConfig, RunConfig
 from alignctl.core import distributed
@@ -31,10 +28,9 @@ from alignctl.rl.reward_sources import (
     function_sources,
     model_source,
 )
-from alignctl.rl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.rl.rollout import Completions, Sampling, plan_steps, sample, training_batch
 from alignctl.rl.scored_text import completion_turn
 from alignctl.train.evaluate import greedy_ids
-from alignctl.train.metrics import keep_until_step
 from alignctl.train.reference import check_same_tokenizer
 from alignctl.train.restore import to_device
 from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData
@@ -198,34 +194,6 @@ def evaluate_greedy(
     return result
 
 
-def readable_prompt(prompt: str | list[dict]) -> str:
-    """A prompt as a person reads it in a log: a conversation's last user message, or the text."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
-
-
-def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Tensor, count: int = 6) -> Table:
-    """The first `count` samples, whole: the prompt as `readable_prompt` shows it, the completion's full text."""
-    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold", show_lines=True)
-    table.add_column("prompt", ratio=1)
-    table.add_column("completion", ratio=2)
-    table.add_column("reward", justify="right")
-    for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
-        # Text, not str: a completion's brackets are what the model wrote, never rich markup.
-        table.add_row(Text(readable_prompt(prompt)), Text(text), f"{reward:.3f}")
-    return table
-
-
-def sample_records(step: int, rollout: ScoredRollout, rewards: torch.Tensor) -> list[dict]:
-    """One JSON-ready record per completion of a rollout: its step, prompt, completion and rewards."""
-    per_source = {name: values.tolist() for name, values in rollout.per_source.items()}
-    return [{"step": step, "prompt": prompt, "completion": text, "reward": reward, "rewards": {name: values[i] for name, values in per_source.items()},
-             "truncated": truncated}
-            for i, (prompt, text, reward, truncated) in enumerate(zip(rollout.prompts, rollout.texts, rewards.tolist(), rollout.completions.truncated))]
-
-
 @dataclass
 class ScoredRollout:
     rows: dict[str, list]  # the prompts' dataset rows
@@ -361,33 +329,6 @@ def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[Rewar
         return result
 
     return evaluate
-
-
-class RolloutLog:
-    """What a run's log says about its rollouts: which engine sampled them (when it first does, and if
-    it changes), and every `every`-th rollout's samples: a table of a few, and all of them appended to
-    samples.jsonl in the run directory. `steps_per_rollout` optimiser steps follow each rollout."""
-
-    def __init__(self, logger, run_dir: Path, every: int, steps_per_rollout: int):
-        self.logger, self.path, self.every, self.steps_per_rollout = logger, Path(run_dir) / "samples.jsonl", every, steps_per_rollout
-        self.engine = ""
-        self.written = False
-
-    def after(self, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
-        """Log rollout `number` (1-based); `rewards` are the ones the update uses."""
-        if rollout.completions.engine != self.engine:
-            self.engine = rollout.completions.engine
-            self.logger.note(f"rollouts are sampled by {ENGINES.get(self.engine, self.engine)}")
-        if not self.every or (number - 1) % self.every:
-            return
-        step = (number - 1) * self.steps_per_rollout + 1  # the first optimiser step that trains on it
-        self.logger.note(samples_table(step, rollout.prompts, rollout.texts, rewards))
-        if self.logger.enabled:  # the main process only
-            if not self.written:  # a resumed run samples again from here on: drop what an earlier life logged from here
-                keep_until_step(self.path, step - 1)
-                self.written = True
-            with self.path.open("a") as file:
-                file.writelines(json.dumps(record) + "\n" for record in sample_records(step, rollout, rewards))
 
 
 def completion_tokens(batch: dict) -> int:

@@ -31,7 +31,6 @@ from alignctl.nn.losses import aggregate, group_advantages, kl_penalty, overlong
 from alignctl.rl.dynamic_sampling import fill_with_informative_groups
 from alignctl.rl.multi_turn import longest_turns
 from alignctl.rl.online_rl import (
-    RolloutLog,
     ScoredRollout,
     StepQueue,
     completion_count,
@@ -51,6 +50,7 @@ from alignctl.rl.online_rl import (
 )
 from alignctl.rl.reward_sources import RewardState
 from alignctl.rl.rollout import Sampling, per_token_values, policy_mask
+from alignctl.rl.rollout_log import RolloutLog
 from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.train.session import (
     start_process,
