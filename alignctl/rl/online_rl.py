@@ -138,20 +138,21 @@ def score(sources: Sequence[RewardSource], prompts: list, completions: list, col
 
 def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], completions: Completions, group_size: int) -> dict[str, float]:
     """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio;
-    and completions/length_reward_corr, what recipe.guard reads for length bias."""
+    and completions/length_reward_corr, what recipe.guard reads for length bias: over the tokens the policy
+    wrote (a multi-turn episode's tool results are not the policy padding its answers)."""
     lengths = torch.tensor([len(c) for c in completions.completion_ids], dtype=torch.float32)
+    sampled = lengths if completions.token_masks is None else torch.tensor([float(m.sum()) for m in completions.token_masks])
     metrics = {
         "reward": float(total.mean()),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
         "completions/mean_length": float(lengths.mean()),
         "completions/clipped_ratio": sum(completions.truncated) / len(completions.truncated),
-        "completions/length_reward_corr": correlation(lengths, total.float()),
+        "completions/length_reward_corr": correlation(sampled, total.float()),
     }
     if group_size > 1:
         metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
     metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
     if completions.token_masks is not None:  # multi-turn: how much of an episode the policy wrote
-        sampled = torch.tensor([float(m.sum()) for m in completions.token_masks])
         metrics["completions/mean_sampled_length"] = float(sampled.mean())
         metrics["episodes/mean_turns"] = sum(model_turns(m) for m in completions.token_masks) / len(completions.token_masks)
     return metrics

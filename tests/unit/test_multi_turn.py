@@ -15,7 +15,7 @@ from alignctl.nn.logprobs import response_token_logps
 from alignctl.nn.losses import aggregate, gae, kl_penalty, policy_surrogate
 from alignctl.rl.environments import EnvironmentSpec, StepResult, ToolEnv, load_environment
 from alignctl.rl.multi_turn import longest_turns, reply_text, sample_episodes
-from alignctl.rl.online_rl import completion_tokens, model_turns
+from alignctl.rl.online_rl import completion_tokens, model_turns, rollout_metrics
 from alignctl.rl.rollout import Completions, Sampling, policy_mask, training_batch
 from alignctl.rl.tools import calculator
 
@@ -275,3 +275,13 @@ def test_the_overlong_penalty_reads_an_episode_s_longest_turn():
     assert overlong_penalty(longest_turns(multi), 4, 2).tolist() == [-0.5, -1.0]
     single = Completions([[1], [1]], [[5] * 2, [5] * 4], [False, True], "hf")
     assert longest_turns(single).tolist() == [2, 4]
+
+
+def test_the_length_reward_correlation_reads_the_policy_s_tokens():
+    """The guard's length-bias signal: episodes that called a tool more (longer results) and scored higher
+    are not the policy writing longer; here its own tokens are the same length in every episode."""
+    masks = [torch.tensor([1.0] * 4 + [0.0] * n + [1.0] * 4) for n in (2, 10, 20, 40)]
+    completions = Completions([[1]] * 4, [[5] * len(m) for m in masks], [False] * 4, "hf", token_masks=masks)
+    metrics = rollout_metrics(torch.tensor([0.0, 1.0, 2.0, 3.0]), {}, completions, 1)
+    assert metrics["completions/length_reward_corr"] == 0.0  # sampled lengths constant: no length bias
+    assert metrics["completions/mean_sampled_length"] == 8.0 and metrics["completions/mean_length"] == 26.0
