@@ -285,3 +285,30 @@ def test_the_length_reward_correlation_reads_the_policy_s_tokens():
     metrics = rollout_metrics(torch.tensor([0.0, 1.0, 2.0, 3.0]), {}, completions, 1)
     assert metrics["completions/length_reward_corr"] == 0.0  # sampled lengths constant: no length bias
     assert metrics["completions/mean_sampled_length"] == 8.0 and metrics["completions/mean_length"] == 26.0
+
+
+def test_an_environment_that_calls_sys_exit_is_one_line_naming_it():
+    """SystemExit is not an Exception: uncaught, sys.exit() in user code ended the run with exit code 0."""
+    import sys
+
+    from alignctl.rl.environments import EnvironmentFailure, Episode
+
+    class Exits:
+        def __init__(self, at: str = "step"):
+            if at == "init":
+                sys.exit()
+            self.at = at
+
+        def reset(self, row: dict) -> None:
+            if self.at == "reset":
+                sys.exit(0)
+
+        def step(self, turn: str) -> StepResult:
+            sys.exit("bye")
+
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: step raised SystemExit: bye$"):
+        Episode("Exits", Exits()).step("hi")
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: reset raised SystemExit"):
+        Episode("Exits", Exits("reset")).reset({})
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: Exits\(\*\*recipe.environment_kwargs\) raised SystemExit"):
+        EnvironmentSpec("Exits", lambda: Exits("init"), 2, []).new({}, "plain")
