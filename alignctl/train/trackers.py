@@ -74,6 +74,16 @@ def first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def log_record_artifact(artifact_class: Any, run: Any, name: str, files: list[Path], status: str) -> None:
+    """The run's record files as one artifact of `run` (W&B and trackio share the Artifact API)."""
+    if not files:
+        return
+    artifact = artifact_class(name, type=ARTIFACT_TYPE, metadata={"status": status})
+    for path in files:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
+
+
 class Tracker(Protocol):
     def ids(self) -> dict[str, str]: ...  # what a resume needs to continue this tracker run
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -106,11 +116,7 @@ class WandbTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import wandb
 
-        if files:
-            artifact = wandb.Artifact(f"run-{self.run.id}", type=ARTIFACT_TYPE, metadata={"status": status})
-            for path in files:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+        log_record_artifact(wandb.Artifact, self.run, f"run-{self.run.id}", files, status)
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
@@ -176,11 +182,7 @@ class TrackioTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import trackio
 
-        if files:
-            artifact = trackio.Artifact(f"run-{self.run.name}", type=ARTIFACT_TYPE, metadata={"status": status})
-            for path in files:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+        log_record_artifact(trackio.Artifact, self.run, f"run-{self.run.name}", files, status)
         if trackio.context_vars.current_run.get() is self.run:
             trackio.finish()  # also forgets it as trackio's current run, which its exit handler would finish again
         else:
