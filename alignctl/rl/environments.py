@@ -157,8 +157,10 @@ class ToolEnv:
 
     default_tools: tuple[Callable, ...] = ()
 
-    def __init__(self, tools: Sequence[str] | None = None, timeout: float | None = 10.0):
-        functions = list(self.default_tools) + [import_object(p, "recipe.environment_kwargs.tools") for p in tools or []]
+    def __init__(self, tools: Sequence[str] | str | None = None, timeout: float | None = 10.0):
+        # One path without brackets (+recipe.environment_kwargs.tools=mypkg.lookup) is a list of one, not of its characters.
+        paths = [tools] if isinstance(tools, str) else list(tools or [])
+        functions = list(self.default_tools) + [import_object(p, "recipe.environment_kwargs.tools") for p in paths]
         self.tools = functions
         self.by_name = {Tool(f).name: Tool(f) for f in functions}
         self.timeout = timeout

@@ -312,3 +312,10 @@ def test_an_environment_that_calls_sys_exit_is_one_line_naming_it():
         Episode("Exits", Exits("reset")).reset({})
     with pytest.raises(EnvironmentFailure, match=r"^environment Exits: Exits\(\*\*recipe.environment_kwargs\) raised SystemExit"):
         EnvironmentSpec("Exits", lambda: Exits("init"), 2, []).new({}, "plain")
+
+
+def test_one_tool_path_without_brackets_is_a_list_of_one():
+    """+recipe.environment_kwargs.tools=mypkg.lookup gives a string: each of its characters was taken for
+    a path ("'t' is not a dotted path")."""
+    env = ToolEnv(tools="tests.unit.test_multi_turn.hang")
+    assert sorted(env.by_name) == ["hang"]
