@@ -117,9 +117,12 @@ def take_turn(state: EpisodeState, tokenizer, ids: list[int], logps: torch.Tenso
 def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, spec: EnvironmentSpec,
                     max_length: int) -> MultiTurnRollout:
     """`group` episodes per prompt of `rows` (consecutive, as single-turn completions are)."""
-    markup = call_format(tokenizer.chat_template)
+    template_markup = call_format(tokenizer.chat_template)
     row_dicts = [dict(zip(rows, values)) for values in zip(*rows.values())]
-    states = [EpisodeState(spec.new(row, markup), row["prompt"], list(row["prompt_ids"])) for row in row_dicts for _ in range(group)]
+    # A plain-text prompt is never rendered by the template (no tools declared, results as <result> tags):
+    # its calls are read in the plain markup, whatever the template declares.
+    states = [EpisodeState(spec.new(row, template_markup if isinstance(row["prompt"], list) else "plain"), row["prompt"], list(row["prompt_ids"]))
+              for row in row_dicts for _ in range(group)]
     # The first turn samples K per prompt, sharing its prefill; later turns one per episode still running.
     first = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
     for i, state in enumerate(states):

@@ -319,3 +319,23 @@ def test_one_tool_path_without_brackets_is_a_list_of_one():
     a path ("'t' is not a dotted path")."""
     env = ToolEnv(tools="tests.unit.test_multi_turn.hang")
     assert sorted(env.by_name) == ["hang"]
+
+
+def test_a_plain_text_prompt_reads_calls_in_the_plain_markup_whatever_the_template(tokenizer, policy):
+    """A template that declares <tool_call> (Qwen2.5) sets the hermes markup for conversations only: a
+    plain-text prompt never shows the model the template's tool declarations."""
+    import copy
+
+    markups = []
+
+    class Records(ToolEnv):
+        def step(self, turn: str) -> StepResult:
+            markups.append(self.markup)
+            return StepResult(None, True, 0.0)
+
+    declaring = copy.deepcopy(tokenizer)
+    declaring.chat_template = "{% if tools %}<tool_call>{{ tools | tojson }}</tool_call>{% endif %}" + tokenizer.chat_template
+    prompts = ["1+2=", [{"role": "user", "content": "1+2="}]]
+    torch.manual_seed(6)
+    sample_episodes(policy, declaring, rows(declaring, prompts), 1, SAMPLING, spec_of(Records, 2), max_length=100)
+    assert markups == ["plain", "hermes"]
