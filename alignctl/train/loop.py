@@ -54,7 +54,7 @@ class LoopContext:
     sharded: bool = False  # FSDP: it reduce-scatters (averages) the gradients itself
     step: int = 0  # the last optimiser step that finished (what a signal arriving now interrupts after)
     guard_stop: str | None = None  # the guard's line when recipe.guard=stop ended the run early
-    guard: Guard | None = None  # recipe.guard's monitor; set here (not in train_loop) when a resume restores it
+    guard: Guard | None = None  # recipe.guard's monitor: the session builds it so a resume can restore it; else train_loop does
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
