@@ -128,6 +128,11 @@ class TrainConfig:
             "optimizer._target_",
             "must name an optimiser class (e.g. torch.optim.AdamW)",
         )
+        if self.guard != GuardMode.off and self.guard_kl_max is not None:
+            # objective/kl is logged by ppo, and by grpo with a KL term; anywhere else the ceiling would never be read.
+            logs_kl = self.stage == "ppo" or (self.stage == "grpo" and getattr(self, "beta", 0) > 0)
+            why = "grpo with beta=0 has no KL term" if self.stage == "grpo" else f"{self.stage} logs no objective/kl"
+            _check(logs_kl, "guard_kl_max", f"{why}, so the KL signal would never be read; valid here: null (it is watched by ppo, and grpo with beta > 0)")
 
 
 @dataclass

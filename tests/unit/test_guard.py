@@ -182,6 +182,12 @@ def _validate(*overrides: str):
     return validate(OmegaConf.create(OmegaConf.to_container(compose_config(list(overrides)), resolve=True)))
 
 
+def test_a_kl_ceiling_is_taken_where_objective_kl_is_logged():
+    assert _validate("recipe=ppo", "recipe.guard=stop", "recipe.guard_kl_max=5").recipe.guard_kl_max == 5
+    assert _validate("recipe=grpo", "recipe.guard=warn", "recipe.guard_kl_max=5", "recipe.beta=0.1").recipe.guard_kl_max == 5
+    assert _validate("recipe=dpo", "recipe.guard_kl_max=5").recipe.guard_kl_max == 5  # guard off: nothing is watched anyway
+
+
 def test_the_guard_is_off_by_default_and_typed():
     recipe = _validate("recipe=ppo", "recipe.guard=stop").recipe
     assert recipe.guard == GuardMode.stop and recipe.guard_drop == 0.05
@@ -196,6 +202,9 @@ def test_the_guard_is_off_by_default_and_typed():
     (["recipe=sft", "recipe.guard=warn"], ["recipe.guard", "sft has no training reward", "valid here: off"]),
     (["recipe=reward", "recipe.guard=stop"], ["recipe.guard", "reward has no training reward"]),
     (["recipe=kto", "recipe.guard=stop"], ["recipe.guard", "kto has no training reward"]),
+    # A KL ceiling where no objective/kl is logged would never be read: refused, not silently ignored.
+    (["recipe=grpo", "recipe.guard=warn", "recipe.guard_kl_max=5", "recipe.beta=0"], ["recipe.guard_kl_max", "beta=0", "valid here: null"]),
+    (["recipe=dpo", "recipe.guard=stop", "recipe.guard_kl_max=5"], ["recipe.guard_kl_max", "dpo logs no objective/kl"]),
 ])
 def test_bad_guard_settings_are_one_line_naming_what_is_valid(overrides, culprits):
     with pytest.raises(ConfigError) as caught:
