@@ -128,6 +128,11 @@ class TrainConfig:
             "optimizer._target_",
             "must name an optimiser class (e.g. torch.optim.AdamW)",
         )
+        if self.guard != GuardMode.off and self.guard_kl_max is not None:
+            # objective/kl is logged by ppo, and by grpo with a KL term; anywhere else the ceiling would never be read.
+            logs_kl = self.stage == "ppo" or (self.stage == "grpo" and getattr(self, "beta", 0) > 0)
+            why = "grpo with beta=0 has no KL term" if self.stage == "grpo" else f"{self.stage} logs no objective/kl"
+            _check(logs_kl, "guard_kl_max", f"{why}, so the KL signal would never be read; valid here: null (it is watched by ppo, and grpo with beta > 0)")
 
 
 @dataclass
@@ -277,6 +282,9 @@ class DistillConfig(OnlineRLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.beta == 0, "beta", "distill has no reference policy: the teacher is what the student is pulled to; set beta=0")
+        # The teacher scores the student's own tokens: an environment's would be scored as if the student wrote them.
+        _check(self.environment is None, "environment", "distill samples single-turn completions; multi-turn environments train with "
+               "recipe=grpo or recipe=ppo; set environment=null")
         step = self.batch_size * self.grad_accum
         _check(step % self.num_generations == 0, "batch_size",
                f"batch_size x grad_accum ({step}) must be a multiple of num_generations ({self.num_generations})")

@@ -51,7 +51,7 @@ def import_object(dotted: str, where: str) -> Any:
     module_name, _, attribute = dotted.replace(":", ".").rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
-    except Exception as err:  # an import runs user code: whatever it raises is reported in one line
+    except (Exception, SystemExit) as err:  # an import runs user code: whatever it raises is reported in one line
         raise EnvironmentFailure(f"{where}: cannot import {dotted!r} ({type(err).__name__}: {err})") from None
 
 
@@ -84,7 +84,7 @@ class Episode:
             return function(*args)
         except EnvironmentFailure:
             raise
-        except Exception as err:  # user code
+        except (Exception, SystemExit) as err:  # user code (sys.exit() there would end the run with exit code 0)
             raise EnvironmentFailure(f"environment {self.name}: {method} raised {type(err).__name__}: {err}") from None
 
     def reset(self, row: dict) -> None:
@@ -109,7 +109,7 @@ class EnvironmentSpec:
             env = self.make()
         except EnvironmentFailure:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             raise EnvironmentFailure(f"environment {self.name}: {self.name.rsplit('.', 1)[-1]}(**recipe.environment_kwargs) raised "
                                      f"{type(err).__name__}: {err}") from None
         if isinstance(env, ToolEnv):
@@ -132,7 +132,7 @@ def load_environment(path: str, kwargs: dict, max_turns: int) -> EnvironmentSpec
         probe = spec.make()
     except EnvironmentFailure:  # already one line (a ToolEnv's tool that cannot be imported)
         raise
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise EnvironmentFailure(f"environment {path}: {cls.__name__}(**recipe.environment_kwargs) raised {type(err).__name__}: {err}") from None
     own = getattr(probe, "max_turns", None)
     if own is not None:
@@ -157,8 +157,10 @@ class ToolEnv:
 
     default_tools: tuple[Callable, ...] = ()
 
-    def __init__(self, tools: Sequence[str] | None = None, timeout: float | None = 10.0):
-        functions = list(self.default_tools) + [import_object(p, "recipe.environment_kwargs.tools") for p in tools or []]
+    def __init__(self, tools: Sequence[str] | str | None = None, timeout: float | None = 10.0):
+        # One path without brackets (+recipe.environment_kwargs.tools=mypkg.lookup) is a list of one, not of its characters.
+        paths = [tools] if isinstance(tools, str) else list(tools or [])
+        functions = list(self.default_tools) + [import_object(p, "recipe.environment_kwargs.tools") for p in paths]
         self.tools = functions
         self.by_name = {Tool(f).name: Tool(f) for f in functions}
         self.timeout = timeout

@@ -117,24 +117,46 @@ def take_turn(state: EpisodeState, tokenizer, ids: list[int], logps: torch.Tenso
 def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, spec: EnvironmentSpec,
                     max_length: int) -> MultiTurnRollout:
     """`group` episodes per prompt of `rows` (consecutive, as single-turn completions are)."""
-    markup = call_format(tokenizer.chat_template)
+    template_markup = call_format(tokenizer.chat_template)
     row_dicts = [dict(zip(rows, values)) for values in zip(*rows.values())]
-    states = [EpisodeState(spec.new(row, markup), row["prompt"], list(row["prompt_ids"])) for row in row_dicts for _ in range(group)]
+    # A plain-text prompt is never rendered by the template (no tools declared, results as <result> tags):
+    # its calls are read in the plain markup, whatever the template declares.
+    states = [EpisodeState(spec.new(row, template_markup if isinstance(row["prompt"], list) else "plain"), row["prompt"], list(row["prompt_ids"]))
+              for row in row_dicts for _ in range(group)]
     # The first turn samples K per prompt, sharing its prefill; later turns one per episode still running.
     first = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
     for i, state in enumerate(states):
         take_turn(state, tokenizer, first.completion_ids[i], first.sampler_logps[i] if first.sampler_logps else None, first.truncated[i],
                   spec.max_turns, max_length)
     while active := [s for s in states if not s.done]:
-        longest = max(len(s.prompt_ids) + len(s.ids) for s in active)
-        turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_length - longest))
-        contexts = [s.prompt_ids + s.ids for s in active]
-        turn = sample(policy, contexts, 1, turn_sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        for i, state in enumerate(active):
-            take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
-                      spec.max_turns, max_length)
+        # Each episode's turn is bounded by its own room before max_length (not the fullest episode's): one
+        # sampling call per bound, almost always just max_new_tokens.
+        by_bound: dict[int, list[EpisodeState]] = {}
+        for state in active:
+            by_bound.setdefault(min(sampling.max_new_tokens, max_length - len(state.prompt_ids) - len(state.ids)), []).append(state)
+        for bound, group in by_bound.items():
+            contexts = [s.prompt_ids + s.ids for s in group]
+            turn = sample(policy, contexts, 1, replace(sampling, max_new_tokens=bound), tokenizer.pad_token_id, tokenizer.eos_token_id)
+            for i, state in enumerate(group):
+                take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
+                          spec.max_turns, max_length)
     completions = Completions([s.prompt_ids for s in states], [s.ids for s in states], [s.truncated for s in states], first.engine,
                               sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.sampler_logps else None,
                               token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])
     finals = [next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), "") for s in states]
     return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states])
+
+
+def longest_turns(completions: Completions) -> torch.Tensor:
+    """(N,) each completion's longest run of sampled tokens: what recipe.max_new_tokens bounds, one model
+    turn (a single-turn completion: its length). An episode's turns together may well pass max_new_tokens."""
+    if completions.token_masks is None:
+        return torch.tensor([len(ids) for ids in completions.completion_ids])
+    longest = []
+    for mask in completions.token_masks:
+        run = best = 0
+        for sampled in mask.tolist():
+            run = run + 1 if sampled else 0
+            best = max(best, run)
+        longest.append(best)
+    return torch.tensor(longest)

@@ -1,19 +1,16 @@
-"""What the online RL stages (grpo, ppo) share around the rollout: prompts, reward sources, rollout
-statistics, evaluation by greedy decoding, and the log of sample completions (a table, and samples.jsonl)."""
+"""What the online RL stages (grpo, ppo, distill) share around the rollout: prompts, reward sources,
+rollout statistics, the queue of steps a rollout feeds, and evaluation by greedy decoding. The log of
+sample completions (a table, and samples.jsonl) is alignctl/rl/rollout_log.py."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from datasets import Dataset
-from rich.table import Table
-from rich.text import Text
 
 from alignctl.config.schema import OnlineRLConfig, RunConfig
 from alignctl.core import distributed
@@ -31,10 +28,9 @@ from alignctl.rl.reward_sources import (
     function_sources,
     model_source,
 )
-from alignctl.rl.rollout import ENGINES, Completions, Sampling, plan_steps, sample, training_batch
+from alignctl.rl.rollout import Completions, Sampling, plan_steps, sample, training_batch
 from alignctl.rl.scored_text import completion_turn
 from alignctl.train.evaluate import greedy_ids
-from alignctl.train.metrics import keep_until_step
 from alignctl.train.reference import check_same_tokenizer
 from alignctl.train.restore import to_device
 from alignctl.train.stage_spec import BatchShape, HeldModel, PlanData
@@ -143,20 +139,21 @@ def score(sources: Sequence[RewardSource], prompts: list, completions: list, col
 
 def rollout_metrics(total: torch.Tensor, per_source: dict[str, torch.Tensor], completions: Completions, group_size: int) -> dict[str, float]:
     """TRL's names: reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio;
-    and completions/length_reward_corr, what recipe.guard reads for length bias."""
+    and completions/length_reward_corr, what recipe.guard reads for length bias: over the tokens the policy
+    wrote (a multi-turn episode's tool results are not the policy padding its answers)."""
     lengths = torch.tensor([len(c) for c in completions.completion_ids], dtype=torch.float32)
+    sampled = lengths if completions.token_masks is None else torch.tensor([float(m.sum()) for m in completions.token_masks])
     metrics = {
         "reward": float(total.mean()),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
         "completions/mean_length": float(lengths.mean()),
         "completions/clipped_ratio": sum(completions.truncated) / len(completions.truncated),
-        "completions/length_reward_corr": correlation(lengths, total.float()),
+        "completions/length_reward_corr": correlation(sampled, total.float()),
     }
     if group_size > 1:
         metrics["frac_reward_zero_std"] = float((total.view(-1, group_size).std(-1) == 0).float().mean())
     metrics |= {f"rewards/{name}/mean": float(values.mean()) for name, values in per_source.items()}
     if completions.token_masks is not None:  # multi-turn: how much of an episode the policy wrote
-        sampled = torch.tensor([float(m.sum()) for m in completions.token_masks])
         metrics["completions/mean_sampled_length"] = float(sampled.mean())
         metrics["episodes/mean_turns"] = sum(model_turns(m) for m in completions.token_masks) / len(completions.token_masks)
     return metrics
@@ -179,8 +176,8 @@ def evaluate_greedy(
     policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig,
     step: int = 0,
 ) -> dict[str, float]:
-    """Greedy completions of the eval prompts: eval_reward (weighted sum), each source's mean and,
-    on a built-in task, eval_exact_match."""
+    """Greedy completions of the eval prompts: eval_reward (weighted sum) and each source's mean (where
+    there are reward sources) and, on a built-in task, eval_exact_match."""
     if not eval_rows:
         return {}
     prompts = [row["prompt"] for row in eval_rows]
@@ -188,42 +185,15 @@ def evaluate_greedy(
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
     columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
-    total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns) if sources \
-        else (torch.zeros(len(prompts)), {})
-    result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
+    result: dict[str, float] = {}
+    if sources:  # none when an environment is the only reward: a single greedy turn has nothing to score it
+        total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
+        result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
     if task is not None:
         result["eval_exact_match"] = sum(task.verify(t, row["answer"]) for t, row in zip(texts, eval_rows)) / len(eval_rows)
     return result
-
-
-def readable_prompt(prompt: str | list[dict]) -> str:
-    """A prompt as a person reads it in a log: a conversation's last user message, or the text."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
-
-
-def samples_table(step: int, prompts: list, texts: list[str], rewards: torch.Tensor, count: int = 6) -> Table:
-    """The first `count` samples, whole: the prompt as `readable_prompt` shows it, the completion's full text."""
-    table = Table(title=f"samples at step {step}", show_header=True, header_style="bold", show_lines=True)
-    table.add_column("prompt", ratio=1)
-    table.add_column("completion", ratio=2)
-    table.add_column("reward", justify="right")
-    for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:count]:
-        # Text, not str: a completion's brackets are what the model wrote, never rich markup.
-        table.add_row(Text(readable_prompt(prompt)), Text(text), f"{reward:.3f}")
-    return table
-
-
-def sample_records(step: int, rollout: ScoredRollout, rewards: torch.Tensor) -> list[dict]:
-    """One JSON-ready record per completion of a rollout: its step, prompt, completion and rewards."""
-    per_source = {name: values.tolist() for name, values in rollout.per_source.items()}
-    return [{"step": step, "prompt": prompt, "completion": text, "reward": reward, "rewards": {name: values[i] for name, values in per_source.items()},
-             "truncated": truncated}
-            for i, (prompt, text, reward, truncated) in enumerate(zip(rollout.prompts, rollout.texts, rewards.tolist(), rollout.completions.truncated))]
 
 
 @dataclass
@@ -361,33 +331,6 @@ def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[Rewar
         return result
 
     return evaluate
-
-
-class RolloutLog:
-    """What a run's log says about its rollouts: which engine sampled them (when it first does, and if
-    it changes), and every `every`-th rollout's samples: a table of a few, and all of them appended to
-    samples.jsonl in the run directory. `steps_per_rollout` optimiser steps follow each rollout."""
-
-    def __init__(self, logger, run_dir: Path, every: int, steps_per_rollout: int):
-        self.logger, self.path, self.every, self.steps_per_rollout = logger, Path(run_dir) / "samples.jsonl", every, steps_per_rollout
-        self.engine = ""
-        self.written = False
-
-    def after(self, number: int, rollout: ScoredRollout, rewards: torch.Tensor) -> None:
-        """Log rollout `number` (1-based); `rewards` are the ones the update uses."""
-        if rollout.completions.engine != self.engine:
-            self.engine = rollout.completions.engine
-            self.logger.note(f"rollouts are sampled by {ENGINES.get(self.engine, self.engine)}")
-        if not self.every or (number - 1) % self.every:
-            return
-        step = (number - 1) * self.steps_per_rollout + 1  # the first optimiser step that trains on it
-        self.logger.note(samples_table(step, rollout.prompts, rollout.texts, rewards))
-        if self.logger.enabled:  # the main process only
-            if not self.written:  # a resumed run samples again from here on: drop what an earlier life logged from here
-                keep_until_step(self.path, step - 1)
-                self.written = True
-            with self.path.open("a") as file:
-                file.writelines(json.dumps(record) + "\n" for record in sample_records(step, rollout, rewards))
 
 
 def completion_tokens(batch: dict) -> int:

@@ -124,6 +124,9 @@ def run_tool(tools: dict[str, Tool], call: ToolCall, timeout: float | None) -> s
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
              ast.Mod: operator.mod, ast.Pow: operator.pow}
 MAX_EXPONENT = 1000  # keeps 9**9**9 from running for ever
+# And a bound on every value: (10**1000)**1000 passes the exponent check, and one more **1000 would keep
+# a core and gigabytes busy in the abandoned tool thread long after the model read "timed out".
+MAX_BITS = 10_000  # about 3,000 digits, within what str() of an int may print (4,300)
 
 
 def _integer_value(node: ast.AST) -> int:
@@ -136,7 +139,12 @@ def _integer_value(node: ast.AST) -> int:
         left, right = _integer_value(node.left), _integer_value(node.right)
         if isinstance(node.op, ast.Pow) and not 0 <= right <= MAX_EXPONENT:
             raise ValueError(f"exponent {right} outside [0, {MAX_EXPONENT}]")
-        return OPERATORS[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow) and abs(left).bit_length() * right > MAX_BITS:  # before computing it
+            raise ValueError(f"{ast.unparse(node)!r} has more than {MAX_BITS} bits")
+        value = OPERATORS[type(node.op)](left, right)
+        if value.bit_length() > MAX_BITS:  # operands within the bound: computing this was cheap
+            raise ValueError(f"{ast.unparse(node)!r} has more than {MAX_BITS} bits")
+        return value
     raise ValueError(f"not integer arithmetic: {ast.unparse(node)!r}")
 
 

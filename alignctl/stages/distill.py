@@ -34,7 +34,6 @@ from alignctl.models.loading import load_causal_lm, load_tokenizer, model_path
 from alignctl.nn.distill_loss import chunked_jsd_sum, distill_loss
 from alignctl.nn.lm_head import final_hidden, output_head
 from alignctl.rl.online_rl import (
-    RolloutLog,
     StepQueue,
     completion_tokens,
     greedy_evaluator,
@@ -48,6 +47,7 @@ from alignctl.rl.online_rl import (
 )
 from alignctl.rl.reward_sources import RewardState
 from alignctl.rl.rollout import Sampling
+from alignctl.rl.rollout_log import RolloutLog
 from alignctl.train.reference import load_policy_and_reference
 from alignctl.train.session import start_process, start_training
 from alignctl.train.stage_spec import HeldModel, Stage

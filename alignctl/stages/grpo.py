@@ -29,8 +29,8 @@ from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.nn.logprobs import response_token_logps
 from alignctl.nn.losses import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_surrogate
 from alignctl.rl.dynamic_sampling import fill_with_informative_groups
+from alignctl.rl.multi_turn import longest_turns
 from alignctl.rl.online_rl import (
-    RolloutLog,
     ScoredRollout,
     StepQueue,
     completion_count,
@@ -50,6 +50,7 @@ from alignctl.rl.online_rl import (
 )
 from alignctl.rl.reward_sources import RewardState
 from alignctl.rl.rollout import Sampling, per_token_values, policy_mask
+from alignctl.rl.rollout_log import RolloutLog
 from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.train.session import (
     start_process,
@@ -99,9 +100,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     def draw(state: RewardState) -> ScoredRollout:
         rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state, environment)
         if recipe.overlong_buffer:  # DAPO: completions near max_new_tokens lose reward smoothly, logged as a source
-            # Tokens the policy sampled: a multi-turn episode's environment tokens are not its length.
-            masks = rollout.completions.token_masks
-            lengths = torch.tensor([len(ids) for ids in rollout.completions.completion_ids] if masks is None else [int(m.sum()) for m in masks])
+            # max_new_tokens bounds each model turn: a multi-turn episode is as long as its longest turn here.
+            lengths = longest_turns(rollout.completions)
             rollout.per_source["overlong_penalty"] = overlong_penalty(lengths, recipe.max_new_tokens, recipe.overlong_buffer)
             rollout.rewards = rollout.rewards + rollout.per_source["overlong_penalty"]
         return rollout

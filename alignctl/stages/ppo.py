@@ -41,7 +41,6 @@ from alignctl.nn.losses import (
     score_to_token_rewards,
 )
 from alignctl.rl.online_rl import (
-    RolloutLog,
     StepQueue,
     completion_tokens,
     environment_spec,
@@ -58,6 +57,7 @@ from alignctl.rl.online_rl import (
     with_sampler_logps,
 )
 from alignctl.rl.rollout import Sampling, per_token_values, policy_mask, right_aligned
+from alignctl.rl.rollout_log import RolloutLog
 from alignctl.train.checkpoint import load_weights
 from alignctl.train.reference import held_reference, load_policy_and_reference, reference_for, reference_logps
 from alignctl.train.session import (

@@ -12,7 +12,9 @@ Three signals, read from the metrics the loop already has (no model, no I/O here
   reward), averaged over `guard_window` steps, above `guard_length_corr`.
 
 Each signal trips once. `Guard.after_step` and `Guard.after_eval` return what tripped; the loop
-(alignctl/train/loop.py) prints it, logs it and, with recipe.guard=stop, ends the run there.
+(alignctl/train/loop.py) prints it, logs it and, with recipe.guard=stop, ends the run there. What it
+has seen travels with every checkpoint (`state` / `load_state`), so a resumed run trips where the
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ class Guard:
         if now.reward is None or reward_then is None or now.reward <= reward_then:
             return []  # the training reward fell too: a collapse, not over-optimisation
         return self._first_time([Trip("held-out", _over_optimised(key, best, now, self._reward_key(), reward_then, self.drop))])
+
+    def state(self) -> dict:
+        """What the guard has seen, as plain data (a checkpoint's trainer_state.pt loads weights_only)."""
+        return {"recent": [dict(m) for m in self.recent], "first_reward": self.first_reward,
+                "evals": [[e.step, e.value, e.reward] for e in self.evals], "tripped": sorted(self.tripped)}
+
+    def load_state(self, state: dict) -> None:
+        self.recent = deque(state["recent"][-self.window:])
+        self.first_reward = state["first_reward"]
+        self.evals = [Evaluation(step, value, reward) for step, value, reward in state["evals"]]
+        self.tripped = set(state["tripped"])
 
     def _reward_key(self) -> str | None:
         return next((k for k in TRAINING_REWARD if any(k in m for m in self.recent)), None)

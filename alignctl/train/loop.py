@@ -32,7 +32,7 @@ from alignctl.core import distributed
 from alignctl.core.errors import NonFiniteLoss
 from alignctl.models import precision
 from alignctl.runs.interrupt import Interrupted, StopRequests
-from alignctl.train.guard import Trip, guard_for
+from alignctl.train.guard import Guard, Trip, guard_for
 from alignctl.train.metrics import MetricsLogger
 
 Batch = dict[str, Any]
@@ -54,6 +54,7 @@ class LoopContext:
     sharded: bool = False  # FSDP: it reduce-scatters (averages) the gradients itself
     step: int = 0  # the last optimiser step that finished (what a signal arriving now interrupts after)
     guard_stop: str | None = None  # the guard's line when recipe.guard=stop ended the run early
+    guard: Guard | None = None  # recipe.guard's monitor: the session builds it so a resume can restore it; else train_loop does
 
 
 def _autocast(ctx: LoopContext) -> contextlib.AbstractContextManager:
@@ -70,7 +71,9 @@ def train_loop(
 ) -> dict[str, float]:
     """Run optimiser steps start_step+1 .. recipe.max_steps; return the last train and eval metrics."""
     last: dict[str, float] = {}
-    guard = guard_for(recipe)
+    if ctx.guard is None:
+        ctx.guard = guard_for(recipe)
+    guard = ctx.guard
     if start_step == 0 and (baseline := _evaluate(ctx, 0)):  # the untrained model, so every run shows what training changed
         ctx.logger.log({"step": 0, **baseline})
         last.update(baseline)  # all there is when max_steps=0 (alignctl eval)

@@ -1,9 +1,9 @@
 """Putting a checkpoint's state back into a freshly built run (`resume=`; alignctl/runs/resume.py
 decides whether and from where).
 
-Trained weights, optimiser, schedule, data position, token and skip counters, the stage's own state
-and, last, the python/numpy/torch RNG states: the resumed steps are then the uninterrupted run's
-steps, to the bit on CPU.
+Trained weights, optimiser, schedule, data position, token and skip counters, what recipe.guard has
+seen, the stage's own state and, last, the python/numpy/torch RNG states: the resumed steps are then
+the uninterrupted run's steps, to the bit on CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def restore(
     stream.load_state_dict(state["data"])
     ctx.tokens_seen = int(state.get("tokens_seen", 0))
     ctx.skipped_steps = int(state.get("skipped_steps", 0))
+    if ctx.guard is not None and "guard" in state:  # what recipe.guard has seen: its best evaluation, its window
+        ctx.guard.load_state(state["guard"])
     if restore_extra is not None:
         restore_extra(state)
     # Last: building the run above drew random numbers. Each process takes its own state when the

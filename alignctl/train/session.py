@@ -29,6 +29,7 @@ from alignctl.runs.interrupt import Interrupted
 from alignctl.runs.model_card import write_card
 from alignctl.runs.rundir import RunDir, write_json_atomic
 from alignctl.train.checkpoint import latest_checkpoint, load_weights, rng_state, save_checkpoint
+from alignctl.train.guard import guard_for
 from alignctl.train.loop import (
     LoopContext,
     train_loop,
@@ -239,11 +240,13 @@ def _train_and_finish(
 
     def trainer_state() -> dict[str, Any]:  # called at each save, once ctx below exists
         counters = {"tokens_seen": ctx.tokens_seen, "skipped_steps": ctx.skipped_steps}
-        return {"data": stream.state_dict(), **counters, **(extra_state() if extra_state else {})}
+        guard = {"guard": ctx.guard.state()} if ctx.guard is not None else {}
+        return {"data": stream.state_dict(), **counters, **guard, **(extra_state() if extra_state else {})}
 
     meta = {"stage": run.lineage["stage"], "config_hash": run.lineage["config_hash"]}
     save = checkpoint_writer(run.path, model, session.tokenizer, optimizer, scheduler, trainer_state, meta, recipe.keep_last)
-    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, save, hardware.autocast, device_type, sharded=is_sharded(model))
+    ctx = LoopContext(model, optimizer, scheduler, logger, evaluate_on_main, save, hardware.autocast, device_type, sharded=is_sharded(model),
+                      guard=guard_for(recipe))
     start_step = 0
     point = session.resume_point
     ctx.step = point.step if point is not None else 0  # where the run stands while it restores

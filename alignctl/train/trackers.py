@@ -74,6 +74,16 @@ def first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def log_record_artifact(artifact_class: Any, run: Any, name: str, files: list[Path], status: str) -> None:
+    """The run's record files as one artifact of `run` (W&B and trackio share the Artifact API)."""
+    if not files:
+        return
+    artifact = artifact_class(name, type=ARTIFACT_TYPE, metadata={"status": status})
+    for path in files:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
+
+
 class Tracker(Protocol):
     def ids(self) -> dict[str, str]: ...  # what a resume needs to continue this tracker run
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -106,11 +116,7 @@ class WandbTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import wandb
 
-        if files:
-            artifact = wandb.Artifact(f"run-{self.run.id}", type=ARTIFACT_TYPE, metadata={"status": status})
-            for path in files:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+        log_record_artifact(wandb.Artifact, self.run, f"run-{self.run.id}", files, status)
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
@@ -176,11 +182,7 @@ class TrackioTracker:
     def finish(self, files: list[Path], status: str) -> None:
         import trackio
 
-        if files:
-            artifact = trackio.Artifact(f"run-{self.run.name}", type=ARTIFACT_TYPE, metadata={"status": status})
-            for path in files:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+        log_record_artifact(trackio.Artifact, self.run, f"run-{self.run.name}", files, status)
         if trackio.context_vars.current_run.get() is self.run:
             trackio.finish()  # also forgets it as trackio's current run, which its exit handler would finish again
         else:
@@ -196,15 +198,24 @@ class Trackers:
     def __init__(self, run_dir: Path, started: dict[str, Tracker] | None = None):
         self.run_dir = run_dir
         self.started = dict(started or {})
+        self.silenced: set[str] = set()  # trackers whose logging failed: still closed, fed no more
 
     def log(self, record: dict[str, Any]) -> None:
-        """One metrics.jsonl line (`step` and its values); text and non-finite values stay out, as on TensorBoard."""
+        """One metrics.jsonl line (`step` and its values); text and non-finite values stay out, as on TensorBoard.
+        A tracker whose logging fails (a server gone) is one line and logs no more; training goes on."""
         if not self.started:
             return
         metrics = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
-        for tracker in self.started.values():
-            tracker.log(int(record["step"]), metrics)
+        for key, tracker in self.started.items():
+            if key in self.silenced:
+                continue
+            try:
+                tracker.log(int(record["step"]), metrics)
+            except Exception as err:  # noqa: BLE001 - a dashboard's failure must not end hours of training
+                self.silenced.add(key)
+                console.print(f"logger.{key}: {BUILDERS[key][1]} stopped taking metrics at step {record['step']} ({first_line(err)}); "
+                              "training goes on, metrics.jsonl has every step", markup=False)
 
     def close(self, status: str) -> None:
         """End every tracker run (its record files as an artifact, its status from lineage.json's); once."""

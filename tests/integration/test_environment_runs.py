@@ -44,6 +44,9 @@ def test_a_stage_trains_on_multi_turn_episodes(alignctl, tmp_path, recipe):
         assert record["episodes/mean_turns"] == 3
         assert record["completions/mean_sampled_length"] < record["completions/mean_length"]
         assert record["reward"] == record["rewards/environment/mean"]
+    evaluations = [r for r in run.records() if "eval_exact_match" in r]
+    assert [r["step"] for r in evaluations] == [0, 2]
+    assert not any("eval_reward" in r for r in run.records())  # no reward function scores the greedy turn: no made-up 0
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all("<result>1</result>" in s["completion"] and "<result>2</result>" in s["completion"] for s in samples)
 

@@ -80,6 +80,11 @@ CASES = {
                                        "recipe.num_iterations=2", "recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1",
                                        "recipe.lr=1e-3", "data.eval_limit=20", "recipe.environment=tests.integration.test_environment_runs.Countdown",
                                        "+recipe.environment_kwargs.turns=3", "recipe.max_new_tokens=6", "recipe.max_length=80", GRADED_REWARD], 3),
+    # recipe.guard=stop on a KL ceiling any KL crosses, over a 3-step window (step 1's KL is 0): the run stops
+    # at step 3 only if the resumed guard remembers steps 1 and 2 (a fresh window would fill at step 5).
+    "grpo guard across the resume": (["recipe=grpo", "recipe.max_steps=6", "recipe.save_every=2", "recipe.batch_size=8",
+                                      "recipe.num_generations=4", "recipe.beta=0.1", "recipe.lr=1e-2", "data.eval_limit=16",
+                                      "recipe.guard=stop", "recipe.guard_kl_max=1e-6", "recipe.guard_window=3", GRADED_REWARD], 2),
     # DAPO's dynamic sampling: many groups of the untrained model are constant, so rollouts draw more
     # prompts (the stream moves on unevenly) before they are full or at their bound.
     "grpo dynamic sampling": (["recipe=grpo", "recipe.max_steps=4", "recipe.save_every=2", "recipe.batch_size=8", "recipe.num_generations=4",

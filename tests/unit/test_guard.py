@@ -111,6 +111,25 @@ def test_correlation_is_pearsons_and_zero_for_equal_lengths():
     assert correlation(torch.tensor([4.0, 4.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])) == 0.0
 
 
+def test_a_guard_restored_from_its_state_trips_where_the_uninterrupted_one_does(tmp_path):
+    """A resume rebuilds the guard from the checkpoint: the best evaluation, the window and what already
+    tripped come back through trainer_state.pt (loaded weights_only), so the trip is the same step."""
+    steps = over_optimising([0.80, 0.86, 0.84, 0.80, 0.70], [0.1, 0.2, 0.3, 0.4, 0.5])
+    whole = guard(kl_max=1.0)
+    whole.after_eval(0, {"eval_exact_match": 0.64})
+    expected = feed(whole, steps)
+    assert [s for s, _, _ in expected] == [20]
+    before = guard(kl_max=1.0)
+    before.after_eval(0, {"eval_exact_match": 0.64})
+    assert feed(before, steps[:12]) == []  # stopped after step 12: the best (step 10) is behind it
+    torch.save({"guard": before.state()}, tmp_path / "state.pt")
+    resumed = guard(kl_max=1.0)
+    resumed.load_state(torch.load(tmp_path / "state.pt", weights_only=True)["guard"])
+    assert feed(resumed, steps[12:]) == expected
+    fresh = feed(guard(kl_max=1.0), steps[12:])  # one that forgot the best at step 10 trips later, or not at all
+    assert [s for s, _, _ in fresh] != [20]
+
+
 # ------------------------------------------------------------------------------------- in the loop
 def recipe(mode: GuardMode, max_steps: int = 10) -> TrainConfig:
     return TrainConfig(stage="ppo", max_steps=max_steps, lr=0.1, batch_size=1, grad_accum=1, max_length=8, scheduler=Scheduler.constant,
@@ -163,6 +182,12 @@ def _validate(*overrides: str):
     return validate(OmegaConf.create(OmegaConf.to_container(compose_config(list(overrides)), resolve=True)))
 
 
+def test_a_kl_ceiling_is_taken_where_objective_kl_is_logged():
+    assert _validate("recipe=ppo", "recipe.guard=stop", "recipe.guard_kl_max=5").recipe.guard_kl_max == 5
+    assert _validate("recipe=grpo", "recipe.guard=warn", "recipe.guard_kl_max=5", "recipe.beta=0.1").recipe.guard_kl_max == 5
+    assert _validate("recipe=dpo", "recipe.guard_kl_max=5").recipe.guard_kl_max == 5  # guard off: nothing is watched anyway
+
+
 def test_the_guard_is_off_by_default_and_typed():
     recipe = _validate("recipe=ppo", "recipe.guard=stop").recipe
     assert recipe.guard == GuardMode.stop and recipe.guard_drop == 0.05
@@ -177,6 +202,9 @@ def test_the_guard_is_off_by_default_and_typed():
     (["recipe=sft", "recipe.guard=warn"], ["recipe.guard", "sft has no training reward", "valid here: off"]),
     (["recipe=reward", "recipe.guard=stop"], ["recipe.guard", "reward has no training reward"]),
     (["recipe=kto", "recipe.guard=stop"], ["recipe.guard", "kto has no training reward"]),
+    # A KL ceiling where no objective/kl is logged would never be read: refused, not silently ignored.
+    (["recipe=grpo", "recipe.guard=warn", "recipe.guard_kl_max=5", "recipe.beta=0"], ["recipe.guard_kl_max", "beta=0", "valid here: null"]),
+    (["recipe=dpo", "recipe.guard=stop", "recipe.guard_kl_max=5"], ["recipe.guard_kl_max", "dpo logs no objective/kl"]),
 ])
 def test_bad_guard_settings_are_one_line_naming_what_is_valid(overrides, culprits):
     with pytest.raises(ConfigError) as caught:

@@ -14,8 +14,8 @@ from alignctl.models.tokenizer import build_char_tokenizer
 from alignctl.nn.logprobs import response_token_logps
 from alignctl.nn.losses import aggregate, gae, kl_penalty, policy_surrogate
 from alignctl.rl.environments import EnvironmentSpec, StepResult, ToolEnv, load_environment
-from alignctl.rl.multi_turn import reply_text, sample_episodes
-from alignctl.rl.online_rl import completion_tokens, model_turns
+from alignctl.rl.multi_turn import longest_turns, reply_text, sample_episodes
+from alignctl.rl.online_rl import completion_tokens, model_turns, rollout_metrics
 from alignctl.rl.rollout import Completions, Sampling, policy_mask, training_batch
 from alignctl.rl.tools import calculator
 
@@ -128,6 +128,30 @@ def test_an_episode_stops_at_max_length(tokenizer, policy):
         assert len(prompt_ids) + len(ids) <= 40 and truncated
 
 
+def test_an_episode_near_max_length_does_not_shorten_the_others_turns(tokenizer, policy):
+    """Two episodes in one batch, one long prompt with 3 tokens of room left for its second turn: the
+    short one's turns still run to max_new_tokens (or its EOS)."""
+    torch.manual_seed(5)
+    prompts = ["1" * 60 + "=", "5+5="]  # the short episode never nears max_length itself
+    data = rows(tokenizer, prompts)
+    reply = len(tokenizer("<result>ok</result>", add_special_tokens=False)["input_ids"])
+    max_length = len(data["prompt_ids"][0]) + SAMPLING.max_new_tokens + reply + 3
+    episodes = sample_episodes(policy, tokenizer, data, 1, SAMPLING, spec_of(Countdown, 3), max_length=max_length)
+    long_ids, short_ids = episodes.completions.completion_ids
+    long_mask, short_mask = episodes.completions.token_masks
+    assert len(data["prompt_ids"][0]) + len(long_ids) <= max_length
+    assert model_turns(short_mask) == 3
+    turns, run = [], []
+    for token, sampled in zip(short_ids, short_mask.tolist()):
+        if sampled:
+            run.append(token)
+        elif run:
+            turns, run = turns + [run], []
+    turns.append(run)
+    for turn in turns:  # cut only by max_new_tokens, or ended by the model
+        assert len(turn) == SAMPLING.max_new_tokens or turn[-1] == tokenizer.eos_token_id, turns
+
+
 def test_tool_errors_and_timeouts_reach_the_model_as_tool_messages(tokenizer, policy):
     torch.manual_seed(4)
     prompts = [[{"role": "user", "content": "1+2="}]]
@@ -222,3 +246,96 @@ def test_a_template_that_takes_tools_declares_them_in_the_prompt(tokenizer):
     assert text.startswith('<|system|>Call <tool_call>{name, arguments}</tool_call>: [{"type": "function", "function": {"name": "calculator"')
     assert call_format(declaring.chat_template) == "hermes" and call_format(tokenizer.chat_template) == "plain"
     assert encode_prompt(declaring, messages) == encode_prompt(tokenizer, messages)  # no tools: nothing declared
+
+
+def test_distill_refuses_an_environment_in_one_line():
+    """distill has no multi-turn episodes: an environment there would be ignored, so it is refused."""
+    from omegaconf import OmegaConf
+
+    from alignctl.cli.app import compose_config
+    from alignctl.config.validation import validate
+    from alignctl.core.errors import ConfigError
+
+    composed = compose_config(["recipe=distill", "recipe.environment=alignctl.rl.environments.CalculatorEnv"])
+    with pytest.raises(ConfigError) as caught:
+        validate(OmegaConf.create(OmegaConf.to_container(composed, resolve=True)))
+    message = str(caught.value)
+    assert "\n" not in message and "recipe.environment" in message and "recipe=grpo" in message and "environment=null" in message, message
+
+
+def test_the_overlong_penalty_reads_an_episode_s_longest_turn():
+    """recipe.overlong_buffer punishes turns near max_new_tokens (the per-turn bound): three turns of 3
+    tokens under a 4-token limit are not overlong, though they sample 9 tokens together."""
+    from alignctl.nn.losses import overlong_penalty
+
+    episode = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.float32)
+    cut = torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.float32)  # its second turn ran to the limit
+    multi = Completions([[1], [1]], [[5] * 12, [5] * 7], [False, True], "hf", token_masks=[episode, cut])
+    assert longest_turns(multi).tolist() == [3, 4]
+    assert overlong_penalty(longest_turns(multi), 4, 2).tolist() == [-0.5, -1.0]
+    single = Completions([[1], [1]], [[5] * 2, [5] * 4], [False, True], "hf")
+    assert longest_turns(single).tolist() == [2, 4]
+
+
+def test_the_length_reward_correlation_reads_the_policy_s_tokens():
+    """The guard's length-bias signal: episodes that called a tool more (longer results) and scored higher
+    are not the policy writing longer; here its own tokens are the same length in every episode."""
+    masks = [torch.tensor([1.0] * 4 + [0.0] * n + [1.0] * 4) for n in (2, 10, 20, 40)]
+    completions = Completions([[1]] * 4, [[5] * len(m) for m in masks], [False] * 4, "hf", token_masks=masks)
+    metrics = rollout_metrics(torch.tensor([0.0, 1.0, 2.0, 3.0]), {}, completions, 1)
+    assert metrics["completions/length_reward_corr"] == 0.0  # sampled lengths constant: no length bias
+    assert metrics["completions/mean_sampled_length"] == 8.0 and metrics["completions/mean_length"] == 26.0
+
+
+def test_an_environment_that_calls_sys_exit_is_one_line_naming_it():
+    """SystemExit is not an Exception: uncaught, sys.exit() in user code ended the run with exit code 0."""
+    import sys
+
+    from alignctl.rl.environments import EnvironmentFailure, Episode
+
+    class Exits:
+        def __init__(self, at: str = "step"):
+            if at == "init":
+                sys.exit()
+            self.at = at
+
+        def reset(self, row: dict) -> None:
+            if self.at == "reset":
+                sys.exit(0)
+
+        def step(self, turn: str) -> StepResult:
+            sys.exit("bye")
+
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: step raised SystemExit: bye$"):
+        Episode("Exits", Exits()).step("hi")
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: reset raised SystemExit"):
+        Episode("Exits", Exits("reset")).reset({})
+    with pytest.raises(EnvironmentFailure, match=r"^environment Exits: Exits\(\*\*recipe.environment_kwargs\) raised SystemExit"):
+        EnvironmentSpec("Exits", lambda: Exits("init"), 2, []).new({}, "plain")
+
+
+def test_one_tool_path_without_brackets_is_a_list_of_one():
+    """+recipe.environment_kwargs.tools=mypkg.lookup gives a string: each of its characters was taken for
+    a path ("'t' is not a dotted path")."""
+    env = ToolEnv(tools="tests.unit.test_multi_turn.hang")
+    assert sorted(env.by_name) == ["hang"]
+
+
+def test_a_plain_text_prompt_reads_calls_in_the_plain_markup_whatever_the_template(tokenizer, policy):
+    """A template that declares <tool_call> (Qwen2.5) sets the hermes markup for conversations only: a
+    plain-text prompt never shows the model the template's tool declarations."""
+    import copy
+
+    markups = []
+
+    class Records(ToolEnv):
+        def step(self, turn: str) -> StepResult:
+            markups.append(self.markup)
+            return StepResult(None, True, 0.0)
+
+    declaring = copy.deepcopy(tokenizer)
+    declaring.chat_template = "{% if tools %}<tool_call>{{ tools | tojson }}</tool_call>{% endif %}" + tokenizer.chat_template
+    prompts = ["1+2=", [{"role": "user", "content": "1+2="}]]
+    torch.manual_seed(6)
+    sample_episodes(policy, declaring, rows(declaring, prompts), 1, SAMPLING, spec_of(Records, 2), max_length=100)
+    assert markups == ["plain", "hermes"]

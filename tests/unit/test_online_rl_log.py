@@ -12,9 +12,10 @@ import torch
 from rich.console import Console
 
 from alignctl.rewards import format_check, length_penalty, task_verifier
-from alignctl.rl.online_rl import RolloutLog, ScoredRollout, readable_prompt, sample_and_score, samples_table
+from alignctl.rl.online_rl import ScoredRollout, sample_and_score
 from alignctl.rl.reward_sources import RewardState, function_sources
 from alignctl.rl.rollout import Completions, Sampling
+from alignctl.rl.rollout_log import RolloutLog, readable_prompt, samples_table
 
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "12+30="}]
 

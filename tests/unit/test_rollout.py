@@ -158,7 +158,7 @@ def test_completions_end_at_their_first_eos_or_are_truncated(lm, engine):
         lm, SAMPLE_PROMPTS, 4, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, engine=engine), PAD, EOS
     )
     assert len(out.completion_ids) == len(out.truncated) == 12
-    assert out.engine == engine  # what the run's log names (online_rl.RolloutLog)
+    assert out.engine == engine  # what the run's log names (rollout_log.RolloutLog)
     for tokens, truncated in zip(out.completion_ids, out.truncated):
         if truncated:
             assert len(tokens) == 6 and EOS not in tokens

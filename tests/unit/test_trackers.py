@@ -178,6 +178,35 @@ def test_a_tracker_that_fails_to_close_does_not_hide_the_others(tmp_path, capsys
     assert "logger.wandb: Weights & Biases did not close cleanly: disk gone" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_tracker_that_fails_mid_run_is_one_line_and_training_goes_on(tmp_path, capsys):
+    class Drops:
+        def __init__(self):
+            self.logged, self.closed = [], None
+
+        def log(self, step, metrics):
+            if step == 1:
+                raise ConnectionError("server unreachable\ntraceback detail")
+            self.logged.append(step)
+
+        def finish(self, files, status):
+            self.closed = status
+
+    class Keeps(Drops):
+        def log(self, step, metrics):
+            self.logged.append(step)
+
+    drops, keeps = Drops(), Keeps()
+    trackers = Trackers(make_run(tmp_path / "run").path, {"mlflow": drops, "wandb": keeps})
+    for record in RECORDS:
+        trackers.log(record)
+    trackers.close("finished")
+    assert drops.logged == [0] and keeps.logged == [0, 1, 2, 2]  # silenced after its failure; the other logs on
+    assert (drops.closed, keeps.closed) == ("finished", "finished")  # still closed with the run
+    out = " ".join(capsys.readouterr().out.split())
+    assert "logger.mlflow: MLflow stopped taking metrics at step 1 (server unreachable); training goes on" in out
+    assert out.count("logger.mlflow") == 1 and "traceback detail" not in out
+
+
 @pytest.mark.parametrize("chosen", ["[wandb]", "[tensorboard,mlflow]", "[mlflow,trackio]", "tensorboard"])
 def test_a_logger_whose_package_is_missing_names_its_extra(chosen, monkeypatch):
     found = importlib.util.find_spec
