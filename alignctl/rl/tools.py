@@ -68,6 +68,19 @@ def call_format(chat_template: str | None) -> str:
     return "hermes" if chat_template and "<tool_call>" in chat_template else "plain"
 
 
+def keyword_arguments(arguments: Any) -> Any:
+    """A hermes call's arguments as keyword arguments: OpenAI-style clients (and models trained on their
+    transcripts) write them as a JSON string of an object, which is decoded; any other text stays the
+    raw argument of a one-parameter tool."""
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return decoded if isinstance(decoded, dict) else arguments
+    return arguments
+
+
 def parse_tool_calls(text: str, markup: str) -> list[ToolCall]:
     """Every tool call in a model's turn, in order; a malformed hermes call is kept (name "") so the
     model is told what was wrong with it."""
@@ -76,7 +89,7 @@ def parse_tool_calls(text: str, markup: str) -> list[ToolCall]:
         for body in HERMES_CALL.findall(text):
             try:
                 payload = json.loads(body)
-                calls.append(ToolCall(str(payload["name"]), payload.get("arguments") or {}))
+                calls.append(ToolCall(str(payload["name"]), keyword_arguments(payload.get("arguments") or {})))
             except (ValueError, KeyError, TypeError):
                 calls.append(ToolCall("", body))
         return calls

@@ -38,6 +38,14 @@ def test_tool_calls_parse_in_either_markup():
     assert parse_tool_calls("the answer is 12", "plain") == []
 
 
+def test_hermes_arguments_written_as_a_json_string_are_decoded():
+    """OpenAI-style: "arguments" holds a JSON string of the object, not the object."""
+    openai_style = '<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"1+2\\"}"}</tool_call>'
+    assert parse_tool_calls(openai_style, "hermes") == [ToolCall("calculator", {"expression": "1+2"})]
+    raw_text = '<tool_call>{"name": "calculator", "arguments": "1+2"}</tool_call>'  # text for a one-parameter tool
+    assert parse_tool_calls(raw_text, "hermes") == [ToolCall("calculator", "1+2")]
+
+
 def slow(seconds: str) -> str:
     """Sleeps."""
     time.sleep(float(seconds))
