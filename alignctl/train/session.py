@@ -37,7 +37,17 @@ from alignctl.train.loop import (
 from alignctl.train.metrics import MetricsLogger, summary_table
 from alignctl.train.restore import find_resume_point, restore
 from alignctl.train.sharding import FULL, full_states, is_sharded, shard
-from alignctl.train.trackers import start_trackers
+from alignctl.train.trackers import Trackers, start_trackers
+
+
+def logger_owning(trackers: Trackers, build: Callable[[], MetricsLogger]) -> MetricsLogger:
+    """The run's MetricsLogger, which closes `trackers` with the run from then on; if building it fails
+    (a TensorBoard directory that cannot be written), the tracker runs already started are closed here."""
+    try:
+        return build()
+    except BaseException:
+        trackers.close("failed")
+        raise
 
 
 def seed_everything(seed: int) -> None:
@@ -155,8 +165,8 @@ def start_training(model: torch.nn.Module, tokenizer: Any, stream: Any, cfg: Any
     main = distributed.current().is_main  # one process writes the run directory and logs
     run = RunDir(run_dir, raw, stage, cfg.inputs, data_fingerprint=data_fingerprint, resumed_from=point.step if point else None, enabled=main)
     trackers = start_trackers(cfg.logger, run, resumed=point is not None)  # none but on the main process
-    logger = MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard, cfg.logger.log_every, enabled=main,
-                           trackers=trackers)
+    logger = logger_owning(trackers, lambda: MetricsLogger(run_dir, recipe.max_steps, point.step if point else 0, cfg.logger.tensorboard,
+                                                           cfg.logger.log_every, enabled=main, trackers=trackers))
     logger.note(describe_precision(cfg, next(model.parameters()).device.type))
     if paged and not on_gpu:
         logger.note("adapter.paged_optimizer: paged 8-bit AdamW needs CUDA; training with recipe.optimizer on this device")

@@ -251,3 +251,21 @@ def test_the_session_closes_its_trackers_when_training_stops_early(recorded, clo
         session.train(None, None, None, ())
     logger.close()
     assert closed == [closed_as]
+
+
+def test_trackers_started_before_the_metrics_logger_failed_to_build_are_closed(tmp_path):
+    from alignctl.train.session import logger_owning
+
+    closed = []
+
+    class Recording:
+        def finish(self, files, status):
+            closed.append(status)
+
+    def unwritable():
+        raise PermissionError("tensorboard/: permission denied")
+
+    trackers = Trackers(make_run(tmp_path / "run").path, {"wandb": Recording()})
+    with pytest.raises(PermissionError):
+        logger_owning(trackers, unwritable)
+    assert closed == ["failed"]
