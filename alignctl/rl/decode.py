@@ -21,6 +21,7 @@ model's own forward: ``rollout_engine=auto`` falls back to ``generate`` in all t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -247,32 +248,129 @@ def sample(
     # Padding keys as an additive bias (-inf), which sdpa takes a little faster than a boolean mask.
     key_bias = torch.zeros(rows, width + max_new_tokens, dtype=decoder.weights.embed.dtype, device=input_ids.device)
     key_bias[:, :width].masked_fill_(~attention_mask.bool().repeat_interleave(copies, dim=0), float("-inf"))
-    warp = warpers(temperature, top_k, top_p)
-    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    out_logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=input_ids.device)
-    live = torch.arange(rows, device=input_ids.device)  # original row of each row still in the batch
-    empty = input_ids.new_empty(0)
+    tokens, logps, _ = _decode(decoder, logits, next_position, key_bias if padded else None, warpers(temperature, top_k, top_p), max_new_tokens,
+                               eos_id, pad_id, keep_caches=False)
+    return (tokens, logps) if with_logps else tokens
+
+
+def _decode(decoder: Decoder, logits: torch.Tensor, next_position: torch.Tensor, key_bias: torch.Tensor | None, warp: LogitsProcessorList,
+            max_new_tokens: int, eos_id: int, pad_id: int, keep_caches: bool) -> tuple[torch.Tensor, torch.Tensor, dict[int, RowCache]]:
+    """Sample up to `max_new_tokens` a row from the prefilled `decoder` and its last-position `logits`:
+    (rows, max_new_tokens) tokens (pad after a row's EOS), their sampler log-probs, and, with
+    `keep_caches`, each row's cache as it leaves the batch (all but its last sampled token, which was
+    never fed). `key_bias` (rows, capacity): -inf at padding keys (None: no padding)."""
+    rows, device = logits.size(0), logits.device
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    live = torch.arange(rows, device=device)  # original row of each row still in the batch
+    caches: dict[int, RowCache] = {}
+    empty = out.new_empty(0)
     for step in range(max_new_tokens):
         warped = warp(empty, logits)
         probs = torch.softmax(warped, dim=-1)
         tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
         out[live, step] = tokens
-        if with_logps:
-            out_logps[live, step] = torch.log_softmax(warped, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        out_logps[live, step] = torch.log_softmax(warped, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         if step == max_new_tokens - 1:
             break
         going = tokens != eos_id
         if not bool(going.all()):  # finished rows leave the batch, and their cache rows with them
-            if not bool(going.any()):
-                break
+            if keep_caches:
+                caches |= _row_caches(decoder, (~going).nonzero().squeeze(1), live, key_bias)
             keep = going.nonzero().squeeze(1)
-            live, tokens, next_position, key_bias = live[keep], tokens[keep], next_position[keep], key_bias[keep]
+            live, tokens, next_position = live[keep], tokens[keep], next_position[keep]
+            key_bias = key_bias[keep] if key_bias is not None else None
+            if not len(keep):
+                break
             decoder.keep_rows(keep)
         end = decoder.length + 1
-        mask = key_bias[:, None, None, :end] if padded else None
+        mask = key_bias[:, None, None, :end] if key_bias is not None else None
         logits = decoder.forward(tokens[:, None], next_position[:, None], mask)
         next_position = next_position + 1
-    return (out, out_logps) if with_logps else out
+    if keep_caches:
+        caches |= _row_caches(decoder, torch.arange(len(live), device=device), live, key_bias)
+    return out, out_logps, caches
+
+
+@dataclass
+class RowCache:
+    """One sequence's keys and values in every layer, without padding: (kv heads, length, head dim) each.
+    It holds the sequence's first `length` tokens, at positions 0 .. length - 1."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].size(1)
+
+
+def _row_caches(decoder: Decoder, local: torch.Tensor, live: torch.Tensor, key_bias: torch.Tensor | None) -> dict[int, RowCache]:
+    """The caches of batch rows `local` (original rows live[local]), their padding columns left out: a
+    copy, so the batch's cache can be freed."""
+    found = {}
+    for row in local.tolist():
+        columns = torch.arange(decoder.length, device=live.device)
+        if key_bias is not None:
+            columns = (key_bias[row, : decoder.length] == 0).nonzero().squeeze(1)
+        found[int(live[row])] = RowCache([k[row].index_select(1, columns) for k in decoder.keys],
+                                         [v[row].index_select(1, columns) for v in decoder.values])
+    return found
+
+
+@torch.no_grad()
+def sample_resumed(
+    model: nn.Module, caches: Sequence[RowCache | None], new_ids: Sequence[list[int]], copies: int, temperature: float, top_k: int,
+    top_p: float, max_new_tokens: int, eos_id: int, pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[RowCache]]:
+    """`sample` for sequences that go on from a kept cache: row r is its cache's tokens (None: none yet)
+    followed by new_ids[r], of which only the new ones are prefilled. Returns the sampled tokens, their
+    sampler log-probs (as `sample`) and each of the rows x copies sequences' cache, every token but
+    the last sampled one (the next call's first new id).
+
+    The batch puts each row's cache right-aligned before a shared column C (the longest cache) and its
+    new ids left-padded after it, so the new ids of every row are written in the same columns."""
+    device = model_device(model)
+    rows, cached = len(new_ids), [cache.length if cache is not None else 0 for cache in caches]
+    width, fresh = max(cached), max(map(len, new_ids))
+    capacity = width + fresh + max_new_tokens
+    decoder = Decoder(model, rows, capacity)
+    valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+    for row, (cache, length, ids) in enumerate(zip(caches, cached, new_ids)):
+        if cache is not None:
+            for keys, values, kept_keys, kept_values in zip(decoder.keys, decoder.values, cache.keys, cache.values):
+                keys[row, :, width - length : width] = kept_keys
+                values[row, :, width - length : width] = kept_values
+        valid[row, width - length : width] = True
+        valid[row, width + fresh - len(ids) : width + fresh] = True
+    decoder.length = width
+    input_ids = torch.tensor([[pad_id] * (fresh - len(ids)) + list(ids) for ids in new_ids], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(ids) for ids in new_ids], device=device)
+    positions = (torch.arange(fresh, device=device) - (fresh - lengths)[:, None] + torch.tensor(cached, device=device)[:, None]).clamp(min=0)
+    logits = decoder.forward(input_ids, positions, resumed_mask(valid[:, : width + fresh], width))
+    decoder.repeat_rows(copies)
+    key_bias = torch.zeros(rows, capacity, dtype=decoder.weights.embed.dtype, device=device).masked_fill_(~valid, float("-inf"))
+    key_bias[:, width + fresh :] = 0  # the sampled tokens' columns
+    tokens, logps, kept = _decode(decoder, logits.repeat_interleave(copies, dim=0), positions[:, -1].repeat_interleave(copies) + 1,
+                                  key_bias.repeat_interleave(copies, dim=0), warpers(temperature, top_k, top_p), max_new_tokens, eos_id, pad_id,
+                                  keep_caches=True)
+    return tokens, logps, [kept[row] for row in range(rows * copies)]
+
+
+def resumed_mask(valid: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, 1, t, width + t) boolean for new ids written after `width` cached columns: every valid cached
+    key, the new ones causally; a padding query sees itself (no empty row, so no NaN). With width 0
+    it is `prompt_mask`."""
+    rows, total = valid.shape
+    t = total - width
+    seen = torch.ones(t, total, dtype=torch.bool, device=valid.device).tril(diagonal=width)
+    itself = torch.zeros(t, total, dtype=torch.bool, device=valid.device)
+    itself[:, width:] = torch.eye(t, dtype=torch.bool, device=valid.device)
+    return ((seen & valid[:, None, :]) | itself).unsqueeze(1)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()

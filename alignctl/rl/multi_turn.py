@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from alignctl.rl.decode import RowCache
 from alignctl.rl.environments import EnvironmentSpec, Episode, call_format
-from alignctl.rl.rollout import Completions, Sampling, sample
+from alignctl.rl.rollout import Completions, Sampling, sample, sample_resuming
 
 SENTINEL = "\u2063sampled turn\u2063"  # a text no template changes, to find what it writes around a turn
 
@@ -39,6 +40,7 @@ class EpisodeState:
     turns: int = 0
     done: bool = False
     truncated: bool = False
+    cache: RowCache | None = None  # the KV cache of prompt_ids + ids but the last sampled token, between turns (native engine)
 
     def add(self, ids: Sequence[int], sampled: bool, logps: Sequence[float] | None = None) -> None:
         self.ids += ids
@@ -52,6 +54,7 @@ class MultiTurnRollout:
     env_rewards: torch.Tensor  # (N,) each episode's summed step rewards
     final_turns: list[str]  # each episode's last model turn (what reward functions read)
     episodes: list[list[dict]]  # each episode's messages
+    prefill_tokens: int = 0  # tokens the engine prefilled over the rollout (what keeping KV caches between turns saves)
 
 
 def turn_closing(tokenizer, conversation: list[dict]) -> str:
@@ -115,36 +118,70 @@ def take_turn(state: EpisodeState, tokenizer, ids: list[int], logps: torch.Tenso
 
 
 def sample_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str, list], group: int, sampling: Sampling, spec: EnvironmentSpec,
-                    max_length: int) -> MultiTurnRollout:
-    """`group` episodes per prompt of `rows` (consecutive, as single-turn completions are)."""
+                    max_length: int, resume: bool = True) -> MultiTurnRollout:
+    """`group` episodes per prompt of `rows` (consecutive, as single-turn completions are). `resume`:
+    where the native engine samples, keep each episode's KV cache between turns and prefill only what
+    came after it (the last sampled token and the reply); False (and the hf and vllm engines) prefill
+    each later turn's whole episode again."""
     template_markup = call_format(tokenizer.chat_template)
     row_dicts = [dict(zip(rows, values)) for values in zip(*rows.values())]
     # A plain-text prompt is never rendered by the template (no tools declared, results as <result> tags):
     # its calls are read in the plain markup, whatever the template declares.
     states = [EpisodeState(spec.new(row, template_markup if isinstance(row["prompt"], list) else "plain"), row["prompt"], list(row["prompt_ids"]))
               for row in row_dicts for _ in range(group)]
+    turns = TurnSampler(policy, tokenizer, resume)
     # The first turn samples K per prompt, sharing its prefill; later turns one per episode still running.
-    first = sample(policy, rows["prompt_ids"], group, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    for i, state in enumerate(states):
-        take_turn(state, tokenizer, first.completion_ids[i], first.sampler_logps[i] if first.sampler_logps else None, first.truncated[i],
-                  spec.max_turns, max_length)
+    first = turns.sample([list(ids) for ids in rows["prompt_ids"]], [None] * len(rows["prompt_ids"]), group, sampling)
+    play(states, first, tokenizer, spec.max_turns, max_length)
     while active := [s for s in states if not s.done]:
         # Each episode's turn is bounded by its own room before max_length (not the fullest episode's): one
         # sampling call per bound, almost always just max_new_tokens.
         by_bound: dict[int, list[EpisodeState]] = {}
         for state in active:
             by_bound.setdefault(min(sampling.max_new_tokens, max_length - len(state.prompt_ids) - len(state.ids)), []).append(state)
-        for bound, group in by_bound.items():
-            contexts = [s.prompt_ids + s.ids for s in group]
-            turn = sample(policy, contexts, 1, replace(sampling, max_new_tokens=bound), tokenizer.pad_token_id, tokenizer.eos_token_id)
-            for i, state in enumerate(group):
-                take_turn(state, tokenizer, turn.completion_ids[i], turn.sampler_logps[i] if turn.sampler_logps else None, turn.truncated[i],
-                          spec.max_turns, max_length)
-    completions = Completions([s.prompt_ids for s in states], [s.ids for s in states], [s.truncated for s in states], first.engine,
-                              sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.sampler_logps else None,
+        for bound, group_states in by_bound.items():
+            turn = turns.sample([s.prompt_ids + s.ids for s in group_states], [s.cache for s in group_states], 1,
+                                replace(sampling, max_new_tokens=bound))
+            play(group_states, turn, tokenizer, spec.max_turns, max_length)
+    completions = Completions([s.prompt_ids for s in states], [s.ids for s in states], [s.truncated for s in states], first.completions.engine,
+                              sampler_logps=[torch.tensor(s.logps, dtype=torch.float32) for s in states] if first.completions.sampler_logps else None,
                               token_masks=[torch.tensor(s.mask, dtype=torch.float32) for s in states])
     finals = [next((m["content"] for m in reversed(s.messages) if m["role"] == "assistant"), "") for s in states]
-    return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states])
+    return MultiTurnRollout(completions, torch.tensor([s.reward for s in states]), finals, [s.messages for s in states], turns.prefilled)
+
+
+@dataclass
+class SampledTurn:
+    completions: Completions
+    caches: list[RowCache | None]  # each sampled row's KV cache (None where the engine keeps none)
+
+
+class TurnSampler:
+    """Samples turns with the rollout engine, keeping each row's KV cache where the native engine runs
+    (and `resume`), and counts the tokens the engine prefilled."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, resume: bool):
+        self.policy, self.tokenizer, self.resume = policy, tokenizer, resume
+        self.prefilled = 0
+
+    def sample(self, contexts: list[list[int]], caches: list[RowCache | None], copies: int, sampling: Sampling) -> SampledTurn:
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        resumed = sample_resuming(self.policy, contexts, caches, copies, sampling, pad_id, eos_id) if self.resume else None
+        if resumed is None:
+            self.resume = False  # an engine that keeps no cache: every later turn prefills its episode again
+            self.prefilled += sum(map(len, contexts))
+            return SampledTurn(sample(self.policy, contexts, copies, sampling, pad_id, eos_id), [None] * (len(contexts) * copies))
+        self.prefilled += sum(len(c) - (cache.length if cache is not None else 0) for c, cache in zip(contexts, caches))
+        return SampledTurn(*resumed)
+
+
+def play(states: list[EpisodeState], turn: SampledTurn, tokenizer, max_turns: int, max_length: int) -> None:
+    """Each episode takes its sampled turn; a finished episode lets its cache go."""
+    completions = turn.completions
+    for i, state in enumerate(states):
+        take_turn(state, tokenizer, completions.completion_ids[i], completions.sampler_logps[i] if completions.sampler_logps else None,
+                  completions.truncated[i], max_turns, max_length)
+        state.cache = None if state.done else turn.caches[i]
 
 
 def longest_turns(completions: Completions) -> torch.Tensor:

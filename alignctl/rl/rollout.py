@@ -102,6 +102,33 @@ def sample(
     return replace(completions_from(output[:, input_ids.size(1) :], prompt_ids, num_generations, eos_id, recorder.finish(output)), engine="hf")
 
 
+def sample_resuming(
+    model: torch.nn.Module,
+    contexts: Sequence[list[int]],
+    caches: Sequence[decode.RowCache | None],
+    num_generations: int,
+    sampling: Sampling,
+    pad_id: int,
+    eos_id: int,
+) -> tuple[Completions, list[decode.RowCache]] | None:
+    """`sample` that keeps each sequence's KV cache (the native engine only): context r's first
+    caches[r].length tokens are taken from its cache (None: none), only the rest is prefilled. Returns
+    the completions and each completion's cache (its context and completion, all but the last sampled
+    token); None where the native engine does not take this rollout (`hf`, `vllm`, or `auto` falling back)."""
+    if sampling.engine not in ("native", "auto"):
+        return None
+    model.eval()
+    device = next(model.parameters()).device
+    input_ids = pad(contexts, pad_id, side="left").to(device)
+    attention_mask = pad([[1] * len(c) for c in contexts], 0, side="left").to(device)
+    if not native_engine(model, sampling.engine, input_ids, attention_mask, sampling.max_new_tokens):
+        return None
+    new_ids = [list(context[cache.length if cache is not None else 0 :]) for context, cache in zip(contexts, caches)]
+    tokens, logps, kept = decode.sample_resumed(model, caches, new_ids, num_generations, sampling.temperature, sampling.top_k, sampling.top_p,
+                                                sampling.max_new_tokens, eos_id, pad_id)
+    return replace(completions_from(tokens, contexts, num_generations, eos_id, logps), engine="native"), kept
+
+
 class SampledLogps(LogitsProcessor):
     """Records, for `generate`, the log-prob of each token it samples under the distribution it samples
     from, holding one step's distribution at a time (``output_scores`` would keep them all: rows x

@@ -5,6 +5,7 @@ and environment and tool tokens carrying no loss, no KL and no advantage."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -339,3 +340,102 @@ def test_a_plain_text_prompt_reads_calls_in_the_plain_markup_whatever_the_templa
     torch.manual_seed(6)
     sample_episodes(policy, declaring, rows(declaring, prompts), 1, SAMPLING, spec_of(Records, 2), max_length=100)
     assert markups == ["plain", "hermes"]
+
+
+# ------------------------------------------------------------- KV caches kept between turns (the native engine)
+@pytest.fixture(scope="module")
+def eos_prone(policy, tokenizer):
+    """The policy with a sharper head and EOS more likely: turns end at EOS at different steps, some run
+    to max_new_tokens, so rows leave the batch mid-turn."""
+    import copy
+
+    model = copy.deepcopy(policy)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+        model.lm_head.weight[tokenizer.eos_token_id] *= 3.0
+    return model
+
+
+def staggered(max_turns: int = 4) -> EnvironmentSpec:
+    """Episodes that end after 1, 2, ..., max_turns turns, in turn: they leave the batch at different turns."""
+    made = iter(range(10**6))
+    return EnvironmentSpec("Staggered", lambda: Countdown(1 + next(made) % max_turns), max_turns, [])
+
+
+def both_ways(model, tokenizer, prompts, sampling, spec_factory, max_length=200, group=3):
+    """The same rollout with kept caches and with every turn prefilled again, from the same seed."""
+    out = {}
+    for resume in (True, False):
+        torch.manual_seed(7)
+        out[resume] = sample_episodes(model, tokenizer, rows(tokenizer, prompts), group, sampling, spec_factory(), max_length=max_length, resume=resume)
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("conversational", [False, True])
+def test_kept_caches_sample_what_prefilling_every_turn_samples(tokenizer, eos_prone, greedy, conversational):
+    prompts = [[{"role": "user", "content": "1+2="}], [{"role": "user", "content": "33+4="}]] if conversational else ["1+2=", "33+4="]
+    sampling = Sampling(1.0, 1.0, 1 if greedy else 0, 6, "native")
+    resumed, prefilled = both_ways(eos_prone, tokenizer, prompts, sampling, staggered)
+    ours, theirs = resumed.completions, prefilled.completions
+    assert ours.engine == theirs.engine == "native"
+    assert ours.completion_ids == theirs.completion_ids and ours.truncated == theirs.truncated
+    assert all(torch.equal(a, b) for a, b in zip(ours.token_masks, theirs.token_masks))
+    for a, b in zip(ours.sampler_logps, theirs.sampler_logps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert resumed.env_rewards.tolist() == prefilled.env_rewards.tolist() and resumed.episodes == prefilled.episodes
+    turns = [model_turns(m) for m in ours.token_masks]
+    assert sorted(set(turns)) == [1, 2, 3, 4], turns  # episodes left the batch at every turn
+    eos = tokenizer.eos_token_id
+    ended = [ids[i] == eos for ids, mask in zip(ours.completion_ids, ours.token_masks) for i in range(len(ids))
+             if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+    assert any(ended) and not all(ended)  # turns ended at EOS and at max_new_tokens
+    assert resumed.prefill_tokens < prefilled.prefill_tokens / 2, (resumed.prefill_tokens, prefilled.prefill_tokens)
+
+
+def test_kept_caches_match_the_trainer_s_forward_over_the_episode(tokenizer, eos_prone):
+    torch.manual_seed(8)
+    prompts = [[{"role": "user", "content": "1+2="}], "33+4="]
+    episodes = sample_episodes(eos_prone, tokenizer, rows(tokenizer, prompts), 2, Sampling(1.0, 1.0, 0, 6, "native"), staggered(), max_length=200)
+    completions = episodes.completions
+    batch = training_batch(completions, range(4), tokenizer.pad_token_id, CPU, {"sampler_logps": completions.sampler_logps}, {})
+    with torch.no_grad():
+        logps, response_mask, _ = response_token_logps(eos_prone, batch)
+    sampled = policy_mask(batch, response_mask)
+    torch.testing.assert_close(logps * sampled, batch["sampler_logps"] * sampled, atol=1e-4, rtol=1e-4)
+
+
+def test_kept_caches_agree_when_an_episode_nears_max_length(tokenizer, policy):
+    """Turns bounded by an episode's own room (several sampling calls a turn) resume their caches too."""
+    data = ["1" * 60 + "=", "5+5="]
+    reply = len(tokenizer("<result>ok</result>", add_special_tokens=False)["input_ids"])
+    max_length = len(rows(tokenizer, data)["prompt_ids"][0]) + SAMPLING.max_new_tokens + reply + 3
+    sampling = replace(SAMPLING, engine="native")
+    resumed, prefilled = both_ways(policy, tokenizer, data, sampling, lambda: spec_of(Countdown, 3), max_length=max_length, group=1)
+    assert resumed.completions.completion_ids == prefilled.completions.completion_ids
+    assert resumed.completions.truncated == prefilled.completions.truncated and resumed.completions.truncated[0]  # the long one cut at max_length
+    for a, b in zip(resumed.completions.sampler_logps, prefilled.completions.sampler_logps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def later_turn_starts(mask: torch.Tensor) -> list[int]:
+    """Where each turn after the first begins in an episode's completion."""
+    values = mask.tolist()
+    return [i for i in range(1, len(values)) if values[i] and not values[i - 1]]
+
+
+def test_prefill_tokens_count_what_each_engine_prefilled(tokenizer, policy):
+    """Kept caches: each prompt once, then per later turn the last sampled token and the reply. Prefilled
+    again (hf): each prompt once, then per later turn the whole episode so far."""
+    data = rows(tokenizer, ["1+2=", "33+4="])
+    prompts = sum(len(ids) for ids in data["prompt_ids"])
+    for engine in ("native", "hf"):
+        torch.manual_seed(9)
+        episodes = sample_episodes(policy, tokenizer, data, 2, replace(SAMPLING, engine=engine), spec_of(Countdown, 3), max_length=200)
+        completions = episodes.completions
+        starts = [(len(p), later_turn_starts(m)) for p, m in zip(completions.prompt_ids, completions.token_masks)]
+        if engine == "native":
+            replies = sum(int((m == 0).sum()) for m in completions.token_masks)
+            assert episodes.prefill_tokens == prompts + replies + sum(len(s) for _, s in starts)
+        else:
+            assert episodes.prefill_tokens == prompts + sum(prompt + start for prompt, s in starts for start in s)
