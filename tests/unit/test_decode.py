@@ -183,3 +183,51 @@ def test_a_model_whose_logits_differ_is_not_sampled_natively(monkeypatch):
 def test_the_vllm_engine_without_vllm_or_a_gpu_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"rollout_engine: vllm: .*; use auto, native or hf"):
         sample(llama(), PROMPTS, 2, Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, engine="vllm"), PAD, EOS)
+
+
+def _full_context_turn(model, contexts, top_k, seed, eos, max_new_tokens=4):
+    """A turn sampled the plain way: every context prefilled whole."""
+    ids, mask = left_padded(contexts)
+    torch.manual_seed(seed)
+    return decode.sample(model, ids, mask, 1, 1.0, top_k, 1.0, max_new_tokens, eos, PAD, with_logps=True)
+
+
+def _two_turns(model, eos, top_k):
+    """A first turn of K=2 per prompt keeping each row's cache, then a second that prefills only the last
+    sampled token and new ids of different lengths per row; with what prefilling each whole context
+    samples in the second turn."""
+    torch.manual_seed(0)
+    first, _, caches = decode.sample_resumed(model, [None] * len(PROMPTS), PROMPTS, 2, 1.0, 1, 1.0, 4, eos, PAD)
+    contexts, replies = [], [[3], [4, 5], [6, 8, 9], [10], [11, 12], [13, 14, 15, 16]]
+    for row, (tokens, reply) in enumerate(zip(first.tolist(), replies)):
+        sampled = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        context = PROMPTS[row // 2] + sampled
+        assert caches[row].length == len(context) - 1  # all but the last sampled token
+        contexts.append(context + reply)
+    torch.manual_seed(5)
+    resumed = decode.sample_resumed(model, caches, [c[cache.length :] for c, cache in zip(contexts, caches)], 1, 1.0, top_k, 1.0, 4, eos, PAD)
+    return contexts, resumed, _full_context_turn(model, contexts, top_k, 5, eos)
+
+
+# Sampled from a fixed seed, and greedy on llama. Not llama-attention-bias: its sharpened biases make every
+# row repeat one token, so no stop token ends some rows and not others.
+@pytest.mark.parametrize(("kind", "top_k"), [(kind, 0) for kind in sorted(MODELS) if kind != "llama-attention-bias"] + [("llama", 1)])
+def test_a_kept_cache_resumes_as_if_the_whole_context_were_prefilled(kind, top_k):
+    """The second turn samples the tokens and log-probs that prefilling each whole context samples, with
+    cache lengths that differ and rows that end at EOS mid-turn (the stop token: the first that some
+    rows reach mid-turn and others never do)."""
+    model = MODELS[kind]()
+
+    def rows_leave_mid_turn(tokens):
+        return any(eos in row[:-1] for row in tokens.tolist()) and any(eos not in row for row in tokens.tolist())
+
+    for eos in range(3, 24):
+        contexts, (tokens, logps, kept), (expected_tokens, expected_logps) = _two_turns(model, eos, top_k)
+        if rows_leave_mid_turn(expected_tokens):
+            break
+    assert rows_leave_mid_turn(expected_tokens)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logps, expected_logps, atol=TOL, rtol=0)
+    for context, cache, row in zip(contexts, kept, tokens.tolist()):
+        sampled = row[: row.index(eos) + 1] if eos in row else row
+        assert cache.length == len(context) + len(sampled) - 1

@@ -17,6 +17,7 @@ from alignctl.rl.rollout import (
     plan_steps,
     right_aligned,
     sample,
+    sample_resuming,
     training_batch,
 )
 
@@ -219,6 +220,25 @@ def test_sampling_is_reproducible_for_a_fixed_seed(lm, engine):
 
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
+
+
+def test_only_the_native_engine_keeps_caches_and_it_samples_what_sample_samples(lm):
+    """sample_resuming is `sample` plus each completion's cache (the native engine); hf, and auto where the
+    native engine does not apply, keep none (None: the caller prefills whole contexts)."""
+    sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, engine="native")
+    torch.manual_seed(3)
+    plain = sample(lm, SAMPLE_PROMPTS, 2, sampling, PAD, EOS)
+    torch.manual_seed(3)
+    kept, caches = sample_resuming(lm, SAMPLE_PROMPTS, [None] * len(SAMPLE_PROMPTS), 2, sampling, PAD, EOS)
+    assert kept.engine == "native" and kept.completion_ids == plain.completion_ids and kept.prompt_ids == plain.prompt_ids
+    for a, b in zip(kept.sampler_logps, plain.sampler_logps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert [c.length for c in caches] == [len(p) + len(ids) - 1 for p, ids in zip(kept.prompt_ids, kept.completion_ids)]
+    assert sample_resuming(lm, SAMPLE_PROMPTS, [None] * len(SAMPLE_PROMPTS), 2, Sampling(1.0, 1.0, 0, 4, "hf"), PAD, EOS) is None
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    assert sample_resuming(gpt2, SAMPLE_PROMPTS, [None] * len(SAMPLE_PROMPTS), 2, Sampling(1.0, 1.0, 0, 4, "auto"), PAD, EOS) is None
 
 
 # ------------------------------------------------------------------------- response_token_logps
