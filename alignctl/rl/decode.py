@@ -10,7 +10,11 @@ mathematics with less of it:
 - the KV cache is preallocated for prompt + max_new_tokens, so a step writes one column;
 - each prompt is prefilled once, then its cache is repeated for its K completions;
 - rows that have emitted EOS leave the batch (their cache rows are dropped), so the tail of a
-  rollout runs only on the completions still going.
+  rollout runs only on the completions still going;
+- for multi-turn episodes (`sample_resumed`), each row's cache can be kept when it leaves (a
+  `RowCache`, its padding left out) and handed back next turn: only the tokens after it (the last
+  sampled token and the environment's reply) are prefilled, the same tokens and log-probs as
+  prefilling the whole episode again, within float rounding.
 
 It computes the model's own rotary tables (``model.model.rotary_emb``, so every rope scaling the model
 supports is right), and draws tokens with transformers' own logits warpers and ``torch.multinomial``.

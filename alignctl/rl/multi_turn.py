@@ -4,7 +4,10 @@ Each turn, every episode still running samples a turn with the rollout engine (a
 the first turn K per prompt, sharing the prompt's prefill), the environment reads its decoded text and
 replies; the reply's tokens are appended and the episode goes on, until the environment says done,
 ``max_turns`` turns were sampled, or the episode reaches ``max_length`` tokens (then it is truncated).
-Finished episodes leave the batch. The completion is every turn and reply end to end, with a token
+Finished episodes leave the batch, their KV caches with them. With the native engine each running
+episode's KV cache is kept between turns, so a later turn prefills only the last sampled token and the
+environment's reply (`TurnSampler`); the hf and vllm engines prefill the whole episode again each turn.
+`MultiTurnRollout.prefill_tokens` counts what was prefilled either way. The completion is every turn and reply end to end, with a token
 mask (1: sampled by the policy, 0: the environment's) that keeps replies out of the loss, the KL and
 the advantages, and the sampler's log-probs of the sampled tokens (0 at the environment's).
 

@@ -240,7 +240,9 @@ def sample_and_score_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str
     columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state) | {"episode": episodes.episodes}
     rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns) if sources else (torch.zeros(len(texts)), {}, 0.0)
     per_source["environment"] = episodes.env_rewards
-    times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds}
+    # Logged with the times (the first step of a rollout; dynamic sampling adds its draws' up): what keeping
+    # KV caches between turns saves shows here (alignctl/rl/multi_turn.py).
+    times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "rollout/prefill_tokens": float(episodes.prefill_tokens)}
     return ScoredRollout(rows, prompts, texts, completions, rewards + episodes.env_rewards, per_source, times)
 
 

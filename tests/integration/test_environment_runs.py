@@ -40,6 +40,8 @@ def test_a_stage_trains_on_multi_turn_episodes(alignctl, tmp_path, recipe):
     run.assert_finished()
     train = run.train_records()
     assert [r["step"] for r in train] == [1, 2]
+    sampled_at = [r for r in train if "time/generation" in r]  # a rollout's first step carries its times
+    assert sampled_at and all(r["rollout/prefill_tokens"] > 0 for r in sampled_at)
     for record in train:
         assert record["episodes/mean_turns"] == 3
         assert record["completions/mean_sampled_length"] < record["completions/mean_length"]
