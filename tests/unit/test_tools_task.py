@@ -36,7 +36,7 @@ def test_rows_are_the_arithmetic_problems_about_half_calling_the_calculator():
         else:
             a, b = arithmetic.parse_prompt(row["prompt"])
             call, reply, answer = row["completion_turns"]
-            assert (call, reply, answer) == (f"<tool>calculator: {row['prompt'][:-1]}</tool>", f"<result>{a + b}</result>", str(a + b))
+            assert (call, reply, answer) == (f"<tool>calculator: {row['prompt'][:-1]}</tool>", f"<result>{a + b}</result>", f"{a + b:04d}")
 
 
 def test_the_demonstrated_call_runs_in_calculator_env_and_its_reply_is_the_demonstrated_one():
@@ -44,10 +44,11 @@ def test_the_demonstrated_call_runs_in_calculator_env_and_its_reply_is_the_demon
         env = CalculatorEnv()
         env.reset(row)
         call, reply, answer = row["completion_turns"]
-        assert env.step(call) == (answer, False, 0.0)  # the reply's text, which the rollout wraps in <result>
-        assert reply == f"<result>{answer}</result>"
+        assert env.step(call) == (str(int(answer)), False, 0.0)  # the reply's text, which the rollout wraps in <result>
+        assert reply == f"<result>{int(answer)}</result>"
         assert env.step(answer).done  # the answer has no call: the episode ends
-        assert task.verify(answer, arithmetic.format_answer(int(answer)))
+        a, b = arithmetic.parse_prompt(row["prompt"])
+        assert task.verify(answer, arithmetic.format_answer(a + b))
 
 
 def test_sft_trains_the_model_turns_and_masks_the_calculator_reply(tok):
@@ -55,9 +56,9 @@ def test_sft_trains_the_model_turns_and_masks_the_calculator_reply(tok):
     encoded = sft_example(tok, row, ("prompt", "completion"), 80, True, "error", "row 0")
     ids, labels = encoded["input_ids"], encoded["labels"]
     eos = tok.eos_token
-    assert tok.decode(ids) == f"347+089=<tool>calculator: 347+089</tool>{eos}<result>436</result>436{eos}"
+    assert tok.decode(ids) == f"347+089=<tool>calculator: 347+089</tool>{eos}<result>436</result>0436{eos}"
     trained = tok.decode([t for t in labels if t != IGNORE])
-    assert trained == f"<tool>calculator: 347+089</tool>{eos}436{eos}"
+    assert trained == f"<tool>calculator: 347+089</tool>{eos}0436{eos}"
     reply = tok("<result>436</result>", add_special_tokens=False)["input_ids"]
     start = next(i for i in range(len(ids)) if ids[i : i + len(reply)] == reply)
     assert all(label == IGNORE for label in labels[start : start + len(reply)])
@@ -70,9 +71,8 @@ def test_a_direct_answer_row_encodes_as_a_plain_completion(tok):
         sft_example(tok, without, ("prompt", "completion"), 32, True, "error", "r")
 
 
-def test_verify_compares_values_of_the_first_line():
-    assert task.verify("436", "0436") and task.verify(" 0436\nmore", "0436")
-    assert not task.verify("<tool>calculator: 347+089</tool>", "0436") and not task.verify("437", "0436") and not task.verify("", "0436")
+def test_a_turn_that_only_calls_the_tool_is_no_answer():
+    assert task.verify(" 0436\nmore", "0436") and not task.verify("<tool>calculator: 347+089</tool>", "0436")
 
 
 def test_builtin_path_loads_the_tool_rows_and_the_arithmetic_prompts(data_config):

@@ -5,7 +5,7 @@ An SFT row's completion is, for about half the rows, a calculator call, the envi
 answer copied from it, laid out exactly as a multi-turn rollout with ``CalculatorEnv`` lays out an episode
 after a plain-text prompt (alignctl/rl/multi_turn.py)::
 
-    347+089=  <tool>calculator: 347+089</tool></s>  <result>436</result>  436</s>
+    347+089=  <tool>calculator: 347+089</tool></s>  <result>436</result>  0436</s>
     (prompt)  (model turn, trained)                 (environment, masked)  (model turn, trained)
 
 and for the other rows the sloppy teacher's direct answer (``0436``, or its dropped-carry mistake), as in
@@ -18,7 +18,8 @@ right, while one that answers directly inherits the teacher's carries: multi-tur
 (``recipe.environment=alignctl.rl.environments.CalculatorEnv``) can find that, single-turn GRPO cannot.
 Every other split (rl, eval, the preference ones) is the arithmetic task's own file.
 
-`verify` compares values: the answer read from the calculator is unpadded (``436`` for ``0436``).
+The answer after the reply is written at the task's fixed width (``0436``), so the arithmetic task's
+verifier (exact match, `verify`) and reward function (alignctl.rewards.task_verifier) apply unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 from pathlib import Path
 
 from alignctl.data.tasks import arithmetic
-from alignctl.data.tasks.arithmetic import shipped_split, write_jsonl_splits
+from alignctl.data.tasks.arithmetic import shipped_split, verify, write_jsonl_splits  # noqa: F401 - verify: the same exact match
 
 DATA_DIR = Path(__file__).parent / "tools_data"
 TOOL_NAME = "calculator"  # CalculatorEnv's tool (alignctl.rl.tools.calculator)
@@ -48,16 +49,9 @@ def tool_reply(total: int) -> str:
 
 
 def tool_turns(prompt: str) -> list[str]:
-    """A demonstration that calls the calculator: call, reply, the answer copied from the reply."""
+    """A demonstration that calls the calculator: call, reply, the answer read from the reply at the task's width."""
     a, b = arithmetic.parse_prompt(prompt)
-    return [tool_call(prompt), tool_reply(a + b), str(a + b)]
-
-
-def verify(completion: str, answer: str) -> bool:
-    """The first line of a completion is a whole number equal to the answer (leading zeros optional)."""
-    lines = completion.strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    return first.isascii() and first.isdigit() and int(first) == int(answer)
+    return [tool_call(prompt), tool_reply(a + b), arithmetic.format_answer(a + b)]
 
 
 def generate_splits(seed: int = 0) -> dict[str, list[dict]]:
