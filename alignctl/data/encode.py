@@ -82,6 +82,20 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages
     return ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id]
 
 
+def encode_episode_turns(tokenizer: PreTrainedTokenizerBase, turns: Sequence[str]) -> tuple[list[int], list[bool]]:
+    """A demonstrated multi-turn episode after a plain-text prompt, as a rollout lays it out
+    (alignctl/rl/multi_turn.py): model turns (even positions) each end with EOS and carry the loss; the
+    environment's replies (odd positions) are tokenised on their own and carry none."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+    for position, text in enumerate(turns):
+        model_turn = position % 2 == 0
+        turn_ids = _with_eos(tokenizer, _ids(tokenizer, text)) if model_turn else _ids(tokenizer, text)
+        ids += turn_ids
+        trainable += [model_turn] * len(turn_ids)
+    return ids, trainable
+
+
 def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[list[int], list[bool]]:
     """A whole conversation; the mask marks assistant turns (the tokens that carry the loss)."""
     ids: list[int] = []
@@ -140,9 +154,13 @@ def sft_example(
         prompt_ids = fit_prompt(encode_prompt(tokenizer, row["prompt"]), max_length, overlong, where)
         if prompt_ids is None:
             return None
-        completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])
+        if row.get("completion_turns") and isinstance(row["prompt"], str):  # an episode with environment replies
+            completion_ids, completion_trainable = encode_episode_turns(tokenizer, row["completion_turns"])
+        else:
+            completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])
+            completion_trainable = through_eos(tokenizer, completion_ids)
         ids = prompt_ids + completion_ids
-        trainable = [False] * len(prompt_ids) + through_eos(tokenizer, completion_ids)
+        trainable = [False] * len(prompt_ids) + completion_trainable
     elif tuple(columns) == ("messages",):
         ids, trainable = encode_messages(tokenizer, row["messages"])
         # Everything before the first assistant turn plays the prompt's part for data.overlong.

@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 from alignctl.config.schema import DataConfig
 from alignctl.core.errors import DataError
 from alignctl.data.files import check_file
-from alignctl.data.tasks import arithmetic, chat_arithmetic
+from alignctl.data.tasks import arithmetic, arithmetic_tools, chat_arithmetic
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # CSV has no types and pandas would read an answer such as "42" as a number: text columns stay text.
@@ -34,7 +34,7 @@ FORMATS: dict[str, list[tuple[str, ...]]] = {
 # The built-in task's file for each format's training data.
 BUILTIN_TRAIN_SPLITS = {"sft": "sft", "preference": "preference", "feedback": "feedback", "prompt": "rl"}
 BUILTIN_EVAL_SPLITS = {"sft": "eval", "preference": "eval_preference", "feedback": "eval_preference", "prompt": "eval"}
-BUILTIN_TASKS = {"arithmetic": arithmetic, "chat_arithmetic": chat_arithmetic}
+BUILTIN_TASKS = {"arithmetic": arithmetic, "chat_arithmetic": chat_arithmetic, "arithmetic_tools": arithmetic_tools}
 
 
 def builtin_task(path: str):

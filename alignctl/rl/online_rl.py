@@ -174,26 +174,54 @@ def model_turns(token_mask: torch.Tensor) -> int:
 
 def evaluate_greedy(
     policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig, recipe: OnlineRLConfig,
-    step: int = 0,
+    step: int = 0, environment: EnvironmentSpec | None = None,
 ) -> dict[str, float]:
     """Greedy completions of the eval prompts: eval_reward (weighted sum) and each source's mean (where
-    there are reward sources) and, on a built-in task, eval_exact_match."""
+    there are reward sources) and, on a built-in task, eval_exact_match. With an `environment`, each
+    completion is a greedy multi-turn episode, scored (reward sources and exact match) on its last model turn."""
     if not eval_rows:
         return {}
     prompts = [row["prompt"] for row in eval_rows]
-    ids = greedy_ids(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    if environment is None:
+        ids = greedy_ids(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.eval_batch_size)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        extra: dict[str, list] = {}
+    else:
+        ids, texts, extra = greedy_episodes(policy, tokenizer, eval_rows, recipe, environment)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
-    columns |= trl_extras(ids, RewardState(step, recipe.max_steps))
+    columns |= trl_extras(ids, RewardState(step, recipe.max_steps)) | extra
     result: dict[str, float] = {}
-    if sources:  # none when an environment is the only reward: a single greedy turn has nothing to score it
+    if sources:  # none when an environment is the only reward (then no eval_reward)
         total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
         result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
     if task is not None:
         result["eval_exact_match"] = sum(task.verify(t, row["answer"]) for t, row in zip(texts, eval_rows)) / len(eval_rows)
+    if "episode" in extra:
+        result["eval_episodes/mean_turns"] = sum(sum(m["role"] == "assistant" for m in e) for e in extra["episode"]) / len(eval_rows)
     return result
+
+
+def greedy_episodes(policy: torch.nn.Module, tokenizer, eval_rows: list[dict], recipe: OnlineRLConfig,
+                    environment: EnvironmentSpec) -> tuple[list[list[int]], list[str], dict[str, list]]:
+    """One greedy multi-turn episode per eval row (top-k 1: the most likely token every step), in batches
+    of recipe.eval_batch_size: every episode's token ids, its last model turn, and the column ``episode``."""
+    greedy = Sampling(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=recipe.max_new_tokens, engine=recipe.rollout_engine.value,
+                      max_length=recipe.max_length)
+    tools = environment.tool_schemas()
+    ids: list[list[int]] = []
+    finals: list[str] = []
+    episodes: list[list[dict]] = []
+    for start in range(0, len(eval_rows), recipe.eval_batch_size):
+        batch = eval_rows[start : start + recipe.eval_batch_size]
+        rows = {name: [row[name] for row in batch] for name in batch[0]}
+        rows["prompt_ids"] = [encode_prompt(tokenizer, p, tools) for p in rows["prompt"]]
+        rollout = sample_episodes(policy, tokenizer, rows, 1, greedy, environment, recipe.max_length)
+        ids += rollout.completions.completion_ids
+        finals += rollout.final_turns
+        episodes += rollout.episodes
+    return ids, finals, {"episode": episodes}
 
 
 @dataclass
@@ -324,10 +352,11 @@ def rollout_correction_terms(recipe: OnlineRLConfig, batch: dict, old_logps: tor
 
 
 def greedy_evaluator(policy: torch.nn.Module, tokenizer, sources: Sequence[RewardSource], eval_rows: list[dict] | None, cfg: RunConfig,
-                     recipe: OnlineRLConfig, logger) -> Callable[[int], dict[str, float]]:
+                     recipe: OnlineRLConfig, logger, environment: EnvironmentSpec | None = None) -> Callable[[int], dict[str, float]]:
+    """Evaluation every recipe.eval_every steps: greedy, in multi-turn episodes where an `environment` is given."""
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe, step)
+        result = evaluate_greedy(policy, tokenizer, sources, eval_rows, cfg, recipe, step, environment)
         if result:
             logger.note(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result

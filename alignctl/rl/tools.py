@@ -140,6 +140,8 @@ MAX_EXPONENT = 1000  # keeps 9**9**9 from running for ever
 # And a bound on every value: (10**1000)**1000 passes the exponent check, and one more **1000 would keep
 # a core and gigabytes busy in the abandoned tool thread long after the model read "timed out".
 MAX_BITS = 10_000  # about 3,000 digits, within what str() of an int may print (4,300)
+# Zeros that pad a numeral (the built-in task writes 089): Python's grammar refuses them, a reader does not.
+PADDING_ZEROS = re.compile(r"(?<![\w.])0+(?=\d)")
 
 
 def _integer_value(node: ast.AST) -> int:
@@ -162,9 +164,11 @@ def _integer_value(node: ast.AST) -> int:
 
 
 def calculator(expression: str) -> int:
-    """Exact integer arithmetic: + - * // % ** and parentheses, e.g. 347+89."""
+    """Exact integer arithmetic: + - * // % ** and parentheses, e.g. 347+89.
+
+    Numerals may be zero-padded (347+089, as the built-in task writes its operands)."""
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(PADDING_ZEROS.sub("", expression.strip()), mode="eval")
     except SyntaxError:
         raise ValueError(f"cannot parse {expression.strip()!r}") from None
     return _integer_value(tree.body)

@@ -150,7 +150,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics |= correction | rollout_metric_shares(batch)
         return aggregate(per_token, mask, level, num_items), metrics
 
-    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
+    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger, environment)
     # A checkpoint keeps the steps left from the current rollout, so a resumed run trains on the same samples.
     return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "reward", "objective/kl", "completions/mean_length"),
                          extra_state=queue.state, restore_extra=queue.restore)

@@ -237,7 +237,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         kl_control.beta = state["beta"]
         queue.restore(state)
 
-    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger)
+    evaluate = greedy_evaluator(policy, tokenizer, sources, eval_rows, cfg, recipe, logger, environment)
     # A checkpoint keeps the KL coefficient and the steps left from the current rollout (exact resume).
     return session.train(evaluate, lambda: queue.next(new_rollout), step_fn, shown=("loss", "objective/scores", "objective/kl", "loss/value"),
                          extra_state=lambda: {"beta": kl_control.beta, **queue.state()}, restore_extra=restore)

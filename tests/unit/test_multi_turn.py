@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from alignctl.config.recipe_schema import RolloutEngine
 from alignctl.models.tokenizer import build_char_tokenizer
 from alignctl.nn.logprobs import response_token_logps
 from alignctl.nn.losses import aggregate, gae, kl_penalty, policy_surrogate
 from alignctl.rl.environments import EnvironmentSpec, StepResult, ToolEnv, load_environment
 from alignctl.rl.multi_turn import longest_turns, reply_text, sample_episodes
-from alignctl.rl.online_rl import completion_tokens, model_turns, rollout_metrics
+from alignctl.rl.online_rl import completion_tokens, greedy_episodes, model_turns, rollout_metrics
 from alignctl.rl.rollout import Completions, Sampling, policy_mask, training_batch
 from alignctl.rl.tools import calculator
+from alignctl.train.evaluate import greedy_ids
 
 CPU = torch.device("cpu")
 
@@ -439,3 +442,14 @@ def test_prefill_tokens_count_what_each_engine_prefilled(tokenizer, policy):
             assert episodes.prefill_tokens == prompts + replies + sum(len(s) for _, s in starts)
         else:
             assert episodes.prefill_tokens == prompts + sum(prompt + start for prompt, s in starts for start in s)
+
+
+def test_greedy_evaluation_episodes_are_deterministic_and_their_first_turn_is_the_greedy_completion(tokenizer, policy):
+    rows = [{"prompt": p, "answer": "0"} for p in ("12+34=", "5+6=", "700+1=")]
+    recipe = SimpleNamespace(max_new_tokens=5, eval_batch_size=2, rollout_engine=RolloutEngine.native, max_length=60)
+    spec = EnvironmentSpec("Countdown", lambda: Countdown(turns=2), 3, [])
+    ids, finals, extra = greedy_episodes(policy, tokenizer, rows, recipe, spec)
+    assert greedy_episodes(policy, tokenizer, rows, recipe, spec) == (ids, finals, extra)
+    assert [sum(m["role"] == "assistant" for m in e) for e in extra["episode"]] == [2, 2, 2]
+    first_turns = greedy_ids(policy, tokenizer, [r["prompt"] for r in rows], 5, 8)
+    assert [e[0]["content"] for e in extra["episode"]] == tokenizer.batch_decode(first_turns, skip_special_tokens=True)

@@ -16,6 +16,10 @@ def test_the_calculator_is_exact_integer_arithmetic():
     assert calculator("123456789123456789 * 987654321987654321") == 123456789123456789 * 987654321987654321
 
 
+def test_the_calculator_reads_zero_padded_numerals_as_the_builtin_task_writes_them():
+    assert calculator("347+089") == 436 and calculator("000+000") == 0 and calculator("100+0") == 100 and calculator("2*(007)") == 14
+
+
 @pytest.mark.parametrize("expression", ["1/2", "1.5+1", "__import__('os')", "x+1", "2**10000", "1+",
                                         # Exponents within the bound, values beyond it (one more **1000 would run for hours).
                                         "(10**1000)**1000", "(2**1000)**5 * (2**1000)**5 * 2"])
