@@ -163,7 +163,7 @@ def test_builtin_feedback_eval_unpairs_the_held_out_preference_pairs(data_config
 
 
 def test_an_unknown_builtin_task_lists_the_valid_ones(data_config):
-    assert load_error(data_config("builtin:nope")) == "data.path: unknown built-in task 'nope'; valid: arithmetic, chat_arithmetic"
+    assert load_error(data_config("builtin:nope")) == "data.path: unknown built-in task 'nope'; valid: arithmetic, chat_arithmetic, arithmetic_tools"
 
 
 SYSTEM = {"role": "system", "content": "Answer in digits."}
