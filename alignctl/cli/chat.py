@@ -14,50 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from alignctl.cli.key_values import flag, number, parse
 from alignctl.core.errors import UserError
 from alignctl.runs.outputs import check_output
 from alignctl.runs.runfiles import read_lineage
 
-CHAT_KEYS = {"run": None, "system": "", "max_new_tokens": "64", "temperature": "0", "raw": "false"}
-GENERATE_KEYS = {"run": None, "data": None, "out": None, "n": "1", "max_new_tokens": "64", "temperature": "1.0", "top_p": "1.0",
+CHAT_KEYS = {"run": "<run dir>", "system": "", "max_new_tokens": "64", "temperature": "0", "raw": "false"}
+GENERATE_KEYS = {"run": "<run dir>", "data": "<file>", "out": "<file.jsonl>", "n": "1", "max_new_tokens": "64", "temperature": "1.0", "top_p": "1.0",
                  "batch_size": "32", "engine": "auto"}
 ENGINES = ("auto", "native", "hf", "vllm")
 # Stages whose checkpoint is a scorer, not a model that writes text.
 NOT_GENERATIVE = ("reward",)
-
-
-def parse(command: str, args: list[str], keys: dict[str, str | None]) -> dict[str, str]:
-    """`key=value` arguments against `keys` (name -> default, None: required)."""
-    usage = " ".join(f"{k}=<...>" if d is None else f"[{k}={d or '...'}]" for k, d in keys.items())
-    values = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in keys:
-            raise UserError(f"{command}: {arg!r} is not a key of {command}; valid: {', '.join(keys)} (alignctl {command} {usage})")
-        values[key] = value
-    for key, default in keys.items():
-        if default is None and not values.get(key):
-            raise UserError(f"{command} needs {key}=...: alignctl {command} {usage}")
-        values.setdefault(key, default or "")
-    return values
-
-
-def number(command: str, values: dict[str, str], key: str, kind: type, low: float, high: float | None = None) -> Any:
-    """values[key] as `kind` within [low, high], else one line naming the key."""
-    try:
-        value = kind(values[key])
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise UserError(f"{command}: {key}={values[key]!r} must be a {kind.__name__} {bound}")
-    return value
-
-
-def flag(command: str, values: dict[str, str], key: str) -> bool:
-    if values[key].lower() not in ("true", "false"):
-        raise UserError(f"{command}: {key} must be true or false, got {values[key]!r}")
-    return values[key].lower() == "true"
 
 
 def checked_run(command: str, value: str) -> Path:

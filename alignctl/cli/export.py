@@ -22,31 +22,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from alignctl.cli import key_values
 from alignctl.core.errors import UserError
 from alignctl.runs.model_card import write_card
 from alignctl.runs.outputs import check_output
 
-KEYS = ("run", "out", "merge", "tolerance", "push_to_hub", "private")
+KEYS = {"run": "<run dir>", "out": "<dir>", "merge": "false", "tolerance": "", "push_to_hub": "", "private": "false"}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}  # relative to the largest logit
 PROBE_SHAPE = (4, 24)
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # rows x tokens of random ids both models score
 
 
 def parse(args: list[str]) -> dict[str, str]:
-    values = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in KEYS:
-            raise UserError(f"export: {arg!r} is not one of {', '.join(k + '=...' for k in KEYS)}")
-        values[key] = value
-    for key in ("run", "out"):
-        if not values.get(key):
-            raise UserError(f"export needs {key}=<dir>: alignctl export run=<run dir> out=<dir> [merge=true|false]")
+    values = key_values.parse("export", args, KEYS)
     for switch in ("merge", "private"):
-        if values.get(switch, "false").lower() not in ("true", "false"):
-            raise UserError(f"export: {switch} must be true or false, got {values[switch]!r}")
-    repo = values.get("push_to_hub")
-    if repo is not None and not REPO_ID.fullmatch(repo):
+        key_values.flag("export", values, switch)
+    repo = values["push_to_hub"]
+    if repo and not REPO_ID.fullmatch(repo):
         raise UserError(f"export: push_to_hub={repo!r} is not a hub repository id (owner/name, letters, digits, '-', '_', '.')")
     return values
 
@@ -63,7 +55,7 @@ def export_command(args: list[str]) -> None:
     check_output(out, "out")  # an export inside a run's checkpoints/ was once counted as a checkpoint and pruned the real one
     if out.exists() and any(out.iterdir()):
         raise UserError(f"out={out}: exists and is not empty; give a new directory (nothing there was changed)")
-    merge = options.get("merge", "false").lower() == "true"
+    merge = options["merge"].lower() == "true"
     adapter_config = checkpoint / "adapter_config.json"
     if merge and not adapter_config.exists():
         raise UserError(f"run={run}: trained the full model (no adapter), so there is nothing to merge; export it with merge=false")
@@ -77,7 +69,7 @@ def export_command(args: list[str]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     record: dict[str, Any] = {"run": str(run.resolve()), "checkpoint": str(checkpoint.resolve()), "merge": merge}
     if merge:
-        record |= merge_adapter(checkpoint, run, tmp, options.get("tolerance"))
+        record |= merge_adapter(checkpoint, run, tmp, options["tolerance"] or None)
     else:
         shutil.copytree(checkpoint.resolve(), tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "value_model"))
     (tmp / "alignctl_export.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -86,8 +78,8 @@ def export_command(args: list[str]) -> None:
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
     shown = {**{k: v for k, v in record.items() if k not in ("run", "checkpoint")}, "out": str(out)}
-    if options.get("push_to_hub"):
-        shown["pushed to"] = push_to_hub(out, options["push_to_hub"], options.get("private", "false").lower() == "true", run)
+    if options["push_to_hub"]:
+        shown["pushed to"] = push_to_hub(out, options["push_to_hub"], options["private"].lower() == "true", run)
     console.print(summary_table(f"exported {run}", shown))
 
 
