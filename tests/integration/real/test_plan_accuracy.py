@@ -4,8 +4,10 @@ docs/guide-adapters-precision.md quotes plan against the measured peak; it holds
 Each case plans a short run (batch 2, max_length 128, 3 steps) and then trains it, in a process of
 its own whose peak resident set size the kernel reports (os.wait4's ru_maxrss): the process itself,
 loading, and every step, as plan counts them. Every row of the data has the same shape, so each
-batch is the widest one that plan sizes its activations from. SFT with LoRA runs in the default
-tier; the other eight (sft/dpo/grpo x none/lora/qlora) are slow.
+batch is the widest one that plan sizes its activations from. All nine cases (sft/dpo/grpo x
+none/lora/qlora) are slow: under make test's two xdist workers the SFT-LoRA run measured 2.2 GB
+against 1.27 GB alone in 2 of 5 full runs (not understood yet; see docs/not-yet.md), so this
+measurement runs in one process, in make test-slow and make test-real.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import pytest
 
 RECIPES = ("sft", "dpo", "grpo")
 ADAPTERS = ("none", "lora", "qlora")
-FAST = ("sft", "lora")
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -73,7 +74,7 @@ def measured_peak(args: list[str], cwd: Path) -> float:
     return usage.ru_maxrss * 1024  # KiB on Linux
 
 
-CASES = [pytest.param(r, a, marks=() if (r, a) == FAST else pytest.mark.slow, id=f"{r}-{a}") for r in RECIPES for a in ADAPTERS]
+CASES = [pytest.param(r, a, marks=pytest.mark.slow, id=f"{r}-{a}") for r in RECIPES for a in ADAPTERS]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
