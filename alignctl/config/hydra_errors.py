@@ -105,6 +105,11 @@ def _unknown_key(key: str, overrides: list[str], composer: Session | None, confi
     if not parent:
         valid = groups() + sorted(str(k) for k in cfg if str(k) not in groups() and k != "hydra")
         return "unknown key or group; " + _suggest(leaf, valid) + f"valid: {', '.join(valid)}"
+    existing = OmegaConf.select(cfg, key.replace("/", "."), default=None)
+    given = next((o.split("=", 1)[1] for o in overrides if "=" in o and _key(o) == key), None)
+    if isinstance(existing, DictConfig) and given is not None and given.lstrip().startswith("{"):
+        # Hydra merges a mapping into a mapping, and the new keys are refused without '+'.
+        return f"a mapping's new keys need '+': write +{key}={given} (or +{key}.<name>=<value> for one key)"
     node = OmegaConf.select(cfg, parent)
     if not isinstance(node, DictConfig):
         return f"unknown key: {parent} is not a section with keys"

@@ -139,6 +139,7 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     completion_only_loss: bool  # loss on completion tokens only (prompt tokens are masked)
     packing: bool  # concatenate examples into max_length blocks instead of padding
+    group_by_length: bool  # batches of rows of similar length (less padding)
     padding_free: bool  # each batch's rows end to end in one row, attention kept per row (no padding)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -181,6 +182,29 @@ class CalculatorEnv(ToolEnv):
     write ``<tool>calculator: 347+89</tool>`` (or the template's markup), read the result, then answer."""
 
     default_tools = (calculator,)
+
+    def __init__(self, tools: Sequence[str] | str | None = None, timeout: float | None = 10.0, width: int | None = None):
+        """`width`: results zero-padded to that many digits (``width: 4`` gives ``0436``), so that a small model
+        copies the answer column by column when its task writes answers at a fixed width."""
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+            raise EnvironmentFailure(f"recipe.environment_kwargs.width: {width!r}; expected a positive integer or null")
+        super().__init__(tools, timeout)
+        self.width = width
+
+    def step(self, turn: str) -> StepResult:
+        result = super().step(turn)
+        if self.width is None or result.reply is None:
+            return result
+        padded = "\n".join(_zero_padded(line, self.width) for line in result.reply.split("\n"))
+        return StepResult(padded, result.done, result.reward)
+
+
+def _zero_padded(value: str, width: int) -> str:
+    """An integer result at `width` digits (a minus sign before them); errors and other text unchanged."""
+    if re.fullmatch(r"-?\d+", value) is None:
+        return value
+    sign, digits = ("-", value[1:]) if value.startswith("-") else ("", value)
+    return sign + digits.zfill(width)
 
 
 __all__ = ["CalculatorEnv", "EnvironmentFailure", "EnvironmentSpec", "StepResult", "ToolEnv", "call_format", "load_environment"]

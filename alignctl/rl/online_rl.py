@@ -187,12 +187,18 @@ def evaluate_greedy(
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         extra: dict[str, list] = {}
     else:
-        ids, texts, extra = greedy_episodes(policy, tokenizer, eval_rows, recipe, environment)
+        ids, texts, extra, env_rewards = greedy_episodes(policy, tokenizer, eval_rows, recipe, environment)
     columns = {name: [row[name] for row in eval_rows] for name in eval_rows[0] if name not in PROMPT_COLUMNS}
     columns |= trl_extras(ids, RewardState(step, recipe.max_steps)) | extra
-    result: dict[str, float] = {}
-    if sources:  # none when an environment is the only reward (then no eval_reward)
+    per_source: dict[str, torch.Tensor] = {}
+    total = torch.zeros(len(eval_rows))
+    if sources:
         total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
+    if environment is not None:  # the same reward training maximises: the sources plus the environment's own
+        per_source["environment"] = env_rewards
+        total = total + env_rewards
+    result: dict[str, float] = {}
+    if per_source:
         result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
     task_path = data_lib.eval_task_path(cfg.data)
     task = data_lib.builtin_task(task_path) if task_path else None
@@ -204,15 +210,17 @@ def evaluate_greedy(
 
 
 def greedy_episodes(policy: torch.nn.Module, tokenizer, eval_rows: list[dict], recipe: OnlineRLConfig,
-                    environment: EnvironmentSpec) -> tuple[list[list[int]], list[str], dict[str, list]]:
+                    environment: EnvironmentSpec) -> tuple[list[list[int]], list[str], dict[str, list], torch.Tensor]:
     """One greedy multi-turn episode per eval row (top-k 1: the most likely token every step), in batches
-    of recipe.eval_batch_size: every episode's token ids, its last model turn, and the column ``episode``."""
+    of recipe.eval_batch_size: every episode's token ids, its last model turn, the column ``episode`` and
+    the environment's reward of each episode."""
     greedy = Sampling(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=recipe.max_new_tokens, engine=recipe.rollout_engine.value,
                       max_length=recipe.max_length)
     tools = environment.tool_schemas()
     ids: list[list[int]] = []
     finals: list[str] = []
     episodes: list[list[dict]] = []
+    env_rewards: list[torch.Tensor] = []
     for start in range(0, len(eval_rows), recipe.eval_batch_size):
         batch = eval_rows[start : start + recipe.eval_batch_size]
         rows = {name: [row[name] for row in batch] for name in batch[0]}
@@ -221,7 +229,8 @@ def greedy_episodes(policy: torch.nn.Module, tokenizer, eval_rows: list[dict], r
         ids += rollout.completions.completion_ids
         finals += rollout.final_turns
         episodes += rollout.episodes
-    return ids, finals, {"episode": episodes}
+        env_rewards.append(rollout.env_rewards)
+    return ids, finals, {"episode": episodes}, torch.cat(env_rewards)
 
 
 @dataclass

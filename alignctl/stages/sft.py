@@ -135,7 +135,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     model = apply_adapter(load_causal_lm(path, cfg.model, cfg.hardware, cfg.adapter, base_dir=base_dir_of(cfg, run_dir)), cfg.adapter)
     trainable, total = parameter_counts(model)
     step_rows = recipe.batch_size * recipe.grad_accum
-    stream = BatchStream(column_lengths(train_set, "input_ids").tolist(), step_rows, cfg.seed, group_by_length=not recipe.packing, **distributed.current().shard)
+    stream = BatchStream(column_lengths(train_set, "input_ids").tolist(), step_rows, cfg.seed, group_by_length=recipe.group_by_length and not recipe.packing, **distributed.current().shard)
     session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "sft", train_raw._fingerprint)
     logger = session.logger
     logger.note(

@@ -45,6 +45,7 @@ CONFIG_ERRORS = {
     "hf model without a name": (["model=hf"], ["model.name_or_path", "model=hf"]),
     "hf data without a path": (["data=hf"], ["data.path", "data=hf"]),
     "sweep value without -m": (["recipe.lr=0.1,0.2"], ["recipe.lr=0.1,0.2", "-m"]),
+    "mapping without +": (["recipe=grpo", "recipe.environment_kwargs={width: 4}"], ["recipe.environment_kwargs", "+recipe.environment_kwargs={width: 4}"]),
     "not key=value": (["recipe.lr"], ["'recipe.lr'", "key=value"]),
     "unparsable override": (["foo=bar=baz"], ["'foo=bar=baz'", "key=value"]),
     "group set to null": (["recipe=null"], ["recipe=null", "sft"]),

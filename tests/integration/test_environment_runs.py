@@ -48,7 +48,9 @@ def test_a_stage_trains_on_multi_turn_episodes(alignctl, tmp_path, recipe):
         assert record["reward"] == record["rewards/environment/mean"]
     evaluations = [r for r in run.records() if "eval_exact_match" in r]
     assert [r["step"] for r in evaluations] == [0, 2]
-    assert not any("eval_reward" in r for r in run.records())  # no reward function scores the greedy turn: no made-up 0
+    for record in evaluations:  # the environment is the only reward: eval_reward is its reward, nothing made up
+        assert record["eval_reward"] == record["eval_rewards/environment/mean"]
+        assert 0 <= record["eval_reward"] <= 3  # three steps, each rewarded 0 or 1
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all("<result>1</result>" in s["completion"] and "<result>2</result>" in s["completion"] for s in samples)
 

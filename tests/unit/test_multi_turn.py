@@ -448,8 +448,9 @@ def test_greedy_evaluation_episodes_are_deterministic_and_their_first_turn_is_th
     rows = [{"prompt": p, "answer": "0"} for p in ("12+34=", "5+6=", "700+1=")]
     recipe = SimpleNamespace(max_new_tokens=5, eval_batch_size=2, rollout_engine=RolloutEngine.native, max_length=60)
     spec = EnvironmentSpec("Countdown", lambda: Countdown(turns=2), 3, [])
-    ids, finals, extra = greedy_episodes(policy, tokenizer, rows, recipe, spec)
-    assert greedy_episodes(policy, tokenizer, rows, recipe, spec) == (ids, finals, extra)
+    ids, finals, extra, env_rewards = greedy_episodes(policy, tokenizer, rows, recipe, spec)
+    assert greedy_episodes(policy, tokenizer, rows, recipe, spec)[:3] == (ids, finals, extra)
     assert [sum(m["role"] == "assistant" for m in e) for e in extra["episode"]] == [2, 2, 2]
+    assert env_rewards.tolist() == [1.0, 1.0, 1.0]  # two steps of 0.5 each
     first_turns = greedy_ids(policy, tokenizer, [r["prompt"] for r in rows], 5, 8)
     assert [e[0]["content"] for e in extra["episode"]] == tokenizer.batch_decode(first_turns, skip_special_tokens=True)

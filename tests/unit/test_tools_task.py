@@ -10,7 +10,7 @@ from alignctl.data import loading
 from alignctl.data.encode import IGNORE, sft_example
 from alignctl.data.tasks import arithmetic
 from alignctl.data.tasks import arithmetic_tools as task
-from alignctl.rl.environments import CalculatorEnv
+from alignctl.rl.environments import CalculatorEnv, EnvironmentFailure
 
 
 def read_jsonl(path) -> list[dict]:
@@ -36,16 +36,16 @@ def test_rows_are_the_arithmetic_problems_about_half_calling_the_calculator():
         else:
             a, b = arithmetic.parse_prompt(row["prompt"])
             call, reply, answer = row["completion_turns"]
-            assert (call, reply, answer) == (f"<tool>calculator: {row['prompt'][:-1]}</tool>", f"<result>{a + b}</result>", f"{a + b:04d}")
+            assert (call, reply, answer) == (f"<tool>calculator: {row['prompt'][:-1]}</tool>", f"<result>{a + b:04d}</result>", f"{a + b:04d}")
 
 
 def test_the_demonstrated_call_runs_in_calculator_env_and_its_reply_is_the_demonstrated_one():
     for row in [r for r in task.generate_splits(seed=0)["sft"] if len(r["completion_turns"]) == 3][:50]:
-        env = CalculatorEnv()
+        env = CalculatorEnv(width=task.RESULT_WIDTH)  # as recipes/tools.yaml builds it
         env.reset(row)
         call, reply, answer = row["completion_turns"]
-        assert env.step(call) == (str(int(answer)), False, 0.0)  # the reply's text, which the rollout wraps in <result>
-        assert reply == f"<result>{int(answer)}</result>"
+        assert env.step(call) == (answer, False, 0.0)  # the reply's text, which the rollout wraps in <result>
+        assert reply == f"<result>{answer}</result>"
         assert env.step(answer).done  # the answer has no call: the episode ends
         a, b = arithmetic.parse_prompt(row["prompt"])
         assert task.verify(answer, arithmetic.format_answer(a + b))
@@ -56,10 +56,10 @@ def test_sft_trains_the_model_turns_and_masks_the_calculator_reply(tok):
     encoded = sft_example(tok, row, ("prompt", "completion"), 80, True, "error", "row 0")
     ids, labels = encoded["input_ids"], encoded["labels"]
     eos = tok.eos_token
-    assert tok.decode(ids) == f"347+089=<tool>calculator: 347+089</tool>{eos}<result>436</result>0436{eos}"
+    assert tok.decode(ids) == f"347+089=<tool>calculator: 347+089</tool>{eos}<result>0436</result>0436{eos}"
     trained = tok.decode([t for t in labels if t != IGNORE])
     assert trained == f"<tool>calculator: 347+089</tool>{eos}0436{eos}"
-    reply = tok("<result>436</result>", add_special_tokens=False)["input_ids"]
+    reply = tok("<result>0436</result>", add_special_tokens=False)["input_ids"]
     start = next(i for i in range(len(ids)) if ids[i : i + len(reply)] == reply)
     assert all(label == IGNORE for label in labels[start : start + len(reply)])
 
@@ -79,3 +79,23 @@ def test_builtin_path_loads_the_tool_rows_and_the_arithmetic_prompts(data_config
     data = data_config("builtin:arithmetic_tools")
     assert loading.load_split(data, "sft", "train")[0]["completion_turns"] is not None
     assert loading.load_split(data, "prompt", "train")[0] == json.loads(arithmetic.split_path("rl").read_text().splitlines()[0])
+
+
+def test_calculator_env_pads_integer_results_to_its_width_and_leaves_other_replies_alone():
+    env = CalculatorEnv(width=4)
+    env.reset({})
+    assert env.step("<tool>calculator: 7+5</tool>").reply == "0012"
+    assert env.step("<tool>calculator: 12345+1</tool>").reply == "12346"  # wider than width: never cut
+    assert env.step("<tool>calculator: 3-10</tool>").reply == "-0007"
+    assert env.step("<tool>calculator: 1/0</tool>").reply.startswith("error:")  # / is not integer arithmetic
+    assert CalculatorEnv().step("<tool>calculator: 7+5</tool>").reply == "12"  # no width: the bare value
+
+
+def test_calculator_env_refuses_a_width_that_is_not_a_positive_integer():
+    for width in (0, -1, "4", 2.5, True):
+        try:
+            CalculatorEnv(width=width)
+        except EnvironmentFailure as err:
+            assert "recipe.environment_kwargs.width" in str(err)
+        else:
+            raise AssertionError(f"width={width!r} was accepted")

@@ -5,7 +5,7 @@ An SFT row's completion is, for about half the rows, a calculator call, the envi
 answer copied from it, laid out exactly as a multi-turn rollout with ``CalculatorEnv`` lays out an episode
 after a plain-text prompt (alignctl/rl/multi_turn.py)::
 
-    347+089=  <tool>calculator: 347+089</tool></s>  <result>436</result>  0436</s>
+    347+089=  <tool>calculator: 347+089</tool></s>  <result>0436</result>  0436</s>
     (prompt)  (model turn, trained)                 (environment, masked)  (model turn, trained)
 
 and for the other rows the sloppy teacher's direct answer (``0436``, or its dropped-carry mistake), as in
@@ -18,7 +18,7 @@ right, while one that answers directly inherits the teacher's carries: multi-tur
 (``recipe.environment=alignctl.rl.environments.CalculatorEnv``) can find that, single-turn GRPO cannot.
 Every other split (rl, eval, the preference ones) is the arithmetic task's own file.
 
-The answer after the reply is written at the task's fixed width (``0436``), so the arithmetic task's
+The reply and the answer after it are written at the task's fixed width (``0436``), so the arithmetic task's
 verifier (exact match, `verify`) and reward function (alignctl.rewards.task_verifier) apply unchanged.
 """
 
@@ -35,6 +35,10 @@ TOOL_NAME = "calculator"  # CalculatorEnv's tool (alignctl.rl.tools.calculator)
 # The share of SFT rows that call the calculator: enough that the SFT policy calls it on some prompts,
 # so GRPO sees both behaviours and their rewards from the first rollout.
 TOOL_RATE = 0.5
+# The calculator's result at the answer's fixed width (CalculatorEnv(width=4)): the answer is then the
+# reply's digits copied at a fixed distance, which the tiny model learns; with the bare sum (436) it did
+# not learn to copy within 600 steps (docs/results.md).
+RESULT_WIDTH = 4
 OWN_SPLITS = ("sft",)
 
 
@@ -44,8 +48,9 @@ def tool_call(prompt: str) -> str:
 
 
 def tool_reply(total: int) -> str:
-    """CalculatorEnv's reply to that call, as multi_turn.reply_text writes it after a plain-text prompt."""
-    return f"<result>{total}</result>"
+    """CalculatorEnv's reply to that call (environment_kwargs.width=RESULT_WIDTH), as multi_turn.reply_text
+    writes it after a plain-text prompt."""
+    return f"<result>{arithmetic.format_answer(total)}</result>"
 
 
 def tool_turns(prompt: str) -> list[str]:
