@@ -26,11 +26,13 @@ $(BIN)/alignctl: pyproject.toml $(CONSTRAINTS)
 install: $(BIN)/alignctl
 
 # Every stage on the built-in task: recipes/tour.yaml (SFT, then DPO, reward -> PPO and GRPO from it)
-# and recipes/iterative_dpo.yaml (which reuses the same SFT run), then a table of held-out exact match
-# after each stage and the plots in runs/demo/report/. A second `make demo` skips finished stages.
+# and recipes/iterative_dpo.yaml and recipes/tools.yaml (which reuse the same SFT run), then a table of
+# held-out exact match after each stage and the plots in runs/demo/report/. A second `make demo` skips
+# finished stages.
 demo: install
 	$(BIN)/alignctl pipeline tour pipeline.dir=runs/demo
 	$(BIN)/alignctl pipeline iterative_dpo pipeline.dir=runs/demo
+	$(BIN)/alignctl pipeline tools pipeline.dir=runs/demo
 	$(BIN)/alignctl report runs/demo
 
 # A real chat model learning (recipes/chat.yaml): SmolLM2-135M-Instruct, held-out exact match before/after.

@@ -1,5 +1,5 @@
-"""The tool-use demonstration (recipes/tools.yaml) through the real CLI, a few steps per stage: SFT on
-builtin:arithmetic_tools, then GRPO with the calculator and without it from that SFT run; the tool
+"""The tool-use demonstration (recipes/tools.yaml) through the real CLI, a few steps per stage: SFT, SFT on
+builtin:arithmetic_tools from it, then GRPO with the calculator and without it from that SFT run; the tool
 run's held-out exact match is measured in greedy multi-turn episodes, the single-turn run's in one turn."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.integration.conftest import run_cli
 
-SMALL = ["sft.recipe.max_steps=4", "grpo_tools.recipe.max_steps=1", "grpo_single.recipe.max_steps=1", "data.eval_limit=8",
+SMALL = ["sft.recipe.max_steps=4", "sft_tools.recipe.max_steps=4", "sft_tools.recipe.eval_every=0", "grpo_tools.recipe.max_steps=1", "grpo_single.recipe.max_steps=1", "data.eval_limit=8",
          "recipe.batch_size=8", "sft.recipe.eval_every=0", "grpo_tools.recipe.num_generations=4", "grpo_single.recipe.num_generations=4"]
 
 
