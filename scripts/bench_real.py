@@ -9,7 +9,8 @@ Some cases also run alignctl variants (alignctl-only rows, so defaults can be ch
 The sides' order reverses every repetition; figures are medians over the repetitions.
 
 Per run: seconds per step (the median of the run's steps, the first left out: it warms up allocator
-and kernels), the whole process's wall time (the parent's clock around the subprocess, start to exit),
+and kernels), the whole process's wall time (the parent's clock around the subprocess, start to exit;
+each process gets an empty `datasets` cache, so none reuses the data preparation of the run before it),
 the process's peak RSS (wait4's rusage), and MFU against float32 and bf16 matmul peaks timed in the
 same run on SmolLM2's MLP shape (tokens x 576 @ 576 x 1536).
 
@@ -174,7 +175,7 @@ def measure_real(case: RealCase, args, workdir: Path, model_dir: Path, bench, al
                 "model_dir": str(model_dir), "data": str(data), "lora": case.lora, "lr": case.lr, "steps": steps,
                 "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1,
                 "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
-                "seed": 0, "bf16": TRL_SIDES.get(side, False), "alignctl": list(variants.get(label, ())),
+                "seed": 0, "bf16": TRL_SIDES.get(side, False), "alignctl": list(variants.get(label, ())), "fresh_datasets_cache": True,
                 "run_dir": str(workdir / "runs" / f"{case.name}-{side}-{rep}"),
             }
             shutil.rmtree(spec["run_dir"], ignore_errors=True)

@@ -231,6 +231,11 @@ TRL_BUILDERS = {"sft": _sft, "reward": _reward, "dpo": _dpo, "kto": _kto, "grpo"
 def main() -> None:
     spec = json.loads(sys.argv[1])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.get("fresh_datasets_cache"):
+        # An empty datasets cache for this process (set before `datasets` is imported): a run must not
+        # reuse the Arrow files and map() results of the run before it, or the first side of a case
+        # would pay for the data preparation of all of them (the whole-process times would show it).
+        os.environ["HF_DATASETS_CACHE"] = str(Path(spec["run_dir"]) / "datasets-cache")
     result = run_alignctl(spec) if spec["side"] == "alignctl" else run_trl(spec)
     print(MARKER + json.dumps(result), flush=True)
 
