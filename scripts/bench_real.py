@@ -180,6 +180,7 @@ def measure_real(case: RealCase, args, workdir: Path, model_dir: Path, bench, al
             }
             shutil.rmtree(spec["run_dir"], ignore_errors=True)
             summary = run_summary(bench.run_worker(spec, alignctl_env if side not in TRL_SIDES else dict(os.environ)))
+            shutil.rmtree(spec["run_dir"], ignore_errors=True)  # its checkpoint: up to 0.6 GB a run, 54 runs
             runs[side].append(summary)
             print(f"  {case.name:<17} {side:<22} rep {rep}: {summary['step_seconds']:.2f} s/step, "
                   f"{summary['process_seconds']:.1f} s process, {summary['peak_rss_mib']:.0f} MiB peak RSS", flush=True)
