@@ -205,6 +205,9 @@ def measure(case: Case, args, workdir: Path, models: dict[str, Path]) -> dict:
                 "max_new_tokens": args.max_new_tokens, "threads": args.threads, "seed": 0,
                 "run_dir": str(workdir / "runs" / f"{case.name}-{side}-{rep}"), **case.extra,
             }
+            # The tiny tier compares float32 with float32: alignctl's autocast=auto would pick bf16 here (the
+            # tiny model loads as model=hf), TRL runs float32. The real tier compares bf16 too.
+            spec["alignctl"] = ["hardware.autocast=null", *spec.get("alignctl", [])]
             shutil.rmtree(spec["run_dir"], ignore_errors=True)  # a run of an earlier benchmark
             result = run_worker(spec, sides[side])
             runs[side].append(result)
