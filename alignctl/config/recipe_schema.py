@@ -174,11 +174,14 @@ class DPOConfig(TrainConfig):
     nll_weight: float = within("[0, 1e3]", "0: off")  # weight of an NLL term on the chosen response (RPO); 0: off
     reference: Reference
     share_prompt: bool  # each prompt through the model once for its two responses (alignctl/nn/shared_prompt.py)
-    padding_free: bool  # each batch's rows end to end in one row, attention kept per row (alignctl/nn/varlen_attention.py)
+    # each batch's rows end to end in one row, attention kept per row (alignctl/nn/varlen_attention.py);
+    # null: where that pays (alignctl.nn.varlen_attention.pays) and share_prompt is off
+    padding_free: bool | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(not (self.share_prompt and self.padding_free), "padding_free", "and share_prompt are two batch layouts: set one of them")
+        _check(not (self.share_prompt and self.padding_free is True), "padding_free",
+               "and share_prompt are two batch layouts: set one of them (padding_free=null picks padding-free where share_prompt is off)")
         if self.loss_type == DPOLossType.simpo:
             _check(self.reference in (Reference.auto, Reference.none), "reference", "simpo is reference-free: use auto or none")
 

@@ -116,6 +116,15 @@ def applies(model: torch.nn.Module) -> bool:
     )
 
 
+def pays(model: torch.nn.Module) -> bool:
+    """Whether a padding-free batch is faster than a padded one for this model: where `varlen_sdpa`
+    applies or a flash kernel handles packed rows; not where transformers would fall back to a
+    block-diagonal mask over the whole packed row (gradient checkpointing, sliding windows)."""
+    configs = _configs(model)
+    flash = bool(configs) and all(str(c._attn_implementation).startswith("flash_attention") for c in configs)
+    return flash or applies(model)
+
+
 @contextmanager
 def packed_attention(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
     """Run the model's attention as `varlen_sdpa` over the packed row with these position ids inside

@@ -34,6 +34,7 @@ CONFIG_ERRORS = {
     "dpo beta zero": (["recipe=dpo", "recipe.beta=0"], ["recipe.beta", "> 0"]),
     "negative lm_head_chunk": (["recipe.lm_head_chunk=-1"], ["recipe.lm_head_chunk", ">= 0"]),
     "packing and padding_free": (["recipe.packing=true", "recipe.padding_free=true"], ["recipe.padding_free", "packing"]),
+    "share_prompt and padding_free": (["recipe=dpo", "recipe.share_prompt=true", "recipe.padding_free=true"], ["recipe.padding_free", "share_prompt", "null"]),
     "grpo beta negative": (["recipe=grpo", "recipe.beta=-0.1"], ["recipe.beta", ">= 0"]),
     "unknown rollout engine": (["recipe=grpo", "recipe.rollout_engine=fast"], ["recipe.rollout_engine", "'fast'", "native", "vllm"]),
     "fsdp for a recipe that trains nothing": (["recipe=pairs", "hardware=fsdp"], ["recipe=pairs", "one process"]),

@@ -15,7 +15,7 @@ from alignctl.nn.logprobs import (
     packed_response_logps,
     response_logps,
 )
-from alignctl.nn.varlen_attention import NAME, applies, packed_attention, padding_index, sequence_bounds
+from alignctl.nn.varlen_attention import NAME, applies, packed_attention, padding_index, pays, sequence_bounds
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,35 @@ def test_it_stands_in_for_sdpa_and_eager_only(model):
     with pytest.raises(RuntimeError), packed_attention(model, torch.tensor([[0, 1, 0]])):
         raise RuntimeError("a failing forward")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_padding_free_pays_where_varlen_sdpa_or_a_flash_kernel_runs_and_not_where_a_block_mask_would(model):
+    """DPO's recipe.padding_free=null reads this: transformers' block-diagonal mask over the whole packed
+    row (gradient checkpointing, sliding windows) is slower than the padded batch it replaces."""
+    assert pays(model)
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert pays(flash)
+    windowed = copy.deepcopy(model)
+    windowed.config.sliding_window = 4
+    assert not pays(windowed)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert not pays(checkpointed)
+
+
+def test_dpo_padding_free_null_follows_pays_and_gives_way_to_share_prompt(model):
+    from types import SimpleNamespace
+
+    from alignctl.stages.dpo import batch_layout
+
+    def layout(policy, share_prompt, padding_free):
+        return batch_layout(SimpleNamespace(share_prompt=share_prompt, padding_free=padding_free), policy)
+
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert layout(model, False, None) == (False, True)
+    assert layout(model, True, None) == (True, False)  # prefix sharing asked for: it runs, padded
+    assert layout(checkpointed, False, None) == (False, False)  # a block mask would be slower than padding
+    assert layout(checkpointed, True, None) == (False, False)  # no cache under checkpointing: no sharing either
+    assert layout(model, False, False) == (False, False) and layout(checkpointed, False, True) == (False, True)  # as set
