@@ -231,3 +231,51 @@ def test_a_kept_cache_resumes_as_if_the_whole_context_were_prefilled(kind, top_k
     for context, cache, row in zip(contexts, kept, tokens.tolist()):
         sampled = row[: row.index(eos) + 1] if eos in row else row
         assert cache.length == len(context) + len(sampled) - 1
+
+
+def _bf16_base_with_lora():
+    """As alignctl stores a frozen base under an adapter with bf16 autocast: the base in bf16, LoRA in float32."""
+    model = get_peft_model(llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()
+    return model.eval()
+
+
+def test_under_cpu_autocast_the_engine_decodes_in_float32_and_is_still_taken():
+    """Thin bf16 matmuls are slower than float32 ones on CPUs, and the check against the model's own
+    bf16-rounded forward is to a fraction of its logits' spread there: before that, every bf16 rollout fell
+    back to generate."""
+    model = _bf16_base_with_lora()
+    ids, mask = left_padded(PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        decoder = decode.Decoder(model, ids.size(0), ids.size(1))
+        assert decoder.float32_on_cpu
+        assert {t.dtype for layer in decoder.weights.layers for t in (layer.qkv, layer.gate_up, layer.input_norm)} == {torch.float32}
+        assert decoder.weights.embed.dtype == decoder.weights.head.dtype == torch.float32
+        gap, tolerance = decode.check_against_model(model, ids, mask), decode.check_tolerance(model, ids, mask)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+        assert tolerance == pytest.approx(decode.AUTOCAST_CHECK_FRACTION * float(theirs.std()))
+        assert 0 < gap < tolerance  # bf16 rounding shows, within the bound
+        assert native_engine(model, "auto", ids, mask, 4) is True
+    # The float32 decode equals the model computed in float32 from the same (bf16-valued) weights.
+    exact = _bf16_base_with_lora()
+    exact.load_state_dict(model.state_dict())
+    assert decode.check_against_model(exact.float(), ids, mask) < TOL
+    assert decode.check_tolerance(model, ids, mask) == decode.CHECK_TOLERANCE  # no autocast: the float32 bound
+
+
+def test_under_cpu_autocast_an_engine_that_computes_another_model_is_still_caught(monkeypatch):
+    model = _bf16_base_with_lora()
+    ids, mask = left_padded(PROMPTS)
+    original = decode.read_weights
+
+    def zeroed_output_projection(m):  # an engine bug: the first layer's attention output dropped
+        weights = original(m)
+        weights.layers[0].out = torch.zeros_like(weights.layers[0].out)
+        return weights
+
+    monkeypatch.setattr(decode, "read_weights", zeroed_output_projection)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decode.check_against_model(model, ids, mask) > decode.check_tolerance(model, ids, mask)
