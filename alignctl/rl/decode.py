@@ -19,7 +19,7 @@ mathematics with less of it:
 It computes the model's own rotary tables (``model.model.rotary_emb``, so every rope scaling the model
 supports is right), and draws tokens with transformers' own logits warpers and ``torch.multinomial``.
 `unsupported_reason` says when it does not apply (another architecture, quantised or sharded weights,
-a sliding window shorter than the sequence), and `check_against_model` compares its logits with the
+a sliding window shorter than the sequence), and `engine_gap` compares its logits with the
 model's own forward: ``rollout_engine=auto`` falls back to ``generate`` in all those cases.
 """
 
@@ -159,15 +159,13 @@ def read_weights(model: nn.Module) -> Weights:
 def _cast(weights: Weights, dtype: torch.dtype, everything: bool) -> Weights:
     """The matmul weights (and, with `everything`, the embedding and norms too) in `dtype`."""
 
-    def cast(t: torch.Tensor | None, matmul: bool = True) -> torch.Tensor | None:
-        return None if t is None or not (matmul or everything) else t.to(dtype)
+    def matmul(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
 
-    layers = [Layer(cast(layer.input_norm, False) if everything else layer.input_norm, cast(layer.qkv), cast(layer.qkv_bias), cast(layer.out),
-                    cast(layer.out_bias), cast(layer.post_norm, False) if everything else layer.post_norm, cast(layer.gate_up), cast(layer.down))
-              for layer in weights.layers]
-    embed = cast(weights.embed, False) if everything else weights.embed
-    norm = cast(weights.norm, False) if everything else weights.norm
-    return Weights(embed, layers, norm, cast(weights.head), cast(weights.head_bias))
+    other = matmul if everything else (lambda t: t)
+    layers = [Layer(other(layer.input_norm), matmul(layer.qkv), matmul(layer.qkv_bias), matmul(layer.out), matmul(layer.out_bias),
+                    other(layer.post_norm), matmul(layer.gate_up), matmul(layer.down)) for layer in weights.layers]
+    return Weights(other(weights.embed), layers, other(weights.norm), matmul(weights.head), matmul(weights.head_bias))
 
 
 def decoding_precision(weights: Weights) -> tuple[Weights, bool]:
@@ -419,23 +417,22 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def check_against_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+def engine_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, float]:
     """Max |Δ| between the engine's last-position logits and the model's own forward on the same
-    left-padded prompts: the guard that the engine computes the model it was given."""
+    left-padded prompts (the guard that the engine computes the model it was given), and how far it
+    may go: CHECK_TOLERANCE in full precision; under autocast, AUTOCAST_CHECK_FRACTION of the spread
+    of the model's own logits."""
     decoder = Decoder(model, input_ids.size(0), input_ids.size(1))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attention_mask.all())
     ours = decoder.forward(input_ids, positions, prompt_mask(attention_mask) if padded else None)
     theirs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
-    return float((ours - theirs).abs().max())
+    tolerance = CHECK_TOLERANCE
+    if torch.is_autocast_enabled(model_device(model).type):
+        tolerance = max(CHECK_TOLERANCE, AUTOCAST_CHECK_FRACTION * float(theirs.std()))
+    return float((ours - theirs).abs().max()), tolerance
 
 
-@torch.no_grad()
-def check_tolerance(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """How far `check_against_model`'s gap may go: CHECK_TOLERANCE in full precision; under autocast a
-    fraction of the spread of the model's own last-position logits on the same prompts."""
-    if not torch.is_autocast_enabled(model_device(model).type):
-        return CHECK_TOLERANCE
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
-    return max(CHECK_TOLERANCE, AUTOCAST_CHECK_FRACTION * float(logits.std()))
+def check_against_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """`engine_gap`'s gap alone."""
+    return engine_gap(model, input_ids, attention_mask)[0]

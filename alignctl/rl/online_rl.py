@@ -194,9 +194,8 @@ def evaluate_greedy(
     total = torch.zeros(len(eval_rows))
     if sources:
         total, per_source = combined_rewards(sources, prompts, [completion_turn(p, t) for p, t in zip(prompts, texts)], columns)
-    if environment is not None:  # the same reward training maximises: the sources plus the environment's own
-        per_source["environment"] = env_rewards
-        total = total + env_rewards
+    if environment is not None:  # the same reward training maximises
+        total, per_source = with_environment(total, per_source, env_rewards)
     result: dict[str, float] = {}
     if per_source:
         result = {"eval_reward": float(total.mean())} | {f"eval_rewards/{name}/mean": float(v.mean()) for name, v in per_source.items()}
@@ -276,11 +275,16 @@ def sample_and_score_episodes(policy: torch.nn.Module, tokenizer, rows: dict[str
     in_form = [completion_turn(p, t) for p, t in zip(prompts, episodes.final_turns)]
     columns = repeat_columns(rows, group) | trl_extras(completions.completion_ids, state) | {"episode": episodes.episodes}
     rewards, per_source, scoring_seconds = score(sources, prompts, in_form, columns) if sources else (torch.zeros(len(texts)), {}, 0.0)
-    per_source["environment"] = episodes.env_rewards
+    rewards, per_source = with_environment(rewards, per_source, episodes.env_rewards)
     # Logged with the times (the first step of a rollout; dynamic sampling adds its draws' up): what keeping
     # KV caches between turns saves shows here (alignctl/rl/multi_turn.py).
     times = {"time/generation": generation_seconds, "time/scoring": scoring_seconds, "rollout/prefill_tokens": float(episodes.prefill_tokens)}
-    return ScoredRollout(rows, prompts, texts, completions, rewards + episodes.env_rewards, per_source, times)
+    return ScoredRollout(rows, prompts, texts, completions, rewards, per_source, times)
+
+
+def with_environment(total: torch.Tensor, per_source: dict[str, torch.Tensor], env_rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reward sources' total plus the environment's own rewards, which are logged as the source ``environment``."""
+    return total + env_rewards, per_source | {"environment": env_rewards}
 
 
 class StepQueue:

@@ -184,8 +184,8 @@ def native_engine(model: torch.nn.Module, engine: str, input_ids: torch.Tensor, 
         return False
     reason = "sharded weights" if is_sharded(model) else decode.unsupported_reason(model, input_ids.size(1) + max_new_tokens)
     if reason is None and model not in _checked:
-        gap = decode.check_against_model(model, input_ids, attention_mask)
-        _checked[model] = gap <= decode.check_tolerance(model, input_ids, attention_mask)
+        gap, tolerance = decode.engine_gap(model, input_ids, attention_mask)
+        _checked[model] = gap <= tolerance
         if not _checked[model]:
             reason = f"its logits differ from the model's forward by {gap:.2e}"
     elif reason is None and not _checked[model]:

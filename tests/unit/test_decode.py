@@ -173,7 +173,7 @@ def test_unsupported_models_fall_back_or_refuse_in_one_line():
 def test_a_model_whose_logits_differ_is_not_sampled_natively(monkeypatch):
     model = llama()
     ids, mask = left_padded(PROMPTS)
-    monkeypatch.setattr(decode, "check_against_model", lambda *a: 0.5)
+    monkeypatch.setattr(decode, "engine_gap", lambda *a: (0.5, decode.CHECK_TOLERANCE))
     assert native_engine(model, "auto", ids, mask, 4) is False
     with pytest.raises(ConfigError, match="differ"):
         native_engine(model, "native", ids, mask, 4)
@@ -253,7 +253,7 @@ def test_under_cpu_autocast_the_engine_decodes_in_float32_and_is_still_taken():
         assert decoder.float32_on_cpu
         assert {t.dtype for layer in decoder.weights.layers for t in (layer.qkv, layer.gate_up, layer.input_norm)} == {torch.float32}
         assert decoder.weights.embed.dtype == decoder.weights.head.dtype == torch.float32
-        gap, tolerance = decode.check_against_model(model, ids, mask), decode.check_tolerance(model, ids, mask)
+        gap, tolerance = decode.engine_gap(model, ids, mask)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
         assert tolerance == pytest.approx(decode.AUTOCAST_CHECK_FRACTION * float(theirs.std()))
@@ -262,8 +262,9 @@ def test_under_cpu_autocast_the_engine_decodes_in_float32_and_is_still_taken():
     # The float32 decode equals the model computed in float32 from the same (bf16-valued) weights.
     exact = _bf16_base_with_lora()
     exact.load_state_dict(model.state_dict())
-    assert decode.check_against_model(exact.float(), ids, mask) < TOL
-    assert decode.check_tolerance(model, ids, mask) == decode.CHECK_TOLERANCE  # no autocast: the float32 bound
+    gap, tolerance = decode.engine_gap(exact.float(), ids, mask)
+    assert gap < TOL
+    assert tolerance == decode.CHECK_TOLERANCE  # no autocast: the float32 bound
 
 
 def test_under_cpu_autocast_an_engine_that_computes_another_model_is_still_caught(monkeypatch):
@@ -278,4 +279,5 @@ def test_under_cpu_autocast_an_engine_that_computes_another_model_is_still_caugh
 
     monkeypatch.setattr(decode, "read_weights", zeroed_output_projection)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert decode.check_against_model(model, ids, mask) > decode.check_tolerance(model, ids, mask)
+        gap, tolerance = decode.engine_gap(model, ids, mask)
+        assert gap > tolerance
