@@ -23,6 +23,7 @@ from peft.utils import load_peft_weights
 from alignctl.config.schema import LoraConfig, NoAdapterConfig
 from alignctl.core.errors import AdapterError, UserError
 from alignctl.models.precision import trainable_in_float32
+from alignctl.nn.lm_head import keep_last
 from alignctl.nn.lora_linear import FusedLoraLinear
 
 HEAD_NAMES = ("lm_head", "score", "classifier")  # output layers: never adapted by all-linear
@@ -150,7 +151,7 @@ class SharedBaseValue(torch.nn.Module):
             # The policy's own forward (so a sharded model gathers its weights), its LM head on one position only.
             hidden = policy(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1,
+                output_hidden_states=True, logits_to_keep=keep_last(batch["input_ids"], 1),
             ).hidden_states[-1]
         finally:
             policy.set_adapter("default")

@@ -30,6 +30,7 @@ from alignctl.core.errors import AdapterError, ModelLoadError
 from alignctl.models.cache import cache_dir
 from alignctl.models.gguf import build_from_gguf
 from alignctl.models.tokenizer import build_char_tokenizer
+from alignctl.nn import cpu_attention
 from alignctl.nn.model_parts import backbone
 
 # Inside a run directory: the merged weights an adapter trained on, when they exist nowhere else (anchor_base).
@@ -303,7 +304,7 @@ def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adap
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
-    return lm if quantization else lm.to(device_of(hardware))
+    return cpu_attention.use_on_cpu(lm if quantization else lm.to(device_of(hardware)))
 
 
 def check_reward_model(path: str, model: ModelConfig, culprit: str) -> None:
@@ -359,7 +360,7 @@ def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, p
     # The classifier pools the last non-padding token, which it finds through the pad id.
     scorer.config.pad_token_id = pad_token_id
     if not quantization:
-        return scorer.to(device_of(hardware))
+        return cpu_attention.use_on_cpu(scorer.to(device_of(hardware)))
     scorer = _requantized(scorer, quantization, hardware)
     anchor_base(scorer, adapter, base_dir)  # the 4-bit scorer (its head still fresh) is the base the adapter names
     return scorer

@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from alignctl.nn import cpu_attention
 from alignctl.nn.model_parts import backbone, checkpointing_on
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", cpu_attention.NAME, "eager")
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -89,8 +89,8 @@ def _one_position_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, *
     if padding_mask is not None:
         visible = visible & padding_mask.bool()
     dropout = getattr(attention, "attention_dropout", 0.0) if layer.training else 0.0
-    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None, None, :], dropout_p=dropout,
-                                              scale=attention.scaling, enable_gqa=key.size(1) != query.size(1))
+    attended = cpu_attention.sdpa(query, key, value, attn_mask=visible[:, None, None, :], dropout_p=dropout,
+                                  scale=attention.scaling, enable_gqa=key.size(1) != query.size(1))
     residual = hidden_states[rows, read_at].unsqueeze(1) + attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
     out = residual + layer.mlp(layer.post_attention_layernorm(residual))
     # Other positions keep the layer's input: finite, never read by the head, so their gradient is zero.

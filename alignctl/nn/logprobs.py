@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from alignctl.data.batching import pad
-from alignctl.nn.lm_head import final_hidden, linear_logps, output_head
+from alignctl.nn.lm_head import final_hidden, keep_last, linear_logps, output_head
 from alignctl.nn.model_parts import unwrapped
 from alignctl.nn.varlen_attention import packed_attention
 
@@ -87,7 +87,7 @@ def response_token_logps(
         per_token = torch.zeros_like(keep).masked_scatter(where, out.logps)
         entropy = torch.zeros_like(keep).masked_scatter(where, out.entropy) if with_entropy else None
         return per_token, keep, entropy
-    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits
+    logits = model(**inputs, logits_to_keep=keep_last(inputs["input_ids"], width + 1), use_cache=False).logits
     # Logits at position t score the token at t + 1: the first kept position predicts the first
     # response token of the longest row; the last kept position predicts nothing.
     logits = logits[:, :-1]

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from alignctl.data.batching import pad
 from alignctl.nn.kv_cache import CACHE_ARG
-from alignctl.nn.lm_head import linear_logps, output_head
+from alignctl.nn.lm_head import keep_last, linear_logps, output_head
 from alignctl.nn.logprobs import token_logps
 from alignctl.nn.model_parts import checkpointing_on
 
@@ -53,13 +53,13 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     cache = DynamicCache(config=model.config)
     extra = {"output_hidden_states": True} if head is not None else {}
     prompt_out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=batch["prompt_positions"],
-                       **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1, **extra)
+                       **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=keep_last(batch["prompt_ids"], 1), **extra)
     cache.batch_repeat_interleave(2)
     width = responses.size(1)
     positions = batch["prompt_positions"][:, -1:].repeat_interleave(2, dim=0) + 1 + torch.arange(width, device=responses.device)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask], dim=1)
     response_out = model(input_ids=responses, attention_mask=attention_mask, position_ids=positions, **{CACHE_ARG: cache}, use_cache=True,
-                         logits_to_keep=1 if head is not None else 0, **extra)
+                         logits_to_keep=keep_last(responses, 1) if head is not None else 0, **extra)
     keep = response_mask.to(torch.float32)
     # Response token j is predicted by the position before it: the prompt's last one for j = 0.
     if head is not None:

@@ -26,16 +26,16 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from alignctl.nn import cpu_attention
 from alignctl.nn.model_parts import checkpointing_on
 
 NAME = "alignctl_varlen_sdpa"
 # Backends that transformers would run over the packed row with a block-diagonal mask; the flash
 # kernels handle packed rows themselves and are left alone.
-REPLACED = ("sdpa", "eager")
+REPLACED = ("sdpa", cpu_attention.NAME, "eager")
 
 
 def sequence_bounds(position_ids: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def varlen_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         rows = states[0].transpose(0, 1).reshape(-1, heads * dim).index_select(0, gather)
         return rows.view(sequences, longest, heads, dim).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(
+    out = cpu_attention.sdpa(
         padded(query), repeat_kv(padded(key), groups), repeat_kv(padded(value), groups),
         is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
     )

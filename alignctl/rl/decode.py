@@ -38,6 +38,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from alignctl.nn.lm_head import keep_last
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHECK_TOLERANCE = 1e-3  # max |Δlogit| against the model's own forward, in float32
 # Under autocast the model's own forward rounds to bf16/fp16 (SmolLM2 with LoRA, bf16: 0.8 at most over
@@ -426,7 +428,7 @@ def engine_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attention_mask.all())
     ours = decoder.forward(input_ids, positions, prompt_mask(attention_mask) if padded else None)
-    theirs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=keep_last(input_ids, 1)).logits[:, -1].float()
     tolerance = CHECK_TOLERANCE
     if torch.is_autocast_enabled(model_device(model).type):
         tolerance = max(CHECK_TOLERANCE, AUTOCAST_CHECK_FRACTION * float(theirs.std()))

@@ -25,6 +25,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from alignctl.core.errors import ConfigError
 from alignctl.data.batching import pad
 from alignctl.nn.kv_cache import CACHE_ARG
+from alignctl.nn.lm_head import keep_last
 from alignctl.nn.logprobs import left_padded_batch
 from alignctl.rl import decode, vllm_engine
 from alignctl.train.sharding import is_sharded
@@ -231,7 +232,7 @@ def shared_prompt_cache(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-          **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
+          **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=keep_last(input_ids[:, :-1], 1))
     cache.batch_repeat_interleave(copies)
     return cache
 

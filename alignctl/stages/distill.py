@@ -32,7 +32,7 @@ from alignctl.data.batching import BatchStream, column_lengths
 from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.models.loading import load_causal_lm, load_tokenizer, model_path
 from alignctl.nn.distill_loss import chunked_jsd_sum, distill_loss
-from alignctl.nn.lm_head import final_hidden, output_head
+from alignctl.nn.lm_head import final_hidden, keep_last, output_head
 from alignctl.rl.online_rl import (
     StepQueue,
     completion_tokens,
@@ -81,7 +81,7 @@ def completion_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor
     width = int(mask.sum(-1).max())
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     # Logits at t score the token at t + 1: the last W + 1 positions but the last one.
-    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+    logits = model(**inputs, logits_to_keep=keep_last(inputs["input_ids"], width + 1), use_cache=False).logits[:, :-1]
     return logits, mask[:, -width:].to(torch.float32)
 
 
