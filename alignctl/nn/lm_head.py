@@ -42,13 +42,17 @@ class _LinearLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, temperature: float, with_entropy: bool, with_argmax: bool):
         count = hidden.size(0)
+        # The dtype autocast would multiply in (backward runs outside autocast, so it is kept for it).
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        cast_weight = weight.to(dtype)  # kept for backward: casting it again there costs as much as keeping it
         logps = torch.empty(count, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if with_entropy else None
         correct = torch.empty(count, dtype=torch.bool, device=hidden.device) if with_argmax else None
         for start in range(0, count, chunk):
             end = min(start + chunk, count)
-            logits = (hidden[start:end] @ weight.T).float() / temperature
+            logits = (hidden[start:end].to(dtype) @ cast_weight.T).float() / temperature
             chunk_lse = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - chunk_lse
             lse[start:end] = chunk_lse
@@ -56,8 +60,8 @@ class _LinearLogps(torch.autograd.Function):
                 entropy[start:end] = chunk_lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
             if with_argmax:
                 correct[start:end] = logits.argmax(-1) == targets[start:end]
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else lse.new_empty(0))
-        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.save_for_backward(hidden, cast_weight, targets, lse, entropy if with_entropy else lse.new_empty(0))
+        ctx.chunk, ctx.temperature, ctx.dtype, ctx.weight_dtype = chunk, temperature, dtype, weight.dtype
         if correct is not None:
             ctx.mark_non_differentiable(correct)
         ctx.set_materialize_grads(False)  # an output the loss does not use (entropy as a metric) costs nothing in backward
@@ -65,13 +69,15 @@ class _LinearLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, _):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, cast_weight, targets, lse, entropy = ctx.saved_tensors
+        # In the forward's matmul dtype (bf16 under autocast, as autocast runs a plain output layer's backward).
+        dtype, count = ctx.dtype, hidden.size(0)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.size(0), ctx.chunk):
-            end = min(start + ctx.chunk, hidden.size(0))
-            rows = hidden[start:end]
-            logits = (rows @ weight.T).float() / ctx.temperature
+        grad_weight = None
+        for start in range(0, count, ctx.chunk):
+            end = min(start + ctx.chunk, count)
+            rows = hidden[start:end].to(dtype)
+            logits = (rows @ cast_weight.T).float() / ctx.temperature
             probs = torch.exp(logits - lse[start:end, None])
             grad_logits = torch.zeros_like(logits)
             if grad_logps is not None:
@@ -82,13 +88,15 @@ class _LinearLogps(torch.autograd.Function):
                 # H = -sum p log p: dH / d logits_j = -p_j (log p_j + H).
                 log_p = logits - lse[start:end, None]
                 grad_logits.add_(-probs * (log_p + entropy[start:end, None]) * grad_entropy[start:end, None].float())
-            grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
+            grad_logits = (grad_logits / ctx.temperature).to(dtype)
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.T.float() @ rows.float()
+                grad_hidden[start:end] = grad_logits @ cast_weight
+            if ctx.needs_input_grad[1]:
+                part = grad_logits.T @ rows
+                # Several chunks are summed in float32 (one chunk needs no sum).
+                grad_weight = part if grad_weight is None and end == count else (part.float() if grad_weight is None else grad_weight.add_(part))
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

@@ -114,7 +114,9 @@ def test_an_environment_failure_is_one_line_naming_the_class(alignctl, tmp_path,
 
 
 # The losses of these runs on the code before environments existed (recorded at commit 4fb3094): a
-# single-turn run (recipe.environment=null, the default) must compute exactly the same.
+# single-turn run (recipe.environment=null, the default) must compute the same. To float32 rounding:
+# the fused AdamW kernel (alignctl/train/session.py fused_pays) rounds a step's update differently in
+# the last bit; a changed rollout or loss moves these by far more.
 BEFORE = {
     "grpo": (["recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1"],
              [-1.4901161193847656e-08, 0.007661228068172932, 0.08219759911298752]),
@@ -131,7 +133,7 @@ def test_single_turn_runs_compute_the_losses_they_did_before_environments(alignc
                       "data.eval_limit=8", f"hydra.run.dir={run_dir}")
     run = StageRun(recipe, run_dir, result)
     run.assert_finished()
-    assert [r["loss"] for r in run.train_records()] == losses
+    assert [r["loss"] for r in run.train_records()] == pytest.approx(losses, rel=1e-6, abs=1e-8)
 
 
 def test_plan_sizes_multi_turn_episodes_to_max_length(alignctl):

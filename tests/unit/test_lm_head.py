@@ -41,6 +41,29 @@ def test_chunked_log_probs_and_gradients_equal_the_plain_path(chunk, temperature
     assert grad_w.abs().max() > 0.1  # the comparison is not between two zeros
 
 
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_under_bf16_autocast_forward_and_backward_multiply_in_bf16_as_the_plain_path_does(chunk):
+    """Backward runs outside autocast: it must still multiply in bf16 (as autocast runs the plain
+    output layer's backward), and return gradients in the inputs' own dtypes."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = (3 * torch.randn(500, 16)).requires_grad_()
+    targets = torch.randint(0, 500, (7,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (hidden @ weight.T).float()  # the plain path: autocast's bf16 matmul
+        expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+        out = linear_logps(hidden, weight, targets, chunk)
+    grad_h, grad_w = torch.autograd.grad(expected.sum(), [hidden, weight])
+    got_h, got_w = torch.autograd.grad(out.logps.sum(), [hidden, weight])
+    assert got_h.dtype == got_w.dtype == torch.float32
+    assert torch.allclose(out.logps, expected, atol=1e-4)
+    # bf16 products on both sides, summed in different orders: within bf16's relative precision
+    scale_h, scale_w = grad_h.abs().max(), grad_w.abs().max()
+    assert (got_h - grad_h).abs().max() < 2 ** -6 * scale_h and (got_w - grad_w).abs().max() < 2 ** -6 * scale_w
+    float32_w = torch.autograd.grad(linear_logps(hidden, weight, targets, chunk).logps.sum(), weight)[0]
+    assert not torch.equal(got_w, float32_w)  # it did multiply in bf16
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 1024])
 def test_the_entropy_s_gradient_equals_the_plain_path_s(chunk):
     """An entropy bonus (recipe.entropy_coef) differentiates the chunked entropy: dH/dz = -p (log p + H)."""
