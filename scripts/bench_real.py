@@ -61,7 +61,7 @@ REAL_CASES = [
     RealCase("real-sft-lora", "sft", True, 2e-4, variants=(("padding_free", ("recipe.padding_free=true",)),)),
     RealCase("real-reward-lora", "reward", True, 2e-4),
     RealCase("real-dpo-lora", "dpo", True, 2e-4,
-             variants=(("share_prompt", ("recipe.share_prompt=true",)), ("padding_free", ("recipe.padding_free=true",)))),
+             variants=(("share_prompt", ("recipe.share_prompt=true",)), ("padded", ("recipe.padding_free=false",)))),
     RealCase("real-grpo-lora", "grpo", True, 1e-5),
 ]
 

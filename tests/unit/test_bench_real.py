@@ -64,8 +64,8 @@ def test_cases_and_the_order_sides_run_in(real):
     assert [c.name for c in real.REAL_CASES] == ["real-sft", "real-sft-lora", "real-reward-lora", "real-dpo-lora", "real-grpo-lora"]
     assert [c.lora for c in real.REAL_CASES] == [False, True, True, True, True]
     dpo = next(c for c in real.REAL_CASES if c.name == "real-dpo-lora")
-    assert real.sides(dpo) == ["alignctl", "alignctl+share_prompt", "alignctl+padding_free", "trl-fp32", "trl-bf16"]
-    assert dict(dpo.variants) == {"share_prompt": ("recipe.share_prompt=true",), "padding_free": ("recipe.padding_free=true",)}
+    assert real.sides(dpo) == ["alignctl", "alignctl+share_prompt", "alignctl+padded", "trl-fp32", "trl-bf16"]
+    assert dict(dpo.variants) == {"share_prompt": ("recipe.share_prompt=true",), "padded": ("recipe.padding_free=false",)}
     sft = real.REAL_CASES[0]
     assert real.run_order(sft, 0) == ["alignctl", "trl-fp32", "trl-bf16"]
     assert real.run_order(sft, 1) == ["trl-bf16", "trl-fp32", "alignctl"]
