@@ -48,7 +48,7 @@ def runs(quick_sft_run, tmp_path_factory):
         "rlhf": lambda: _train(root / "rlhf", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
                        "recipe.max_steps=4", "recipe.steps_per_generation=2", "recipe.num_ppo_epochs=2", *small),
         "adaptive": lambda: _train(root / "adaptive", "recipe=ppo", f"inputs.policy={sft_dir}", f"inputs.reward={reward.dir}",
-                           "recipe.max_steps=3", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
+                           "recipe.max_steps=4", "recipe.num_ppo_epochs=1", "recipe.beta=0.05", "recipe.kl_target=0.001", "recipe.kl_horizon=100",
                            "recipe.lr=1e-3", *small),
         # A graded reward (length): a short SFT run solves no sum, and all-zero verifier rewards over a
         # value head that starts at zero leave no advantage to train the policy's adapter.
@@ -128,12 +128,19 @@ def test_the_value_model_trains_away_from_the_reward_model(runs):
 def test_adaptive_kl_controller_moves_beta(runs):
     run = runs[0]["adaptive"]
     run.assert_finished()
-    betas = [r["beta"] for r in run.train_records()]  # the beta each rollout was scored with
+    records = run.train_records()
+    betas = [r["beta"] for r in records]  # the beta each rollout was scored with
+    kls = [r["objective/kl"] for r in records]  # the KL that rollout measured
     assert betas[0] == 0.05
     # Rollout 1 is sampled from the reference itself (KL 0, below target): beta falls by the largest
-    # step, 1 - 0.2 x 16 / 100; once training has moved the policy past the tiny target, it rises.
-    assert betas[1] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100))
-    assert betas[2] > betas[1], betas
+    # step, 1 - 0.2 x 16 / 100. Then each rollout's KL moves the next beta (Ziegler et al.'s controller:
+    # proportional error clipped to +-0.2, 16 rollout sequences over a horizon of 100), and once
+    # training has moved the policy past the tiny target, beta rises.
+    assert kls[0] == 0.0 and betas[1] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100))
+    for before, after, kl in zip(betas, betas[1:], kls):
+        error = min(max(kl / 0.001 - 1, -0.2), 0.2)
+        assert after == pytest.approx(before * (1 + error * 16 / 100)), (betas, kls)
+    assert any(after > before for before, after in zip(betas, betas[1:])), (betas, kls)
 
 
 def test_ppo_without_any_reward_is_one_line(alignctl, tmp_path):
