@@ -52,7 +52,7 @@ class _LinearLogps(torch.autograd.Function):
         correct = torch.empty(count, dtype=torch.bool, device=hidden.device) if with_argmax else None
         for start in range(0, count, chunk):
             end = min(start + chunk, count)
-            logits = (hidden[start:end].to(dtype) @ cast_weight.T).float() / temperature
+            logits = _scaled((hidden[start:end].to(dtype) @ cast_weight.T).float(), temperature)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - chunk_lse
             lse[start:end] = chunk_lse
@@ -77,18 +77,24 @@ class _LinearLogps(torch.autograd.Function):
         for start in range(0, count, ctx.chunk):
             end = min(start + ctx.chunk, count)
             rows = hidden[start:end].to(dtype)
-            logits = (rows @ cast_weight.T).float() / ctx.temperature
-            probs = torch.exp(logits - lse[start:end, None])
-            grad_logits = torch.zeros_like(logits)
+            logits = _scaled((rows @ cast_weight.T).float(), ctx.temperature)
+            # In place wherever a (rows x vocab) float32 tensor is no longer needed: at a 49k vocabulary
+            # each one is a pass over memory that costs as much as a small matmul.
+            log_p = logits.sub_(lse[start:end, None])
+            probs = log_p.exp()
+            grad_logits = None
+            if grad_entropy is not None:
+                # H = -sum p log p: dH / d logits_j = -p_j (log p_j + H).
+                grad_logits = log_p.add_(entropy[start:end, None]).mul_(probs).mul_(-grad_entropy[start:end, None].float())
             if grad_logps is not None:
                 # d log p(y) / d logits = onehot(y) - softmax(logits), and logits = h W^T / temperature.
                 upstream = grad_logps[start:end, None].float()
-                grad_logits.add_(probs * -upstream).scatter_add_(-1, targets[start:end, None], upstream)
-            if grad_entropy is not None:
-                # H = -sum p log p: dH / d logits_j = -p_j (log p_j + H).
-                log_p = logits - lse[start:end, None]
-                grad_logits.add_(-probs * (log_p + entropy[start:end, None]) * grad_entropy[start:end, None].float())
-            grad_logits = (grad_logits / ctx.temperature).to(dtype)
+                term = probs.mul_(-upstream)
+                grad_logits = term if grad_logits is None else grad_logits.add_(term)
+                grad_logits.scatter_add_(-1, targets[start:end, None], upstream)
+            if grad_logits is None:  # neither output reached the loss
+                grad_logits = torch.zeros_like(probs)
+            grad_logits = _scaled(grad_logits, ctx.temperature).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ cast_weight
             if ctx.needs_input_grad[1]:
@@ -98,6 +104,11 @@ class _LinearLogps(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _scaled(values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """values / temperature, in place, and no pass at all at temperature 1."""
+    return values if temperature == 1.0 else values.div_(temperature)
 
 
 def linear_logps(
