@@ -39,7 +39,7 @@ rows = {steps} * (1 if "{stage}" == "grpo" else 4)
 data = bench.write_data(__import__("pathlib").Path("{data_dir}"), "{stage}", rows, prompt_chars=(40, 200), answer_chars=(30, 200))
 spec = dict(side="alignctl", case="{case}", stage="{stage}", model_dir="{model_dir}", data=str(data), lora={lora}, lr={lr}, steps={steps},
             batch_size=4, max_length=128, beta=0.1, num_generations=4, max_new_tokens=32, threads=2, seed=0, alignctl=[],
-            fresh_datasets_cache=True, run_dir="{data_dir}/run-{case}")
+            fresh_datasets_cache=True, run_dir="{data_dir}/run-{case}-{tree.name}")
 print("RESULT", json.dumps(bench.run_worker(spec)))
 """
     env = {**os.environ, "PYTHONPATH": str(tree)}
