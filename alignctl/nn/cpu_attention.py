@@ -31,23 +31,25 @@ def runs_in_float32(query: torch.Tensor) -> bool:
     return query.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
 
 
-def _output_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype sdpa returns for this query: autocast's where it is on (sdpa is on its lower-precision list)."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-
-
 def _float32_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.float() if mask is not None and mask.is_floating_point() else mask
+
+
+def _in_float32(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
+    """attend(query, key, value, mask) in float32 with autocast off, its output (first of a tuple)
+    back in the dtype sdpa would have returned: autocast's where it is on (sdpa is on its
+    lower-precision list), the query's otherwise."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    with torch.autocast("cpu", enabled=False):
+        out = attend(query.float(), key.float(), value.float(), _float32_mask(mask))
+    return (out[0].to(dtype), *out[1:]) if isinstance(out, tuple) else out.to(dtype)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """torch's scaled_dot_product_attention, in float32 where `runs_in_float32` says so."""
     if not runs_in_float32(query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
-    dtype = _output_dtype(query)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=_float32_mask(attn_mask), **kwargs)
-    return out.to(dtype)
+    return _in_float32(lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs), query, key, value, attn_mask)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -55,10 +57,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' sdpa attention function, in float32 where `runs_in_float32` says so."""
     if not runs_in_float32(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    dtype = _output_dtype(query)
-    with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), _float32_mask(attention_mask), **kwargs)
-    return out.to(dtype), weights
+    return _in_float32(lambda q, k, v, mask: sdpa_attention_forward(module, q, k, v, mask, **kwargs), query, key, value, attention_mask)
 
 
 AttentionInterface.register(NAME, attention_forward)

@@ -456,7 +456,3 @@ def engine_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
         tolerance = max(CHECK_TOLERANCE, AUTOCAST_CHECK_FRACTION * float(theirs.std()))
     return float((ours - theirs).abs().max()), tolerance
 
-
-def check_against_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """`engine_gap`'s gap alone."""
-    return engine_gap(model, input_ids, attention_mask)[0]

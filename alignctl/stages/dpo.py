@@ -67,9 +67,9 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig,
 
 def batch_layout(recipe: DPOConfig, policy: torch.nn.Module) -> tuple[bool, bool]:
     """(share_prompt, padding_free) as the batches are built. Prefix sharing needs the KV cache, which
-    gradient checkpointing turns off. padding_free=null: padding-free where it pays (SmolLM2 LoRA DPO under
-    bf16 on 2 CPU cores: 2.08 s a step against 2.96 s padded, docs/performance.md), padded rows where it
-    would not or where share_prompt runs."""
+    gradient checkpointing turns off. padding_free=null: padding-free where it pays (no padding computed;
+    on SmolLM2 LoRA DPO under bf16, 2 CPU cores, 1.00 s a step against 1.03 s padded, docs/performance.md),
+    padded rows where it would not or where share_prompt runs."""
     share = recipe.share_prompt and shared_prompt_applies(policy)
     padding_free = recipe.padding_free if recipe.padding_free is not None else (not share and packed_layout_pays(policy))
     return share, padding_free
