@@ -89,52 +89,79 @@ def unsupported_reason(model: nn.Module, total_length: int | None = None) -> str
     if uses_window and (total_length is None or total_length > window):
         return f"a sliding attention window ({window} tokens) shorter than the sequence"
     for name, module in lm.named_modules():
-        if name.endswith(("_proj", "lm_head")) and _effective_linear(module) is None:
+        if name.endswith(("_proj", "lm_head")) and not _foldable(module):
             return f"{name} is a {type(module).__name__} (quantised, sharded or an adapter kind the engine does not fold)"
     if type(lm.get_input_embeddings()) is not nn.Embedding:
         return "an adapter on the input embeddings"
     return None
 
 
-def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) that `module` applies in eval mode, adapters folded in; None when it is not a
-    plain or peft-LoRA/DoRA linear over a plain float weight."""
-    if type(module) is nn.Linear:
-        return _plain(module.weight), module.bias
+def _adapted(module: nn.Module) -> tuple[nn.Linear, list[str]] | None:
+    """(base layer, names of the adapters to fold) of a peft LoRA/DoRA linear over a plain float weight;
+    None when `module` is not one the engine can fold (a plain nn.Linear is handled by the caller)."""
     base = getattr(module, "base_layer", None)
     if type(base) is not nn.Linear or not hasattr(module, "lora_A") or _plain(base.weight) is None:
         return None
-    weight = base.weight
     if getattr(module, "disable_adapters", False):
-        return (weight, base.bias) if not getattr(module, "merged_adapters", []) else None
-    for name in module.active_adapters:
-        if name not in module.lora_A or name in module.merged_adapters:
-            continue
+        return (base, []) if not getattr(module, "merged_adapters", []) else None
+    names = [name for name in module.active_adapters if name in module.lora_A and name not in module.merged_adapters]
+    for name in names:
         if getattr(module, "lora_bias", {}).get(name, False) or getattr(module, "fan_in_fan_out", False):
             return None
-        delta = module.get_delta_weight(name)
+    return base, names
+
+
+def _foldable(module: nn.Module) -> bool:
+    """Whether `_effective_linear` applies, without folding anything (a rollout asks every time)."""
+    return (type(module) is nn.Linear and _plain(module.weight) is not None) or _adapted(module) is not None
+
+
+def _effective_linear(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) that `module` applies in eval mode, adapters folded in, in `dtype` (None: as the
+    fold gives it); None when it is not a plain or peft-LoRA/DoRA linear over a plain float weight.
+
+    A LoRA is folded with one addmm, W + s·B·A, in `dtype`: under CPU autocast that is bf16 A and B, as
+    autocast casts them in the model's own forward, with the sum accumulated in float32 and rounded once."""
+    if type(module) is nn.Linear:
+        weight = _plain(module.weight)
+        return (None if weight is None else _in(weight, dtype)), _in(module.bias, dtype)
+    adapted = _adapted(module)
+    if adapted is None:
+        return None
+    base, names = adapted
+    weight = base.weight
+    if not names:
+        return _in(weight, dtype), _in(base.bias, dtype)
+    for name in names:
         if module.use_dora.get(name, False):  # W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, row-wise (peft's merge)
+            delta = module.get_delta_weight(name)
             magnitude = module.lora_magnitude_vector[name]
             norm = magnitude.get_weight_norm(weight, delta, scaling=1)
             weight = (magnitude.weight / norm).view(-1, 1) * (weight + delta)
         else:
-            weight = weight + delta
-    return weight, base.bias
+            fold = dtype or torch.promote_types(weight.dtype, module.lora_A[name].weight.dtype)
+            weight = torch.addmm(weight.to(fold), module.lora_B[name].weight.to(fold), module.lora_A[name].weight.to(fold),
+                                 alpha=module.scaling[name])
+    return _in(weight, dtype), _in(base.bias, dtype)
+
+
+def _in(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
 
 
 def _plain(weight: torch.Tensor) -> torch.Tensor | None:
     return weight if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point() else None
 
 
-def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    found = _effective_linear(module)
+def _linear(module: nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    found = _effective_linear(module, dtype)
     if found is None:
         raise ValueError(f"native rollout engine: cannot fold {type(module).__name__}")
     return found
 
 
-def _fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    pairs = [_linear(m) for m in modules]
+def _fuse(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pairs = [_linear(m, dtype) for m in modules]
     weight = torch.cat([w for w, _ in pairs])
     if all(b is None for _, b in pairs):
         return weight, None
@@ -142,53 +169,49 @@ def _fuse(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def read_weights(model: nn.Module) -> Weights:
-    """The model's current weights, fused and with adapters folded in (a copy where anything is folded)."""
+def read_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Weights:
+    """The model's current weights, fused and with adapters folded in (a copy where anything is folded),
+    the matmul weights in `dtype` (None: as they are); the embedding and norms as they are."""
     lm = causal_lm(model)
     layers = []
     for block in lm.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        out, out_bias = _linear(attn.o_proj)
-        gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
-        down, down_bias = _linear(mlp.down_proj)
+        qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+        out, out_bias = _linear(attn.o_proj, dtype)
+        gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj], dtype)
+        down, down_bias = _linear(mlp.down_proj, dtype)
         assert gate_up_bias is None and down_bias is None, "unsupported_reason admits bias-free MLPs only"
         layers.append(Layer(block.input_layernorm.weight, qkv, qkv_bias, out, out_bias, block.post_attention_layernorm.weight, gate_up, down))
-    head, head_bias = _linear(lm.lm_head)
+    head, head_bias = _linear(lm.lm_head, dtype)
     return Weights(lm.get_input_embeddings().weight, layers, lm.model.norm.weight, head, head_bias)
 
 
-def _cast(weights: Weights, dtype: torch.dtype, others: torch.dtype | None = None) -> Weights:
-    """The matmul weights in `dtype`; the embedding and norms in `others` (None: as they are)."""
+def decoding_precision(model: nn.Module) -> tuple[Weights, torch.dtype | None, torch.dtype | None]:
+    """The weights the decoder runs on, the dtype its matmuls run in with autocast off (None: as the
+    weights are, under whatever autocast is on), and the dtype of its residual stream (None: the
+    embedding's). Without autocast: the weights as they are.
 
-    def matmul(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(dtype)
-
-    other = (lambda t: t.to(others)) if others is not None else (lambda t: t)
-    layers = [Layer(other(layer.input_norm), matmul(layer.qkv), matmul(layer.qkv_bias), matmul(layer.out), matmul(layer.out_bias),
-                    other(layer.post_norm), matmul(layer.gate_up), matmul(layer.down)) for layer in weights.layers]
-    return Weights(other(weights.embed), layers, other(weights.norm), matmul(weights.head), matmul(weights.head_bias))
-
-
-def decoding_precision(weights: Weights) -> tuple[Weights, torch.dtype | None]:
-    """The weights the decoder runs on, and the dtype its matmuls run in with autocast off (None: as
-    the weights are, under whatever autocast is on). Without autocast: the weights as they are.
-
-    On a CPU under autocast: the matmul weights in the autocast dtype, everything else (embedding,
-    norms, residual stream, KV cache, attention) in float32, autocast off and each matmul's input cast
-    by hand. A decode step multiplies a few rows by every weight, so it is bound by reading the weights:
-    bf16 halves that (SmolLM2, 4 rows, 2 cores: the fused gate/up matmul 0.11 against 0.22 ms, the
-    output layer 1.9 against 3.6 ms), while the thin attention and elementwise work is faster in float32
-    there. Elsewhere under autocast: the matmul weights cast once to its dtype, the values autocast
-    would give at every call (folding a LoRA into a bf16 base gives float32 copies it would cast again
-    each decode step)."""
-    device = weights.embed.device.type
+    On a CPU under autocast: the matmul weights folded in the autocast dtype; the residual stream, KV
+    cache, attention and norms in float32, autocast off and each matmul's input cast by hand. A decode
+    step multiplies a few rows by every weight, so it is bound by reading the weights: bf16 halves that
+    (SmolLM2, 4 rows, 2 cores: the fused gate/up matmul 0.11 against 0.22 ms, the output layer 1.9
+    against 3.6 ms), while the thin attention and elementwise work is faster in float32 there. The
+    embedding stays as stored: only the rows a step looks up are cast (a float32 copy of SmolLM2's
+    would be 113 MB a rollout). Elsewhere under autocast: the matmul weights folded in its dtype, the
+    values autocast would give at every call."""
+    device = model_device(model).type
     if not torch.is_autocast_enabled(device):
-        return weights, None
+        return read_weights(model), None, None
     dtype = torch.get_autocast_dtype(device)
     if device == "cpu":
-        return _cast(weights, dtype, others=torch.float32), dtype
-    return _cast(weights, dtype), None
+        return _norms_in(read_weights(model, dtype), torch.float32), dtype, torch.float32
+    return read_weights(model, dtype), None, None
+
+
+def _norms_in(weights: Weights, dtype: torch.dtype) -> Weights:
+    layers = [Layer(layer.input_norm.to(dtype), layer.qkv, layer.qkv_bias, layer.out, layer.out_bias, layer.post_norm.to(dtype), layer.gate_up,
+                    layer.down) for layer in weights.layers]
+    return Weights(weights.embed, layers, weights.norm.to(dtype), weights.head, weights.head_bias)
 
 
 class Decoder:
@@ -197,37 +220,43 @@ class Decoder:
     def __init__(self, model: nn.Module, rows: int, capacity: int) -> None:
         lm = causal_lm(model)
         config = lm.config
-        self.weights, self.matmul_dtype = decoding_precision(read_weights(model))
+        self.weights, self.matmul_dtype, self.stream_dtype = decoding_precision(model)
         self.rotary = lm.model.rotary_emb
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        reference = self.weights.embed
+        self.dtype = self.stream_dtype or self.weights.embed.dtype  # residual stream, KV cache, attention
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        self.keys = [reference.new_zeros(shape) for _ in self.weights.layers]
-        self.values = [reference.new_zeros(shape) for _ in self.weights.layers]
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.weights.embed.device) for _ in self.weights.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.weights.embed.device) for _ in self.weights.layers]
         self.length = 0  # cache columns filled
 
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Last-position logits of `input_ids` (rows, t) written after the cache's columns; key_mask
         (rows, 1, t, length + t), boolean or additive, says which cached and new keys each query sees
-        (None: all, causally)."""
+        (None: all, causally). Sampling only: no gradient."""
         if self.matmul_dtype is not None:
             with torch.autocast("cpu", enabled=False):
                 return self._forward(input_ids, positions, key_mask)
         return self._forward(input_ids, positions, key_mask)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        # A decode step is a few rows through every layer: the matmuls read the weights, and the rest is
+        # one small kernel per op. So casts are folded into the ops that need them (a norm writes the
+        # matmul dtype, a matmul's output joins the float32 stream by type promotion) and the rotation is
+        # three ops, not six.
         w, (rows, t) = self.weights, input_ids.shape
         x = F.embedding(input_ids, w.embed)
+        if self.stream_dtype is not None:
+            x = x.to(self.stream_dtype)
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(1), _signed_sin(sin.unsqueeze(1))
         start, end = self.length, self.length + t
-        hidden = x.size(-1)
         for layer, keys, values in zip(w.layers, self.keys, self.values):
-            h = F.rms_norm(x, (hidden,), layer.input_norm, self.eps)
-            qkv = self._linear(h, layer.qkv, layer.qkv_bias).view(rows, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv = F.linear(self._norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+            qkv = qkv.view(rows, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
             query_key, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
             q, k = _rotate(query_key, cos, sin).split([self.heads, self.kv_heads], dim=1)  # one rotation for both
             keys[:, :, start:end] = k
@@ -236,18 +265,21 @@ class Decoder:
                 q, keys[:, :, :end], values[:, :, :end], attn_mask=key_mask,
                 is_causal=key_mask is None and t > 1 and start == 0, enable_gqa=self.kv_heads != self.heads,
             )
-            x = x + self._linear(attended.transpose(1, 2).reshape(rows, t, -1), layer.out, layer.out_bias)
-            h = F.rms_norm(x, (hidden,), layer.post_norm, self.eps)
-            gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, layer.down)
+            attended = attended.transpose(1, 2).reshape(rows, t, -1).to(self.compute_dtype(x))
+            x = x + F.linear(attended, layer.out, layer.out_bias)
+            gate, up = F.linear(self._norm(x, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
         self.length = end
-        return self._linear(F.rms_norm(x[:, -1], (hidden,), w.norm, self.eps), w.head, w.head_bias).float()
+        return F.linear(self._norm(x[:, -1], w.norm), w.head, w.head_bias).float()
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear; with `matmul_dtype`, x cast to it and the product back to x's dtype."""
-        if self.matmul_dtype is None:
-            return F.linear(x, weight, bias)
-        return F.linear(x.to(self.matmul_dtype), weight, bias).to(x.dtype)
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.matmul_dtype or x.dtype
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm computed in float32 (as the model's own), written in the matmul dtype."""
+        x32 = x.float()
+        rstd = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return torch.mul(x32 * rstd, weight, out=torch.empty(x.shape, dtype=self.compute_dtype(x), device=x.device))
 
     def repeat_rows(self, copies: int) -> None:
         self.keys = [k.repeat_interleave(copies, dim=0) for k in self.keys]
@@ -258,9 +290,16 @@ class Decoder:
         self.values = [v.index_select(0, index) for v in self.values]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) · sin = roll(x, half) · signed sin."""
+    half = sin.size(-1) // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, x · cos + rotate_half(x) · sin, where rotate_half(x) = (-x₂, x₁) = roll(x, half) with
+    its first half negated (folded into `signed_sin`)."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), signed_sin)
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -302,7 +341,7 @@ def sample(
     logits = logits.repeat_interleave(copies, dim=0)
     next_position = positions[:, -1].repeat_interleave(copies) + 1
     # Padding keys as an additive bias (-inf), which sdpa takes a little faster than a boolean mask.
-    key_bias = torch.zeros(rows, width + max_new_tokens, dtype=decoder.weights.embed.dtype, device=input_ids.device)
+    key_bias = torch.zeros(rows, width + max_new_tokens, dtype=decoder.dtype, device=input_ids.device)
     key_bias[:, :width].masked_fill_(~attention_mask.bool().repeat_interleave(copies, dim=0), float("-inf"))
     tokens, logps, _ = _decode(decoder, logits, next_position, key_bias if padded else None, warpers(temperature, top_k, top_p), max_new_tokens,
                                eos_id, pad_id, keep_caches=False)
@@ -416,7 +455,7 @@ def sample_resumed(
     positions = (torch.arange(fresh, device=device) - (fresh - lengths)[:, None] + torch.tensor(cached, device=device)[:, None]).clamp(min=0)
     logits = decoder.forward(input_ids, positions, resumed_mask(valid[:, : width + fresh], width))
     decoder.repeat_rows(copies)
-    key_bias = torch.zeros(rows, capacity, dtype=decoder.weights.embed.dtype, device=device).masked_fill_(~valid, float("-inf"))
+    key_bias = torch.zeros(rows, capacity, dtype=decoder.dtype, device=device).masked_fill_(~valid, float("-inf"))
     key_bias[:, width + fresh :] = 0  # the sampled tokens' columns
     tokens, logps, kept = _decode(decoder, logits.repeat_interleave(copies, dim=0), positions[:, -1].repeat_interleave(copies) + 1,
                                   key_bias.repeat_interleave(copies, dim=0), warpers(temperature, top_k, top_p), max_new_tokens, eos_id, pad_id,

@@ -246,7 +246,8 @@ def _bf16_base_with_lora():
 
 def test_under_cpu_autocast_the_engine_multiplies_in_bf16_keeps_the_rest_float32_and_is_still_taken():
     """A decode step is bound by reading the weights, so its matmul weights are bf16; the residual stream,
-    norms, cache and attention stay float32. The check against the model's own bf16-rounded forward is to
+    norms, cache and attention stay float32, and the embedding stays as stored (no float32 copy of the
+    vocabulary: only the looked-up rows are cast). The check against the model's own bf16-rounded forward is to
     a fraction of its logits' spread: before that, every bf16 rollout fell back to generate."""
     model = _bf16_base_with_lora()
     ids, mask = left_padded(PROMPTS)
@@ -255,7 +256,8 @@ def test_under_cpu_autocast_the_engine_multiplies_in_bf16_keeps_the_rest_float32
         assert decoder.matmul_dtype == torch.bfloat16
         assert {t.dtype for layer in decoder.weights.layers for t in (layer.qkv, layer.gate_up, layer.out, layer.down)} == {torch.bfloat16}
         assert {layer.input_norm.dtype for layer in decoder.weights.layers} == {torch.float32}
-        assert decoder.weights.embed.dtype == decoder.keys[0].dtype == torch.float32 and decoder.weights.head.dtype == torch.bfloat16
+        assert decoder.weights.embed.dtype == torch.bfloat16 and decoder.weights.embed is model.get_input_embeddings().weight
+        assert decoder.keys[0].dtype == decoder.dtype == torch.float32 and decoder.weights.head.dtype == torch.bfloat16
         gap, tolerance = decode.engine_gap(model, ids, mask)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
@@ -288,8 +290,8 @@ def test_under_cpu_autocast_an_engine_that_computes_another_model_is_still_caugh
     ids, mask = left_padded(PROMPTS)
     original = decode.read_weights
 
-    def zeroed_output_projection(m):  # an engine bug: the first layer's attention output dropped
-        weights = original(m)
+    def zeroed_output_projection(m, dtype=None):  # an engine bug: the first layer's attention output dropped
+        weights = original(m, dtype)
         weights.layers[0].out = torch.zeros_like(weights.layers[0].out)
         return weights
 
