@@ -29,11 +29,12 @@ CASES = {  # name -> (stage, lora, learning rate): the real tier's cases
 
 
 def run_case(tree: Path, case: str, steps: int, data_dir: Path, model_dir: Path) -> dict:
-    """One process of `case` with the code in `tree` (its own scripts/bench.py launches its worker)."""
+    """One process of `case` with alignctl's code from `tree`, launched and measured by this checkout's
+    scripts/bench.py and worker (so that every commit is measured the same way)."""
     stage, lora, lr = CASES[case]
     code = f"""
 import json, sys
-sys.path.insert(0, "scripts")
+sys.path.insert(0, "{HERE}")
 import bench
 rows = {steps} * (1 if "{stage}" == "grpo" else 4)
 data = bench.write_data(__import__("pathlib").Path("{data_dir}"), "{stage}", rows, prompt_chars=(40, 200), answer_chars=(30, 200))
@@ -43,6 +44,9 @@ spec = dict(side="alignctl", case="{case}", stage="{stage}", model_dir="{model_d
 print("RESULT", json.dumps(bench.run_worker(spec)))
 """
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    found = subprocess.run([sys.executable, "-c", "import alignctl; print(alignctl.__file__)"], cwd=tree, env=env, capture_output=True, text=True)
+    if not found.stdout.strip().startswith(str(tree)):
+        raise SystemExit(f"bench_commits: alignctl does not import from {tree} ({found.stdout.strip() or found.stderr.strip()})")
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode or line is None:

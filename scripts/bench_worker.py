@@ -228,8 +228,21 @@ def _grpo(spec, model, tokenizer, dataset):
 TRL_BUILDERS = {"sft": _sft, "reward": _reward, "dpo": _dpo, "kto": _kto, "grpo": _grpo}
 
 
+def under_alignctl_allocator() -> None:
+    """Re-execute this worker once under the allocator alignctl's CLI would pick (jemalloc where installed),
+    as the CLI does itself: otherwise the CLI would re-execute as itself, and this worker's measurements
+    and result line would be lost. Callers that already preload it (scripts/bench.py) are left as they are."""
+    from alignctl.core import allocator
+
+    env = allocator.environment(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec["side"] == "alignctl":
+        under_alignctl_allocator()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if spec.get("fresh_datasets_cache"):
         # An empty datasets cache for this process (set before `datasets` is imported): a run must not
