@@ -107,6 +107,7 @@ def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from alignctl.models.loading import DTYPES, four_bit_config, keep_4bit_trainable, quantized_on_disk
+    from alignctl.models.pread_loading import reads_not_mapped
 
     adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
     base = adapter_config["base_model_name_or_path"]
@@ -119,6 +120,7 @@ def merge_adapter(checkpoint: Path, run: Path, out: Path, tolerance: str | None)
     auto = AutoModelForSequenceClassification if adapter_config.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
     extra = {"num_labels": 1} if auto is AutoModelForSequenceClassification else {}
 
+    @reads_not_mapped
     def load_base():
         if not quantized:
             return auto.from_pretrained(base, dtype=dtype, **extra)

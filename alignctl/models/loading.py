@@ -29,6 +29,7 @@ from alignctl.core import bitsandbytes_gate, distributed
 from alignctl.core.errors import AdapterError, ModelLoadError
 from alignctl.models.cache import cache_dir
 from alignctl.models.gguf import build_from_gguf
+from alignctl.models.pread_loading import reads_not_mapped
 from alignctl.models.tokenizer import build_char_tokenizer
 from alignctl.nn import cpu_attention
 from alignctl.nn.model_parts import backbone
@@ -249,6 +250,7 @@ def quantized_on_disk(base: str) -> bool:
     return config.exists() and "quantization_config" in json.loads(config.read_text())
 
 
+@reads_not_mapped
 def merged_checkpoint(path: str, auto, **kwargs) -> torch.nn.Module:
     """A run's adapter checkpoint folded into the base it names (what AutoPeftModel + merge_and_unload
     gives). A QLoRA checkpoint names its 4-bit base (anchor_4bit): the adapter goes into that base's
@@ -263,6 +265,7 @@ def merged_checkpoint(path: str, auto, **kwargs) -> torch.nn.Module:
     return PeftModel.from_pretrained(loaded, path).merge_and_unload()
 
 
+@reads_not_mapped
 def load_causal_lm(path: str, model: ModelConfig, hardware: HardwareConfig, adapter=None, base_dir: Path | None = None) -> torch.nn.Module:
     """Load a causal LM from safetensors (trust_remote_code only if asked), on the configured device;
     in 4 bits when `adapter` is qlora (the model that trains under the adapter). A run checkpoint
@@ -331,6 +334,7 @@ def check_reward_model(path: str, model: ModelConfig, culprit: str) -> None:
         )
 
 
+@reads_not_mapped
 def load_reward_model(path: str, model: ModelConfig, hardware: HardwareConfig, pad_token_id: int, adapter=None,
                       base_dir: Path | None = None) -> torch.nn.Module:
     """A one-label sequence classifier: a reward model, or a new one whose backbone comes from a causal LM.

@@ -5,6 +5,7 @@ the CLI layer (where they keep `alignctl --help` and config errors free of torch
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,5 +111,7 @@ def test_cli_help_and_a_bad_config_load_no_torch():
         "        pass\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    # The system allocator: under jemalloc the CLI would re-execute itself, and the probe with it.
+    env = {**os.environ, "ALIGNCTL_ALLOCATOR": "system"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout + out.stderr
