@@ -51,7 +51,7 @@ def test_a_requested_allocator_that_is_missing_or_unknown_is_refused(installed, 
 @pytest.mark.skipif(allocator.find("jemalloc") is None, reason="jemalloc is not installed (apt-get install libjemalloc2)")
 def test_the_preload_takes_effect_and_is_seen(tmp_path):
     script = tmp_path / "which.py"
-    script.write_text("from alignctl import allocator; print(allocator.active())")
+    script.write_text("from alignctl.core import allocator; print(allocator.active())")
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     under = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=allocator.environment({"PATH": "/usr/bin:/bin"}))
     assert (plain.stdout.strip(), under.stdout.strip()) == ("system", "jemalloc")
