@@ -5,7 +5,7 @@ detached git worktree, put first on PYTHONPATH) on the same rows and hyperparame
 `make bench` (scripts/bench_real.py), and prints its median step (the first left out), its whole process
 and its peak RSS. No TRL here: scripts/bench.py --tier real compares against TRL.
 
-    python scripts/bench_commits.py c3e1b9c HEAD [--cases sft-lora,sft,reward-lora,dpo-lora,grpo-lora] [--steps 8]
+    python scripts/bench_commits.py c3e1b9c HEAD [--cases sft-lora,sft,reward-lora,dpo-lora,grpo-lora] [--steps 8] [--reps 1]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("commits", nargs="+")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=1, help="runs per case and commit, alternating; medians")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import bench_real
@@ -77,10 +78,15 @@ def main() -> None:
         print("| case | " + " | ".join(args.commits) + " |")
         print("|---|" + "---|" * len(args.commits))
         for case in args.cases.split(","):
+            runs: dict[str, list[dict]] = {commit: [] for commit in trees}
+            for rep in range(args.reps):  # the commits' order reverses every repetition
+                for commit in (list(trees) if rep % 2 == 0 else list(trees)[::-1]):
+                    shutil.rmtree(work / "data" / f"run-{case}-{trees[commit].name}", ignore_errors=True)
+                    runs[commit].append(run_case(trees[commit], case, args.steps, work / "data", model_dir))
             cells = []
-            for tree in trees.values():
-                figures = run_case(tree, case, args.steps, work / "data", model_dir)
-                cells.append(f"{figures['step']:.3f} s ({figures['process']:.1f} s, {figures['rss']:.0f} MiB)")
+            for commit in trees:
+                step, process, rss = (statistics.median(r[key] for r in runs[commit]) for key in ("step", "process", "rss"))
+                cells.append(f"{step:.3f} s ({process:.1f} s, {rss:.0f} MiB)")
             print(f"| {case} | " + " | ".join(cells) + " |", flush=True)
     finally:
         for tree in trees.values():

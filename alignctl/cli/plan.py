@@ -220,7 +220,7 @@ def model_activations(cfg: Any, config: Any, kind: str, size: int, shape: BatchS
     recipe = cfg.recipe
     chunk = getattr(recipe, "lm_head_chunk", 0) if not seq_cls else 0
     total = memory.activation_bytes(shape.rows, shape.width, shape.positions, shapes, precision, getattr(recipe, "fused_mlp", False),
-                                    chunk, cfg.hardware.gradient_checkpointing)
+                                    chunk, cfg.hardware.gradient_checkpointing, getattr(recipe, "fused_rms_norm", False))
     if kind == "none" and sixteen and size == 4:
         total += linear * 2  # autocast's bf16 copy of each trained linear weight, saved for backward
     return total

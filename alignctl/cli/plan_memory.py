@@ -4,7 +4,10 @@ adds around it on a CPU.
 Saved activations, per token and decoder layer (Llama family: hidden h, key/value width kv,
 MLP width I; c = bytes of the compute dtype, 2 under 16-bit autocast):
 - each RMSNorm keeps its input upcast to float32 (4h, twice a layer), and with the norms trained
-  (full fine-tuning) their normalised output as well (c*h, twice);
+  (full fine-tuning) their normalised output as well (c*h, twice); with `recipe.fused_rms_norm`
+  (alignctl/nn/fused_rms_norm.py) only its input as it comes (the residual stream: c*h where the weights
+  are stored in the compute dtype, 4h where they are float32 or 4-bit); both keep one float a token
+  more (not counted);
 - the linear layers keep their inputs: one shared copy for q|k|v, one for gate|up, plus o_proj's and
   down_proj's inputs (c*(3h + I)) when the weights are stored in the compute dtype; float32 weights
   under 16-bit autocast cast the input once per layer called (c*(6h + I)), and so do the float32
@@ -72,10 +75,14 @@ class Precision:
     norms_trained: bool  # full fine-tuning: the norms' outputs are saved for their weight's gradient
 
 
-def layer_bytes_per_token(s: Shapes, p: Precision, fused_mlp: bool) -> float:
+def layer_bytes_per_token(s: Shapes, p: Precision, fused_mlp: bool, fused_norm: bool = False) -> float:
     """Bytes one decoder layer keeps for backward per token (see the module docstring)."""
     h, c, inter = s.hidden, p.compute, s.intermediate
-    norms = 2 * 4 * h + (2 * c * h if p.norms_trained else 0)
+    if fused_norm:
+        stream = 4 if (p.casts_inputs or p.four_bit) else c
+        norms = 2 * stream * h
+    else:
+        norms = 2 * 4 * h + (2 * c * h if p.norms_trained else 0)
     inputs = c * ((6 if p.casts_inputs else 3) * h + inter) + (2 * 4 * h if p.four_bit else 0)
     attention = 4 * c * h
     mlp = (2 if fused_mlp else 3) * c * inter
@@ -83,10 +90,10 @@ def layer_bytes_per_token(s: Shapes, p: Precision, fused_mlp: bool) -> float:
 
 
 def activation_bytes(rows: int, width: int, positions: int, s: Shapes, p: Precision, fused_mlp: bool,
-                     head_chunk: int, checkpointing: bool) -> float:
+                     head_chunk: int, checkpointing: bool, fused_norm: bool = False) -> float:
     """Activations of one micro-batch of `rows` x `width` tokens, `positions` of which reach the output layer."""
     tokens = rows * width
-    layer = layer_bytes_per_token(s, p, fused_mlp) * tokens
+    layer = layer_bytes_per_token(s, p, fused_mlp, fused_norm) * tokens
     if checkpointing:
         stack = s.layers * tokens * s.hidden * (4 if p.four_bit else p.compute) + layer
     else:

@@ -111,6 +111,7 @@ class TrainConfig:
     nonfinite: NonFinite  # a step whose loss or gradient is nan/inf: stop the run, or skip the step and count it
     lm_head_chunk: int = within("[0, 1e7]", "0: plain logits")  # positions per chunk of the fused output layer (alignctl/nn/lm_head.py); 0: plain logits
     fused_mlp: bool  # SwiGLU MLPs keep (gate, up) for backward, not silu(gate) too (alignctl/nn/fused_mlp.py)
+    fused_rms_norm: bool  # RMSNorms keep their input and one float a token for backward (alignctl/nn/fused_rms_norm.py)
     trim_top_layer: bool  # scalar heads: the top decoder layer runs at the scored position only (alignctl/nn/last_token.py)
     guard: GuardMode  # watch for over-optimisation, KL and length bias (alignctl/train/guard.py): off, warn or stop
     guard_drop: float = within("(0, 1e9]")  # how far the held-out metric may fall below its best, in its units (0.05: 5 points)

@@ -24,6 +24,7 @@ from alignctl.models.loading import device_of, device_type
 from alignctl.models.precision import describe as describe_precision
 from alignctl.models.precision import settle
 from alignctl.nn.fused_mlp import fuse_swiglu
+from alignctl.nn.fused_rms_norm import fuse_rms_norms
 from alignctl.runs.evaluation import evaluated_run
 from alignctl.runs.interrupt import Interrupted
 from alignctl.runs.model_card import write_card
@@ -164,6 +165,8 @@ def start_training(model: torch.nn.Module, tokenizer: Any, stream: Any, cfg: Any
 
     if recipe.fused_mlp:
         fuse_swiglu(model)  # before sharding: FSDP wraps the layers whose MLPs this patches
+    if recipe.fused_rms_norm:
+        fuse_rms_norms(model)
     paged = getattr(cfg.adapter, "paged_optimizer", False)
     on_gpu = next(model.parameters()).device.type == "cuda"
     point = find_resume_point(run_dir, recipe.max_steps) if cfg.resume else None

@@ -1,7 +1,7 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
 follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO)
-against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp against the
-model's own MLP), recipe.trim_top_layer against the full top layer), through the real CLI on the
+against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp and
+recipe.fused_rms_norm against the model's own MLP and norms), recipe.trim_top_layer against the full top layer), through the real CLI on the
 built-in task."""
 
 from __future__ import annotations
@@ -72,6 +72,15 @@ def test_the_fused_mlp_trains_like_the_models_own(tmp_path):
     own = train(tmp_path, "own", *lora, "recipe.fused_mlp=false")
     fused = train(tmp_path, "fused", *lora, "recipe.fused_mlp=true")
     assert_same_training(own, fused, ("loss", "grad_norm", "rewards/margins", "logps/chosen"))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_the_fused_rms_norm_trains_like_the_models_own(tmp_path, adapter):
+    # LoRA: gradients flow through every norm to the adapters below it; none: the norms' weights train too.
+    recipe = ("recipe=sft", f"adapter={adapter}", "recipe.lr=3e-3")
+    own = train(tmp_path, "own", *recipe, "recipe.fused_rms_norm=false")
+    fused = train(tmp_path, "fused", *recipe, "recipe.fused_rms_norm=true")
+    assert_same_training(own, fused, ("loss", "grad_norm"))
 
 
 @pytest.mark.parametrize("shape", ["plain", "extra_layers"])

@@ -105,6 +105,12 @@ def test_activation_bytes_by_hand():
     # A 4-bit base keeps two more float32 (tokens x h) tensors a layer: 2*4h = 32.
     four_bit = Precision(compute=2, casts_inputs=True, four_bit=True, norms_trained=False)
     assert layer_bytes_per_token(s, four_bit, fused_mlp=True) == 32 + 64 + 32 + 32 + 32
+    # recipe.fused_rms_norm: each norm keeps its input as it comes, 2*stream*h: the bf16 stream of a bf16
+    # base 2*2*4 = 16 instead of 32; the float32 stream of float32 or 4-bit weights 2*4*4 = 32 as before,
+    # and no normalised outputs for trained norms (16 fewer).
+    assert layer_bytes_per_token(s, bf16_base, fused_mlp=True, fused_norm=True) == 136 - 32 + 16
+    assert layer_bytes_per_token(s, full, fused_mlp=True, fused_norm=True) == 32 + 64 + 32 + 32
+    assert layer_bytes_per_token(s, four_bit, fused_mlp=True, fused_norm=True) == 32 + 64 + 32 + 32 + 32
     # 1 x 2 tokens: 272 for the layer; float32 logits and their gradient 2*2*V*4 = 160, or one chunk of
     # positions (logits, exponentials, gradient: 3*1*V*4 = 120) with lm_head_chunk.
     assert activation_bytes(1, 2, 2, s, bf16_base, True, head_chunk=0, checkpointing=False) == 272 + 160

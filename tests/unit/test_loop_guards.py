@@ -20,7 +20,7 @@ from alignctl.train.metrics import MetricsLogger, keep_until_step
 def recipe(max_steps: int, nonfinite: NonFinite, save_every: int = 0) -> TrainConfig:
     return TrainConfig(stage="sft", max_steps=max_steps, lr=0.1, batch_size=1, grad_accum=1, max_length=8, scheduler=Scheduler.constant,
                        warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=None, optimizer={"_target_": "torch.optim.SGD"}, eval_every=0,
-                       save_every=save_every, keep_last=1, eval_batch_size=1, eval_max_new_tokens=1, nonfinite=nonfinite, lm_head_chunk=0, fused_mlp=False, trim_top_layer=False,
+                       save_every=save_every, keep_last=1, eval_batch_size=1, eval_max_new_tokens=1, nonfinite=nonfinite, lm_head_chunk=0, fused_mlp=False, fused_rms_norm=False, trim_top_layer=False,
                        guard=GuardMode.off, guard_drop=0.05, guard_kl_max=None, guard_length_corr=None, guard_min_evals=3, guard_window=5)
 
 

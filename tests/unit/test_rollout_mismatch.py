@@ -135,7 +135,7 @@ def test_the_loop_takes_the_max_of_micro_batches_for_max_metrics_and_adds_the_re
     ctx = LoopContext(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), logger, evaluate=lambda step: {}, save=lambda *a: None)
     recipe = TrainConfig(stage="sft", max_steps=1, lr=0.1, batch_size=1, grad_accum=3, max_length=8, scheduler=Scheduler.constant, warmup_ratio=0.0,
                          weight_decay=0.0, max_grad_norm=None, optimizer={"_target_": "torch.optim.SGD"}, eval_every=0, save_every=0, keep_last=1,
-                         eval_batch_size=1, eval_max_new_tokens=1, nonfinite=NonFinite.stop, lm_head_chunk=0, fused_mlp=False, trim_top_layer=False,
+                         eval_batch_size=1, eval_max_new_tokens=1, nonfinite=NonFinite.stop, lm_head_chunk=0, fused_mlp=False, fused_rms_norm=False, trim_top_layer=False,
                          guard=GuardMode.off, guard_drop=0.05, guard_kl_max=None, guard_length_corr=None, guard_min_evals=3, guard_window=5)
 
     def step_fn(batch, num_items):
