@@ -18,11 +18,15 @@ activations lose a float32 (tokens x hidden) tensor per norm.
 ``recipe.fused_rms_norm`` is the switch; `fuse_rms_norms` patches the trained model's norms in place.
 Only the norm classes whose forward is that formula are patched (Llama, Mistral, Qwen2, Qwen3, whose
 q/k norms are the same class); Gemma's (1 + weight) and every other norm keep their own forward.
+
+A patched norm becomes an instance of a subclass whose forward is this one (`FusedLlamaRMSNorm` for
+`LlamaRMSNorm`, and so on), not an instance attribute: transformers (with the `kernels` package, which it
+requires) re-"kernelizes" its norm classes at every change of train/eval mode, and that drops an
+instance's own forward in favour of its class's. The subclass keeps everything else of the class.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -75,9 +79,19 @@ def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """One of the norm classes whose forward is weight * normalise(x).to(x.dtype)."""
+    """One of the norm classes whose forward is weight * normalise(x).to(x.dtype) (not yet patched)."""
     return type(module).__name__ in RMS_NORM_CLASSES and isinstance(getattr(module, "weight", None), torch.Tensor) \
         and isinstance(getattr(module, "variance_epsilon", None), float)
+
+
+_FUSED: dict[type, type] = {}  # norm class -> its fused subclass
+
+
+def fused_class(cls: type) -> type:
+    if cls not in _FUSED:
+        _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _rms_norm_forward, "__module__": __name__,
+                                                               "__doc__": f"{cls.__name__} through RMSNormFunction."})
+    return _FUSED[cls]
 
 
 def fuse_rms_norms(model: nn.Module) -> int:
@@ -85,6 +99,6 @@ def fuse_rms_norms(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_rms_norm(module) and "forward" not in vars(module):
-            module.forward = types.MethodType(_rms_norm_forward, module)
+            module.__class__ = fused_class(type(module))
             count += 1
     return count

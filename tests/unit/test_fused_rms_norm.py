@@ -5,6 +5,7 @@ fine-tuning of the norm's weight), keeps less for backward, and patches only the
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -118,3 +119,21 @@ def test_only_norms_of_that_formula_are_patched_and_without_gradient_the_plain_o
     fuse_rms_norms(model)
     with torch.no_grad():
         assert model(input_ids=torch.randint(0, 50, (2, 5))).logits.grad_fn is None
+
+
+def test_the_patch_survives_transformers_switching_train_and_eval(tiny_dir):
+    """from_pretrained turns hub kernels on where the `kernels` package is installed; every train/eval
+    switch then re-kernelizes the norm classes, which drops a forward set on the instance."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    if importlib.util.find_spec("kernels") is not None:
+        assert model.use_kernels  # the case that drops an instance's forward
+    assert fuse_rms_norms(model) > 0
+    for mode in (True, False, True):
+        model.train(mode)
+    x = torch.randn(2, 3, model.config.hidden_size, requires_grad=True)
+    norm = model.model.norm
+    assert type(norm).__name__ == "FusedLlamaRMSNorm" and isinstance(norm, type(model.model.layers[0].input_layernorm))
+    assert type(norm(x).grad_fn).__name__ == "RMSNormFunctionBackward"
+    assert fuse_rms_norms(model) == 0  # already patched
