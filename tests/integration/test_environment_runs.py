@@ -118,9 +118,12 @@ def test_an_environment_failure_is_one_line_naming_the_class(alignctl, tmp_path,
 # native sampler changed from torch.multinomial to an inverse-CDF draw (alignctl/rl/decode.py `draw`:
 # the same distribution, other tokens for a given seed). Compared to 1e-6 relative: kernels that sum
 # in another order (the fused AdamW kernel did) move the last bits, a changed rollout or loss far more.
+# GRPO recorded again with recipe.fused_rms_norm on (the default since): its backward rounds in another
+# order, 6e-6 and 4e-5 relative on these losses after one and two updates; with it off, the values
+# before it (0.006813421845436096, 0.013525422662496567) come back exactly.
 BEFORE = {
     "grpo": (["recipe.batch_size=8", "recipe.num_generations=4", "recipe.beta=0.1"],
-             [0.0, 0.006813421845436096, 0.013525422662496567]),
+             [0.0, 0.006813380867242813, 0.013525925576686859]),
     "ppo": (["recipe.batch_size=8"], [0.28870460391044617, 0.1786915510892868, 0.14982947707176208]),
 }
 
