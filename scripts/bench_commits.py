@@ -5,7 +5,7 @@ detached git worktree, put first on PYTHONPATH) on the same rows and hyperparame
 `make bench` (scripts/bench_real.py), and prints its median step (the first left out), its whole process
 and its peak RSS. No TRL here: scripts/bench.py --tier real compares against TRL.
 
-    python scripts/bench_commits.py c3e1b9c HEAD [--cases sft-lora,sft,reward-lora,dpo-lora,grpo-lora] [--steps 8] [--reps 1]
+    python scripts/bench_commits.py c3e1b9c HEAD [--cases sft-lora,sft,reward-lora,dpo-lora,grpo-lora] [--steps 8] [--reps 1] [--override recipe.key=value ...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CASES = {  # name -> (stage, lora, learning rate): the real tier's cases
 }
 
 
-def run_case(tree: Path, case: str, steps: int, data_dir: Path, model_dir: Path) -> dict:
+def run_case(tree: Path, case: str, steps: int, data_dir: Path, model_dir: Path, overrides: tuple[str, ...] = ()) -> dict:
     """One process of `case` with alignctl's code from `tree`, launched and measured by this checkout's
     scripts/bench.py and worker (so that every commit is measured the same way)."""
     stage, lora, lr = CASES[case]
@@ -39,7 +39,7 @@ import bench
 rows = {steps} * (1 if "{stage}" == "grpo" else 4)
 data = bench.write_data(__import__("pathlib").Path("{data_dir}"), "{stage}", rows, prompt_chars=(40, 200), answer_chars=(30, 200))
 spec = dict(side="alignctl", case="{case}", stage="{stage}", model_dir="{model_dir}", data=str(data), lora={lora}, lr={lr}, steps={steps},
-            batch_size=4, max_length=128, beta=0.1, num_generations=4, max_new_tokens=32, threads=2, seed=0, alignctl=[],
+            batch_size=4, max_length=128, beta=0.1, num_generations=4, max_new_tokens=32, threads=2, seed=0, alignctl={list(overrides)!r},
             fresh_datasets_cache=True, run_dir="{data_dir}/run-{case}-{tree.name}")
 print("RESULT", json.dumps(bench.run_worker(spec)))
 """
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--reps", type=int, default=1, help="runs per case and commit, alternating; medians")
+    parser.add_argument("--override", action="append", default=[], help="an alignctl override for every run (repeatable)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import bench_real
@@ -82,7 +83,7 @@ def main() -> None:
             for rep in range(args.reps):  # the commits' order reverses every repetition
                 for commit in (list(trees) if rep % 2 == 0 else list(trees)[::-1]):
                     shutil.rmtree(work / "data" / f"run-{case}-{trees[commit].name}", ignore_errors=True)
-                    runs[commit].append(run_case(trees[commit], case, args.steps, work / "data", model_dir))
+                    runs[commit].append(run_case(trees[commit], case, args.steps, work / "data", model_dir, tuple(args.override)))
             cells = []
             for commit in trees:
                 step, process, rss = (statistics.median(r[key] for r in runs[commit]) for key in ("step", "process", "rss"))

@@ -226,6 +226,15 @@ COLUMNS = ["case", "run", "s/step", "step ×TRL fp32 / bf16", "process s", "proc
            "RSS ×TRL fp32 / bf16", "MFU of fp32 / bf16 peak", "loss first / last", "targets"]
 
 
+def _allocators(report: dict) -> str:
+    """Which malloc each side ran under (alignctl's CLI picks jemalloc where installed; TRL runs as its users run it)."""
+    found: dict[str, str] = {}
+    for row in report["rows"]:
+        for side, figures in row["sides"].items():
+            found.setdefault("alignctl" if side.startswith("alignctl") else "TRL", figures.get("allocator", "?"))
+    return "Host allocator: " + ", ".join(f"{who} {name}" for who, name in found.items()) + "."
+
+
 def markdown_real(report: dict) -> str:
     lines = [
         f"`{report['command']}` on {report['machine']}, {report['threads']} threads; SmolLM2-135M-Instruct, "
@@ -236,7 +245,7 @@ def markdown_real(report: dict) -> str:
         f"alignctl: hardware=cpu defaults ({report['alignctl_precision']}); TRL: float32, and bf16=True (autocast). "
         f"Targets (✓/✗) against TRL's faster run: step ≥{TARGETS['step']:g}×, whole process ≥{TARGETS['whole']:g}×, "
         f"peak RSS ≤{TARGETS['rss']:g}×, MFU ≥{TARGETS['mfu']:.0%} of the bf16 peak.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ". " + _allocators(report),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
