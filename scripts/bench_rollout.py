@@ -77,10 +77,9 @@ def alignctl_side(model, prompt_ids, generations, new_tokens, pad_id, eos_id, en
 
 
 def main() -> None:
+    import bench
     import bench_real
     from transformers import AutoTokenizer
-
-    import bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generations", type=int, default=4)

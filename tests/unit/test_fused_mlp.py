@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from saved_tensors import saved_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignctl.nn.fused_mlp import SiluMul, fuse_swiglu, is_swiglu
@@ -17,19 +18,6 @@ def _model() -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=96, max_position_embeddings=64)
     return LlamaForCausalLM(config).float()
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs its forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_silu_mul_gradients_match_autograd():
@@ -72,7 +60,7 @@ def test_fused_mlp_saves_one_intermediate_tensor_less_per_layer():
     plain, fused = _model(), _model()
     fuse_swiglu(fused)
     ids = torch.randint(0, 50, (4, 16))
-    kept = {name: _saved_bytes(lambda m=model: m(input_ids=ids).logits) for name, model in (("plain", plain), ("fused", fused))}
+    kept = {name: saved_bytes(lambda m=model: m(input_ids=ids).logits) for name, model in (("plain", plain), ("fused", fused))}
     one_intermediate = 4 * 16 * 96 * 4  # (B, T, intermediate) float32, per layer
     assert kept["plain"] - kept["fused"] == 2 * one_intermediate  # 2 layers
 

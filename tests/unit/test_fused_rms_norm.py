@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 import torch
+from saved_tensors import saved_bytes
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from alignctl.nn.fused_rms_norm import RMSNormFunction, fuse_rms_norms, is_rms_norm
@@ -22,19 +23,6 @@ def _llama(dtype=torch.float32) -> LlamaForCausalLM:
     for norm in (m for m in model.modules() if is_rms_norm(m)):  # weights away from 1, so that they matter
         torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     return model
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs its forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_gradients_match_autograd_by_gradcheck_and_a_hand_worked_row():
@@ -99,7 +87,7 @@ def test_under_a_bf16_stream_it_keeps_less_for_backward():
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
         return model(inputs_embeds=embeds).logits
 
-    kept = {name: _saved_bytes(lambda m=model: forward(m)) for name, model in (("plain", plain), ("fused", fused))}
+    kept = {name: saved_bytes(lambda m=model: forward(m)) for name, model in (("plain", plain), ("fused", fused))}
     tokens = 4 * 16
     assert kept["plain"] - kept["fused"] == 5 * tokens * (4 * 32 - 2 * 32)
 
