@@ -15,7 +15,8 @@ MLP width I; c = bytes of the compute dtype, 2 under 16-bit autocast):
   (counted with torch's saved-tensor hooks on SmolLM2: bitsandbytes' matmul keeps only its 4-bit weight);
 - scaled-dot-product attention keeps q, k, v (k and v at the full query width once repeated for
   grouped heads) and its output (4*c*h), with no (s x s) scores: its kernels (flash or
-  memory-efficient) recompute them;
+  memory-efficient) recompute them; on CPU under bf16 (alignctl/nn/cpu_attention.py) k and v are kept
+  at their own width, c*(2h + 2kv), which this overestimates by 2c(h - kv);
 - the SwiGLU MLP keeps gate(x) and up(x) (alignctl/nn/fused_mlp.py; silu(gate(x)) too without it), and
   down_proj's input is counted above.
 Korthikanti et al. (2022) count the same kind of terms for GPT layers; Llama has no dropout masks and

@@ -1,12 +1,15 @@
-"""Attention on CPU under bf16: the training pass in float32, the rest in bf16.
+"""Attention on CPU under bf16: the forward in bf16, its backward in float32.
 
-torch's CPU flash-attention kernel runs its backward in bf16 far slower than in float32: at
-SmolLM2-135M's shapes (batch 4, 9 heads, 80 positions, head_dim 64) forward and backward take 5.9 ms
-in bf16 against 2.4 ms in float32, casts included, so bf16 attention cost a SmolLM2 LoRA step about
-0.1 s of its 0.5 s. Its bf16 forward is the faster one (0.24 ms against 0.72 ms). So where a
-gradient will flow, q, k and v go to sdpa in float32 and the output comes back in the dtype sdpa
-would have returned; generation and reference forwards (no gradient) keep the bf16 kernel. float32
-attention is the more exact of the two, so nothing is lost.
+torch's CPU flash-attention kernel is fast in bf16 forward and slow in bf16 backward: at SmolLM2-135M's
+shapes (batch 4, 9 heads, 80 positions, head_dim 64) its bf16 forward takes 0.24 ms against 0.72 ms in
+float32, and forward and backward 5.9 ms in bf16 against 2.4 ms in float32, casts included. So where a
+gradient will flow, `FlashBackwardInFloat32` runs the kernel's bf16 forward (the one sdpa itself runs
+under autocast, same output) and its float32 backward on float32 copies of what it saved, then returns
+the gradients in the inputs' dtypes. It saves q, k and v as they came (bf16, key and value heads not
+repeated: the kernel attends grouped queries itself), the output and one float a row: 2 MB a layer
+where float32 attention kept 6 MB at a SmolLM2 reward step (8 rows of 84 tokens), about 120 MB a step.
+Generation and reference forwards (no gradient) are sdpa itself. Where the flash kernel would not run
+(dropout, an unsupported mask), attention with a gradient runs in float32 through sdpa.
 
 `NAME` is transformers' sdpa with that rule, registered in its attention-function registry;
 `use_on_cpu` switches a model loaded on CPU with sdpa to it. `sdpa` is the same rule for alignctl's
@@ -25,7 +28,8 @@ NAME = "alignctl_sdpa"
 
 
 def runs_in_float32(query: torch.Tensor) -> bool:
-    """On CPU, with a gradient to compute, and in bf16 or fp16 (the tensor's own dtype or autocast's)."""
+    """On CPU, with a gradient to compute, and in bf16 or fp16 (the tensor's own dtype or autocast's):
+    where the backward runs in float32."""
     if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
         return False
     return query.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
@@ -33,6 +37,51 @@ def runs_in_float32(query: torch.Tensor) -> bool:
 
 def _float32_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.float() if mask is not None and mask.is_floating_point() else mask
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """sdpa's own conversion before its kernels: a boolean mask (True = attend) becomes 0 / -inf in `dtype`."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class FlashBackwardInFloat32(torch.autograd.Function):
+    """torch's CPU flash attention: the forward in the inputs' dtype, the backward in float32 (see the
+    module docstring). Key and value may have fewer heads than the query (grouped queries)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, scale: float | None) -> torch.Tensor:
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(query, key, value, out, logsumexp, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        query, key, value, out, logsumexp, mask = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), query.float(), key.float(), value.float(), out.float(), logsumexp, 0.0, ctx.is_causal,
+            attn_mask=_float32_mask(mask), scale=ctx.scale)
+        return (*(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None)
+
+
+def _flash_backward_in_float32(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                               enable_gqa=False) -> torch.Tensor | None:
+    """`FlashBackwardInFloat32` with sdpa's arguments, or None where sdpa would not run the flash kernel
+    (then attention runs in float32 through sdpa)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    if dropout_p or dtype == torch.float32 or (attn_mask is not None and attn_mask.requires_grad):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        mask = _additive_mask(attn_mask, dtype)
+        choice = torch._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if choice != int(torch.nn.attention.SDPBackend.FLASH_ATTENTION) or (key.size(1) != query.size(1) and not enable_gqa):
+            return None
+        return FlashBackwardInFloat32.apply(query, key, value, mask, is_causal, scale)
 
 
 def _in_float32(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
@@ -46,18 +95,54 @@ def _in_float32(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """torch's scaled_dot_product_attention, in float32 where `runs_in_float32` says so."""
+    """torch's scaled_dot_product_attention, its backward in float32 where `runs_in_float32` says so."""
     if not runs_in_float32(query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
+    out = _flash_backward_in_float32(query, key, value, attn_mask, **kwargs)
+    if out is not None:
+        return out
     return _in_float32(lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs), query, key, value, attn_mask)
+
+
+def _unrepeated(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, heads, T, d) key or value states that transformers repeated `groups` times per key-value
+    head (its repeat_kv), as (B, heads / groups, T, d): the kernel attends grouped queries itself, and
+    the repeated copy is then not kept for backward. States that are not such a repeat come back as they are."""
+    batch, heads, length, dim = states.shape
+    if groups <= 1 or heads % groups:
+        return states
+    single = states[:, ::groups].contiguous()
+    if not torch.equal(states.view(batch, heads // groups, groups, length, dim), single.unsqueeze(2).expand(-1, -1, groups, -1, -1)):
+        return states
+    return single
+
+
+class _GroupedSdpa(torch.overrides.TorchFunctionMode):
+    """Within transformers' sdpa attention function, its call to sdpa goes to `sdpa` above, with the
+    key and value heads it repeated for a masked batch taken back to one per group."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value, *rest = args
+        if key.size(1) == query.size(1) and self.groups > 1 and not kwargs.get("enable_gqa"):
+            key, value = _unrepeated(key, self.groups), _unrepeated(value, self.groups)
+            kwargs = {**kwargs, "enable_gqa": key.size(1) != query.size(1)}
+        return sdpa(query, key, value, *rest, **kwargs)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention function, in float32 where `runs_in_float32` says so."""
+    """transformers' sdpa attention function, its backward in float32 where `runs_in_float32` says so."""
     if not runs_in_float32(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return _in_float32(lambda q, k, v, mask: sdpa_attention_forward(module, q, k, v, mask, **kwargs), query, key, value, attention_mask)
+    with _GroupedSdpa(getattr(module, "num_key_value_groups", 1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(NAME, attention_forward)

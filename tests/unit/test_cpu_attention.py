@@ -1,37 +1,73 @@
-"""alignctl.nn.cpu_attention: under CPU bf16 autocast, attention that needs a gradient runs in float32
-(same values as float32 sdpa, returned in the dtype sdpa returns); without a gradient it is sdpa itself."""
+"""alignctl.nn.cpu_attention: under CPU bf16 autocast, attention that needs a gradient runs sdpa's bf16
+forward (the same output) and a float32 backward, keeping less for backward than float32 attention;
+without a gradient it is sdpa itself."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignctl.nn import cpu_attention
 from alignctl.nn.lm_head import final_hidden, keep_last
 
 
-def _qkv(requires_grad: bool) -> list[torch.Tensor]:
+def _qkv(requires_grad: bool, kv_heads: int = 3) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    return [torch.randn(2, 3, 7, 8, requires_grad=requires_grad) for _ in range(3)]
+    shapes = [(2, 3, 7, 8), (2, kv_heads, 7, 8), (2, kv_heads, 7, 8)]
+    return [torch.randn(shape, requires_grad=requires_grad) for shape in shapes]
 
 
-def test_with_a_gradient_under_bf16_autocast_attention_is_float32_sdpa():
+def _exact_gradients(q, k, v, upstream, **kwargs) -> list[torch.Tensor]:
+    """The gradients of float64 attention on the same (bf16-rounded) inputs."""
+    exact = [t.detach().to(torch.bfloat16).double().requires_grad_() for t in (q, k, v)]
+    (F.scaled_dot_product_attention(*exact, **kwargs) * upstream.double()).sum().backward()
+    return [t.grad for t in exact]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_with_a_gradient_the_forward_is_bf16_sdpa_and_the_backward_float32(masked, kv_heads):
+    q, k, v = _qkv(True, kv_heads)
+    kwargs = {"enable_gqa": kv_heads != 3}
+    if masked:  # right padding in the first row: its last two keys are never attended
+        mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+        mask[0, :, :, 5:] = False
+        kwargs["attn_mask"] = mask
+    else:
+        kwargs["is_causal"] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_attention.sdpa(q, k, v, **kwargs)
+        plain = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)  # what sdpa itself returns under autocast
+    upstream = torch.randn(out.shape)
+    (out.float() * upstream).sum().backward()
+    for mine, exact in zip((q.grad, k.grad, v.grad), _exact_gradients(q, k, v, upstream, **kwargs)):
+        # float32 arithmetic throughout; the error is the output's and the gradients' bf16 rounding
+        torch.testing.assert_close(mine.double(), exact, rtol=2 ** -6, atol=2 ** -6 * exact.abs().max().item())
+
+
+def test_dropout_keeps_attention_in_float32_through_sdpa():
     q, k, v = _qkv(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = cpu_attention.sdpa(q, k, v, is_causal=True)
-    assert out.dtype == torch.bfloat16  # what sdpa itself returns under autocast
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # float32 values, rounded once to bf16 at the end (bf16 keeps 8 significant bits)
-    assert torch.allclose(out.float(), reference, rtol=2 ** -8, atol=1e-6)
+        torch.manual_seed(1)
+        out = cpu_attention.sdpa(q, k, v, is_causal=True, dropout_p=0.5)
+    assert out.dtype == torch.bfloat16
+    assert out.grad_fn.next_functions[0][0].name() != "FlashBackwardInFloat32Backward"
     out.float().sum().backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    reference.sum().backward()
-    for mine, theirs in zip(grads, (q.grad, k.grad, v.grad)):
-        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)  # backward ran in float32 too
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_repeated_key_value_heads_come_back_once_per_group():
+    single = torch.randn(2, 3, 5, 4)
+    repeated = single.repeat_interleave(2, dim=1)  # transformers' repeat_kv order
+    assert torch.equal(cpu_attention._unrepeated(repeated, 2), single)
+    different = repeated.clone()
+    different[0, 1, 0, 0] += 1.0  # not a repeat: left as it is
+    assert cpu_attention._unrepeated(different, 2) is different
+    assert cpu_attention._unrepeated(single, 1) is single
 
 
 def test_without_a_gradient_it_is_the_bf16_kernel_itself():
@@ -89,3 +125,42 @@ def test_keep_last_keeps_the_logits_an_int_keeps(count):
     assert torch.equal(model(input_ids=ids, logits_to_keep=keep_last(ids, count)).logits, model(input_ids=ids, logits_to_keep=count).logits)
     hidden = final_hidden(model, input_ids=ids)
     assert torch.equal(hidden, model.model(input_ids=ids).last_hidden_state)
+
+
+def test_grouped_query_attention_keeps_less_with_one_key_value_head_per_group(monkeypatch):
+    """A padded batch (transformers then repeats the key and value heads before sdpa) through a model
+    with 4 query heads over 2 key-value heads: the kernel gets the 2 heads, the gradients are float32
+    attention's to bf16 rounding, and backward keeps at least the float32 query and output less."""
+    ids = torch.randint(0, 40, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right padding: a mask reaches the attention function
+    key_shapes = []
+    flash = cpu_attention.FlashBackwardInFloat32.apply
+
+    def spied(query, key, *args):
+        key_shapes.append(tuple(key.shape))
+        return flash(query, key, *args)
+
+    def run(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+    def trained(in_float32: bool):
+        model = cpu_attention.use_on_cpu(_model("sdpa"))
+        monkeypatch.setattr(cpu_attention.FlashBackwardInFloat32, "apply", spied)
+        if in_float32:
+            monkeypatch.setattr(cpu_attention, "_flash_backward_in_float32", lambda *args, **kwargs: None)
+        kept = saved_bytes(lambda: run(model))
+        run(model).backward()
+        monkeypatch.undo()
+        return kept, {name: p.grad for name, p in model.named_parameters()}
+
+    kept, grads = trained(in_float32=False)
+    batch, heads, kv_heads, length, head_dim, layers = 2, 4, 2, 9, 4, 2
+    assert key_shapes == [(batch, kv_heads, length, head_dim)] * 2 * layers  # two forwards
+    float32_kept, float32_grads = trained(in_float32=True)
+    assert len(key_shapes) == 2 * layers
+    assert float32_kept - kept >= layers * 2 * (4 * batch * heads * length * head_dim)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, float32_grads[name], rtol=0.05, atol=0.01 * float32_grads[name].abs().max().item())
