@@ -9,7 +9,8 @@ the gradients in the inputs' dtypes. It saves q, k and v as they came (bf16, key
 repeated: the kernel attends grouped queries itself), the output and one float a row: 2 MB a layer
 where float32 attention kept 6 MB at a SmolLM2 reward step (8 rows of 84 tokens), about 120 MB a step.
 Generation and reference forwards (no gradient) are sdpa itself. Where the flash kernel would not run
-(dropout, an unsupported mask), attention with a gradient runs in float32 through sdpa.
+(dropout, an unsupported mask, a torch without these underscored operators), attention with a
+gradient runs in float32 through sdpa.
 
 `NAME` is transformers' sdpa with that rule, registered in its attention-function registry;
 `use_on_cpu` switches a model loaded on CPU with sdpa to it. `sdpa` is the same rule for alignctl's
@@ -25,6 +26,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 NAME = "alignctl_sdpa"
+# torch's CPU flash kernels as operators (underscored: not a public API); without them, float32 attention.
+_FLASH_KERNELS = all(hasattr(torch.ops.aten, op) for op in ("_scaled_dot_product_flash_attention_for_cpu",
+                                                            "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
 def runs_in_float32(query: torch.Tensor) -> bool:
@@ -73,7 +77,7 @@ def _flash_backward_in_float32(query, key, value, attn_mask=None, dropout_p=0.0,
     """`FlashBackwardInFloat32` with sdpa's arguments, or None where sdpa would not run the flash kernel
     (then attention runs in float32 through sdpa)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    if dropout_p or dtype == torch.float32 or (attn_mask is not None and attn_mask.requires_grad):
+    if not _FLASH_KERNELS or dropout_p or dtype == torch.float32 or (attn_mask is not None and attn_mask.requires_grad):
         return None
     with torch.autocast("cpu", enabled=False):
         query, key, value = (t.to(dtype) for t in (query, key, value))
