@@ -29,6 +29,7 @@ NAME = "alignctl_sdpa"
 # torch's CPU flash kernels as operators (underscored: not a public API); without them, float32 attention.
 _FLASH_KERNELS = all(hasattr(torch.ops.aten, op) for op in ("_scaled_dot_product_flash_attention_for_cpu",
                                                             "_scaled_dot_product_flash_attention_for_cpu_backward"))
+_FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)  # torch._fused_sdp_choice's answer for that kernel
 
 
 def runs_in_float32(query: torch.Tensor) -> bool:
@@ -37,6 +38,12 @@ def runs_in_float32(query: torch.Tensor) -> bool:
     if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
         return False
     return query.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+
+
+def _sdpa_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype sdpa computes and returns on CPU: autocast's where it is on (sdpa is on its
+    lower-precision list), the query's otherwise."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
 
 
 def _float32_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -76,23 +83,22 @@ def _flash_backward_in_float32(query, key, value, attn_mask=None, dropout_p=0.0,
                                enable_gqa=False) -> torch.Tensor | None:
     """`FlashBackwardInFloat32` with sdpa's arguments, or None where sdpa would not run the flash kernel
     (then attention runs in float32 through sdpa)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    dtype = _sdpa_dtype(query)
     if not _FLASH_KERNELS or dropout_p or dtype == torch.float32 or (attn_mask is not None and attn_mask.requires_grad):
         return None
     with torch.autocast("cpu", enabled=False):
         query, key, value = (t.to(dtype) for t in (query, key, value))
         mask = _additive_mask(attn_mask, dtype)
         choice = torch._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if choice != int(torch.nn.attention.SDPBackend.FLASH_ATTENTION) or (key.size(1) != query.size(1) and not enable_gqa):
+        if choice != _FLASH or (key.size(1) != query.size(1) and not enable_gqa):
             return None
         return FlashBackwardInFloat32.apply(query, key, value, mask, is_causal, scale)
 
 
 def _in_float32(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
     """attend(query, key, value, mask) in float32 with autocast off, its output (first of a tuple)
-    back in the dtype sdpa would have returned: autocast's where it is on (sdpa is on its
-    lower-precision list), the query's otherwise."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    back in the dtype sdpa would have returned (`_sdpa_dtype`)."""
+    dtype = _sdpa_dtype(query)
     with torch.autocast("cpu", enabled=False):
         out = attend(query.float(), key.float(), value.float(), _float32_mask(mask))
     return (out[0].to(dtype), *out[1:]) if isinstance(out, tuple) else out.to(dtype)
