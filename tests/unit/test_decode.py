@@ -299,3 +299,29 @@ def test_under_cpu_autocast_an_engine_that_computes_another_model_is_still_caugh
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gap, tolerance = decode.engine_gap(model, ids, mask)
         assert gap > tolerance
+
+
+@pytest.mark.skipif(not decode.mkldnn_prepacking(), reason="this CPU or torch build has no native bf16 oneDNN matmul")
+def test_under_cpu_autocast_prepacked_weights_give_the_same_logits_bit_for_bit(monkeypatch):
+    """Reordering the bf16 weights once for oneDNN (instead of at every matmul) changes the speed of a
+    decode step, not one of its products."""
+    model = _bf16_base_with_lora()
+    ids, mask = left_padded(PROMPTS)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prefill_then_step(decoder):
+        first = decoder.forward(ids, positions, decode.prompt_mask(mask))
+        key_bias = torch.zeros(ids.size(0), ids.size(1) + 1).masked_fill_(~torch.cat([mask, torch.ones_like(mask[:, :1])], 1).bool(), float("-inf"))
+        second = decoder.forward(first.argmax(-1, keepdim=True), positions[:, -1:] + 1, key_bias[:, None, None, :])
+        return first, second
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = decode.Decoder(model, ids.size(0), ids.size(1) + 1)
+        assert packed.linear is decode.packed_linear and packed.weights.layers[0].qkv.layout == torch._mkldnn
+        packed_logits = prefill_then_step(packed)
+        monkeypatch.setattr(decode, "mkldnn_prepacking", lambda: False)
+        plain = decode.Decoder(model, ids.size(0), ids.size(1) + 1)
+        assert plain.linear is torch.nn.functional.linear and plain.weights.layers[0].qkv.layout == torch.strided
+        plain_logits = prefill_then_step(plain)
+    for ours, theirs in zip(packed_logits, plain_logits):
+        assert torch.equal(ours, theirs)
