@@ -114,45 +114,35 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return _in_float32(lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs), query, key, value, attn_mask)
 
 
-def _unrepeated(states: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, heads, T, d) key or value states that transformers repeated `groups` times per key-value
-    head (its repeat_kv), as (B, heads / groups, T, d): the kernel attends grouped queries itself, and
-    the repeated copy is then not kept for backward. States that are not such a repeat come back as they are."""
-    batch, heads, length, dim = states.shape
-    if groups <= 1 or heads % groups:
-        return states
-    single = states[:, ::groups].contiguous()
-    if not torch.equal(states.view(batch, heads // groups, groups, length, dim), single.unsqueeze(2).expand(-1, -1, groups, -1, -1)):
-        return states
-    return single
-
-
-class _GroupedSdpa(torch.overrides.TorchFunctionMode):
-    """Within transformers' sdpa attention function, its call to sdpa goes to `sdpa` above, with the
-    key and value heads it repeated for a masked batch taken back to one per group."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
+class _FloatBackwardSdpa(torch.overrides.TorchFunctionMode):
+    """Within transformers' sdpa attention function, its call to sdpa goes to `sdpa` above."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        query, key, value, *rest = args
-        if key.size(1) == query.size(1) and self.groups > 1 and not kwargs.get("enable_gqa"):
-            key, value = _unrepeated(key, self.groups), _unrepeated(value, self.groups)
-            kwargs = {**kwargs, "enable_gqa": key.size(1) != query.size(1)}
-        return sdpa(query, key, value, *rest, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention function, its backward in float32 where `runs_in_float32` says so."""
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention function, its backward in float32 where `runs_in_float32` says so.
+
+    There, a training forward (as many keys as queries, no position bias or softcap) calls `sdpa`
+    itself with the key and value heads as the model gave them, one per group: transformers' own
+    function repeats them for a masked batch (its CUDA kernels want that), which costs a copy of each
+    and, kept for backward, their memory. Anything else goes through transformers' function."""
     if not runs_in_float32(query):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    with _GroupedSdpa(getattr(module, "num_key_value_groups", 1)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    extras = any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in ("position_bias", "softcap", "output_attentions"))
+    if extras or key.size(2) != query.size(2) or query.size(1) % key.size(1):
+        with _FloatBackwardSdpa():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    # transformers' rule: causal by the flag only without a mask (a mask carries causality itself)
+    causal = query.size(2) > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+               enable_gqa=key.size(1) != query.size(1))
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, attention_forward)

@@ -27,7 +27,6 @@ from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
 
 from alignctl.nn import cpu_attention
 from alignctl.nn.model_parts import checkpointing_on
@@ -81,9 +80,11 @@ def varlen_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         rows = states[0].transpose(0, 1).reshape(-1, heads * dim).index_select(0, gather)
         return rows.view(sequences, longest, heads, dim).transpose(1, 2)
 
+    # Key and value heads once per group: sdpa attends grouped queries itself, with no mask here
+    # (the case where transformers' CUDA path takes them unrepeated too).
     out = cpu_attention.sdpa(
-        padded(query), repeat_kv(padded(key), groups), repeat_kv(padded(value), groups),
-        is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
+        padded(query), padded(key), padded(value),
+        is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=groups > 1,
     )
     heads, dim = out.size(1), out.size(-1)
     out = out.transpose(1, 2).reshape(sequences * longest, heads * dim).index_select(0, real)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from saved_tensors import saved_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from alignctl.nn import cpu_attention
 from alignctl.nn.lm_head import final_hidden, keep_last
@@ -60,14 +61,33 @@ def test_dropout_keeps_attention_in_float32_through_sdpa():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_repeated_key_value_heads_come_back_once_per_group():
-    single = torch.randn(2, 3, 5, 4)
-    repeated = single.repeat_interleave(2, dim=1)  # transformers' repeat_kv order
-    assert torch.equal(cpu_attention._unrepeated(repeated, 2), single)
-    different = repeated.clone()
-    different[0, 1, 0, 0] += 1.0  # not a repeat: left as it is
-    assert cpu_attention._unrepeated(different, 2) is different
-    assert cpu_attention._unrepeated(single, 1) is single
+def _graph_names(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_a_call_off_the_training_path_goes_through_transformers_sdpa_function_with_the_same_rule(monkeypatch):
+    """More keys than queries (a prefill after cached tokens): transformers' own function, whose sdpa
+    call still runs the float32 backward, and its output is what sdpa itself gives."""
+    calls = []
+    original = cpu_attention.sdpa_attention_forward
+    monkeypatch.setattr(cpu_attention, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    model = cpu_attention.use_on_cpu(_model("sdpa"))
+    attention = model.model.layers[0].self_attn
+    q, k, v = (torch.randn(2, heads, length, 4, requires_grad=True) for heads, length in ((4, 3), (2, 7), (2, 7)))
+    mask = torch.ones(2, 1, 3, 7, dtype=torch.bool).tril(diagonal=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = cpu_attention.attention_forward(attention, q, k, v, mask, scaling=0.5)
+        direct = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True).transpose(1, 2)
+    assert calls and torch.equal(out, direct)
+    assert "FlashBackwardInFloat32Backward" in _graph_names(out)
 
 
 def test_without_a_gradient_it_is_the_bf16_kernel_itself():
@@ -164,3 +184,15 @@ def test_grouped_query_attention_keeps_less_with_one_key_value_head_per_group(mo
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad, float32_grads[name], rtol=0.05, atol=0.01 * float32_grads[name].abs().max().item())
+
+
+def test_the_training_path_gives_transformers_sdpa_output_with_key_value_heads_once_per_group():
+    attention = _model("sdpa").model.layers[0].self_attn
+    q, k, v = (torch.randn(2, heads, 9, 4, requires_grad=True) for heads in (4, 2, 2))
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[0, ..., 6:] = False  # right padding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for attn_mask in (mask, None):
+            ours, _ = cpu_attention.attention_forward(attention, q, k, v, attn_mask, scaling=0.5)
+            theirs, _ = sdpa_attention_forward(attention, q, k, v, attn_mask, scaling=0.5)
+            assert ours.shape == (2, 9, 4, 4) and torch.equal(ours, theirs)
