@@ -83,7 +83,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """x W0^T + b + s (x A^T) B^T with W0 and b frozen; saves x and the rank-r product x A^T only.
+    """x W0^T + b + s (x A^T) B^T with W0 and b frozen; saves x and the rank-r product x A^T (and the
+    weights) only.
 
     With one side only r = 8 wide, BLAS speed depends on which way round the rank-r products are
     taken, and not the same way per dtype on this CPU (measured per shape). In float32 they are taken
@@ -108,20 +109,22 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 low_rank = flat.mm(a.t())  # (tokens, r)
                 out.addmm_(low_rank, b.t(), alpha=scaling)
-        # The weights are saved as they are and cast again in backward: a cast copy of the frozen base
-        # would be one more (d_out x d_in) tensor held per layer until backward.
-        ctx.save_for_backward(flat, weight, lora_a, lora_b, low_rank)
+        # The base weight is saved as it is and cast again in backward: a cast copy of the frozen base
+        # would be one more (d_out x d_in) tensor held per layer until backward. The rank-r factors are
+        # saved cast (a few KB): casting them again would be two more small ops per layer and step.
+        ctx.save_for_backward(flat, weight, a, b, low_rank)
         ctx.scaling, ctx.input_shape, ctx.input_dtype = scaling, x.shape, x.dtype
+        ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.size(-1))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        flat, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        flat, weight, a, b, low_rank = ctx.saved_tensors
+        a_dtype, b_dtype = ctx.adapter_dtypes
         dtype = flat.dtype  # the forward's compute dtype
         rank_first = dtype == torch.float32  # the forward's orientation: low_rank is (r, tokens), else (tokens, r)
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.reshape(-1, grad.size(-1)).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
             # d loss / d (x A^T), scaled: (r, tokens) or (tokens, r) as low_rank
             grad_low_rank = (b.t().mm(grad.t()) if rank_first else grad.mm(b)).mul_(ctx.scaling)
             grad_x = grad_a = grad_b = None
@@ -129,7 +132,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x = grad.mm(weight.to(dtype)).addmm_(grad_low_rank.t() if rank_first else grad_low_rank, a)
                 grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
             if ctx.needs_input_grad[3]:
-                grad_a = (grad_low_rank if rank_first else grad_low_rank.t()).mm(flat).to(lora_a.dtype)
+                grad_a = (grad_low_rank if rank_first else grad_low_rank.t()).mm(flat).to(a_dtype)
             if ctx.needs_input_grad[4]:
-                grad_b = (low_rank if rank_first else low_rank.t()).mm(grad).mul_(ctx.scaling).t().to(lora_b.dtype)
+                grad_b = (low_rank if rank_first else low_rank.t()).mm(grad).mul_(ctx.scaling).t().to(b_dtype)
         return grad_x, None, None, grad_a, grad_b, None
