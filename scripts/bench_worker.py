@@ -5,8 +5,9 @@ fetch included) and stops when the last step ends; training memory is the peak r
 between those two moments minus the resident set size at the first, the peak being reset through
 /proc/self/clear_refs (Linux) so that model loading and tokenisation are not counted. Each step's
 seconds are the time from the end of the step before (for the first, the start of the clock) to the
-end of this one, its data fetch (a GRPO step's rollout) included. Launched by scripts/bench.py; see it
-(and scripts/bench_real.py, the real-model tier) for the cases.
+end of this one, its data fetch (a GRPO step's rollout) included. Both sides end by writing the trained
+model, as their command-line tools do (alignctl's checkpoint also holds its optimiser state). Launched by
+scripts/bench.py; see it (and scripts/bench_real.py, the real-model tier) for the cases.
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ def run_trl(spec: dict) -> dict:
     trainer = TRL_BUILDERS[spec["stage"]](spec, model, tokenizer, dataset)
     trainer.add_callback(Measure())
     trainer.train()
+    # The trained model on disk, as TRL's own command-line scripts end (trl/scripts/sft.py, dpo.py,
+    # grpo.py: trainer.save_model(output_dir)) and as every alignctl run ends (alignctl also writes
+    # its optimiser state for exact resume). Counted in the whole-process time, not in the steps.
+    trainer.save_model(spec["run_dir"])
     probe.losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return probe.result()
 
