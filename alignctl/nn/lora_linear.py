@@ -83,8 +83,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """x W0^T + b + s (x A^T) B^T with W0 and b frozen; saves x and the rank-r product x A^T (and the
-    weights) only.
+    """x W0^T + b + s (x A^T) B^T with W0 and b frozen; saves x, the rank-r product x A^T and the weights
+    (no (tokens x d_out) tensor).
 
     With one side only r = 8 wide, BLAS speed depends on which way round the rank-r products are
     taken, and not the same way per dtype on this CPU (measured per shape). In float32 they are taken
