@@ -95,15 +95,6 @@ def _flash_backward_in_float32(query, key, value, attn_mask=None, dropout_p=0.0,
         return FlashBackwardInFloat32.apply(query, key, value, mask, is_causal, scale)
 
 
-def _in_float32(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
-    """attend(query, key, value, mask) in float32 with autocast off, its output (first of a tuple)
-    back in the dtype sdpa would have returned (`_sdpa_dtype`)."""
-    dtype = _sdpa_dtype(query)
-    with torch.autocast("cpu", enabled=False):
-        out = attend(query.float(), key.float(), value.float(), _float32_mask(mask))
-    return (out[0].to(dtype), *out[1:]) if isinstance(out, tuple) else out.to(dtype)
-
-
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """torch's scaled_dot_product_attention, its backward in float32 where `runs_in_float32` says so."""
     if not runs_in_float32(query):
@@ -111,7 +102,11 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     out = _flash_backward_in_float32(query, key, value, attn_mask, **kwargs)
     if out is not None:
         return out
-    return _in_float32(lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs), query, key, value, attn_mask)
+    # Float32 attention, its output in the dtype sdpa would have returned.
+    dtype = _sdpa_dtype(query)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=_float32_mask(attn_mask), **kwargs)
+    return out.to(dtype)
 
 
 class _FloatBackwardSdpa(torch.overrides.TorchFunctionMode):
@@ -134,7 +129,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     and, kept for backward, their memory. Anything else goes through transformers' function."""
     if not runs_in_float32(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    extras = any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in ("position_bias", "softcap", "output_attentions"))
+    extras = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
     if extras or key.size(2) != query.size(2) or query.size(1) % key.size(1):
         with _FloatBackwardSdpa():
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
