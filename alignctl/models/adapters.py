@@ -24,7 +24,7 @@ from alignctl.config.schema import LoraConfig, NoAdapterConfig
 from alignctl.core.errors import AdapterError, UserError
 from alignctl.models.precision import trainable_in_float32
 from alignctl.nn.lm_head import keep_last
-from alignctl.nn.lora_linear import FusedLoraLinear
+from alignctl.nn.lora_linear import FusedLoraLinear, group_projections
 
 HEAD_NAMES = ("lm_head", "score", "classifier")  # output layers: never adapted by all-linear
 
@@ -100,8 +100,10 @@ def apply_adapter(model: torch.nn.Module, adapter: NoAdapterConfig | LoraConfig,
     )
     if adapter.kind == "lora":  # full-precision bases only: a 4-bit layer is an nn.Linear too
         config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    model = peft.get_peft_model(model, config)
+    group_projections(model)
     # Over a bf16 base (alignctl/models/precision.py) every trained weight stays float32.
-    return trainable_in_float32(peft.get_peft_model(model, config))
+    return trainable_in_float32(model)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from alignctl.nn import cpu_attention
+from alignctl.nn.lora_linear import separate_projections
 from alignctl.nn.model_parts import backbone, checkpointing_on
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -81,9 +82,11 @@ def _one_position_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, *
     normed = layer.input_layernorm(hidden_states)
     # (1, T, d) when every row has the same positions: one (B, T, d) view to index rows from.
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-    query = _rotate(_heads(attention, "q_proj", "q_norm", normed[rows, read_at].unsqueeze(1)), cos[rows, read_at].unsqueeze(1), sin[rows, read_at].unsqueeze(1))
-    key = _rotate(_heads(attention, "k_proj", "k_norm", normed), cos, sin)
-    value = _heads(attention, "v_proj", None, normed)
+    with separate_projections():  # the query reads other rows than the keys and values: no q|k|v group
+        query = _rotate(_heads(attention, "q_proj", "q_norm", normed[rows, read_at].unsqueeze(1)), cos[rows, read_at].unsqueeze(1),
+                        sin[rows, read_at].unsqueeze(1))
+        key = _rotate(_heads(attention, "k_proj", "k_norm", normed), cos, sin)
+        value = _heads(attention, "v_proj", None, normed)
     # The read position attends to its prefix: keys at or before it that are not padding.
     visible = torch.arange(length, device=hidden_states.device)[None, :] <= read_at[:, None]
     if padding_mask is not None:

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignctl.config.schema import LoraConfig
 from alignctl.models.adapters import apply_adapter
-from alignctl.nn.lora_linear import FusedLoraLinear
+from alignctl.nn.lora_linear import FusedLoraLinear, GroupedLoraFunction, group_projections, separate_projections
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,59 @@ def test_two_active_adapters_under_autocast_take_the_in_place_path(base):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             one_adapter = model(input_ids=ids).logits
     assert relative_error(one_adapter.float(), got.float()) > 0.2  # the second adapter does count
+
+
+def grouped(model):
+    assert group_projections(model) == 2 * 2  # q|k|v and gate|up in each of the 2 layers
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_projections_compute_the_same_numbers_in_one_function_per_group(base, autocast, monkeypatch):
+    """q|k|v and gate|up run as one GroupedLoraFunction each: the same outputs and gradients as one
+    function per projection (the same products; the input's gradient summed in the same dtype)."""
+    ids = torch.randint(0, 32, (3, 7))
+    run = bf16_forward_backward if autocast else forward_backward
+    expected_logits, expected_grads = run(lora(base, True).train(), ids)
+    calls = []
+    original = GroupedLoraFunction.apply
+    monkeypatch.setattr(GroupedLoraFunction, "apply", lambda *args: calls.append(len(args[1])) or original(*args))
+    logits, grads = run(grouped(lora(base, True).train()), ids)
+    assert sorted(calls) == [2, 2, 3, 3]  # per layer: one call for q|k|v, one for gate|up
+    assert torch.equal(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], rtol=1e-6, atol=1e-6 * expected_grads[name].abs().max()), name
+
+
+def test_a_waiting_output_is_not_taken_after_its_adapter_changed(base):
+    model = grouped(lora(base, True))
+    attention = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        attention.q_proj(x)  # computes k and v too; they wait on x
+        attention.k_proj.lora_B["default"].weight.mul_(3)
+        got = attention.k_proj(x)
+        with separate_projections():
+            expected = attention.k_proj(x)
+    assert torch.equal(got, expected)
+    with torch.no_grad():
+        x.add_(1)  # x itself changed: v's waiting output is stale too
+        got_v = attention.v_proj(x)
+        with separate_projections():
+            expected_v = attention.v_proj(x)
+    assert torch.equal(got_v, expected_v)
+
+
+def test_a_group_member_called_alone_trains_alone(base):
+    """Only q_proj's output reaches the loss: k and v were computed but get no gradient work, and q's
+    adapter gets the gradient it gets outside a group."""
+    x = torch.randn(2, 3, 16)
+    grads = {}
+    for group in (False, True):
+        model = grouped(lora(base, True)) if group else lora(base, True)
+        attention = model.base_model.model.model.layers[0].self_attn
+        attention.q_proj(x).pow(2).sum().backward()
+        grads[group] = attention.q_proj.lora_B["default"].weight.grad.clone()
+        assert attention.k_proj.lora_B["default"].weight.grad is None
+    assert torch.equal(grads[True], grads[False])
