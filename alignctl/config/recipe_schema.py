@@ -154,9 +154,14 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float = within("[0, 1e3]", "0: off")  # c in c * (r+ + r-)^2, keeps rewards centred (0: off)
     extra_layers: int = within("[0, 1024]")  # fresh decoder layers stacked on the initial backbone, starting as the identity
     lm_loss_coef: float = within("[0, 1e3]", "0: off")  # weight of next-token loss on chosen responses, read below the extra layers (0: off)
+    # each batch's sequences end to end in one row, attention kept per sequence (alignctl/nn/varlen_attention.py);
+    # null: where that pays (alignctl.rl.scored_text.packed_scoring_pays) and lm_loss_coef is 0
+    padding_free: bool | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(not (self.padding_free is True and self.lm_loss_coef > 0), "padding_free",
+               "reads every chosen token for lm_loss_coef's next-token loss, which takes padded rows: set padding_free=false or lm_loss_coef=0")
         _check_nothing_to_guard(self)
 
 

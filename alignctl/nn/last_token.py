@@ -6,7 +6,9 @@ top layer's output is read at that one position: its queries, attention, output 
 at every other position are thrown away. `top_layer_at_last_token` runs that layer for the read
 position alone: the keys and values of the whole row (two small projections), then one query per
 row attending to its prefix, then o_proj and the MLP for one token. On a 6-layer model that is
-about a sixth of the forward and backward less, with the same score to float32 rounding.
+about a sixth of the forward and backward less, with the same score to float32 rounding. The reads
+are (row, column) pairs (`Reads`): one per padded row (`padded_reads`), or several in one row of
+sequences packed end to end, each attending to its own sequence only (`packed_reads`).
 
 It is written for the Llama-style layer (pre-norm attention with rotary embeddings, then a pre-norm
 MLP, each added to the residual): Llama, Mistral, Qwen2 and Qwen3 (with its q/k norms). Any other
@@ -19,6 +21,7 @@ from __future__ import annotations
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
@@ -74,53 +77,79 @@ def _heads(attention: torch.nn.Module, projection: str, norm: str | None, hidden
 
 
 def _one_position_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, *_, position_embeddings=None,
-                          read_at: torch.Tensor, padding_mask: torch.Tensor | None, **__) -> torch.Tensor:
-    """The decoder layer's output at `read_at` (B,), written into a copy of its input elsewhere."""
-    batch, length = hidden_states.shape[:2]
-    rows = torch.arange(batch, device=hidden_states.device)
+                          reads: Reads, **__) -> torch.Tensor:
+    """The decoder layer's output at the read positions, written into a copy of its input elsewhere."""
+    rows, columns = reads.rows, reads.columns
     attention = layer.self_attn
     normed = layer.input_layernorm(hidden_states)
-    # (1, T, d) when every row has the same positions: one (B, T, d) view to index rows from.
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    # (1, T, d) when every row has the same positions: one (rows, T, d) view to index rows from.
+    cos, sin = (t.expand(hidden_states.size(0), -1, -1) for t in position_embeddings)
     with separate_projections():  # the query reads other rows than the keys and values: no q|k|v group
-        query = _rotate(_heads(attention, "q_proj", "q_norm", normed[rows, read_at].unsqueeze(1)), cos[rows, read_at].unsqueeze(1),
-                        sin[rows, read_at].unsqueeze(1))
+        query = _rotate(_heads(attention, "q_proj", "q_norm", normed[rows, columns].unsqueeze(1)), cos[rows, columns].unsqueeze(1),
+                        sin[rows, columns].unsqueeze(1))
         key = _rotate(_heads(attention, "k_proj", "k_norm", normed), cos, sin)
         value = _heads(attention, "v_proj", None, normed)
-    # The read position attends to its prefix: keys at or before it that are not padding.
-    visible = torch.arange(length, device=hidden_states.device)[None, :] <= read_at[:, None]
-    if padding_mask is not None:
-        visible = visible & padding_mask.bool()
+    if key.size(0) != len(rows):  # one packed row, several reads: each read attends to that row
+        key, value = key.expand(len(rows), -1, -1, -1), value.expand(len(rows), -1, -1, -1)
     dropout = getattr(attention, "attention_dropout", 0.0) if layer.training else 0.0
-    attended = cpu_attention.sdpa(query, key, value, attn_mask=visible[:, None, None, :], dropout_p=dropout,
+    attended = cpu_attention.sdpa(query, key, value, attn_mask=reads.visible[:, None, None, :], dropout_p=dropout,
                                   scale=attention.scaling, enable_gqa=key.size(1) != query.size(1))
-    residual = hidden_states[rows, read_at].unsqueeze(1) + attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
+    residual = hidden_states[rows, columns].unsqueeze(1) + attention.o_proj(attended.transpose(1, 2).reshape(len(rows), 1, -1))
     out = residual + layer.mlp(layer.post_attention_layernorm(residual))
     # Other positions keep the layer's input: finite, never read by the head, so their gradient is zero.
-    return hidden_states.index_put((rows, read_at), out.squeeze(1))
+    return hidden_states.index_put((rows, columns), out.squeeze(1))
+
+
+@dataclass
+class Reads:
+    """Where a scalar head reads: (row, column) pairs, and the keys each read attends to, (reads, T) boolean."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    visible: torch.Tensor
+
+
+def padded_reads(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int | None) -> Reads:
+    """One read a row, at `read_positions`, seeing the row's prefix less its padding."""
+    batch, length = input_ids.shape
+    columns = read_positions(input_ids, pad_id)
+    visible = torch.arange(length, device=input_ids.device)[None, :] <= columns[:, None]
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()
+    return Reads(torch.arange(batch, device=input_ids.device), columns, visible)
+
+
+def packed_reads(columns: torch.Tensor, starts: torch.Tensor, length: int) -> Reads:
+    """Reads of sequences packed end to end in one row: sequence i starts at starts[i] and is read at
+    columns[i]; it sees its own tokens up to there."""
+    positions = torch.arange(length, device=columns.device)[None, :]
+    visible = (positions >= starts[:, None]) & (positions <= columns[:, None])
+    return Reads(torch.zeros_like(columns), columns, visible)
 
 
 @contextmanager
-def top_layer_at_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            pad_id: int | None) -> Iterator[bool]:
-    """Within the block, the model's top decoder layer runs for each row's read position only
-    (`read_positions`); yields whether it does (False: the model keeps its own forward).
-
-    Only the pooled score is then meaningful: other positions of the last hidden states are the top
-    layer's input, not its output.
-    """
-    if not applies(model, input_ids.size(1)):
+def top_layer_at(model: torch.nn.Module, reads: Reads) -> Iterator[bool]:
+    """Within the block, the model's top decoder layer runs for `reads` only; yields whether it does
+    (False: the model keeps its own forward). Only the read positions of the last hidden states are
+    then meaningful: the others are the top layer's input, not its output."""
+    if not applies(model, reads.visible.size(1)):
         yield False
         return
     layer = backbone(model).layers[model.config.num_hidden_layers - 1]
-    read_at = read_positions(input_ids, pad_id)
     # An instance attribute shadows the class's forward for this call only; nn.Module.__call__ (and
     # its hooks) still run around it.
     layer.forward = types.MethodType(
-        lambda self, hidden_states, *args, **kwargs: _one_position_forward(self, hidden_states, *args, read_at=read_at, padding_mask=attention_mask, **kwargs),
+        lambda self, hidden_states, *args, **kwargs: _one_position_forward(self, hidden_states, *args, reads=reads, **kwargs),
         layer,
     )
     try:
         yield True
     finally:
         del layer.forward
+
+
+def top_layer_at_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            pad_id: int | None):
+    """`top_layer_at` each row's read position (`read_positions`): the position transformers' sequence
+    classifiers pool at."""
+    return top_layer_at(model, padded_reads(input_ids, attention_mask, pad_id))

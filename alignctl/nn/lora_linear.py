@@ -292,6 +292,7 @@ def _grouped_output(layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | N
     return outputs[group.index(layer)]
 
 
-def _adapter_versions(layer: FusedLoraLinear) -> tuple[int, ...]:
-    return tuple(p._version for name in layer.active_adapters if name in layer.lora_A
-                 for p in (layer.lora_A[name].weight, layer.lora_B[name].weight))
+def _adapter_versions(layer: FusedLoraLinear) -> tuple[tuple[str, int, int], ...]:
+    """Which adapters are active and how often their weights were changed in place (an optimiser step)."""
+    return tuple((name, layer.lora_A[name].weight._version, layer.lora_B[name].weight._version)
+                 for name in layer.active_adapters if name in layer.lora_A)

@@ -39,7 +39,7 @@ from alignctl.models.loading import (
     model_path,
 )
 from alignctl.nn.losses import reward_model_loss, sft_loss
-from alignctl.rl.scored_text import completion_turn, padded, sequence_scores
+from alignctl.rl.scored_text import completion_turn, packed, packed_scores, packed_scoring_pays, padded, sequence_scores
 from alignctl.train.session import (
     start_process,
     start_training,
@@ -66,9 +66,16 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: RewardConfig, cfg: RunConf
     return encode_rows(dataset, encode, empty, cfg.data.num_proc, where, recipe.max_length)
 
 
-def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device) -> dict:
-    """Chosen sequences then rejected ones, right-padded, scored in one forward."""
+def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, padding_free: bool = False) -> dict:
+    """Chosen sequences then rejected ones, scored in one forward: right-padded, or with `padding_free`
+    end to end in one row (alignctl.rl.scored_text.packed; no next-token targets then)."""
     sequences = rows["chosen"] + rows["rejected"]
+    if padding_free:
+        return {key: value.to(device) for key, value in packed(sequences, pad_id).items()} | {
+            "margin": torch.tensor(rows["margin"], dtype=torch.float32, device=device),
+            "num_items": len(rows["chosen"]),
+            "num_tokens": sum(map(len, sequences)),
+        }
     input_ids, attention_mask = padded(sequences, pad_id)
     width = input_ids.size(1)
     return {
@@ -140,19 +147,25 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         add_decoder_layers(model, recipe.extra_layers)
     model = apply_adapter(model, cfg.adapter, "SEQ_CLS")
     lm_weight = lm_head_weight(model, path, cfg) if recipe.lm_loss_coef else None
+    # Padding-free rows where they pay; the LM loss reads padded rows (the config refuses both at once).
+    padding_free = recipe.padding_free if recipe.padding_free is not None else (lm_weight is None and packed_scoring_pays(model))
     trainable, total = parameter_counts(model)
     stream = BatchStream(np.maximum(column_lengths(train_set, "chosen"), column_lengths(train_set, "rejected")).tolist(),
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)
     session = start_training(model, tokenizer, stream, cfg, raw, run_dir, "reward", train_raw._fingerprint)
     logger = session.logger
     logger.note(f"reward: {len(train_set)} pairs{' with margins' if use_margin else ''}, from {path}, "
-                f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+                f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
+                f"{', padding-free batches' if padding_free else ''}")
 
     def score_pairs(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with_lm = lm_weight is not None and "step_lm_tokens" in batch  # training steps only, not eval
         # The LM loss without extra layers reads the top layer's output at every position.
         trim = recipe.trim_top_layer and not (with_lm and recipe.extra_layers == 0)
-        scores, out = sequence_scores(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id, trim, output_hidden_states=with_lm)
+        if "read_at" in batch:
+            scores = packed_scores(model, batch, trim)
+        else:
+            scores, out = sequence_scores(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id, trim, output_hidden_states=with_lm)
         pairs = batch["num_items"]
         chosen, rejected = scores[:pairs], scores[pairs:]
         losses = reward_model_loss(chosen, rejected, batch["margin"] if use_margin else None, recipe.center_rewards_coefficient)
@@ -174,8 +187,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         return loss, metrics
 
     def next_step() -> list[dict]:
-        micro = [pair_batch(train_set[rows], tokenizer.pad_token_id, device) for rows in split_micro(next(stream), recipe.grad_accum)]
-        lm_tokens = sum(int((mb["lm_labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+        micro = [pair_batch(train_set[rows], tokenizer.pad_token_id, device, padding_free) for rows in split_micro(next(stream), recipe.grad_accum)]
+        lm_tokens = sum(int((mb["lm_labels"][:, 1:] != IGNORE).sum()) for mb in micro if "lm_labels" in mb)
         return [mb | {"step_lm_tokens": lm_tokens} for mb in micro]
 
     @torch.no_grad()
@@ -183,7 +196,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         if eval_set is None:
             return {}
         model.eval()
-        result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device), score_pairs)
+        result = sum_over_batches(eval_set, recipe.eval_batch_size, lambda rows: pair_batch(rows, tokenizer.pad_token_id, device, padding_free), score_pairs)
         logger.note(f"step {step}: " + "  ".join(f"{k}={result[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_margin")))
         return result
 

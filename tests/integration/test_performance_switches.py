@@ -1,6 +1,6 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
-follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO)
-against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp and
+follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO,
+reward) against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp and
 recipe.fused_rms_norm against the model's own MLP and norms), recipe.trim_top_layer against the full top layer), through the real CLI on the
 built-in task."""
 
@@ -53,6 +53,15 @@ def test_padding_free_pairs_train_like_padded_ones(tmp_path):
     padded = train(tmp_path, "padded", *lora)
     packed = train(tmp_path, "packed", *lora, "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"))
+    assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
+
+
+def test_padding_free_reward_pairs_train_like_padded_ones(tmp_path):
+    # LoRA: the q|k|v and gate|up groups and the trimmed top layer run on the packed row too.
+    lora = ("recipe=reward", "adapter=lora", "recipe.lr=3e-3", "recipe.extra_layers=0", "recipe.lm_loss_coef=0")
+    padded = train(tmp_path, "padded", *lora, "recipe.padding_free=false")
+    packed = train(tmp_path, "packed", *lora, "recipe.padding_free=true")
+    assert_same_training(padded, packed, ("loss", "grad_norm", "accuracy", "margin"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
 
 
