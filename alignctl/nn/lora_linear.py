@@ -21,9 +21,9 @@ matmuls in the autocast dtype, as peft's layer does under autocast, with the ada
 Projections that read the same input (a layer's q|k|v, its MLP's gate|up; `group_projections` finds
 them) run together as `GroupedLoraFunction` when all are on the plain path: the input is cast to the
 autocast dtype once and saved once, and the input's gradient is summed into one tensor, where one
-function per projection casts and saves the input three times and autograd adds three float32 copies
-of its gradient. The results are the same numbers (tests/unit/test_lora_linear.py); SmolLM2's
-reward-LoRA step takes about 6 % less time.
+function per projection casts and saves the input once per projection and autograd adds as many float32
+copies of its gradient. The results are the same numbers (tests/unit/test_lora_linear.py); SmolLM2's
+reward-LoRA step takes 2-6 % less time (docs/performance.md, the fifth block).
 """
 
 from __future__ import annotations
