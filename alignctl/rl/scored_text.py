@@ -30,7 +30,8 @@ from alignctl.nn.model_parts import backbone, unwrapped
 from alignctl.nn.varlen_attention import packed_attention
 from alignctl.nn.varlen_attention import pays as packed_layout_pays
 
-__all__ = ["completion_turn", "scored_ids", "padded", "sequence_scores", "read_positions", "packed", "packed_scores", "packed_scoring_pays"]
+__all__ = ["completion_turn", "scored_ids", "padded", "sequence_scores", "read_positions", "packed", "packed_scores", "packed_scoring_pays",
+           "has_score_head"]
 
 
 def completion_turn(prompt: str | Messages, completion: str | Messages) -> str | Messages:
@@ -86,7 +87,12 @@ def packed_scoring_pays(model: torch.nn.Module) -> bool:
     """Whether `packed_scores` is faster than `sequence_scores` on padded rows for this model: its
     attention keeps packed sequences apart without a mask over the whole row
     (alignctl.nn.varlen_attention.pays), and its head is a decoder classifier's ``score`` layer."""
-    return packed_layout_pays(model) and isinstance(getattr(unwrapped(model), "score", None), torch.nn.Module)
+    return packed_layout_pays(model) and has_score_head(model)
+
+
+def has_score_head(model: torch.nn.Module) -> bool:
+    """Whether the classifier's head is a ``score`` layer (transformers' decoder classifiers: Llama, Qwen, ...)."""
+    return isinstance(getattr(unwrapped(model), "score", None), torch.nn.Module)
 
 
 def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], trim_top_layer: bool = True) -> torch.Tensor:

@@ -39,7 +39,16 @@ from alignctl.models.loading import (
     model_path,
 )
 from alignctl.nn.losses import reward_model_loss, sft_loss
-from alignctl.rl.scored_text import completion_turn, packed, packed_scores, packed_scoring_pays, padded, sequence_scores
+from alignctl.nn.model_parts import unwrapped
+from alignctl.rl.scored_text import (
+    completion_turn,
+    has_score_head,
+    packed,
+    packed_scores,
+    packed_scoring_pays,
+    padded,
+    sequence_scores,
+)
 from alignctl.train.session import (
     start_process,
     start_training,
@@ -149,6 +158,9 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     lm_weight = lm_head_weight(model, path, cfg) if recipe.lm_loss_coef else None
     # Padding-free rows where they pay; the LM loss reads padded rows (the config refuses both at once).
     padding_free = recipe.padding_free if recipe.padding_free is not None else (lm_weight is None and packed_scoring_pays(model))
+    if padding_free and not has_score_head(model):
+        raise ConfigError("recipe.padding_free", f"scores packed rows with a decoder classifier's `score` head; {type(unwrapped(model)).__name__} "
+                                                 "has none: set recipe.padding_free=false")
     trainable, total = parameter_counts(model)
     stream = BatchStream(np.maximum(column_lengths(train_set, "chosen"), column_lengths(train_set, "rejected")).tolist(),
                          recipe.batch_size * recipe.grad_accum, cfg.seed, **distributed.current().shard)

@@ -12,7 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignctl.config.schema import LoraConfig
 from alignctl.models.adapters import apply_adapter
-from alignctl.nn.lora_linear import FusedLoraLinear, GroupedLoraFunction, group_projections, separate_projections
+from alignctl.nn.lora_linear import (
+    FusedLoraLinear,
+    GroupedLoraFunction,
+    group_projections,
+    separate_projections,
+)
 
 
 @pytest.fixture(scope="module")

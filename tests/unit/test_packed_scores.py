@@ -12,7 +12,14 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from alignctl.config.schema import LoraConfig as AlignctlLora
 from alignctl.models.adapters import apply_adapter
 from alignctl.nn.lora_linear import FusedLoraLinear
-from alignctl.rl.scored_text import packed, packed_scores, packed_scoring_pays, padded, sequence_scores
+from alignctl.rl.scored_text import (
+    has_score_head,
+    packed,
+    packed_scores,
+    packed_scoring_pays,
+    padded,
+    sequence_scores,
+)
 
 PAD = 2  # pad = EOS, as SmolLM2's tokenizer has it: trailing EOS tokens are not read
 SEQUENCES = [[5, 6, 7, 8, 9, 10, 11, PAD], [12, 13], [14, 15, 16, 17, PAD, PAD], [18], [19, 20, 21]]
@@ -67,3 +74,12 @@ def test_it_does_not_pay_under_gradient_checkpointing():
     model = classifier()
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     assert not packed_scoring_pays(model)  # transformers would mask the whole packed row instead
+
+
+def test_only_a_score_head_is_read_at_packed_positions():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    assert has_score_head(classifier())
+    encoder = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, num_labels=1))
+    assert not has_score_head(encoder) and not packed_scoring_pays(encoder)  # its head is `classifier`, over a pooled token
