@@ -41,15 +41,12 @@ class FusedLoraLinear(PeftLoraLinear):
     input_group: tuple[FusedLoraLinear, ...] = ()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        operands = None if args or kwargs else self._fused_operands(x)
+        if operands is not None:
+            grouped = _grouped_output(self, x, operands)
+            return grouped if grouped is not None else LoraLinearFunction.apply(x, *operands)
         if args or kwargs or self.disable_adapters or self.merged or not self._plain_adapters(x):
             return super().forward(x, *args, **kwargs)
-        single = self._single_fusable_adapter()
-        if single is not None:
-            grouped = _grouped_output(self, x)
-            if grouped is not None:
-                return grouped
-            base = self.base_layer
-            return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[single].weight, self.lora_B[single].weight, self.scaling[single])
         result = self.base_layer(x)
         flat = result.view(-1, result.size(-1))  # F.linear's output: contiguous, and not saved for backward
         for name in self.active_adapters:
@@ -268,8 +265,9 @@ def separate_projections() -> Iterator[None]:
         _separate[0] = before
 
 
-def _grouped_output(layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """`layer`'s output on x when its group runs as one `GroupedLoraFunction`, else None.
+def _grouped_output(layer: FusedLoraLinear, x: torch.Tensor, operands: tuple) -> torch.Tensor | None:
+    """`layer`'s output on x when its group runs as one `GroupedLoraFunction`, else None (`operands`:
+    the layer's own `_fused_operands`).
 
     The first member called on x computes every member's output; the others wait on x (an attribute
     of the tensor, gone with it) until their own call takes them. A waiting output is taken only if x
@@ -284,10 +282,10 @@ def _grouped_output(layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | N
         output, versions = waiting[2].pop(layer)
         if versions == _adapter_versions(layer):
             return output
-    operands = [member._fused_operands(x) for member in group]
-    if any(o is None for o in operands):
+    every = [operands if member is layer else member._fused_operands(x) for member in group]
+    if any(o is None for o in every):
         return None
-    outputs = GroupedLoraFunction.apply(x, tuple(o[4] for o in operands), *(t for o in operands for t in o[:4]))
+    outputs = GroupedLoraFunction.apply(x, tuple(o[4] for o in every), *(t for o in every for t in o[:4]))
     setattr(x, _MEMO, (group, state, {m: (out, _adapter_versions(m)) for m, out in zip(group, outputs) if m is not layer}))
     return outputs[group.index(layer)]
 

@@ -27,7 +27,7 @@ from alignctl.data.batching import pad
 from alignctl.data.encode import Messages, encode_completion, encode_prompt
 from alignctl.nn.last_token import packed_reads, read_positions, top_layer_at, top_layer_at_last_token
 from alignctl.nn.model_parts import backbone, unwrapped
-from alignctl.nn.varlen_attention import packed_attention
+from alignctl.nn.varlen_attention import packed_attention, sequence_bounds
 from alignctl.nn.varlen_attention import pays as packed_layout_pays
 
 __all__ = ["completion_turn", "scored_ids", "padded", "sequence_scores", "read_positions", "packed", "packed_scores", "packed_scoring_pays",
@@ -67,18 +67,16 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
 def packed(sequences: list[list[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Token-id lists end to end in one row: input_ids and position_ids (1, T), position ids restarting at
-    0 for each sequence; each sequence's first column (`starts`) and the column its score is read at
-    (`read_at`), the position `read_positions` gives the sequence alone, both (sequences,)."""
-    starts, read_at, offset = [], [], 0
+    0 for each sequence (where each starts: `sequence_bounds`), and the column each sequence's score is
+    read at (`read_at`, (sequences,)), the position `read_positions` gives the sequence alone."""
+    read_at, offset = [], 0
     for ids in sequences:
         real = [i for i, token in enumerate(ids) if token != pad_id] if pad_id is not None else [len(ids) - 1]
-        starts.append(offset)
         read_at.append(offset + (real[-1] if real else 0))
         offset += len(ids)
     return {
         "input_ids": torch.tensor([[token for ids in sequences for token in ids]]),
         "position_ids": torch.tensor([[i for ids in sequences for i in range(len(ids))]]),
-        "starts": torch.tensor(starts),
         "read_at": torch.tensor(read_at),
     }
 
@@ -100,7 +98,7 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], trim_t
     attention kept within each sequence (alignctl/nn/varlen_attention.py), so no padding is computed.
     The classifier's own forward pools one position a row, so the decoder runs alone and its ``score``
     head is applied at the read columns."""
-    reads = packed_reads(batch["read_at"], batch["starts"], batch["input_ids"].size(1))
+    reads = packed_reads(batch["read_at"], sequence_bounds(batch["position_ids"])[:-1], batch["input_ids"].size(1))
     trimmed = top_layer_at(model, reads) if trim_top_layer else nullcontext()
     with packed_attention(model, batch["position_ids"]), trimmed:
         hidden = backbone(model)(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from alignctl.config.schema import LoraConfig as AlignctlLora
 from alignctl.models.adapters import apply_adapter
 from alignctl.nn.lora_linear import FusedLoraLinear
+from alignctl.nn.varlen_attention import sequence_bounds
 from alignctl.rl.scored_text import (
     has_score_head,
     packed,
@@ -37,7 +38,7 @@ def test_packed_batch_by_hand():
     batch = packed([[5, 6, PAD], [7], [8, PAD, PAD]], PAD)
     assert batch["input_ids"].tolist() == [[5, 6, PAD, 7, 8, PAD, PAD]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 2]]
-    assert batch["starts"].tolist() == [0, 3, 4]
+    assert sequence_bounds(batch["position_ids"])[:-1].tolist() == [0, 3, 4]  # where each sequence starts
     assert batch["read_at"].tolist() == [1, 3, 4]  # each sequence's rightmost token that is not the pad id
     assert packed([[5, 6, PAD]], None)["read_at"].tolist() == [2]
 
