@@ -251,6 +251,9 @@ class GRPOConfig(OnlineRLConfig):
     entropy_coef: float = within("[0, 1e3]", "0: off")  # an entropy bonus: the loss minus coef x mean entropy of the sampled positions
     dynamic_sampling: bool  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
     max_draws: int = within("[1, 1e4]")  # dynamic sampling: batches of prompts drawn per rollout at most
+    # training forwards as one packed row, each prompt once for its completions (alignctl/nn/prompt_groups.py);
+    # null: wherever alignctl.nn.varlen_attention.applies
+    padding_free: bool | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -274,6 +277,9 @@ class PPOConfig(OnlineRLConfig):
     kl_target: float | None = within("(0, 1e3]", "null: fixed beta")  # adaptive KL controller target
     kl_horizon: int = within("[1, 1e12]")  # adaptive controller horizon, in completions
     missing_eos_penalty: float | None = within("[-1e6, 1e6]")  # subtracted from the score of a completion that never ends
+    # training forwards as one packed row, each prompt once for its completions (alignctl/nn/prompt_groups.py);
+    # null: wherever alignctl.nn.varlen_attention.applies
+    padding_free: bool | None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,6 +18,8 @@ import torch
 from alignctl.data.batching import pad
 from alignctl.nn.lm_head import final_hidden, keep_last, linear_logps, output_head
 from alignctl.nn.model_parts import unwrapped
+from alignctl.nn.prompt_groups import attention_layout
+from alignctl.nn.varlen_attention import applies as varlen_applies
 from alignctl.nn.varlen_attention import packed_attention
 
 
@@ -55,6 +57,7 @@ def response_token_logps(
     with_entropy: bool = False,
     chunk: int = 0,
     entropy_grad: bool = False,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of each row's response under `model`, over the last W positions.
 
@@ -68,6 +71,8 @@ def response_token_logps(
         chunk: > 0 computes the output layer over the response tokens only, that many at a time,
             never holding their logits whole (alignctl/nn/lm_head.py; recipe.lm_head_chunk); 0 is the
             plain path.
+        padding_free: run the batch's packed layout (alignctl/nn/prompt_groups.py: each prompt once,
+            no padding) where it has one and the model's attention allows it; the padded rows otherwise.
 
     Returns:
         (B, W) log p(token), zero outside the response; (B, W) response mask (W = longest response);
@@ -75,6 +80,8 @@ def response_token_logps(
     """
     mask = batch["response_mask"]
     width = int(mask.sum(-1).max())
+    if padding_free and "packed_ids" in batch and varlen_applies(model):
+        return _packed_token_logps(model, batch, width, temperature, with_entropy, chunk, entropy_grad)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     targets = batch["input_ids"][:, -width:]
     keep = mask[:, -width:].to(torch.float32)
@@ -100,6 +107,36 @@ def response_token_logps(
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1) * keep
     return per_token, keep, entropy
+
+
+def _packed_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], width: int, temperature: float,
+                        with_entropy: bool, chunk: int, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`response_token_logps` over the batch's packed row (prompt_groups), scattered back to (B, W)."""
+    ids, positions = batch["packed_ids"], batch["packed_positions"]
+    targets, predictors, slots = ids[0, batch["packed_targets"]], batch["packed_predictors"], batch["packed_slots"]
+    keep = batch["response_mask"][:, -width:].to(torch.float32)
+    head = output_head(model) if chunk else None
+    entropy = None
+    with packed_attention(model, positions, layout=attention_layout(batch)):
+        if head is not None:
+            hidden = final_hidden(model, input_ids=ids, position_ids=positions)[0, predictors]
+            out = linear_logps(hidden, head.weight, targets, chunk, temperature, with_entropy=with_entropy)
+            logps, entropy = out.logps, out.entropy
+        else:
+            # logits_to_keep as the predictors' positions: the output layer runs at those only.
+            logits = model(input_ids=ids, position_ids=positions, logits_to_keep=predictors, use_cache=False).logits[0]
+            if temperature != 1.0:
+                logits = logits / temperature
+            logps = token_logps(logits, targets)
+            if with_entropy:
+                with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+                    log_probs = torch.log_softmax(logits.float(), dim=-1)
+                    entropy = -(log_probs.exp() * log_probs).sum(-1)
+
+    def right_aligned(values: torch.Tensor) -> torch.Tensor:
+        return keep.new_zeros(keep.numel()).index_copy(0, slots, values.float()).view_as(keep)
+
+    return right_aligned(logps), keep, right_aligned(entropy) if entropy is not None else None
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,15 +127,20 @@ def pays(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def packed_attention(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+def packed_attention(model: torch.nn.Module, position_ids: torch.Tensor,
+                     layout: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> Iterator[None]:
     """Run the model's attention as `varlen_sdpa` over the packed row with these position ids inside
-    the block (a no-op where it does not apply)."""
+    the block (a no-op where it does not apply).
+
+    `layout`: (gather, real, longest) as `padding_index` gives them, for sequences that share tokens
+    (alignctl/nn/prompt_groups.py: completions after one copy of their prompt); None: the sequences
+    the position ids delimit."""
     if not applies(model):
         yield
         return
     configs = _configs(model)
     previous = [c._attn_implementation for c in configs]
-    token = _layout.set(padding_index(sequence_bounds(position_ids)))
+    token = _layout.set(layout if layout is not None else padding_index(sequence_bounds(position_ids)))
     for c in configs:
         c._attn_implementation = NAME
     try:

@@ -14,11 +14,12 @@ from datasets import Dataset
 
 from alignctl.config.schema import OnlineRLConfig, RunConfig
 from alignctl.core import distributed
-from alignctl.core.errors import DataError
+from alignctl.core.errors import ConfigError, DataError
 from alignctl.data import loading as data_lib
 from alignctl.data.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.models.loading import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.nn.losses import aggregate, logprob_gap, rollout_correction
+from alignctl.nn.varlen_attention import applies as per_sequence_attention
 from alignctl.rl.environments import EnvironmentSpec, load_environment
 from alignctl.rl.multi_turn import sample_episodes
 from alignctl.rl.reward_sources import (
@@ -106,6 +107,19 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
         return BatchShape(rows, cfg.recipe.max_length, rows * new, f"{data.source} and recipe.max_length (multi-turn episodes)")
     new = cfg.recipe.max_new_tokens
     return BatchShape(rows, prompt + new, rows * new, f"{data.source} and recipe.max_new_tokens")
+
+
+def packed_training(padding_free: bool | None, policy: torch.nn.Module) -> bool:
+    """recipe.padding_free as this run applies it to its training forwards (alignctl/nn/prompt_groups.py).
+
+    null: packed wherever alignctl's per-sequence attention stands in for the model's; true where it
+    cannot (gradient checkpointing, a flash kernel, sliding windows) is a config error, since no other
+    attention keeps a completion to its own prompt in the packed row."""
+    fits = per_sequence_attention(policy)
+    if padding_free and not fits:
+        raise ConfigError("recipe.padding_free", "true needs attention alignctl can run per sequence (sdpa or eager, no sliding window) "
+                          "and no gradient checkpointing, which this model does not have; valid here: null (padded rows where it cannot run) or false")
+    return fits if padding_free is None else padding_free
 
 
 def held_policy(cfg: RunConfig, trained: bool = True) -> HeldModel:

@@ -27,6 +27,7 @@ from alignctl.data.batching import pad
 from alignctl.nn.kv_cache import CACHE_ARG
 from alignctl.nn.lm_head import keep_last
 from alignctl.nn.logprobs import left_padded_batch
+from alignctl.nn.prompt_groups import prompt_group_fields
 from alignctl.rl import decode, vllm_engine
 from alignctl.train.sharding import is_sharded
 
@@ -247,14 +248,16 @@ def right_aligned(values: Sequence[torch.Tensor], width: int) -> torch.Tensor:
 
 
 def training_batch(completions: Completions, indices: Sequence[int], pad_id: int, device: torch.device, per_token: dict[str, list[torch.Tensor]], per_sequence: dict[str, torch.Tensor]) -> dict:
-    """A left-padded batch of the chosen completions with their stored quantities.
+    """A left-padded batch of the chosen completions with their stored quantities, and the same rows
+    packed, each prompt once (alignctl/nn/prompt_groups.py: ``recipe.padding_free`` picks the layout).
 
     `per_token` values become (B, W) tensors aligned with the response mask's last W columns;
     `per_sequence` values are indexed to (B,).
     """
     prompts = [completions.prompt_ids[i] for i in indices]
     responses = [completions.completion_ids[i] for i in indices]
-    batch = {k: v.to(device) for k, v in left_padded_batch(prompts, responses, pad_id).items()}
+    layouts = left_padded_batch(prompts, responses, pad_id) | prompt_group_fields(prompts, responses)
+    batch = {k: v.to(device) for k, v in layouts.items()}
     width = max(len(r) for r in responses)
     for name, values in per_token.items():
         batch[name] = right_aligned([values[i] for i in indices], width).to(device)

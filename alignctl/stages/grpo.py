@@ -40,6 +40,7 @@ from alignctl.rl.online_rl import (
     held_policy,
     held_reward_model,
     load_prompts,
+    packed_training,
     planned_batch,
     reward_sources,
     rollout_correction_terms,
@@ -78,6 +79,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
+    packed = packed_training(recipe.padding_free, policy)
     trainable, total = parameter_counts(policy)
     stream = BatchStream(column_lengths(train_set, "prompt_ids").tolist(), completions_per_rollout // K, cfg.seed, group_by_length=False, **distributed.current().shard)
     session = start_training(policy, tokenizer, stream, cfg, raw, run_dir, "grpo", prompts.raw._fingerprint)
@@ -86,6 +88,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "
         f"{recipe.advantage.value} advantages, beta {recipe.beta} (reference {mode.value}), rewards "
         + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
+        + ("; padding-free batches, each prompt once" if packed else "; padded rows")
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
@@ -95,7 +98,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     queue = StepQueue(recipe, recipe.num_iterations, cfg.seed, device, tokenizer.pad_token_id, items)
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
+        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk, padding_free=packed)[0]
 
     def draw(state: RewardState) -> ScoredRollout:
         rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], K, sampling, sources, state, environment)
@@ -126,7 +129,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk,
-                                                    entropy_grad=recipe.entropy_coef > 0)
+                                                    entropy_grad=recipe.entropy_coef > 0, padding_free=packed)
         mask = policy_mask(batch, mask)  # an environment's tokens: no loss, no KL
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         surrogate = policy_surrogate(recipe.policy_loss.value, logps, old, mask, batch["advantages"], recipe.epsilon, recipe.epsilon_high)

@@ -48,6 +48,7 @@ from alignctl.rl.online_rl import (
     held_policy,
     held_reward_model,
     load_prompts,
+    packed_training,
     planned_batch,
     reward_sources,
     rollout_correction_terms,
@@ -148,6 +149,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     policy, reference, _ = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     policy = apply_adapter(policy, cfg.adapter)
+    packed = packed_training(recipe.padding_free, policy)
     value_path = value_model_path(cfg, path)
     if shares_the_policy_base(cfg, value_path, path):
         value = SharedBaseValue(policy)
@@ -165,6 +167,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         f"ppo: {len(train_set)} prompts, {per_rollout} completions per rollout, beta {recipe.beta}"
         f"{f' (adaptive, KL target {recipe.kl_target})' if recipe.kl_target else ''} (reference {mode.value}), value model: {value_from}, rewards "
         + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
+        + ("; policy forwards padding-free" if packed else "; padded rows")
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)
@@ -173,7 +176,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
     queue = StepQueue(recipe, recipe.num_ppo_epochs, cfg.seed, device, tokenizer.pad_token_id, completion_tokens)  # a mean over completion tokens
 
     def token_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk)[0]
+        return response_token_logps(model, batch, recipe.temperature, chunk=recipe.lm_head_chunk, padding_free=packed)[0]
 
     def new_rollout() -> None:
         rollout = sample_and_score(policy, tokenizer, train_set[next(stream)], 1, sampling, sources, queue.start_rollout(), environment)
@@ -215,7 +218,8 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         rollout_log.after(queue.rollouts, rollout, scores)
 
     def step_fn(batch: dict, num_items: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk)
+        logps, mask, entropy = response_token_logps(policy, batch, recipe.temperature, with_entropy=True, chunk=recipe.lm_head_chunk,
+                                                    padding_free=packed)
         mask = policy_mask(batch, mask)  # an environment's tokens: no loss
         values = value_fn(batch)
         policy_loss, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], recipe.cliprange)

@@ -1,6 +1,6 @@
 """The performance switches change speed and memory, not the training: a run with each switch on
 follows the plain run's losses step for step (recipe.lm_head_chunk against 0, recipe.padding_free (SFT, DPO,
-reward) against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp and
+reward, GRPO, PPO) against padded batches, recipe.share_prompt against two rows a pair, recipe.fused_mlp and
 recipe.fused_rms_norm against the model's own MLP and norms), recipe.trim_top_layer against the full top layer), through the real CLI on the
 built-in task."""
 
@@ -63,6 +63,22 @@ def test_padding_free_reward_pairs_train_like_padded_ones(tmp_path):
     packed = train(tmp_path, "packed", *lora, "recipe.padding_free=true")
     assert_same_training(padded, packed, ("loss", "grad_norm", "accuracy", "margin"))
     assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]  # the same real tokens, none of them padding
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_padding_free_rl_batches_train_like_padded_rows(tmp_path, stage):
+    # One rollout feeds the four steps, so both runs train on the same completions; beta > 0 with LoRA, so
+    # the reference (the disabled adapter) runs on the packed row too. GRPO's micro-batches hold two
+    # prompts x 8 completions: each prompt runs once for its 8.
+    # An entropy bonus (GRPO): the untrained model's rewards are all 0, and the bonus gives the loss a gradient.
+    # PPO: a reward that varies from the start (completion length), so that its advantages are not all 0.
+    extra = ("recipe.entropy_coef=1.0",) if stage == "grpo" else ("recipe.reward_funcs=[{_target_:alignctl.rewards.length_penalty,max_chars:2}]",)
+    rl = (f"recipe={stage}", "adapter=lora", "recipe.lr=3e-3", "recipe.beta=0.05", "recipe.steps_per_generation=4", *extra)
+    padded = train(tmp_path, "padded", *rl, "recipe.padding_free=false")
+    packed = train(tmp_path, "packed", *rl, "recipe.padding_free=true")
+    keys = ("loss", "grad_norm", "objective/entropy", "policy/clipfrac") + (("objective/kl",) if stage == "grpo" else ("loss/policy",))
+    assert_same_training(padded, packed, keys)
+    assert packed[-1]["num_tokens"] == padded[-1]["num_tokens"]
 
 
 def test_shared_prompts_train_like_two_rows_a_pair(tmp_path):
