@@ -20,6 +20,12 @@ from types import FrameType
 from alignctl.runs.runfiles import latest_checkpoint
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# The signals this process's handlers have taken and no training loop has acted on yet. A handler
+# raises where the program is, and a library's bare `except` (or a C++ callback turning it into an
+# error that an `except Exception` takes) can swallow what it raised: twice a run sent SIGINT while it
+# loaded trained to the end with exit 0. The loop checks this before its first step, so a stop request
+# that reached the process is acted on whatever happened to its exception.
+_received: list[int] = []
 
 
 class Interrupted(BaseException):
@@ -46,12 +52,20 @@ def answer_ctrl_c() -> None:
 
     A shell without job control starts background commands (`cmd &` in a script, some CI runners
     and batch wrappers) with SIGINT ignored, and Python then leaves it ignored: `kill -INT` would be
-    lost until the stage installs its own handlers, and a run told to stop would train to the end."""
+    lost until the stage installs its own handlers, and a run told to stop would train to the end.
+    The handler is Python's own (KeyboardInterrupt), remembering the request (`_received`)."""
+    _received.clear()  # a command starts with no request pending (tests run several in one process)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _keyboard_interrupt)
+
+
+def _keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    signal.default_int_handler(signum, frame)
 
 
 def _raise_now(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -86,6 +100,10 @@ class StopRequests:
             self._on_request(signum)
 
     def __enter__(self) -> StopRequests:
+        if _received:  # a signal came before the loop and its exception was swallowed on the way out
+            signum = _received[0]
+            _received.clear()
+            raise Interrupted(signum)
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
                 self._previous[signum] = signal.signal(signum, self._record)
