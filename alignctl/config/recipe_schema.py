@@ -252,7 +252,7 @@ class GRPOConfig(OnlineRLConfig):
     dynamic_sampling: bool  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
     max_draws: int = within("[1, 1e4]")  # dynamic sampling: batches of prompts drawn per rollout at most
     # training forwards as one packed row, each prompt once for its completions (alignctl/nn/prompt_groups.py);
-    # null: wherever alignctl.nn.varlen_attention.applies
+    # null: wherever alignctl.nn.varlen_attention.pays
     padding_free: bool | None
 
     def __post_init__(self) -> None:
@@ -278,7 +278,7 @@ class PPOConfig(OnlineRLConfig):
     kl_horizon: int = within("[1, 1e12]")  # adaptive controller horizon, in completions
     missing_eos_penalty: float | None = within("[-1e6, 1e6]")  # subtracted from the score of a completion that never ends
     # training forwards as one packed row, each prompt once for its completions (alignctl/nn/prompt_groups.py);
-    # null: wherever alignctl.nn.varlen_attention.applies
+    # null: wherever alignctl.nn.varlen_attention.pays
     padding_free: bool | None
 
     def __post_init__(self) -> None:

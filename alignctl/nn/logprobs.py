@@ -18,9 +18,10 @@ import torch
 from alignctl.data.batching import pad
 from alignctl.nn.lm_head import final_hidden, keep_last, linear_logps, output_head
 from alignctl.nn.model_parts import unwrapped
-from alignctl.nn.prompt_groups import attention_layout
+from alignctl.nn.prompt_groups import attention_layout, rows_end_to_end
 from alignctl.nn.varlen_attention import applies as varlen_applies
 from alignctl.nn.varlen_attention import packed_attention
+from alignctl.nn.varlen_attention import pays as varlen_pays
 
 
 def left_padded_batch(
@@ -71,8 +72,9 @@ def response_token_logps(
         chunk: > 0 computes the output layer over the response tokens only, that many at a time,
             never holding their logits whole (alignctl/nn/lm_head.py; recipe.lm_head_chunk); 0 is the
             plain path.
-        padding_free: run the batch's packed layout (alignctl/nn/prompt_groups.py: each prompt once,
-            no padding) where it has one and the model's attention allows it; the padded rows otherwise.
+        padding_free: run the batch without padding where the model's attention allows it
+            (alignctl/nn/prompt_groups.py: each prompt once, or under a flash kernel each row with its
+            own prompt); the padded rows otherwise.
 
     Returns:
         (B, W) log p(token), zero outside the response; (B, W) response mask (W = longest response);
@@ -80,8 +82,9 @@ def response_token_logps(
     """
     mask = batch["response_mask"]
     width = int(mask.sum(-1).max())
-    if padding_free and "packed_ids" in batch and varlen_applies(model):
-        return _packed_token_logps(model, batch, width, temperature, with_entropy, chunk, entropy_grad)
+    packed = _packed_layout(model, batch, width) if padding_free else None
+    if packed is not None:
+        return _packed_token_logps(model, batch, width, *packed, temperature, with_entropy, chunk, entropy_grad)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     targets = batch["input_ids"][:, -width:]
     keep = mask[:, -width:].to(torch.float32)
@@ -109,15 +112,27 @@ def response_token_logps(
     return per_token, keep, entropy
 
 
-def _packed_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], width: int, temperature: float,
-                        with_entropy: bool, chunk: int, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`response_token_logps` over the batch's packed row (prompt_groups), scattered back to (B, W)."""
-    ids, positions = batch["packed_ids"], batch["packed_positions"]
-    targets, predictors, slots = ids[0, batch["packed_targets"]], batch["packed_predictors"], batch["packed_slots"]
+def _packed_layout(model: torch.nn.Module, batch: dict[str, torch.Tensor], width: int) -> tuple[dict, tuple | None] | None:
+    """The packed row this model can run for the batch and its attention layout: each prompt once where
+    alignctl's per-sequence attention stands in for the model's; under a flash kernel the rows end to end
+    (no layout: the kernel keeps them apart by their position ids); None (padded rows) otherwise."""
+    if "packed_ids" in batch and varlen_applies(model):
+        return batch, attention_layout(batch)
+    if varlen_pays(model):
+        fields = rows_end_to_end(batch, width)
+        return (fields, None) if fields is not None else None
+    return None
+
+
+def _packed_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], width: int, fields: dict[str, torch.Tensor], layout: tuple | None,
+                        temperature: float, with_entropy: bool, chunk: int, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`response_token_logps` over a packed row (`fields`, alignctl/nn/prompt_groups.py), scattered back to (B, W)."""
+    ids, positions = fields["packed_ids"], fields["packed_positions"]
+    targets, predictors, slots = ids[0, fields["packed_targets"]], fields["packed_predictors"], fields["packed_slots"]
     keep = batch["response_mask"][:, -width:].to(torch.float32)
     head = output_head(model) if chunk else None
     entropy = None
-    with packed_attention(model, positions, layout=attention_layout(batch)):
+    with packed_attention(model, positions, layout=layout):
         if head is not None:
             hidden = final_hidden(model, input_ids=ids, position_ids=positions)[0, predictors]
             out = linear_logps(hidden, head.weight, targets, chunk, temperature, with_entropy=with_entropy)

@@ -15,7 +15,10 @@ gradients are the padded rows' up to float rounding (tests/unit/test_prompt_grou
 
 `prompt_group_fields` builds the layout with the batch (alignctl/rl/rollout.py `training_batch`);
 `alignctl.nn.logprobs.response_token_logps` runs it where the stage asks for it and the model's
-attention is one `varlen_attention` stands in for, and the padded rows otherwise.
+attention is one `varlen_attention` stands in for. Under a flash kernel, whose varlen path keeps packed
+sequences apart by their position ids alone, it runs `rows_end_to_end` instead: no padding, but each
+completion with its own copy of the prompt. Padded rows elsewhere (gradient checkpointing or sliding
+windows without a flash kernel).
 """
 
 from __future__ import annotations
@@ -80,6 +83,27 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
         "packed_targets": torch.tensor(targets, dtype=torch.long),
         "packed_predictors": torch.tensor(predictors, dtype=torch.long),
         "packed_slots": torch.tensor(slots, dtype=torch.long),
+    }
+
+
+def rows_end_to_end(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor] | None:
+    """The batch's left-padded rows end to end without their padding, each row keeping its own prompt,
+    position ids restarting at 0 at each row: the packed row a varlen flash kernel takes (it finds the rows
+    in the position ids; it cannot attend a completion to a prompt shared with its siblings). The keys of
+    `prompt_group_fields` that say where the targets are (ids, positions, targets, predictors, slots; W =
+    `width`), worked out on the batch's device; None when a row has no prompt token (its first response
+    token would be scored from the row before it)."""
+    real, response = batch["attention_mask"].bool(), batch["response_mask"].bool()
+    if bool((real.sum(-1) == response.sum(-1)).any()):
+        return None
+    rows, columns = response.nonzero(as_tuple=True)  # row-major, as the packed row runs
+    targets = response[real].nonzero().squeeze(1)
+    return {
+        "packed_ids": batch["input_ids"][real][None],
+        "packed_positions": batch["position_ids"][real][None],
+        "packed_targets": targets,
+        "packed_predictors": targets - 1,
+        "packed_slots": rows * width + columns - (response.size(1) - width),
     }
 
 

@@ -19,7 +19,7 @@ from alignctl.data import loading as data_lib
 from alignctl.data.encode import encode_prompt, encode_rows, fit_prompt
 from alignctl.models.loading import check_reward_model, load_reward_model, load_tokenizer, model_path
 from alignctl.nn.losses import aggregate, logprob_gap, rollout_correction
-from alignctl.nn.varlen_attention import applies as per_sequence_attention
+from alignctl.nn.varlen_attention import pays as packed_rows_pay
 from alignctl.rl.environments import EnvironmentSpec, load_environment
 from alignctl.rl.multi_turn import sample_episodes
 from alignctl.rl.reward_sources import (
@@ -112,13 +112,13 @@ def planned_batch(cfg: RunConfig, data: PlanData, rows: int) -> BatchShape:
 def packed_training(padding_free: bool | None, policy: torch.nn.Module) -> bool:
     """recipe.padding_free as this run applies it to its training forwards (alignctl/nn/prompt_groups.py).
 
-    null: packed wherever alignctl's per-sequence attention stands in for the model's; true where it
-    cannot (gradient checkpointing, a flash kernel, sliding windows) is a config error, since no other
-    attention keeps a completion to its own prompt in the packed row."""
-    fits = per_sequence_attention(policy)
+    null: packed wherever alignctl's per-sequence attention or a flash kernel keeps the packed sequences
+    apart; true where neither does (sdpa or eager attention under gradient checkpointing or with a
+    sliding window) is a config error, since transformers' own mask would not keep a completion to its prompt."""
+    fits = packed_rows_pay(policy)
     if padding_free and not fits:
-        raise ConfigError("recipe.padding_free", "true needs attention alignctl can run per sequence (sdpa or eager, no sliding window) "
-                          "and no gradient checkpointing, which this model does not have; valid here: null (padded rows where it cannot run) or false")
+        raise ConfigError("recipe.padding_free", "true needs a flash kernel, or sdpa or eager attention without a sliding window or "
+                          "gradient checkpointing, which this model does not have; valid here: null (padded rows where it cannot run) or false")
     return fits if padding_free is None else padding_free
 
 

@@ -88,7 +88,7 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
         f"grpo: {len(train_set)} prompts, {completions_per_rollout // K} prompts x {K} completions per rollout, "
         f"{recipe.advantage.value} advantages, beta {recipe.beta} (reference {mode.value}), rewards "
         + ", ".join(f"{s.name} x{s.weight:g}" for s in sources)
-        + ("; padding-free batches, each prompt once" if packed else "; padded rows")
+        + ("; padding-free batches" if packed else "; padded rows")
         + f"; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
     )
     sampling = Sampling(recipe.temperature, recipe.top_p, recipe.top_k, recipe.max_new_tokens, recipe.rollout_engine.value, recipe.max_length)

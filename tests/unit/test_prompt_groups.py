@@ -1,6 +1,6 @@
-"""alignctl.nn.prompt_groups: online-RL batches packed with each prompt once compute the per-token
-log-probs, entropies and gradients of the same completions as left-padded rows (GRPO's and PPO's
-``recipe.padding_free``)."""
+"""alignctl.nn.prompt_groups: online-RL batches packed with each prompt once (alignctl's attention), or
+their rows end to end (what a flash kernel takes), compute the per-token log-probs, entropies and
+gradients of the same completions as left-padded rows (GRPO's and PPO's ``recipe.padding_free``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from alignctl.core.errors import ConfigError
 from alignctl.models.adapters import apply_adapter
 from alignctl.nn.logprobs import left_padded_batch, response_token_logps
 from alignctl.nn.lora_linear import FusedLoraLinear
-from alignctl.nn.prompt_groups import prompt_group_fields
+from alignctl.nn.prompt_groups import prompt_group_fields, rows_end_to_end
 from alignctl.rl.online_rl import packed_training
 from alignctl.rl.rollout import Completions, training_batch
 
@@ -49,6 +49,17 @@ def test_the_packed_layout_by_hand():
     assert prompt_group_fields([[1], []], [[4], [5]]) == {}  # an empty prompt: padded rows
 
 
+def test_rows_end_to_end_by_hand():
+    padded = left_padded_batch([[1, 2], [3]], [[4], [6, 7, 8]], PAD)  # rows [PAD, 1, 2, 4] and [3, 6, 7, 8]
+    fields = rows_end_to_end(padded, 3)
+    assert fields["packed_ids"].tolist() == [[1, 2, 4, 3, 6, 7, 8]]  # each row with its own prompt, no padding
+    assert fields["packed_positions"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]  # restarting at each row: a flash kernel's boundaries
+    assert fields["packed_targets"].tolist() == [2, 4, 5, 6]
+    assert fields["packed_predictors"].tolist() == [1, 3, 4, 5]
+    assert fields["packed_slots"].tolist() == [2, 3, 4, 5]  # right-aligned in (2 rows x 3)
+    assert rows_end_to_end(left_padded_batch([[], [3]], [[4], [5]], PAD), 1) is None  # a row without a prompt: padded rows
+
+
 def batch():
     return left_padded_batch(PROMPTS, RESPONSES, PAD) | prompt_group_fields(PROMPTS, RESPONSES)
 
@@ -62,9 +73,14 @@ def logps_entropy_and_grads(model, padding_free: bool, chunk: int, temperature: 
     return logps.detach(), mask, entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("layout", ["each-prompt-once", "rows-end-to-end"])
 @pytest.mark.parametrize("chunk", [0, 4], ids=["logits", "chunked-head"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["full-model", "lora"])
-def test_packed_log_probs_entropies_and_gradients_equal_the_padded_rows(adapter, chunk):
+def test_packed_log_probs_entropies_and_gradients_equal_the_padded_rows(adapter, chunk, layout, monkeypatch):
+    if layout == "rows-end-to-end":
+        # As under a flash kernel: the prompt-sharing layout is not taken, the rows go end to end, and
+        # (on CPU) alignctl's attention keeps them apart by their position ids as the kernel would.
+        monkeypatch.setattr("alignctl.nn.logprobs.varlen_applies", lambda model: False)
     model = policy()
     if adapter:
         # init_lora_weights=False: B random, so that A's gradients are not all zero.
