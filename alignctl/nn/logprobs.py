@@ -127,9 +127,20 @@ def _packed_layout(model: torch.nn.Module, batch: dict[str, torch.Tensor], width
 def _packed_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], width: int, fields: dict[str, torch.Tensor], layout: tuple | None,
                         temperature: float, with_entropy: bool, chunk: int, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`response_token_logps` over a packed row (`fields`, alignctl/nn/prompt_groups.py), scattered back to (B, W)."""
-    ids, positions = fields["packed_ids"], fields["packed_positions"]
-    targets, predictors, slots = ids[0, fields["packed_targets"]], fields["packed_predictors"], fields["packed_slots"]
     keep = batch["response_mask"][:, -width:].to(torch.float32)
+    logps, entropy = _packed_logps(model, fields, layout, temperature, with_entropy, chunk, entropy_grad)
+
+    def right_aligned(values: torch.Tensor) -> torch.Tensor:
+        return keep.new_zeros(keep.numel()).index_copy(0, fields["packed_slots"], values.float()).view_as(keep)
+
+    return right_aligned(logps), keep, right_aligned(entropy) if entropy is not None else None
+
+
+def _packed_logps(model: torch.nn.Module, fields: dict[str, torch.Tensor], layout: tuple | None, temperature: float, with_entropy: bool,
+                  chunk: int, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M,) log p of each response token of a packed row, in the fields' order, and (M,) entropies or None."""
+    ids, positions = fields["packed_ids"], fields["packed_positions"]
+    targets, predictors = ids[0, fields["packed_targets"]], fields["packed_predictors"]
     head = output_head(model) if chunk else None
     entropy = None
     with packed_attention(model, positions, layout=layout):
@@ -147,11 +158,19 @@ def _packed_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
                 with contextlib.nullcontext() if entropy_grad else torch.no_grad():
                     log_probs = torch.log_softmax(logits.float(), dim=-1)
                     entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy
 
-    def right_aligned(values: torch.Tensor) -> torch.Tensor:
-        return keep.new_zeros(keep.numel()).index_copy(0, slots, values.float()).view_as(keep)
 
-    return right_aligned(logps), keep, right_aligned(entropy) if entropy is not None else None
+def prompt_group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`response_logps` over the batch's rows packed with each prompt once (`prompt_group_fields`): summed
+    log-probs of each row's response and its length, (B,), (B,). None where the batch has no such layout
+    or the model's attention cannot run it (the caller then takes another layout)."""
+    if "packed_ids" not in batch or not varlen_applies(model):
+        return None
+    logps, _ = _packed_logps(model, batch, attention_layout(batch), 1.0, False, chunk, False)
+    rows, num_rows = batch["packed_rows"], int(batch["num_rows"])
+    sums = logps.new_zeros(num_rows).index_add(0, rows, logps)
+    return sums, torch.bincount(rows, minlength=num_rows).to(logps.dtype)
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Online-RL batches without padding, each prompt once for its completions (``recipe.padding_free``).
 
-GRPO samples K completions of each prompt. As left-padded rows, every completion carries its own copy
+GRPO samples K completions of each prompt (and a DPO pair is one prompt with two responses). As left-padded rows, every completion carries its own copy
 of the prompt and pads to the batch's longest completion: at K = 4, a 55-token prompt and 32-token
 completions, more than half of the rows' tokens are copies of the prompt. Here a batch is one packed
 row: each distinct prompt once, followed by its completions, whose position ids continue the prompt's.
@@ -41,7 +41,8 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
         packed_targets, packed_predictors: (M,) each response token's packed position and the one
             whose hidden state scores it (the prompt's last token for a response's first);
         packed_slots: (M,) where each response token's value goes in a (B, W) right-aligned tensor,
-            flattened (the layout of `response_token_logps`).
+            flattened (the layout of `response_token_logps`);
+        packed_rows: (M,) each response token's row (for sums per row: DPO's sequence log-probs).
     An empty dict when a prompt is empty (its first response token would have nothing to be scored
     from): the batch then runs padded.
     """
@@ -58,6 +59,7 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
     targets: list[int] = []
     predictors: list[int] = []
     slots: list[int] = []
+    row_of: list[int] = []
     for prompt, rows in groups.items():
         prompt_start, length = len(ids), len(prompt)
         ids += prompt
@@ -72,6 +74,7 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
             targets += range(start, start + len(response))
             predictors += [prompt_start + length - 1, *range(start, start + len(response) - 1)][: len(response)]
             slots += range(row * width + width - len(response), (row + 1) * width)
+            row_of += [row] * len(response)
     longest = max(len(s) for s in sequences)
     gather = [s[min(slot, len(s) - 1)] for s in sequences for slot in range(longest)]
     return {
@@ -83,6 +86,7 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
         "packed_targets": torch.tensor(targets, dtype=torch.long),
         "packed_predictors": torch.tensor(predictors, dtype=torch.long),
         "packed_slots": torch.tensor(slots, dtype=torch.long),
+        "packed_rows": torch.tensor(row_of, dtype=torch.long),
     }
 
 

@@ -32,9 +32,11 @@ from alignctl.nn.logprobs import (
     left_padded_batch,
     packed_response_batch,
     packed_response_logps,
+    prompt_group_logps,
     response_logps,
 )
 from alignctl.nn.losses import dpo_loss
+from alignctl.nn.prompt_groups import prompt_group_fields
 from alignctl.nn.shared_prompt import applies as shared_prompt_applies
 from alignctl.nn.shared_prompt import shared_prompt_batch, shared_prompt_logps
 from alignctl.nn.varlen_attention import pays as packed_layout_pays
@@ -67,7 +69,8 @@ def encode_pairs(dataset: Dataset, tokenizer, recipe: DPOConfig, cfg: RunConfig,
 
 def batch_layout(recipe: DPOConfig, policy: torch.nn.Module) -> tuple[bool, bool]:
     """(share_prompt, padding_free) as the batches are built. Prefix sharing needs the KV cache, which
-    gradient checkpointing turns off. padding_free=null: padding-free where it pays (no padding computed;
+    gradient checkpointing turns off (a padding-free batch computes each prompt once too, where alignctl's
+    attention runs; share_prompt is the form that also runs under a flash kernel). padding_free=null: padding-free where it pays (no padding computed;
     on SmolLM2 LoRA DPO under bf16, 2 CPU cores, 1.00 s a step against 1.03 s padded, docs/performance.md),
     padded rows where it would not or where share_prompt runs."""
     share = recipe.share_prompt and shared_prompt_applies(policy)
@@ -78,10 +81,12 @@ def batch_layout(recipe: DPOConfig, policy: torch.nn.Module) -> tuple[bool, bool
 def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False, padding_free: bool = False) -> dict:
     """Chosen rows then rejected rows, in one batch (one forward for both); with `share_prompt`, each
     prompt once for its two responses (alignctl/nn/shared_prompt.py); with `padding_free`, all of them end
-    to end in one row (alignctl/nn/varlen_attention.py)."""
+    to end in one row: each prompt once, followed by its two responses, where alignctl's attention runs
+    (alignctl/nn/prompt_groups.py), and two rows a pair end to end under a flash kernel."""
     if padding_free:
-        batch = packed_response_batch(rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"])
-        tokens = batch["input_ids"].numel()
+        prompts, responses = rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"]
+        batch = packed_response_batch(prompts, responses) | prompt_group_fields(prompts, responses)
+        tokens = batch["input_ids"].numel()  # counted as two rows a pair, whichever layout runs
     elif share_prompt:
         batch = shared_prompt_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
         tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())  # counted as two rows a pair
@@ -99,7 +104,8 @@ def pair_logps(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.T
     if "prompt_ids" in batch:
         return shared_prompt_logps(model, batch, chunk)
     if "response_index" in batch:
-        return packed_response_logps(model, batch, chunk)
+        packed = prompt_group_logps(model, batch, chunk)  # None where alignctl's attention does not run
+        return packed if packed is not None else packed_response_logps(model, batch, chunk)
     return response_logps(model, batch, chunk)
 
 

@@ -5,6 +5,7 @@ gradients of the same completions as left-padded rows (GRPO's and PPO's ``recipe
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -26,10 +27,10 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [5, 6, 7], [9, 10, 11, 12, 13], [5, 6
 RESPONSES = [[20, 21, 22, 23], [24, 25], [PAD], [26, 27, 28, 29, 30, 31], [32, 33, PAD]]
 
 
-def policy():
+def policy(attention: str = "sdpa"):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa", pad_token_id=PAD,
+                         num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attention, pad_token_id=PAD,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
@@ -127,3 +128,47 @@ def test_padding_free_is_config_checked_against_the_models_attention():
     batch_ = batch()
     model.train()
     torch.testing.assert_close(response_token_logps(model, batch_, padding_free=True)[0], response_token_logps(model, batch_)[0])
+
+
+@pytest.mark.parametrize("chunk", [0, 4], ids=["logits", "chunked-head"])
+def test_dpo_pairs_with_each_prompt_once_have_the_padded_rows_log_probs_and_gradients(chunk, monkeypatch):
+    from alignctl.stages import dpo
+    from alignctl.stages.dpo import pair_batch, pair_logps
+
+    rows = {"prompt_ids": [[5, 6, 7], [9, 10, 11, 12, 13]], "chosen_ids": [[20, 21, 22], [24]], "rejected_ids": [[25, 26], [27, 28, 29, 30]]}
+    model, weights = policy().train(), torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def sums_and_grads(batch):
+        trained = copy.deepcopy(model)
+        sums, lengths = pair_logps(trained, batch, chunk)
+        (sums * weights).sum().backward()
+        return sums.detach(), lengths, {n: p.grad for n, p in trained.named_parameters()}
+
+    packed_batch = pair_batch(rows, PAD, torch.device("cpu"), padding_free=True)
+    assert packed_batch["packed_ids"].numel() == (3 + 3 + 2) + (5 + 1 + 4)  # each prompt once for its two responses
+    padded = sums_and_grads(pair_batch(rows, PAD, torch.device("cpu")))
+
+    def not_this_layout(*_):
+        raise AssertionError("the pairs ran two rows a pair end to end, not each prompt once")
+
+    monkeypatch.setattr(dpo, "packed_response_logps", not_this_layout)
+    packed = sums_and_grads(packed_batch)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    assert packed[1].tolist() == padded[1].tolist() == [3, 1, 2, 4]  # chosen, then rejected
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(packed[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu on a GPU machine)")
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_on_gpu_packed_log_probs_equal_the_padded_rows_in_bf16(attention):
+    # sdpa: each prompt once through alignctl's attention; flash_attention_2: the rows end to end, the
+    # kernel keeping them apart by their position ids.
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    model = policy(attention).to("cuda", torch.bfloat16).train()
+    on_gpu = {k: v.cuda() for k, v in batch().items()}
+    padded = response_token_logps(model, on_gpu, padding_free=False)[0]
+    packed = response_token_logps(model, on_gpu, padding_free=True)[0]
+    assert torch.isfinite(packed).all() and packed.abs().sum() > 0
+    torch.testing.assert_close(packed, padded, atol=0.05, rtol=0.02)
