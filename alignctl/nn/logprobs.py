@@ -5,7 +5,8 @@ ends at the last position. Only response positions reach the vocabulary projecti
 ``recipe.lm_head_chunk`` > 0 the output layer runs over the response tokens alone, a chunk at a time
 (alignctl/nn/lm_head.py); with 0 the model computes logits for the last K positions only
 (``logits_to_keep``, K = longest response + 1). Either way no full-vocabulary float32 log-softmax of
-the whole sequence is ever built.
+the whole sequence is ever built. Padding-free batches (alignctl/nn/prompt_groups.py) run through the
+same output-layer paths, at their response tokens' predecessors only.
 """
 
 from __future__ import annotations
@@ -161,13 +162,13 @@ def _packed_logps(model: torch.nn.Module, fields: dict[str, torch.Tensor], layou
     return logps, entropy
 
 
-def prompt_group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`response_logps` over the batch's rows packed with each prompt once (`prompt_group_fields`): summed
-    log-probs of each row's response and its length, (B,), (B,). None where the batch has no such layout
-    or the model's attention cannot run it (the caller then takes another layout)."""
-    if "packed_ids" not in batch or not varlen_applies(model):
-        return None
-    logps, _ = _packed_logps(model, batch, attention_layout(batch), 1.0, False, chunk, False)
+def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logps` over a packed batch (alignctl/nn/prompt_groups.py): summed log-probs of each row's
+    response and its length, (B,), (B,). Each prompt once (`prompt_group_fields`: alignctl's attention,
+    with the batch's layout), or the rows end to end (`rows_end_to_end`: attention per row, FlashAttention-2's
+    varlen kernel or alignctl's)."""
+    layout = attention_layout(batch) if "packed_gather" in batch else None
+    logps, _ = _packed_logps(model, batch, layout, 1.0, False, chunk, False)
     rows, num_rows = batch["packed_rows"], int(batch["num_rows"])
     sums = logps.new_zeros(num_rows).index_add(0, rows, logps)
     return sums, torch.bincount(rows, minlength=num_rows).to(logps.dtype)
@@ -200,52 +201,3 @@ def response_values(value_model: torch.nn.Module, batch: dict[str, torch.Tensor]
         output_hidden_states=True,
     ).hidden_states[-1]
     return base.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
-
-
-def packed_response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-    """prompt + response rows end to end in one row (padding-free), with position ids restarting at 0.
-
-    Returns (1, N) input_ids and position_ids, and for the response tokens that have a predecessor in
-    their row: their packed positions (``response_index``) and row numbers (``response_row``).
-    """
-    ids: list[int] = []
-    positions: list[int] = []
-    index: list[int] = []
-    row_of: list[int] = []
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        start = len(ids)
-        ids += [*prompt, *response]
-        positions += range(len(prompt) + len(response))
-        first = start + max(len(prompt), 1)  # a row's first token is never a target (nothing precedes it)
-        index += range(first, len(ids))
-        row_of += [row] * (len(ids) - first)
-    return {
-        "input_ids": torch.tensor([ids]),
-        "position_ids": torch.tensor([positions]),
-        "response_index": torch.tensor(index, dtype=torch.long),
-        "response_row": torch.tensor(row_of, dtype=torch.long),
-        "num_rows": torch.tensor(len(prompts)),
-    }
-
-
-def packed_response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_logps` for a `packed_response_batch`: summed log-probs of each row's response and its length, (B,), (B,).
-
-    Attention stays within each row: FlashAttention-2's varlen kernel where the model runs it,
-    `alignctl.nn.varlen_attention` otherwise (linear layers over real tokens, attention per row).
-    """
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    targets = batch["input_ids"][0, batch["response_index"]]
-    predictors = batch["response_index"] - 1  # the hidden state at t scores the token at t + 1
-    head = output_head(model) if chunk else None
-    with packed_attention(model, batch["position_ids"]):
-        if head is not None:
-            hidden = final_hidden(model, **inputs)[0, predictors]
-            logps = linear_logps(hidden, head.weight, targets, chunk).logps
-        else:
-            logits = model(**inputs, use_cache=False).logits[0, predictors]
-            logps = token_logps(logits, targets)
-    rows, num_rows = batch["response_row"], int(batch["num_rows"])
-    sums = logps.new_zeros(num_rows).index_add(0, rows, logps)
-    lengths = torch.bincount(rows, minlength=num_rows).to(logps.dtype)
-    return sums, lengths

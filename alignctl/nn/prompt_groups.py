@@ -42,7 +42,8 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
             whose hidden state scores it (the prompt's last token for a response's first);
         packed_slots: (M,) where each response token's value goes in a (B, W) right-aligned tensor,
             flattened (the layout of `response_token_logps`);
-        packed_rows: (M,) each response token's row (for sums per row: DPO's sequence log-probs).
+        packed_rows: (M,) each response token's row, num_rows: () B (for sums per row: DPO's sequence
+            log-probs).
     An empty dict when a prompt is empty (its first response token would have nothing to be scored
     from): the batch then runs padded.
     """
@@ -87,6 +88,7 @@ def prompt_group_fields(prompts: Sequence[Sequence[int]], responses: Sequence[Se
         "packed_predictors": torch.tensor(predictors, dtype=torch.long),
         "packed_slots": torch.tensor(slots, dtype=torch.long),
         "packed_rows": torch.tensor(row_of, dtype=torch.long),
+        "num_rows": torch.tensor(len(prompts)),
     }
 
 
@@ -94,8 +96,8 @@ def rows_end_to_end(batch: dict[str, torch.Tensor], width: int) -> dict[str, tor
     """The batch's left-padded rows end to end without their padding, each row keeping its own prompt,
     position ids restarting at 0 at each row: the packed row a varlen flash kernel takes (it finds the rows
     in the position ids; it cannot attend a completion to a prompt shared with its siblings). The keys of
-    `prompt_group_fields` that say where the targets are (ids, positions, targets, predictors, slots; W =
-    `width`), worked out on the batch's device; None when a row has no prompt token (its first response
+    `prompt_group_fields` that say where the targets are (ids, positions, targets, predictors, slots, rows;
+    W = `width`), worked out on the batch's device; None when a row has no prompt token (its first response
     token would be scored from the row before it)."""
     real, response = batch["attention_mask"].bool(), batch["response_mask"].bool()
     if bool((real.sum(-1) == response.sum(-1)).any()):
@@ -108,6 +110,8 @@ def rows_end_to_end(batch: dict[str, torch.Tensor], width: int) -> dict[str, tor
         "packed_targets": targets,
         "packed_predictors": targets - 1,
         "packed_slots": rows * width + columns - (response.size(1) - width),
+        "packed_rows": rows,
+        "num_rows": torch.tensor(real.size(0)),
     }
 
 

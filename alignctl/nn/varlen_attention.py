@@ -136,6 +136,9 @@ def packed_attention(model: torch.nn.Module, position_ids: torch.Tensor,
     (alignctl/nn/prompt_groups.py: completions after one copy of their prompt); None: the sequences
     the position ids delimit."""
     if not applies(model):
+        if layout is not None:  # transformers' own mask would let a completion see its siblings, or not its prompt
+            raise ValueError("alignctl: sequences that share tokens (an explicit layout) need alignctl's attention, which this model "
+                             "cannot run (gradient checkpointing, a flash kernel or a sliding window)")
         yield
         return
     configs = _configs(model)

@@ -30,15 +30,14 @@ from alignctl.models.adapters import apply_adapter, parameter_counts
 from alignctl.models.loading import load_tokenizer, model_path
 from alignctl.nn.logprobs import (
     left_padded_batch,
-    packed_response_batch,
     packed_response_logps,
-    prompt_group_logps,
     response_logps,
 )
 from alignctl.nn.losses import dpo_loss
-from alignctl.nn.prompt_groups import prompt_group_fields
+from alignctl.nn.prompt_groups import prompt_group_fields, rows_end_to_end
 from alignctl.nn.shared_prompt import applies as shared_prompt_applies
 from alignctl.nn.shared_prompt import shared_prompt_batch, shared_prompt_logps
+from alignctl.nn.varlen_attention import applies as prompt_once_applies
 from alignctl.nn.varlen_attention import pays as packed_layout_pays
 from alignctl.train.evaluate import task_accuracy
 from alignctl.train.reference import (
@@ -78,15 +77,18 @@ def batch_layout(recipe: DPOConfig, policy: torch.nn.Module) -> tuple[bool, bool
     return share, padding_free
 
 
-def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False, padding_free: bool = False) -> dict:
+def pair_batch(rows: dict[str, list], pad_id: int, device: torch.device, share_prompt: bool = False, padding_free: bool = False,
+               prompt_once: bool = False) -> dict:
     """Chosen rows then rejected rows, in one batch (one forward for both); with `share_prompt`, each
     prompt once for its two responses (alignctl/nn/shared_prompt.py); with `padding_free`, all of them end
-    to end in one row: each prompt once, followed by its two responses, where alignctl's attention runs
-    (alignctl/nn/prompt_groups.py), and two rows a pair end to end under a flash kernel."""
+    to end in one row (alignctl/nn/prompt_groups.py): with `prompt_once` (where alignctl's attention runs)
+    each prompt once, followed by its two responses, else two rows a pair (as a flash kernel takes them)."""
     if padding_free:
         prompts, responses = rows["prompt_ids"] * 2, rows["chosen_ids"] + rows["rejected_ids"]
-        batch = packed_response_batch(prompts, responses) | prompt_group_fields(prompts, responses)
-        tokens = batch["input_ids"].numel()  # counted as two rows a pair, whichever layout runs
+        padded = left_padded_batch(prompts, responses, pad_id)
+        fields = prompt_group_fields(prompts, responses) if prompt_once else rows_end_to_end(padded, max(map(len, responses)))
+        batch = fields or padded  # padded rows where a prompt is empty
+        tokens = int(padded["attention_mask"].sum())  # counted as two rows a pair, whichever layout runs
     elif share_prompt:
         batch = shared_prompt_batch(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id)
         tokens = 2 * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())  # counted as two rows a pair
@@ -103,9 +105,8 @@ def pair_logps(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.T
     """Summed log-probs and lengths of the chosen then the rejected responses, whichever layout `batch` has."""
     if "prompt_ids" in batch:
         return shared_prompt_logps(model, batch, chunk)
-    if "response_index" in batch:
-        packed = prompt_group_logps(model, batch, chunk)  # None where alignctl's attention does not run
-        return packed if packed is not None else packed_response_logps(model, batch, chunk)
+    if "packed_ids" in batch:
+        return packed_response_logps(model, batch, chunk)
     return response_logps(model, batch, chunk)
 
 
@@ -142,9 +143,10 @@ def run(cfg: RunConfig, raw: DictConfig, run_dir: Path) -> dict[str, float]:
 
     policy, reference, reference_path = load_policy_and_reference(cfg, mode, tokenizer, path, run_dir)
     share, padding_free = batch_layout(recipe, policy)
+    prompt_once = padding_free and prompt_once_applies(policy)  # the reference loads as the policy does: the same attention
 
     def batch_of(rows: dict[str, list]) -> dict:
-        return pair_batch(rows, tokenizer.pad_token_id, device, share, padding_free)
+        return pair_batch(rows, tokenizer.pad_token_id, device, share, padding_free, prompt_once)
 
     def logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         summed, lengths = pair_logps(model, batch, recipe.lm_head_chunk)

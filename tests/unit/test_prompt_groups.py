@@ -16,7 +16,8 @@ from alignctl.core.errors import ConfigError
 from alignctl.models.adapters import apply_adapter
 from alignctl.nn.logprobs import left_padded_batch, response_token_logps
 from alignctl.nn.lora_linear import FusedLoraLinear
-from alignctl.nn.prompt_groups import prompt_group_fields, rows_end_to_end
+from alignctl.nn.prompt_groups import attention_layout, prompt_group_fields, rows_end_to_end
+from alignctl.nn.varlen_attention import packed_attention
 from alignctl.rl.online_rl import packed_training
 from alignctl.rl.rollout import Completions, training_batch
 
@@ -124,6 +125,9 @@ def test_padding_free_is_config_checked_against_the_models_attention():
     assert not packed_training(None, model)  # null: padded rows where per-sequence attention cannot run
     with pytest.raises(ConfigError, match="recipe.padding_free.*valid here: null"):
         packed_training(True, model)
+    # An explicit layout cannot run there: transformers' own mask would not keep a completion to its prompt.
+    with pytest.raises(ValueError, match="share tokens"), packed_attention(model, batch()["packed_positions"], layout=attention_layout(batch())):
+        pass
     # And a model whose attention it cannot run takes the padded rows even when asked.
     batch_ = batch()
     model.train()
@@ -131,8 +135,7 @@ def test_padding_free_is_config_checked_against_the_models_attention():
 
 
 @pytest.mark.parametrize("chunk", [0, 4], ids=["logits", "chunked-head"])
-def test_dpo_pairs_with_each_prompt_once_have_the_padded_rows_log_probs_and_gradients(chunk, monkeypatch):
-    from alignctl.stages import dpo
+def test_dpo_pairs_with_each_prompt_once_have_the_padded_rows_log_probs_and_gradients(chunk):
     from alignctl.stages.dpo import pair_batch, pair_logps
 
     rows = {"prompt_ids": [[5, 6, 7], [9, 10, 11, 12, 13]], "chosen_ids": [[20, 21, 22], [24]], "rejected_ids": [[25, 26], [27, 28, 29, 30]]}
@@ -144,14 +147,11 @@ def test_dpo_pairs_with_each_prompt_once_have_the_padded_rows_log_probs_and_grad
         (sums * weights).sum().backward()
         return sums.detach(), lengths, {n: p.grad for n, p in trained.named_parameters()}
 
-    packed_batch = pair_batch(rows, PAD, torch.device("cpu"), padding_free=True)
-    assert packed_batch["packed_ids"].numel() == (3 + 3 + 2) + (5 + 1 + 4)  # each prompt once for its two responses
+    packed_batch = pair_batch(rows, PAD, torch.device("cpu"), padding_free=True, prompt_once=True)
+    # The batch holds this layout alone, so it is the one that runs: each prompt once for its two responses.
+    assert "input_ids" not in packed_batch and "packed_gather" in packed_batch
+    assert packed_batch["packed_ids"].numel() == (3 + 3 + 2) + (5 + 1 + 4)
     padded = sums_and_grads(pair_batch(rows, PAD, torch.device("cpu")))
-
-    def not_this_layout(*_):
-        raise AssertionError("the pairs ran two rows a pair end to end, not each prompt once")
-
-    monkeypatch.setattr(dpo, "packed_response_logps", not_this_layout)
     packed = sums_and_grads(packed_batch)
     torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
     assert packed[1].tolist() == padded[1].tolist() == [3, 1, 2, 4]  # chosen, then rejected

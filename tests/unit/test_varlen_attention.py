@@ -11,10 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignctl.nn.logprobs import (
     left_padded_batch,
-    packed_response_batch,
     packed_response_logps,
     response_logps,
 )
+from alignctl.nn.prompt_groups import rows_end_to_end
 from alignctl.nn.varlen_attention import NAME, applies, packed_attention, padding_index, pays, sequence_bounds
 
 
@@ -64,7 +64,7 @@ def test_packed_log_probs_and_gradients_equal_the_padded_batchs(model, chunk):
         if layout == "padded":
             summed, lengths = response_logps(copy_, left_padded_batch(prompts, responses, pad_id=0), chunk)
         else:
-            summed, lengths = packed_response_logps(copy_, packed_response_batch(prompts, responses), chunk)
+            summed, lengths = packed_response_logps(copy_, rows_end_to_end(left_padded_batch(prompts, responses, pad_id=0), 4), chunk)
         (summed * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
         return summed.detach(), lengths, {n: p.grad for n, p in copy_.named_parameters()}
 
